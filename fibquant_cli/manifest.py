@@ -1,0 +1,725 @@
+"""The sidecar shape manifest that says what the tensors of a KV-cache dump are.
+
+A dump ``X.safetensors`` is described by ``X.manifest.json`` beside it (see
+``manifest_path_for``). Example::
+
+    {
+      "schema_version": "fibquant_kv_manifest_v1",
+      "entries": [
+        {"shape": {"schema_version": "fib_quant_kv_tensor_shape_v1", "role": "key",
+                   "attention_kind": "gqa", "batch": 1, "layers": 2, "kv_heads": 2,
+                   "query_heads": 4, "tokens": 128, "head_dim": 64, "dtype": "f16",
+                   "rope_state": "post_rope"},
+         "tensors": ["layer.0.key", "layer.1.key"],
+         "layout": "bhtd"},
+        {"shape": {"schema_version": "fib_quant_kv_tensor_shape_v1", "role": "value",
+                   "attention_kind": "gqa", "batch": 1, "layers": 2, "kv_heads": 2,
+                   "query_heads": 4, "tokens": 128, "head_dim": 64, "dtype": "f16",
+                   "rope_state": "not_applicable"},
+         "tensors": ["layer.0.value", "layer.1.value"]}
+      ],
+      "attention": {"query_tensors": ["layer.0.query", "layer.1.query"], "causal": true}
+    }
+
+Top level (keys exactly these; ``attention`` optional):
+
+* ``schema_version`` -- exactly ``"fibquant_kv_manifest_v1"``.
+* ``entries`` -- a non-empty array of entries.
+* ``attention`` -- optional; the query tensors used to measure attention fidelity.
+
+Entry (``layout`` optional):
+
+* ``shape`` -- a KV tensor shape in the fib-quant crate's contract
+  (``fib_quant_kv_tensor_shape_v1``): ``schema_version``, ``role`` (key | value),
+  ``attention_kind`` (mha | mqa | gqa), ``batch``, ``layers``, ``kv_heads``, ``query_heads``,
+  ``tokens``, ``head_dim`` (integers > 0 that fit in 32 bits), ``dtype`` (f16 | bf16 | f32,
+  the tensors' dtype), ``rope_state`` (pre_rope | post_rope for keys, not_applicable for
+  values). The contract's rules are applied in its order (see ``KvShape.validate``).
+* ``tensors`` -- the names of the safetensors tensors holding this data, either
+
+  - one 5-D tensor in canonical order ``[batch, layers, kv_heads, tokens, head_dim]``
+    (whatever ``layout`` says), or
+  - exactly ``layers`` 4-D tensors, one per layer in layer order, with axes in ``layout``
+    order. When ``layers`` is 1, a single tensor may be 4-D or 5-D.
+* ``layout`` -- axis order of the per-layer 4-D tensors: ``"bhtd"`` (default)
+  = ``[batch, kv_heads, tokens, head_dim]``, ``"bthd"`` = ``[batch, tokens, kv_heads, head_dim]``.
+
+Attention (both keys required):
+
+* ``query_tensors`` -- one 4-D tensor per layer (``[batch, query_heads, tokens, head_dim]``
+  for bhtd, ``[batch, tokens, query_heads, head_dim]`` for bthd; the layout of the first
+  entry), or one 5-D tensor ``[batch, layers, query_heads, tokens, head_dim]``. Any float
+  dtype (F16, BF16, F32).
+* ``causal`` -- ``true`` or ``false``.
+
+With ``attention`` there must be exactly one key entry and one value entry, equal in batch,
+layers, kv_heads, query_heads, tokens and head_dim.
+
+Parsing is strict: unknown, missing or duplicated keys, wrong JSON types (``true`` is not an
+integer, ``"128"`` and ``128.0`` are not integers), values outside the allowed lists and a
+tensor name used twice anywhere are errors. Every error is one line naming the file and the
+place, e.g. ``kv.manifest.json: entries[1].shape: unknown key 'head_dimm'``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fibquant_cli.digest import json_digest
+from fibquant_cli.errors import FibQuantError, InvalidInputError, ResourceError
+
+KV_SHAPE_SCHEMA = "fib_quant_kv_tensor_shape_v1"
+MANIFEST_SCHEMA = "fibquant_kv_manifest_v1"
+MANIFEST_SUFFIX = ".manifest.json"
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+ROLES = ("key", "value")
+ATTENTION_KINDS = ("mha", "mqa", "gqa")
+DTYPES = ("f16", "bf16", "f32")
+ROPE_STATES = ("pre_rope", "post_rope", "not_applicable")
+LAYOUTS = ("bhtd", "bthd")
+DEFAULT_LAYOUT = "bhtd"
+
+SIZE_FIELDS = ("batch", "layers", "kv_heads", "query_heads", "tokens", "head_dim")
+U32_MAX = 2**32 - 1
+U64_MAX = 2**64 - 1
+
+# Manifest dtype -> safetensors dtype string.
+SAFETENSORS_DTYPES = {"f16": "F16", "bf16": "BF16", "f32": "F32"}
+QUERY_DTYPES = ("F16", "BF16", "F32")
+
+_ENUM_FIELDS = {
+    "role": ROLES,
+    "attention_kind": ATTENTION_KINDS,
+    "dtype": DTYPES,
+    "rope_state": ROPE_STATES,
+}
+# Per-layer 4-D axis names by layout; "heads" is kv_heads or query_heads.
+_LAYOUT_AXES = {
+    "bhtd": ("batch", "heads", "tokens", "head_dim"),
+    "bthd": ("batch", "tokens", "heads", "head_dim"),
+}
+_CANONICAL_PERMUTATION = {"bhtd": (0, 1, 2, 3), "bthd": (0, 2, 1, 3)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class KvShape:
+    """Logical KV tensor shape (the crate's ``KvTensorShapeV1``); fields in contract order.
+
+    Keyword-only, so ``kv_heads`` and ``query_heads`` cannot be swapped by position.
+    Integral non-bool values (e.g. numpy integers) are stored as Python ints.
+    """
+
+    schema_version: str = KV_SHAPE_SCHEMA
+    role: str
+    attention_kind: str
+    batch: int
+    layers: int
+    kv_heads: int
+    query_heads: int
+    tokens: int
+    head_dim: int
+    dtype: str
+    rope_state: str
+
+    def __post_init__(self) -> None:
+        for name in SIZE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value))
+
+    def validate(self) -> None:
+        """Apply the contract's rules in order; the first failure is raised.
+
+        Before rules 2-8 (after rule 1) the field types are checked, which the crate gets
+        from its type system: enum values must be in their lists, sizes must be ints.
+
+        Raises:
+            InvalidInputError: rules 1-7, with the contract's exact message.
+            ResourceError: rule 8, ``kv shape size overflow`` (a size beyond u32, or an
+                element count beyond u64).
+        """
+        if self.schema_version != KV_SHAPE_SCHEMA:
+            raise InvalidInputError(
+                f"kv shape schema_version {self.schema_version}, expected {KV_SHAPE_SCHEMA}"
+            )
+        self._check_types()
+        for name in SIZE_FIELDS:
+            if getattr(self, name) <= 0:
+                raise InvalidInputError(f"kv shape {name} must be > 0")
+        kind = self.attention_kind
+        if kind == "mha" and self.query_heads != self.kv_heads:
+            raise InvalidInputError("MHA requires query_heads == kv_heads")
+        if kind == "mqa" and self.kv_heads != 1:
+            raise InvalidInputError("MQA requires kv_heads == 1")
+        if kind in ("gqa", "mqa") and self.query_heads % self.kv_heads != 0:
+            raise InvalidInputError("query_heads must be divisible by kv_heads")
+        if self.role == "key" and self.rope_state == "not_applicable":
+            raise InvalidInputError("key tensors must declare pre_rope or post_rope")
+        if self.role == "value" and self.rope_state in ("pre_rope", "post_rope"):
+            raise InvalidInputError("value tensors must use not_applicable rope state")
+        if any(getattr(self, name) > U32_MAX for name in SIZE_FIELDS):
+            raise ResourceError("kv shape size overflow")
+        _ = self.element_count
+
+    def _check_types(self) -> None:
+        for name, allowed in _ENUM_FIELDS.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise InvalidInputError(
+                    f"kv shape {name} {value!r} is not one of {', '.join(allowed)}"
+                )
+        for name in SIZE_FIELDS:
+            value = getattr(self, name)
+            if type(value) is not int:
+                raise InvalidInputError(
+                    f"kv shape {name} must be an integer, found {type(value).__name__}"
+                )
+
+    def validate_block_dim(self, block_dim: int) -> None:
+        """Validate, then require ``block_dim`` > 0 dividing ``head_dim``."""
+        self.validate()
+        if (
+            isinstance(block_dim, bool)
+            or not isinstance(block_dim, numbers.Integral)
+            or block_dim <= 0
+            or self.head_dim % block_dim != 0
+        ):
+            raise InvalidInputError(
+                f"head_dim {self.head_dim} is not divisible by block_dim {block_dim}"
+            )
+
+    @property
+    def vector_count(self) -> int:
+        """Number of head vectors, batch * layers * kv_heads * tokens (ResourceError past u64)."""
+        count = math.prod((self.batch, self.layers, self.kv_heads, self.tokens))
+        if count > U64_MAX:
+            raise ResourceError("kv shape size overflow")
+        return count
+
+    @property
+    def element_count(self) -> int:
+        """Number of scalars in canonical form, vector_count * head_dim (ResourceError past u64)."""
+        count = self.vector_count * self.head_dim
+        if count > U64_MAX:
+            raise ResourceError("kv shape size overflow")
+        return count
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape as a JSON object, keys in contract order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def digest(self) -> str:
+        """The crate's digest: BLAKE3 over the schema tag, 0x00, compact JSON (after validate)."""
+        self.validate()
+        return json_digest(KV_SHAPE_SCHEMA, self.to_json())
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One KV tensor group: its logical shape, its safetensors tensors and their layout."""
+
+    shape: KvShape
+    tensors: tuple[str, ...]
+    layout: str = DEFAULT_LAYOUT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", tuple(self.tensors))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": self.shape.to_json(), "tensors": list(self.tensors), "layout": self.layout}
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Query tensors (per layer, or one 5-D) and whether attention is causal."""
+
+    query_tensors: tuple[str, ...]
+    causal: bool
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "query_tensors", tuple(self.query_tensors))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"query_tensors": list(self.query_tensors), "causal": self.causal}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, validated sidecar manifest."""
+
+    entries: tuple[ManifestEntry, ...]
+    attention: AttentionSpec | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "entries", tuple(self.entries))
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as JSON; ``parse_manifest(m.to_json(), ...) == m``."""
+        out: dict[str, Any] = {
+            "schema_version": MANIFEST_SCHEMA,
+            "entries": [entry.to_json() for entry in self.entries],
+        }
+        if self.attention is not None:
+            out["attention"] = self.attention.to_json()
+        return out
+
+
+# ---------------------------------------------------------------- JSON reading
+
+
+class _JsonObject(dict):
+    """A JSON object that remembers keys that appeared more than once."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    obj = _JsonObject()
+    seen: list[str] = []
+    for key, value in pairs:
+        if key in obj and key not in seen:
+            seen.append(key)
+        obj[key] = value
+    obj.duplicates = tuple(seen)
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidInputError(f"invalid JSON: {name} is not a JSON value")
+
+
+def _describe(value: Any) -> str:
+    """One-line description of a JSON value for error messages."""
+    if isinstance(value, bool):
+        return f"boolean {json.dumps(value)}"
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+        return "string " + (text if len(text) <= 60 else text[:57] + '..."')
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _quote(text: str) -> str:
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def _fail(where: str, reason: str) -> InvalidInputError:
+    return InvalidInputError(f"{where}: {reason}")
+
+
+def _expect_object(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _fail(where, f"expected an object, found {_describe(value)}")
+    return value
+
+
+def _check_keys(
+    obj: dict, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> None:
+    duplicates = getattr(obj, "duplicates", ())
+    if duplicates:
+        raise _fail(where, f"duplicate key {_quote(duplicates[0])}")
+    allowed = required + optional
+    for key in obj:
+        if key not in allowed:
+            raise _fail(where, f"unknown key {_quote(key)} (allowed: {', '.join(allowed)})")
+    for key in required:
+        if key not in obj:
+            raise _fail(where, f"missing key {_quote(key)}")
+
+
+def _expect_int(value: Any, where: str) -> int:
+    if type(value) is not int:
+        raise _fail(where, f"expected an integer, found {_describe(value)}")
+    return value
+
+
+def _expect_choice(value: Any, where: str, allowed: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise _fail(where, f"expected a string, found {_describe(value)}")
+    if value not in allowed:
+        raise _fail(where, f"{_quote(value)} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _expect_names(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _fail(where, f"expected a non-empty array of tensor names, found {_describe(value)}")
+    for index, name in enumerate(value):
+        if not isinstance(name, str) or not name:
+            found = _describe(name)
+            raise _fail(f"{where}[{index}]", f"expected a non-empty string, found {found}")
+    return tuple(value)
+
+
+def _located(err: FibQuantError, where: str) -> FibQuantError:
+    return type(err)(f"{where}: {err.reason}", path=err.path, tensor=err.tensor)
+
+
+def _parse_shape(obj: Any, where: str) -> KvShape:
+    obj = _expect_object(obj, where)
+    version = obj.get("schema_version")
+    if isinstance(version, str) and version != KV_SHAPE_SCHEMA:
+        raise _fail(where, f"kv shape schema_version {version}, expected {KV_SHAPE_SCHEMA}")
+    keys = tuple(f.name for f in fields(KvShape))
+    _check_keys(obj, where, keys)
+    values: dict[str, Any] = {}
+    for key in keys:
+        if key == "schema_version":
+            values[key] = _expect_choice(obj[key], f"{where}.{key}", (KV_SHAPE_SCHEMA,))
+        elif key in _ENUM_FIELDS:
+            values[key] = _expect_choice(obj[key], f"{where}.{key}", _ENUM_FIELDS[key])
+        else:
+            values[key] = _expect_int(obj[key], f"{where}.{key}")
+    shape = KvShape(**values)
+    try:
+        shape.validate()
+    except FibQuantError as err:
+        raise _located(err, where) from None
+    return shape
+
+
+def _parse_entry(obj: Any, where: str) -> ManifestEntry:
+    obj = _expect_object(obj, where)
+    _check_keys(obj, where, ("shape", "tensors"), ("layout",))
+    shape = _parse_shape(obj["shape"], f"{where}.shape")
+    tensors = _expect_names(obj["tensors"], f"{where}.tensors")
+    layout = _expect_choice(obj.get("layout", DEFAULT_LAYOUT), f"{where}.layout", LAYOUTS)
+    return ManifestEntry(shape=shape, tensors=tensors, layout=layout)
+
+
+def _parse_attention(obj: Any) -> AttentionSpec:
+    where = "attention"
+    obj = _expect_object(obj, where)
+    _check_keys(obj, where, ("query_tensors", "causal"))
+    queries = _expect_names(obj["query_tensors"], f"{where}.query_tensors")
+    causal = obj["causal"]
+    if not isinstance(causal, bool):
+        raise _fail(f"{where}.causal", f"expected true or false, found {_describe(causal)}")
+    return AttentionSpec(query_tensors=queries, causal=causal)
+
+
+def parse_manifest(obj: Any, *, source: str) -> Manifest:
+    """Build a validated ``Manifest`` from parsed JSON.
+
+    Args:
+        obj: the decoded JSON document.
+        source: file name used in error messages.
+
+    Raises:
+        InvalidInputError: any violation of the format or the shape contract.
+        ResourceError: a shape whose sizes overflow (contract rule 8).
+
+    Example:
+        >>> m = load_manifest("kv.manifest.json")            # doctest: +SKIP
+        >>> parse_manifest(m.to_json(), source="copy") == m   # doctest: +SKIP
+        True
+    """
+    try:
+        top = _expect_object(obj, "top level")
+        version = top.get("schema_version", None)
+        if "schema_version" in top and version != MANIFEST_SCHEMA:
+            shown = _quote(version) if isinstance(version, str) else _describe(version)
+            raise _fail("schema_version", f"found {shown}, expected {MANIFEST_SCHEMA}")
+        _check_keys(top, "top level", ("schema_version", "entries"), ("attention",))
+        raw_entries = top["entries"]
+        if not isinstance(raw_entries, list) or not raw_entries:
+            raise _fail("entries", f"expected a non-empty array, found {_describe(raw_entries)}")
+        entries = tuple(_parse_entry(e, f"entries[{i}]") for i, e in enumerate(raw_entries))
+        attention = _parse_attention(top["attention"]) if "attention" in top else None
+    except FibQuantError as err:
+        raise err.at(path=source) from None
+    manifest = Manifest(entries=entries, attention=attention)
+    validate_manifest(manifest, source=source)
+    return manifest
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    """Read, parse and validate a manifest file (UTF-8 JSON; a leading BOM is allowed).
+
+    Raises:
+        InvalidInputError: unreadable file, bad UTF-8, JSON syntax (with line and column),
+            or any ``parse_manifest`` error.
+        ResourceError: a file larger than ``MAX_MANIFEST_BYTES``.
+    """
+    source = str(path)
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as err:
+        reason = f"cannot read manifest ({err.strerror or err})"
+        raise InvalidInputError(reason, path=source) from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ResourceError(f"manifest is larger than {MAX_MANIFEST_BYTES} bytes", path=source)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InvalidInputError(f"invalid UTF-8 at byte {err.start}", path=source) from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_object_pairs, parse_constant=_reject_constant)
+    except json.JSONDecodeError as err:
+        raise InvalidInputError(
+            f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}", path=source
+        ) from None
+    except RecursionError:
+        raise InvalidInputError("invalid JSON: nested too deeply", path=source) from None
+    except FibQuantError as err:
+        raise err.at(path=source) from None
+    return parse_manifest(obj, source=source)
+
+
+def save_manifest(manifest: Manifest, path: str | os.PathLike) -> None:
+    """Write ``manifest`` as indented JSON (temporary file, then ``os.replace``)."""
+    target = Path(path)
+    text = json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def manifest_path_for(dump_path: str | os.PathLike) -> Path:
+    """``X.safetensors`` -> ``X.manifest.json``; any other name gets ``.manifest.json`` appended."""
+    path = Path(dump_path)
+    if path.suffix == ".safetensors":
+        return path.with_suffix(MANIFEST_SUFFIX)
+    return path.with_name(path.name + MANIFEST_SUFFIX)
+
+
+# ---------------------------------------------------------------- structure
+
+
+def _count_rule(count: int, layers: int, what: str) -> str | None:
+    if count == 1 or count == layers:
+        return None
+    if layers == 1:
+        return f"expected 1 tensor (layers is 1), found {count}"
+    return f"expected 1 tensor (5-D) or {layers} tensors (one {what} per layer), found {count}"
+
+
+def _check_attention(manifest: Manifest) -> None:
+    attention = manifest.attention
+    keys = [e for e in manifest.entries if e.shape.role == "key"]
+    values = [e for e in manifest.entries if e.shape.role == "value"]
+    if len(keys) != 1 or len(values) != 1:
+        raise _fail(
+            "attention",
+            f"needs exactly one key entry and one value entry, found {len(keys)} key "
+            f"and {len(values)} value entries",
+        )
+    key, value = keys[0].shape, values[0].shape
+    for name in SIZE_FIELDS:
+        if getattr(key, name) != getattr(value, name):
+            pair = f"{getattr(key, name)} vs {getattr(value, name)}"
+            raise _fail("attention", f"key and value entries differ in {name} ({pair})")
+    problem = _count_rule(len(attention.query_tensors), key.layers, "4-D tensor")
+    if problem:
+        raise _fail("attention.query_tensors", problem)
+
+
+def validate_manifest(manifest: Manifest, *, source: str) -> None:
+    """Check a ``Manifest`` built in code the way ``parse_manifest`` checks a file.
+
+    Shapes against the contract, tensor counts, layouts, unique tensor names and the
+    attention consistency rules.
+    """
+    first_seen: dict[str, str] = {}
+
+    def claim(name: str, where: str) -> None:
+        if name in first_seen:
+            raise InvalidInputError(
+                f"listed twice in the manifest ({first_seen[name]} and {where})",
+                path=source, tensor=name,
+            )
+        first_seen[name] = where
+
+    try:
+        if not manifest.entries:
+            raise _fail("entries", "expected a non-empty array, found none")
+        for i, entry in enumerate(manifest.entries):
+            where = f"entries[{i}]"
+            try:
+                entry.shape.validate()
+            except FibQuantError as err:
+                raise _located(err, f"{where}.shape") from None
+            if entry.layout not in LAYOUTS:
+                shown = _quote(str(entry.layout))
+                raise _fail(f"{where}.layout", f"{shown} is not one of {', '.join(LAYOUTS)}")
+            if not entry.tensors:
+                raise _fail(f"{where}.tensors", "expected a non-empty array of tensor names")
+            problem = _count_rule(len(entry.tensors), entry.shape.layers, "4-D tensor")
+            if problem:
+                raise _fail(f"{where}.tensors", problem)
+            for j, name in enumerate(entry.tensors):
+                claim(name, f"{where}.tensors[{j}]")
+        if manifest.attention is not None:
+            for j, name in enumerate(manifest.attention.query_tensors):
+                claim(name, f"attention.query_tensors[{j}]")
+            if not isinstance(manifest.attention.causal, bool):
+                found = _describe(manifest.attention.causal)
+                raise _fail("attention.causal", f"expected true or false, found {found}")
+            _check_attention(manifest)
+    except FibQuantError as err:
+        raise err.at(path=source) from None
+
+
+# ---------------------------------------------------------------- tensors of a dump
+
+
+def vectors_axes(layout: str, ndim: int) -> tuple[int, ...]:
+    """Axis permutation taking a stored tensor to canonical order.
+
+    ``array.transpose(vectors_axes(layout, array.ndim))`` is ``[batch, kv_heads, tokens,
+    head_dim]`` for a per-layer 4-D tensor and ``[batch, layers, kv_heads, tokens, head_dim]``
+    for a 5-D tensor (always canonical, so the identity). Reshaping the result to
+    ``(-1, head_dim)`` lists the head vectors in canonical order. Query tensors use the same
+    permutation with query_heads in place of kv_heads.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if ndim == 4:
+        return _CANONICAL_PERMUTATION[layout]
+    if ndim == 5:
+        return (0, 1, 2, 3, 4)
+    raise ValueError(f"KV tensors are 4-D or 5-D, not {ndim}-D")
+
+
+def entry_layer_views(entry: ManifestEntry) -> list[tuple[str, int | None]]:
+    """Where each layer's data lives: one ``(tensor_name, layer_index)`` per layer, in order.
+
+    ``layer_index`` is None when the whole tensor is that layer (a per-layer 4-D tensor, or
+    the single tensor of a one-layer entry, which may be 4-D or 5-D); otherwise it is the
+    index along axis 1 of the entry's single 5-D tensor. Apply ``vectors_axes`` afterwards.
+    """
+    layers = entry.shape.layers
+    if len(entry.tensors) == layers:
+        return [(name, None) for name in entry.tensors]
+    (name,) = entry.tensors
+    return [(name, layer) for layer in range(layers)]
+
+
+def expected_tensor_shape(
+    shape: KvShape, layout: str, ndim: int, *, heads: int | None = None
+) -> tuple[int, ...]:
+    """Stored shape of an entry's tensor: 4-D per layer in ``layout`` order, or 5-D canonical.
+
+    ``heads`` defaults to ``shape.kv_heads``; pass ``shape.query_heads`` for query tensors.
+    """
+    n_heads = shape.kv_heads if heads is None else heads
+    if ndim == 5:
+        return (shape.batch, shape.layers, n_heads, shape.tokens, shape.head_dim)
+    sizes = {
+        "batch": shape.batch, "heads": n_heads, "tokens": shape.tokens, "head_dim": shape.head_dim
+    }
+    return tuple(sizes[axis] for axis in _LAYOUT_AXES[layout])
+
+
+def _axes_text(layout: str, ndim: int, heads_name: str) -> str:
+    if ndim == 5:
+        return f"batch, layers, {heads_name}, tokens, head_dim"
+    names = [heads_name if axis == "heads" else axis for axis in _LAYOUT_AXES[layout]]
+    return f"{layout}: " + ", ".join(names)
+
+
+def _check_tensor(
+    name: str,
+    where: str,
+    found: tuple[str, tuple[int, ...]] | None,
+    *,
+    shape: KvShape,
+    layout: str,
+    single: bool,
+    query: bool,
+    source: str,
+) -> None:
+    if found is None:
+        raise InvalidInputError(
+            f"listed in the manifest at {where} but not present in the file",
+            path=source, tensor=name,
+        )
+    found_dtype, found_shape = found[0], tuple(found[1])
+    if single and shape.layers > 1:
+        ndim = 5
+    elif single and len(found_shape) == 5:
+        ndim = 5
+    else:
+        ndim = 4
+    heads_name = "query_heads" if query else "kv_heads"
+    heads = getattr(shape, heads_name)
+    expected = expected_tensor_shape(shape, layout, ndim, heads=heads)
+    if found_shape != expected:
+        raise InvalidInputError(
+            f"expected shape {list(expected)} ({_axes_text(layout, ndim, heads_name)}), "
+            f"found {list(found_shape)}",
+            path=source, tensor=name,
+        )
+    if query:
+        if found_dtype not in QUERY_DTYPES:
+            raise InvalidInputError(
+                f"expected a float dtype ({', '.join(QUERY_DTYPES)}), found {found_dtype}",
+                path=source, tensor=name,
+            )
+    elif found_dtype != SAFETENSORS_DTYPES[shape.dtype]:
+        raise InvalidInputError(
+            f"expected dtype {SAFETENSORS_DTYPES[shape.dtype]} (manifest dtype {shape.dtype}), "
+            f"found {found_dtype}",
+            path=source, tensor=name,
+        )
+
+
+def check_manifest_against_dump(
+    manifest: Manifest,
+    tensors: dict[str, tuple[str, tuple[int, ...]]],
+    *,
+    source: str,
+) -> None:
+    """Check that every tensor the manifest names is in the dump with the right shape and dtype.
+
+    Args:
+        manifest: the manifest (validated again here).
+        tensors: name -> (safetensors dtype string such as ``"F16"``, shape) from the dump's
+            header. Tensors the manifest does not mention are ignored.
+        source: the dump's file name, used in error messages.
+
+    Raises:
+        InvalidInputError: ``source: tensor 'name': reason`` for the first problem found.
+    """
+    validate_manifest(manifest, source=source)
+    for i, entry in enumerate(manifest.entries):
+        single = len(entry.tensors) == 1
+        for j, name in enumerate(entry.tensors):
+            _check_tensor(
+                name, f"entries[{i}].tensors[{j}]", tensors.get(name),
+                shape=entry.shape, layout=entry.layout, single=single, query=False, source=source,
+            )
+    if manifest.attention is not None:
+        key_entry = next(e for e in manifest.entries if e.shape.role == "key")
+        layout = manifest.entries[0].layout
+        queries = manifest.attention.query_tensors
+        for j, name in enumerate(queries):
+            _check_tensor(
+                name, f"attention.query_tensors[{j}]", tensors.get(name),
+                shape=key_entry.shape, layout=layout, single=len(queries) == 1, query=True,
+                source=source,
+            )
