@@ -1,0 +1,121 @@
+"""Trained codebooks on disk, keyed and checked by the digest of their full profile.
+
+Lookup order: the codebooks shipped inside the package (``fibquant_cli/codebooks``), then the
+per-user cache (``$FIBQUANT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fibquant``, else
+``~/.cache/fibquant``), then training (whose result is stored in the user cache).
+
+Each entry is an ``.npz`` holding ``codebook`` (N, k) float64, ``profile`` (the profile's
+compact JSON as uint8) and ``digest`` (the profile digest followed by the codebook digest, as
+uint8 JSON). A shipped entry that fails its check is an integrity error; a user-cache entry
+that fails is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..digest import bytes_digest
+from ..errors import IntegrityError
+from .codebook import train_codebook
+from .params import Profile
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "codebooks"
+CODEBOOK_SCHEMA = "fibquant_codebook_v1"
+
+
+@dataclass(frozen=True)
+class CodebookOrigin:
+    """Where a codebook came from: 'shipped', 'cache' or 'built', its file, and seconds spent."""
+
+    kind: str
+    path: Path | None
+    seconds: float
+    note: str = ""
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("FIBQUANT_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fibquant"
+
+
+def entry_name(profile: Profile) -> str:
+    p = profile
+    return f"d{p.head_dim}_k{p.block_dim}_n{p.size}_s{p.seed}_{p.digest[7:23]}.npz"
+
+
+def codebook_digest(codebook: np.ndarray) -> str:
+    return bytes_digest(CODEBOOK_SCHEMA, np.ascontiguousarray(codebook, dtype="<f8").tobytes())
+
+
+def save_entry(path: Path, profile: Profile, codebook: np.ndarray) -> None:
+    """Write an entry atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps({"profile": profile.digest, "codebook": codebook_digest(codebook)})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(
+                fh,
+                codebook=np.ascontiguousarray(codebook, dtype="<f8"),
+                profile=np.frombuffer(json.dumps(profile.to_json()).encode(), dtype=np.uint8),
+                digest=np.frombuffer(meta.encode(), dtype=np.uint8),
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_entry(path: Path, profile: Profile) -> np.ndarray:
+    """Load an entry and check it belongs to ``profile``; raises IntegrityError otherwise."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            codebook = np.array(z["codebook"], dtype=np.float64)
+            stored_profile = json.loads(z["profile"].tobytes().decode())
+            meta = json.loads(z["digest"].tobytes().decode())
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as err:
+        raise IntegrityError(f"unreadable codebook entry ({err})", path=str(path)) from None
+    if stored_profile != profile.to_json() or meta.get("profile") != profile.digest:
+        raise IntegrityError("codebook entry belongs to another profile", path=str(path))
+    if codebook.shape != (profile.size, profile.block_dim):
+        raise IntegrityError(f"codebook shape {codebook.shape} does not match the profile",
+                             path=str(path))
+    if meta.get("codebook") != codebook_digest(codebook):
+        raise IntegrityError("codebook digest mismatch", path=str(path))
+    return codebook
+
+
+def load_or_build(profile: Profile) -> tuple[np.ndarray, CodebookOrigin]:
+    """The trained codebook of ``profile``: shipped, cached, or trained now (and cached)."""
+    name = entry_name(profile)
+    start = time.perf_counter()
+    shipped = SHIPPED_DIR / name
+    if shipped.exists():
+        codebook = load_entry(shipped, profile)
+        return codebook, CodebookOrigin("shipped", shipped, time.perf_counter() - start)
+    cached = cache_dir() / name
+    note = ""
+    if cached.exists():
+        try:
+            codebook = load_entry(cached, profile)
+            return codebook, CodebookOrigin("cache", cached, time.perf_counter() - start)
+        except IntegrityError as err:
+            note = f"rebuilt: {err}"
+    codebook = train_codebook(profile)
+    try:
+        save_entry(cached, profile, codebook)
+        path = cached
+    except OSError as err:  # a read-only cache never stops the work, it only costs time
+        note = f"not cached ({err.strerror or err})"
+        path = None
+    return codebook, CodebookOrigin("built", path, time.perf_counter() - start, note)

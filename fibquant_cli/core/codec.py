@@ -1,0 +1,109 @@
+"""FibQuant encode / decode over arrays of head vectors (spec section 1).
+
+Glossary
+--------
+x       (n, d) head vectors, any float dtype.
+norm    nu = ||x||_2 per vector, (n,) float32 (the container decides how wide it is stored).
+u, y    u = x / nu on the unit sphere; y = Pi u, the rotated vector (rows: y = u @ Pi.T).
+block   k consecutive coordinates of y; a vector has d/k of them.
+code    (n, d/k) uint32, each the index of a block's nearest codeword.
+
+Decode: y_hat = gathered codewords; x_hat = nu * Pi.T y_hat (rows: nu * (y_hat @ Pi)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from .codebook import STREAM_ROTATION, nearest, stream
+from .params import Profile
+from .rotation import haar_rotation
+
+# Rows of x handled at once; together with the search budget this bounds every temporary.
+ROW_CHUNK = 16384
+
+
+def check_finite(x: np.ndarray, row_offset: int = 0) -> None:
+    """Raise InvalidInputError naming the first row (and column) holding NaN or Inf."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise InvalidInputError(
+            f"row {row + row_offset} is not finite ({x[row, col]} at column {col})"
+        )
+
+
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """||x||_2 per row, computed in float64 so f32 input cannot overflow; (n,) float64."""
+    x64 = x.astype(np.float64, copy=False)
+    return np.sqrt(np.einsum("ij,ij->i", x64, x64))
+
+
+@dataclass(frozen=True, eq=False)
+class FibQuantizer:
+    """A ready-to-use FibQuant codec: profile, trained codebook (N, k) and rotation (d, d)."""
+
+    profile: Profile
+    codebook: np.ndarray
+    rotation: np.ndarray
+
+    @classmethod
+    def from_profile(cls, profile: Profile) -> "FibQuantizer":
+        from .cache import load_or_build
+
+        codebook, _ = load_or_build(profile)
+        return cls(profile, codebook, default_rotation(profile))
+
+    @property
+    def bits_per_vector(self) -> int:
+        return self.profile.bits_per_vector
+
+    @property
+    def rate_bits(self) -> float:
+        return self.profile.rate_bits
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Encode x (n, d) into codes (n, d/k) uint32 and norms (n,) float32.
+
+        Zero vectors get norm 0 (their codes are those of the zero block); NaN/Inf raise.
+        """
+        x = np.asarray(x)
+        d, k = self.profile.head_dim, self.profile.block_dim
+        if x.ndim != 2 or x.shape[1] != d:
+            raise InvalidInputError(f"expected vectors of shape (n, {d}), got {x.shape}")
+        n = x.shape[0]
+        codes = np.empty((n, d // k), dtype=np.uint32)
+        norms = np.empty(n, dtype=np.float32)
+        rot_t = self.rotation.T.astype(np.float32)
+        cb = self.codebook.astype(np.float32)
+        for start in range(0, n, ROW_CHUNK):
+            chunk = x[start:start + ROW_CHUNK]
+            check_finite(chunk, start)
+            nu = row_norms(chunk)
+            safe = np.where(nu > 0, nu, 1.0)
+            u = (chunk.astype(np.float64) / safe[:, None]).astype(np.float32)
+            y = u @ rot_t
+            codes[start:start + len(chunk)] = nearest(y.reshape(-1, k), cb).reshape(-1, d // k)
+            norms[start:start + len(chunk)] = nu
+        return codes, norms
+
+    def decode(self, codes: np.ndarray, norms: np.ndarray) -> np.ndarray:
+        """Decode codes (n, d/k) and norms (n,) back to x_hat (n, d) float32."""
+        d = self.profile.head_dim
+        n = codes.shape[0]
+        out = np.empty((n, d), dtype=np.float32)
+        rot = self.rotation.astype(np.float32)
+        cb = self.codebook.astype(np.float32)
+        for start in range(0, n, ROW_CHUNK):
+            stop = min(n, start + ROW_CHUNK)
+            y_hat = cb[codes[start:stop]].reshape(stop - start, d)
+            out[start:stop] = (y_hat @ rot) * norms[start:stop, None].astype(np.float32)
+        return out
+
+
+def default_rotation(profile: Profile) -> np.ndarray:
+    """The profile's shared Haar rotation, from its own random stream."""
+    return haar_rotation(profile.head_dim, stream(profile.seed, STREAM_ROTATION))

@@ -1,0 +1,78 @@
+"""What the subcommands do, as functions returning result dataclasses (no printing here)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .core.cache import load_or_build
+from .core.codebook import STREAM_EVALUATION, d_unit, stream
+from .core.codec import FibQuantizer, default_rotation
+from .core.params import Profile
+from .core.scalar import ScalarQuantizer
+
+EVAL_VECTORS = 100_000
+
+
+@dataclass(frozen=True)
+class CodebookReport:
+    head_dim: int
+    block_dim: int
+    size: int
+    seed: int
+    rate_bits: float
+    wire_bits: int
+    bits_per_vector: int
+    train_samples: int
+    eval_vectors: int
+    d_unit: float
+    scalar_d_unit: float | None
+    gain_db: float | None
+    shannon_bound: float
+    shannon_gap_db: float
+    origin: str
+    seconds: float
+    cache_path: str | None
+    profile_digest: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def whole_bits(rate_bits: float) -> int | None:
+    """The integer rate if b is a whole number in the scalar baseline's range, else None."""
+    b = round(rate_bits)
+    return b if abs(rate_bits - b) < 1e-12 and 1 <= b <= 8 else None
+
+
+def codebook_report(profile: Profile, eval_vectors: int = EVAL_VECTORS) -> CodebookReport:
+    """Build or load the codebook of ``profile`` and measure it on fresh unit vectors."""
+    codebook, origin = load_or_build(profile)
+    d, b = profile.head_dim, profile.rate_bits
+    fib = d_unit(codebook, d, eval_vectors, stream(profile.seed, STREAM_EVALUATION))
+    scalar = None
+    bits = whole_bits(b)
+    if bits is not None:
+        rng = stream(profile.seed, STREAM_EVALUATION)
+        sq = ScalarQuantizer(d, bits, default_rotation(profile))
+        total = 0.0
+        for start in range(0, eval_vectors, 8192):
+            m = min(8192, eval_vectors - start)
+            u = rng.standard_normal((m, d))
+            u /= np.linalg.norm(u, axis=1, keepdims=True)
+            total += float(((u - sq.decode(*sq.encode(u))) ** 2).sum())
+        scalar = total / eval_vectors
+    bound = 2.0 ** (-2.0 * b)
+    return CodebookReport(
+        head_dim=d, block_dim=profile.block_dim, size=profile.size, seed=profile.seed,
+        rate_bits=b, wire_bits=profile.wire_bits, bits_per_vector=profile.bits_per_vector,
+        train_samples=profile.train_samples, eval_vectors=eval_vectors, d_unit=fib,
+        scalar_d_unit=scalar,
+        gain_db=None if scalar is None else 10.0 * math.log10(scalar / fib),
+        shannon_bound=bound, shannon_gap_db=10.0 * math.log10(fib / bound),
+        origin=origin.kind + (f" ({origin.note})" if origin.note else ""),
+        seconds=origin.seconds, cache_path=None if origin.path is None else str(origin.path),
+        profile_digest=profile.digest,
+    )
