@@ -6,13 +6,14 @@ Errors are mapped to exit codes here, inside the app, so tests see what users se
 from __future__ import annotations
 
 import functools
-import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from . import report
 from .errors import FibQuantError
+from .pipeline import Progress
 
 app = typer.Typer(
     add_completion=False,
@@ -81,6 +82,118 @@ def codebook(
         report.print_json(rep.to_json())
     else:
         report.stdout.print(report.codebook_table(rep))
+
+
+PathArg = Annotated[Path, typer.Argument(help="A safetensors file.", show_default=False)]
+ManifestOpt = Annotated[Optional[Path], typer.Option(
+    "--manifest", "-m", help="Shape manifest (default: X.manifest.json beside X.safetensors).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+
+
+class RichProgress(Progress):
+    """Progress on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+        self.bar = Bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TimeElapsedColumn(), console=report.stderr, transient=True,
+                       disable=not report.stderr.is_terminal)
+        self.task = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def start(self, total: int, label: str) -> None:
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+        self.task = self.bar.add_task(label, total=total)
+
+    def advance(self, label: str) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, advance=1)
+
+
+@app.command()
+@handle_errors
+def validate(path: PathArg, manifest: ManifestOpt = None, as_json: JsonOpt = False) -> None:
+    """Check a dump against its manifest, or a compressed file completely."""
+    from .service import validate as run
+
+    rep = run(path, manifest)
+    if as_json:
+        report.print_json(rep.to_json())
+    else:
+        report.stdout.print(report.validate_table(rep))
+    if rep.error is not None:
+        raise rep.error
+
+
+@app.command()
+@handle_errors
+def digest(
+    path: Annotated[Path, typer.Argument(help="A manifest (.json), a dump or a compressed file.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """BLAKE3 digests: manifest entry shapes, dump tensors, or a compressed file's records."""
+    from .service import digest as run
+
+    rep = run(path)
+    if as_json:
+        report.print_json(rep.to_json())
+    else:
+        report.print_digests(rep)
+    if rep.error is not None:
+        raise rep.error
+
+
+@app.command()
+@handle_errors
+def compress(
+    path: PathArg,
+    manifest: ManifestOpt = None,
+    output: OutOpt = None,
+    bits: Annotated[Optional[float], typer.Option(
+        "--bits", help="Rate preset: >=4 -> (k=2,N=256), 3 -> (2,64), 2 -> (4,256), "
+        "1 -> (8,256), 0.5 -> (8,16). Default 3.")] = None,
+    block_dim: Annotated[Optional[int], typer.Option("--block-dim", help="Block length k.")] = None,
+    size: Annotated[Optional[int], typer.Option("--size", help="Codebook size N.")] = None,
+    seed: SeedOpt = 0,
+    compare: Annotated[bool, typer.Option(
+        "--compare", help="Also measure the scalar baseline at the same rate.")] = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compress a KV dump into one self-contained .fq.safetensors file."""
+    from .pipeline import compress as run
+
+    with RichProgress() as progress:
+        rep = run(path, manifest=manifest, output=output, bits=bits, block_dim=block_dim,
+                  size=size, seed=seed, compare=compare, force=force, progress=progress)
+    if as_json:
+        report.print_json(rep.to_json())
+    else:
+        report.stdout.print(report.compress_table(rep, compare))
+
+
+@app.command()
+@handle_errors
+def decompress(path: PathArg, output: OutOpt = None, force: ForceOpt = False,
+               as_json: JsonOpt = False) -> None:
+    """Verify every digest, then restore the dump (every tensor) and its manifest."""
+    from .pipeline import decompress as run
+
+    with RichProgress() as progress:
+        rep = run(path, output=output, force=force, progress=progress)
+    if as_json:
+        report.print_json(rep.to_json())
+    else:
+        report.stdout.print(report.decompress_table(rep))
 
 
 def main() -> None:

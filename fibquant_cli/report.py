@@ -45,3 +45,78 @@ def codebook_table(rep) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _mark(ok: bool) -> str:
+    return "[green]pass[/green]" if ok else "[red]FAIL[/red]"
+
+
+def validate_table(rep) -> Table:
+    table = Table(title=f"validate {rep.path} ({rep.kind})", header_style="bold")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")
+    for name, ok, detail in rep.checks:
+        table.add_row(name, _mark(ok), detail)
+    return table
+
+
+def print_digests(rep) -> None:
+    """One line per digest (no table: digests are meant to be copied whole)."""
+    stdout.print(f"[bold]digests of {rep.path}[/bold] ({rep.kind})")
+    width = max((len(row["name"]) for row in rep.rows), default=0)
+    for row in rep.rows:
+        status = ""
+        if "status" in row:
+            status = "  [green]ok[/green]" if row["status"] == "ok" else "  [red]MISMATCH[/red]"
+        extra = f"  {row['dtype']} {row['shape']}" if "dtype" in row else ""
+        stdout.print(f"{row['name']:<{width}}  {row['digest']}{status}{extra}", soft_wrap=True)
+    for key, value in rep.summary.items():
+        stdout.print(f"{key}: {value}", soft_wrap=True)
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.2f} {unit}"
+        n_bytes /= 1024
+    return ""
+
+
+def compress_table(rep, compare: bool) -> Table:
+    """One column per entry (role) and one for the total; one row per quantity."""
+    rows = [*rep.entries, rep.total]
+    table = Table(title=f"{rep.source} -> {rep.output}", header_style="bold")
+    table.add_column("")
+    for row in rows:
+        table.add_column(row.label, justify="right", style="bold" if row is rep.total else None)
+
+    def add(name, fmt):
+        table.add_row(name, *[fmt(r) for r in rows])
+
+    add("profile", lambda r: f"k={r.profile['block_dim']} N={r.profile['size']} "
+        f"b={r.profile['rate_bits']:.3g}" if r.profile else "")
+    add("source bytes", lambda r: _size(r.source_bytes))
+    add("compressed bytes (all-in)", lambda r: _size(r.compressed_bytes))
+    add("ratio", lambda r: f"{r.ratio:.2f}x")
+    add("bits/value, payload", lambda r: f"{r.payload_bits_per_value:.3f}")
+    add("bits/value, all-in", lambda r: f"{r.bits_per_value:.3f}")
+    add("relative MSE", lambda r: f"{r.rel_mse:.4f}")
+    if compare:
+        add("scalar relative MSE, same b", lambda r: fmt_float(r.scalar_rel_mse, 4))
+    add("cosine, mean", lambda r: f"{r.cosine_mean:.4f}")
+    add("cosine, worst vector", lambda r: f"{r.cosine_min:.4f}")
+    table.caption = (f"file {_size(rep.file_bytes)}, of which {_size(rep.passthrough_bytes)} "
+                     f"pass-through ({', '.join(rep.passthrough) or 'none'}). All-in counts "
+                     "indices, norms, codebook, rotation and metadata.")
+    return table
+
+
+def decompress_table(rep) -> Table:
+    table = Table(title=f"{rep.source} -> {rep.output} (+ {rep.manifest_output})",
+                  header_style="bold")
+    for name in ("tensor", "dtype", "shape", "restored as"):
+        table.add_column(name)
+    for row in rep.tensors:
+        table.add_row(row["name"], row["dtype"], str(row["shape"]), row["kind"])
+    return table

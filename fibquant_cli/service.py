@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from . import container, pipeline, stfile
 from .core.cache import load_or_build
 from .core.codebook import STREAM_EVALUATION, d_unit, stream
 from .core.codec import FibQuantizer, default_rotation
 from .core.params import Profile
 from .core.scalar import ScalarQuantizer
+from .digest import file_digest, tensor_digest
+from .errors import FibQuantError
+from .kvdump import check_finite, open_dump, read_layer
+from .manifest import load_manifest
 
 EVAL_VECTORS = 100_000
 
@@ -76,3 +82,118 @@ def codebook_report(profile: Profile, eval_vectors: int = EVAL_VECTORS) -> Codeb
         seconds=origin.seconds, cache_path=None if origin.path is None else str(origin.path),
         profile_digest=profile.digest,
     )
+
+
+# --------------------------------------------------------------------------- validate
+
+
+@dataclass
+class ValidateReport:
+    path: str
+    kind: str  # "dump" or "compressed"
+    checks: list = field(default_factory=list)  # (name, ok, detail)
+    error: FibQuantError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "kind": self.kind, "ok": self.ok,
+                "checks": [{"check": n, "ok": ok, "detail": d} for n, ok, d in self.checks],
+                "error": None if self.error is None else str(self.error)}
+
+
+def validate(path, manifest=None) -> ValidateReport:
+    """Run every check of a dump (against its manifest) or of a compressed file."""
+    path = Path(path)
+    rep = ValidateReport(str(path), "dump")
+    try:
+        header = stfile.read_header(path)
+    except FibQuantError as err:
+        rep.checks.append(("safetensors header", False, err.reason))
+        rep.error = err
+        return rep
+    if container.is_compressed(header):
+        rep.kind = "compressed"
+        try:
+            pipeline.verify(path, rep.checks)
+        except FibQuantError as err:
+            rep.checks.append(("integrity", False, err.reason))
+            rep.error = err
+        return rep
+    rep.checks.append(("safetensors header", True, f"{len(header.tensors)} tensors"))
+    step = "manifest and shape contract"
+    try:
+        dump = open_dump(path, manifest)
+        rep.checks.append((step, True, f"{dump.manifest_path.name}: {len(dump.manifest.entries)} entries"))
+        rep.checks.append(("tensors vs manifest", True, "names, shapes and dtypes agree"))
+        step = "values finite"
+        n = 0
+        for entry in dump.manifest.entries:
+            for layer in range(entry.shape.layers):
+                read_layer(dump, entry, layer)
+                n += 1
+        if dump.manifest.attention is not None:
+            for name in dump.manifest.attention.query_tensors:
+                check_finite(dump.header, name, stfile.read_tensor(dump.header, name))
+                n += 1
+        rep.checks.append((step, True, f"{n} layer tensors scanned"))
+        rep.checks.append(("pass-through tensors", True,
+                           ", ".join(dump.passthrough_names) or "none"))
+    except FibQuantError as err:
+        if step == "manifest and shape contract" and err.path and err.path == str(path):
+            rep.checks.append((step, True, "manifest parses"))
+            step = "tensors vs manifest"
+        rep.checks.append((step, False, err.reason))
+        rep.error = err
+    return rep
+
+
+# --------------------------------------------------------------------------- digest
+
+
+@dataclass
+class DigestReport:
+    path: str
+    kind: str  # "manifest", "dump" or "compressed"
+    rows: list = field(default_factory=list)  # dicts: name, digest, [status]
+    summary: dict = field(default_factory=dict)
+    error: FibQuantError | None = None
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "kind": self.kind, "digests": self.rows, **self.summary,
+                "ok": self.error is None,
+                "error": None if self.error is None else str(self.error)}
+
+
+def digest(path) -> DigestReport:
+    """Digests of a manifest (per entry shape), a dump (per tensor + file) or a compressed file."""
+    path = Path(path)
+    if path.suffix == ".json":
+        manifest = load_manifest(path)
+        rows = [{"name": f"entries[{i}] ({e.shape.role})", "tensors": list(e.tensors),
+                 "digest": e.shape.digest()} for i, e in enumerate(manifest.entries)]
+        return DigestReport(str(path), "manifest", rows)
+    header = stfile.read_header(path)
+    if not container.is_compressed(header):
+        rows = []
+        for name, info in header.tensors.items():
+            rows.append({"name": name, "dtype": info.dtype, "shape": list(info.shape),
+                         "digest": tensor_digest(info.dtype, info.shape,
+                                                 stfile.read_raw(header, name))})
+        whole = file_digest({r["name"]: r["digest"] for r in rows})
+        return DigestReport(str(path), "dump", rows, {"file_digest": whole})
+    comp = container.open_compressed(path)
+    rep = DigestReport(str(path), "compressed", summary={
+        "source_file_digest": comp.doc["source"]["file_digest"],
+        "document_digest": comp.header.metadata[container.KEY_DIGEST]})
+    for name, recorded in comp.doc["arrays"].items():
+        try:
+            container.verify_array(comp, name)
+            status = "ok"
+        except FibQuantError as err:
+            status = "MISMATCH"
+            rep.error = rep.error or err
+        rep.rows.append({"name": name, "digest": recorded, "status": status})
+    return rep

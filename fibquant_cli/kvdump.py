@@ -1,0 +1,77 @@
+"""A source KV dump: a safetensors file plus its shape manifest, read layer by layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import stfile
+from .container import is_compressed
+from .errors import InvalidInputError
+from .manifest import (Manifest, ManifestEntry, check_manifest_against_dump, entry_layer_views,
+                       load_manifest, manifest_path_for, vectors_axes)
+
+
+@dataclass(frozen=True)
+class Dump:
+    path: Path
+    header: stfile.Header
+    manifest: Manifest
+    manifest_path: Path
+
+    @property
+    def kv_names(self) -> set[str]:
+        return {name for entry in self.manifest.entries for name in entry.tensors}
+
+    @property
+    def passthrough_names(self) -> list[str]:
+        """Tensors no entry compresses (queries included), in file order."""
+        kv = self.kv_names
+        return [name for name in self.header.tensors if name not in kv]
+
+
+def open_dump(path, manifest_path=None) -> Dump:
+    """Read a dump's header and manifest and check them against each other."""
+    path = Path(path)
+    header = stfile.read_header(path)
+    if is_compressed(header):
+        raise InvalidInputError("this is a compressed fibquant file, not a KV dump "
+                                "(use 'fibquant decompress' or 'fibquant validate')",
+                                path=str(path))
+    mpath = Path(manifest_path) if manifest_path is not None else manifest_path_for(path)
+    if not mpath.exists():
+        raise InvalidInputError(f"no manifest at {mpath} (pass --manifest PATH)", path=str(path))
+    manifest = load_manifest(mpath)
+    infos = {name: (info.dtype, info.shape) for name, info in header.tensors.items()}
+    check_manifest_against_dump(manifest, infos, source=str(path))
+    return Dump(path, header, manifest, mpath)
+
+
+def check_finite(header: stfile.Header, name: str, arr: np.ndarray, origin=None) -> None:
+    """Raise naming the tensor and the position (in its stored axes) of the first NaN/Inf.
+
+    ``origin`` is where ``arr`` starts inside the stored tensor (for a slice of it).
+    """
+    finite = np.isfinite(arr)
+    if not finite.all():
+        pos = tuple(int(i) for i in np.argwhere(~finite)[0])
+        where = [p + o for p, o in zip(pos, origin or (0,) * arr.ndim)]
+        raise InvalidInputError(f"non-finite value {arr[pos]} at position {where}",
+                                path=str(header.path), tensor=name)
+
+
+def read_layer(dump: Dump, entry: ManifestEntry, layer: int) -> np.ndarray:
+    """Layer ``layer`` of ``entry`` as [batch, kv_heads, tokens, head_dim] in the source dtype."""
+    name, index = entry_layer_views(entry)[layer]
+    if index is None:
+        arr = stfile.read_tensor(dump.header, name)
+        origin = None
+    else:
+        arr = stfile.read_tensor(dump.header, name, index=(slice(None), slice(index, index + 1)))
+        origin = (0, index, 0, 0, 0)
+    check_finite(dump.header, name, arr, origin)
+    if arr.ndim == 5:  # the canonical [batch, layers, kv_heads, tokens, head_dim] form
+        return arr[:, 0]
+    return arr.transpose(vectors_axes(entry.layout, 4))

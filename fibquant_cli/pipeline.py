@@ -1,0 +1,532 @@
+"""compress / decompress / verify: the main job, over files, returning result dataclasses."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, container, stfile
+from .container import (codebook_name, codes_name, norms_name, raw_name, rotation_name)
+from .core import bitpack
+from .core.cache import CODEBOOK_SCHEMA, load_or_build
+from .core.codec import FibQuantizer, default_rotation
+from .core.params import Profile
+from .core.scalar import ScalarQuantizer
+from .digest import bytes_digest, file_digest, tensor_digest
+from .errors import IntegrityError, InvalidInputError, UsageError
+from .kvdump import Dump, open_dump, read_layer
+from .manifest import entry_layer_views, expected_tensor_shape, manifest_path_for, parse_manifest, save_manifest
+
+# --bits presets (spec section 1; the table of the compress issue): rate -> (k, N).
+BITS_PRESETS: dict[float, tuple[int, int]] = {
+    4: (2, 256), 3: (2, 64), 2: (4, 256), 1: (8, 256), 0.5: (8, 16),
+}
+DEFAULT_BITS = 3
+FP16_MAX = float(np.finfo(np.float16).max)
+ROTATION_SCHEMA = "fibquant_rotation_v1"
+
+
+class Progress:
+    """Progress sink: the CLI draws it on stderr; the library default does nothing."""
+
+    def start(self, total: int, label: str) -> None:  # noqa: D102
+        pass
+
+    def advance(self, label: str) -> None:  # noqa: D102
+        pass
+
+
+def preset_for(bits: float) -> tuple[int, int]:
+    """(k, N) for a --bits value: >= 4 -> (2, 256); otherwise one of the presets exactly."""
+    if bits >= 4:
+        return BITS_PRESETS[4]
+    for rate, point in BITS_PRESETS.items():
+        if abs(bits - rate) < 1e-9:
+            return point
+    choices = ", ".join(f"{r:g}" for r in sorted(BITS_PRESETS))
+    raise UsageError(f"--bits {bits:g} has no preset; choose one of {choices} "
+                     "(or give --block-dim and --size)")
+
+
+@dataclass(frozen=True)
+class RoleStats:
+    """Measured size and error of one manifest entry (or the total)."""
+
+    label: str
+    vectors: int
+    values: int
+    source_bytes: int
+    payload_bytes: int
+    compressed_bytes: int
+    ratio: float
+    payload_bits_per_value: float
+    bits_per_value: float
+    rel_mse: float
+    cosine_mean: float
+    cosine_min: float
+    scalar_rel_mse: float | None = None
+    profile: dict | None = None
+
+
+@dataclass(frozen=True)
+class CompressReport:
+    source: str
+    output: str
+    file_bytes: int
+    passthrough_bytes: int
+    entries: list[RoleStats]
+    total: RoleStats
+    passthrough: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class _ErrorAccumulator:
+    """Sums ||x - x_hat||^2, ||x||^2 and per-vector cosines over chunks."""
+
+    def __init__(self) -> None:
+        self.err = self.energy = self.cos_sum = 0.0
+        self.cos_min = 1.0
+        self.cos_count = 0
+
+    def add(self, x: np.ndarray, x_hat: np.ndarray) -> None:
+        x = x.astype(np.float64)
+        x_hat = x_hat.astype(np.float64)
+        self.err += float(((x - x_hat) ** 2).sum())
+        self.energy += float((x * x).sum())
+        nx, nh = np.linalg.norm(x, axis=1), np.linalg.norm(x_hat, axis=1)
+        ok = (nx > 0) & (nh > 0)
+        cos = (x[ok] * x_hat[ok]).sum(1) / (nx[ok] * nh[ok])
+        if cos.size:
+            self.cos_sum += float(cos.sum())
+            self.cos_min = min(self.cos_min, float(cos.min()))
+            self.cos_count += cos.size
+
+    @property
+    def rel_mse(self) -> float:
+        return self.err / self.energy if self.energy > 0 else 0.0
+
+    @property
+    def cos_mean(self) -> float:
+        return self.cos_sum / self.cos_count if self.cos_count else 1.0
+
+
+def to_float32(arr: np.ndarray) -> np.ndarray:
+    return arr.astype(np.float32)
+
+
+def from_float32(x: np.ndarray, st_dtype: str) -> np.ndarray:
+    """Cast a reconstruction back to the source dtype (F16, BF16 or F32)."""
+    return x.astype(stfile.numpy_dtype_for(st_dtype))
+
+
+def store_norms(norms: np.ndarray) -> np.ndarray:
+    """fp16 norms (the paper's 2 bytes) unless one would overflow fp16; then f32, never inf."""
+    if norms.size and float(norms.max()) > FP16_MAX:
+        return norms.astype(np.float32)
+    return norms.astype(np.float16)
+
+
+def check_output_paths(source: Path, outputs: list[Path], force: bool) -> None:
+    for out in outputs:
+        if out.exists() and source.exists() and os.path.samefile(out, source):
+            raise UsageError("output is the input file", path=str(out))
+        if out.resolve() == source.resolve():
+            raise UsageError("output is the input file", path=str(out))
+        if out.exists() and not force:
+            raise UsageError("output exists (use --force to overwrite)", path=str(out))
+
+
+def default_compressed_path(source: Path) -> Path:
+    name = source.name[: -len(".safetensors")] if source.name.endswith(".safetensors") else source.name
+    return source.with_name(name + ".fq.safetensors")
+
+
+def default_restored_path(compressed: Path) -> Path:
+    name = compressed.name
+    for suffix in (".fq.safetensors", ".safetensors"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return compressed.with_name(name + ".restored.safetensors")
+
+
+def entry_profiles(dump: Dump, block_dim: int, size: int, seed: int) -> list[Profile]:
+    profiles = []
+    for i, entry in enumerate(dump.manifest.entries):
+        try:
+            entry.shape.validate_block_dim(block_dim)
+        except InvalidInputError as err:
+            raise InvalidInputError(err.reason, path=str(dump.manifest_path),
+                                    tensor=entry.tensors[0]) from None
+        profiles.append(Profile(entry.shape.head_dim, block_dim, size, seed))
+    return profiles
+
+
+def compress(source, *, manifest=None, output=None, bits: float | None = None,
+             block_dim: int | None = None, size: int | None = None, seed: int = 0,
+             compare: bool = False, force: bool = False,
+             progress: Progress | None = None) -> CompressReport:
+    """Compress a KV dump into one self-contained ``.fq.safetensors`` file."""
+    progress = progress or Progress()
+    source = Path(source)
+    if (block_dim is None) != (size is None):
+        raise UsageError("give --block-dim and --size together")
+    if bits is not None and block_dim is not None:
+        raise UsageError("give either --bits or --block-dim/--size, not both")
+    if block_dim is None:
+        block_dim, size = preset_for(DEFAULT_BITS if bits is None else bits)
+    out = Path(output) if output is not None else default_compressed_path(source)
+    dump = open_dump(source, manifest)
+    check_output_paths(source, [out], force)
+    if out.resolve() == dump.manifest_path.resolve():
+        raise UsageError("output is the manifest file", path=str(out))
+    profiles = entry_profiles(dump, block_dim, size, seed)
+    distinct = list(dict.fromkeys(profiles))
+    quantizers = {}
+    for p in distinct:
+        progress.advance(f"codebook d={p.head_dim} k={p.block_dim} N={p.size}")
+        codebook, _ = load_or_build(p)
+        # Stored as f32: the codec computes in f32, so decode is bit-identical either way.
+        quantizers[p] = FibQuantizer(p, codebook.astype(np.float32),
+                                     default_rotation(p).astype(np.float32))
+
+    tensors: dict[str, object] = {}
+    for j, p in enumerate(distinct):
+        tensors[codebook_name(j)] = quantizers[p].codebook
+        tensors[rotation_name(j)] = quantizers[p].rotation
+
+    n_layers = sum(e.shape.layers for e in dump.manifest.entries)
+    progress.start(n_layers, "compressing")
+    stats_acc, doc_entries = [], []
+    for i, (entry, p) in enumerate(zip(dump.manifest.entries, profiles)):
+        q = quantizers[p]
+        acc = _ErrorAccumulator()
+        scalar_acc = _ErrorAccumulator() if compare else None
+        scalar = _scalar_for(p, q.rotation) if compare else None
+        st_dtype = stfile.st_dtype_for(np.dtype(_np_source_dtype(entry.shape.dtype)))
+        payload = 0
+        for layer in range(entry.shape.layers):
+            arr = read_layer(dump, entry, layer)
+            b, h, t, d = arr.shape
+            x = to_float32(arr.reshape(-1, d))
+            codes, norms = q.encode(x)
+            stored_norms = store_norms(norms)
+            x_hat = from_float32(q.decode(codes, stored_norms.astype(np.float32)), st_dtype)
+            acc.add(x, x_hat)
+            if scalar is not None:
+                s_hat = from_float32(scalar.decode(*scalar.encode(x)), st_dtype)
+                scalar_acc.add(x, s_hat)
+            packed = bitpack.pack(codes, p.wire_bits)
+            tensors[codes_name(i, layer)] = packed
+            tensors[norms_name(i, layer)] = stored_norms.reshape(b, h, t)
+            payload += packed.nbytes + stored_norms.nbytes
+            progress.advance(f"{entry.shape.role} layer {layer}")
+        stats_acc.append((entry, p, acc, scalar_acc, payload))
+        doc_entries.append({"profile": distinct.index(p), "layers": entry.shape.layers,
+                            "vectors_per_layer": entry.shape.vector_count // entry.shape.layers})
+
+    source_tensors = {}
+    for name, info in dump.header.tensors.items():
+        raw = stfile.read_raw(dump.header, name)
+        source_tensors[name] = {"dtype": info.dtype, "shape": list(info.shape),
+                                "digest": tensor_digest(info.dtype, info.shape, raw)}
+        if name not in dump.kv_names:
+            tensors[raw_name(name)] = stfile.RawTensor(info.dtype, info.shape, raw)
+
+    doc = {
+        "format_version": container.FORMAT_VERSION,
+        "tool": f"fibquant {__version__}",
+        "source": {
+            "file": source.name,
+            "file_digest": file_digest({n: v["digest"] for n, v in source_tensors.items()}),
+            "tensor_order": list(dump.header.tensors),
+            "metadata": dump.header.metadata,
+            "tensors": source_tensors,
+        },
+        "manifest": dump.manifest.to_json(),
+        "profiles": [{"profile": p.to_json(), "profile_digest": p.digest,
+                      "codebook_digest": stored_codebook_digest(quantizers[p].codebook),
+                      "rotation_digest": rotation_digest(quantizers[p].rotation)}
+                     for p in distinct],
+        "entries": doc_entries,
+        "arrays": {name: _digest_of(t) for name, t in tensors.items()},
+    }
+    stfile.write_file(out, tensors, container.metadata_for(doc), force=force)
+    return _compress_report(dump, out, tensors, distinct, stats_acc)
+
+
+def _np_source_dtype(dtype: str):
+    return {"f16": np.float16, "bf16": stfile.numpy_dtype_for("BF16"), "f32": np.float32}[dtype]
+
+
+def _scalar_for(p: Profile, rotation: np.ndarray):
+    b = p.rate_bits
+    return ScalarQuantizer(p.head_dim, round(b), rotation) if abs(b - round(b)) < 1e-12 and 1 <= b <= 8 else None
+
+
+def rotation_digest(rotation: np.ndarray) -> str:
+    return bytes_digest(ROTATION_SCHEMA, np.ascontiguousarray(rotation, dtype="<f4").tobytes())
+
+
+def stored_codebook_digest(codebook: np.ndarray) -> str:
+    return bytes_digest(CODEBOOK_SCHEMA, np.ascontiguousarray(codebook, dtype="<f4").tobytes())
+
+
+def _digest_of(t) -> str:
+    if isinstance(t, stfile.RawTensor):
+        return tensor_digest(t.dtype, t.shape, t.data)
+    arr = np.ascontiguousarray(t)
+    return tensor_digest(stfile.st_dtype_for(arr.dtype), arr.shape, arr)
+
+
+def _nbytes(t) -> int:
+    return len(t.data) if isinstance(t, stfile.RawTensor) else np.asarray(t).nbytes
+
+
+def _compress_report(dump, out: Path, tensors, distinct, stats_acc) -> CompressReport:
+    file_bytes = out.stat().st_size
+    passthrough_bytes = sum(_nbytes(t) for n, t in tensors.items() if n.startswith("fq/raw/"))
+    header_bytes = file_bytes - sum(_nbytes(t) for t in tensors.values())
+    users = {p: sum(1 for _, q, *_ in stats_acc if q == p) for p in distinct}
+    rows = []
+    for entry, p, acc, scalar_acc, payload in stats_acc:
+        j = distinct.index(p)
+        shared = (_nbytes(tensors[codebook_name(j)]) + _nbytes(tensors[rotation_name(j)])) / users[p]
+        total = payload + shared + header_bytes / len(stats_acc)
+        rows.append(_stats(entry.shape.role, entry.shape, payload, total, acc, scalar_acc, p))
+    kv_total = file_bytes - passthrough_bytes
+    vectors = sum(r.vectors for r in rows)
+    values = sum(r.values for r in rows)
+    src = sum(r.source_bytes for r in rows)
+    pay = sum(r.payload_bytes for r in rows)
+    energy = [r.rel_mse for r in rows]
+    # Overall error weights each role by its energy: recompute from the accumulators.
+    err = sum(a.err for _, _, a, _, _ in stats_acc)
+    en = sum(a.energy for _, _, a, _, _ in stats_acc)
+    cos_n = sum(a.cos_count for _, _, a, _, _ in stats_acc)
+    scalar_rel = None
+    if all(s is not None and s.cos_count for _, _, _, s, _ in stats_acc):
+        scalar_rel = (sum(s.err for *_, s, _ in stats_acc) / sum(s.energy for *_, s, _ in stats_acc))
+    del energy
+    total = RoleStats(
+        label="total", vectors=vectors, values=values, source_bytes=src, payload_bytes=pay,
+        compressed_bytes=kv_total, ratio=src / kv_total, payload_bits_per_value=8 * pay / values,
+        bits_per_value=8 * kv_total / values, rel_mse=err / en if en else 0.0,
+        cosine_mean=sum(a.cos_sum for _, _, a, _, _ in stats_acc) / cos_n if cos_n else 1.0,
+        cosine_min=min(a.cos_min for _, _, a, _, _ in stats_acc), scalar_rel_mse=scalar_rel,
+    )
+    return CompressReport(str(dump.path), str(out), file_bytes, passthrough_bytes, rows, total,
+                          dump.passthrough_names)
+
+
+def _stats(label, shape, payload, total, acc, scalar_acc, p) -> RoleStats:
+    itemsize = np.dtype(_np_source_dtype(shape.dtype)).itemsize
+    values = shape.element_count
+    return RoleStats(
+        label=label, vectors=shape.vector_count, values=values,
+        source_bytes=values * itemsize, payload_bytes=payload, compressed_bytes=round(total),
+        ratio=values * itemsize / total, payload_bits_per_value=8 * payload / values,
+        bits_per_value=8 * total / values, rel_mse=acc.rel_mse, cosine_mean=acc.cos_mean,
+        cosine_min=acc.cos_min,
+        scalar_rel_mse=None if scalar_acc is None or not scalar_acc.cos_count else scalar_acc.rel_mse,
+        profile={"block_dim": p.block_dim, "size": p.size, "rate_bits": p.rate_bits,
+                 "wire_bits": p.wire_bits, "seed": p.seed},
+    )
+
+
+# --------------------------------------------------------------------------- decompress
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A compressed file whose header, document and every stored array verified."""
+
+    comp: container.Compressed
+    manifest: object
+    quantizers: list  # one FibQuantizer per entry
+
+    @property
+    def doc(self) -> dict:
+        return self.comp.doc
+
+
+def load_verified(path, progress: Progress | None = None, checks: list | None = None) -> Loaded:
+    """Open a compressed file and verify every digest; raise on the first failure."""
+    progress = progress or Progress()
+    note = (lambda name, detail: checks.append((name, True, detail))) if checks is not None \
+        else (lambda name, detail: None)
+    comp = container.open_compressed(path)
+    note("structure and format version", f"format {comp.doc['format_version']}, "
+         f"{len(comp.header.tensors)} stored arrays")
+    note("metadata digest", "fibquant document verified")
+    where = str(comp.path)
+    progress.start(len(comp.header.tensors), "verifying digests")
+    for name in comp.header.tensors:
+        container.verify_array(comp, name)
+        progress.advance(name)
+    note("array digests", f"{len(comp.header.tensors)} arrays match their BLAKE3 digests")
+    try:
+        manifest = parse_manifest(comp.doc["manifest"], source=f"{where} (recorded manifest)")
+        quantizers = [_quantizer_for(comp, e) for e in comp.doc["entries"]]
+        if len(quantizers) != len(manifest.entries):
+            raise IntegrityError("entries do not match the recorded manifest", path=where)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise IntegrityError(f"malformed fibquant document ({type(err).__name__}: {err})",
+                             path=where) from None
+    except InvalidInputError as err:
+        raise IntegrityError(err.reason, path=where) from None
+    note("codebooks and rotations", f"{len(comp.doc['profiles'])} profile(s) match their digests")
+    return Loaded(comp, manifest, quantizers)
+
+
+def _quantizer_for(comp: container.Compressed, entry_doc: dict) -> FibQuantizer:
+    where = str(comp.path)
+    j = entry_doc["profile"]
+    rec = comp.doc["profiles"][j]
+    profile = Profile.from_json(rec["profile"])
+    if profile.digest != rec["profile_digest"]:
+        raise IntegrityError(f"profile {j} does not match its digest", path=where)
+    codebook = stfile.read_tensor(comp.header, codebook_name(j))
+    rotation = stfile.read_tensor(comp.header, rotation_name(j))
+    if codebook.shape != (profile.size, profile.block_dim) or stored_codebook_digest(codebook) != rec["codebook_digest"]:
+        raise IntegrityError("codebook does not match its profile", path=where, tensor=codebook_name(j))
+    d = profile.head_dim
+    if rotation.shape != (d, d) or rotation_digest(rotation) != rec["rotation_digest"]:
+        raise IntegrityError("rotation does not match its profile", path=where, tensor=rotation_name(j))
+    return FibQuantizer(profile, codebook, rotation)
+
+
+def read_layer_codes(loaded: Loaded, i: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unpacked codes (n, d/k) and norms (n,) float32 of entry i, layer; checks ranges."""
+    comp, q = loaded.comp, loaded.quantizers[i]
+    shape = loaded.manifest.entries[i].shape
+    p = q.profile
+    n = shape.vector_count // shape.layers
+    where = str(comp.path)
+    cname, nname = codes_name(i, layer), norms_name(i, layer)
+    if cname not in comp.header.tensors or nname not in comp.header.tensors:
+        raise IntegrityError(f"missing stored arrays for entry {i} layer {layer}", path=where)
+    packed = stfile.read_tensor(comp.header, cname)
+    try:
+        codes = bitpack.unpack(packed, n * p.blocks_per_vector, p.wire_bits)
+    except IntegrityError as err:
+        raise IntegrityError(err.reason, path=where, tensor=cname) from None
+    if codes.size and int(codes.max()) >= p.size:
+        bad = int(np.argmax(codes >= p.size))
+        raise IntegrityError(f"index {int(codes[bad])} at position {bad} is >= N = {p.size}",
+                             path=where, tensor=cname)
+    norms = stfile.read_tensor(comp.header, nname)
+    if norms.dtype not in (np.float16, np.float32) or norms.shape != (shape.batch, shape.kv_heads, shape.tokens):
+        raise IntegrityError(f"norms have dtype {norms.dtype} and shape {list(norms.shape)}",
+                             path=where, tensor=nname)
+    norms = norms.reshape(-1).astype(np.float32)
+    if not np.all(np.isfinite(norms)) or float(norms.min(initial=0.0)) < 0:
+        raise IntegrityError("norms must be finite and >= 0", path=where, tensor=nname)
+    return codes.reshape(n, p.blocks_per_vector), norms
+
+
+def decode_layer(loaded: Loaded, i: int, layer: int) -> np.ndarray:
+    """Entry i, layer as [batch, kv_heads, tokens, head_dim] float32."""
+    shape = loaded.manifest.entries[i].shape
+    codes, norms = read_layer_codes(loaded, i, layer)
+    x = loaded.quantizers[i].decode(codes, norms)
+    return x.reshape(shape.batch, shape.kv_heads, shape.tokens, shape.head_dim)
+
+
+@dataclass(frozen=True)
+class DecompressReport:
+    source: str
+    output: str
+    manifest_output: str
+    tensors: list[dict]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argsort(perm))
+
+
+def restore_tensor(loaded: Loaded, name: str, where_kv: dict) -> np.ndarray:
+    """Rebuild KV tensor ``name`` in its stored layout and dtype."""
+    from .manifest import vectors_axes
+
+    i, views = where_kv[name]
+    entry = loaded.manifest.entries[i]
+    info = loaded.doc["source"]["tensors"][name]
+    st_dtype = info["dtype"]
+    out = np.empty(tuple(info["shape"]), dtype=stfile.numpy_dtype_for(st_dtype))
+    for layer, index in views:
+        x = from_float32(decode_layer(loaded, i, layer), st_dtype)
+        if index is None and out.ndim == 5:
+            out[:, 0] = x
+        elif index is None:
+            out[...] = x.transpose(_inverse(vectors_axes(entry.layout, 4)))
+        else:
+            out[:, index] = x
+    return out
+
+
+def decompress(path, *, output=None, force: bool = False,
+               progress: Progress | None = None) -> DecompressReport:
+    """Verify every digest, then restore every tensor (name, shape, dtype) and the manifest."""
+    progress = progress or Progress()
+    path = Path(path)
+    out = Path(output) if output is not None else default_restored_path(path)
+    out_manifest = manifest_path_for(out)
+    check_output_paths(path, [out, out_manifest], force)
+    loaded = load_verified(path, progress)
+    doc = loaded.doc
+    where_kv: dict[str, tuple[int, list]] = {}
+    for i, entry in enumerate(loaded.manifest.entries):
+        for layer, (name, index) in enumerate(entry_layer_views(entry)):
+            where_kv.setdefault(name, (i, []))[1].append((layer, index))
+    try:
+        order = doc["source"]["tensor_order"]
+        infos = doc["source"]["tensors"]
+        specs = [(n, infos[n]["dtype"], tuple(infos[n]["shape"])) for n in order]
+        metadata = doc["source"]["metadata"]
+    except (KeyError, TypeError) as err:
+        raise IntegrityError(f"malformed fibquant document ({err})", path=str(path)) from None
+    progress.start(len(order), "restoring")
+    rows = []
+    with stfile.StreamWriter(out, specs, metadata, force=force) as writer:
+        for name in order:
+            if name in where_kv:
+                writer.write(name, restore_tensor(loaded, name, where_kv))
+                kind = "restored"
+            else:
+                raw = stfile.read_raw(loaded.comp.header, raw_name(name))
+                if tensor_digest(infos[name]["dtype"], tuple(infos[name]["shape"]), raw) != infos[name]["digest"]:
+                    raise IntegrityError("pass-through tensor does not match the source digest",
+                                         path=str(path), tensor=name)
+                writer.write(name, raw)
+                kind = "pass-through (bit-exact)"
+            rows.append({"name": name, "dtype": infos[name]["dtype"],
+                         "shape": infos[name]["shape"], "kind": kind})
+            progress.advance(name)
+    try:
+        save_manifest(loaded.manifest, out_manifest)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return DecompressReport(str(path), str(out), str(out_manifest), rows)
+
+
+def verify(path, checks: list | None = None) -> list[tuple[str, bool, str]]:
+    """Every check of a compressed file, in order; stops at the first failure (re-raised)."""
+    checks = [] if checks is None else checks
+    loaded = load_verified(path, checks=checks)
+    n = 0
+    for i, entry in enumerate(loaded.manifest.entries):
+        for layer in range(entry.shape.layers):
+            read_layer_codes(loaded, i, layer)
+            n += 1
+    checks.append(("indices < N, norms finite", True, f"{n} layer streams checked"))
+    return checks
