@@ -22,8 +22,8 @@ Worked example, width 3, indices ``[5, 2, 7]`` (9 bits -> 2 bytes)::
 Widths 8, 16 and 32 are therefore plain little-endian ``uint8`` / ``uint16`` / ``uint32``
 arrays. A group of 8 consecutive indices always occupies exactly ``width`` whole bytes, which
 is what the vectorized paths below exploit: they work on ``(groups, 8)`` blocks, at most
-``CHUNK_INDICES`` indices at a time, so temporaries stay small (a few MB) whatever the input
-size.
+``CHUNK_INDICES`` indices at a time, so temporaries stay small (well under 1 MB) whatever the
+input size.
 
 Errors: bad arguments (width outside 1..32, an index >= 2**width, a negative count, a
 non-integer array) raise ``InvalidInputError``; a packed stream of the wrong length or with
@@ -58,14 +58,13 @@ _LE = {8: np.dtype("<u1"), 16: np.dtype("<u2"), 32: np.dtype("<u4")}
 
 
 def _check_width(width: object) -> int:
+    message = f"bit width must be an integer in {MIN_WIDTH}..{MAX_WIDTH}, got {width!r}"
     if isinstance(width, (bool, np.bool_)):
-        raise InvalidInputError(f"bit width must be an integer in {MIN_WIDTH}..{MAX_WIDTH}, got {width!r}")
+        raise InvalidInputError(message)
     try:
         w = operator.index(width)
     except TypeError:
-        raise InvalidInputError(
-            f"bit width must be an integer in {MIN_WIDTH}..{MAX_WIDTH}, got {width!r}"
-        ) from None
+        raise InvalidInputError(message) from None
     if not MIN_WIDTH <= w <= MAX_WIDTH:
         raise InvalidInputError(f"bit width must be in {MIN_WIDTH}..{MAX_WIDTH}, got {w}")
     return w
@@ -91,15 +90,19 @@ def _chunk_groups() -> int:
 
 
 def _as_byte_array(data: object) -> np.ndarray:
-    """A 1-D contiguous uint8 view of ``data`` (bytes-like or a uint8 ndarray); no copy if possible."""
+    """``data`` (bytes-like or uint8 ndarray) as 1-D contiguous uint8, copied only if needed."""
     if isinstance(data, np.ndarray):
         if data.dtype != _U8:
             raise InvalidInputError(f"packed data must be a uint8 array, got dtype {data.dtype}")
         return np.ascontiguousarray(data).reshape(-1)
     if isinstance(data, (bytes, bytearray, memoryview)):
-        return np.frombuffer(data, dtype=_U8)
+        try:
+            return np.frombuffer(data, dtype=_U8)
+        except (BufferError, TypeError, ValueError) as exc:  # e.g. non-contiguous memoryview
+            raise InvalidInputError(f"packed data is not a contiguous byte buffer: {exc}") from None
     raise InvalidInputError(
-        f"packed data must be bytes, bytearray, memoryview or a uint8 array, got {type(data).__name__}"
+        "packed data must be bytes, bytearray, memoryview or a uint8 array, "
+        f"got {type(data).__name__}"
     )
 
 
@@ -153,10 +156,13 @@ def _encode_plan(width: int) -> list[tuple[int, list[tuple[int, str, int]]]]:
     return list(enumerate(plan))
 
 
-def _encode_block(v: np.ndarray, width: int, plan, words: np.ndarray, tmp: np.ndarray, out: np.ndarray) -> None:
+def _encode_block(
+    v: np.ndarray, width: int, plan, words: np.ndarray, tmp: np.ndarray, out: np.ndarray
+) -> None:
     """Pack ``v`` (m, 8) uint32 into ``out`` (m, width) uint8, using scratch ``words``/``tmp``."""
     m = v.shape[0]
-    words = words[:m]
+    direct = width % 4 == 0 and out.flags.c_contiguous
+    words = out.view("<u4") if direct else words[:m]  # whole words: write them in place
     tmp = tmp[:m]
     for k, feeds in plan:
         col = words[:, k]
@@ -168,7 +174,14 @@ def _encode_block(v: np.ndarray, width: int, plan, words: np.ndarray, tmp: np.nd
                 np.right_shift(v[:, j], np.uint32(amount), out=dst)
             if n:
                 np.bitwise_or(col, tmp, out=col)
-    out[...] = words.view(_U8)[:, :width]
+    if direct:
+        return
+    if out.flags.c_contiguous:  # copy the first `width` bytes of each row as one opaque item
+        row = np.dtype(f"V{width}")
+        first = np.ndarray((m,), dtype=row, buffer=words, strides=(words.strides[0],))
+        np.copyto(out.reshape(-1).view(row), first)
+    else:
+        out[...] = words.view(_U8)[:, :width]
 
 
 def pack(indices, width: int) -> np.ndarray:
@@ -240,9 +253,12 @@ def _decode_full(buf: np.ndarray, width: int, out2d: np.ndarray) -> None:
         m = min(safe, g0 + cg) - g0
         t = tmp[:m]
         dst = out2d[g0 : g0 + m]
+        # windows[g, o] = the little-endian word starting at byte o of group g0 + g
+        windows = np.ndarray(
+            (m, slots[-1][0] + 1), dtype=word, buffer=buf, offset=g0 * width, strides=(width, 1)
+        )
         for j, (offset, shift) in enumerate(slots):
-            view = np.ndarray((m,), dtype=word, buffer=buf, offset=g0 * width + offset, strides=(width,))
-            np.right_shift(view, shift, out=t)
+            np.right_shift(windows[:, offset], shift, out=t)
             if word.itemsize == 4:
                 np.bitwise_and(t, mask, out=dst[:, j])
             else:
@@ -293,7 +309,8 @@ def _decode_span(buf: np.ndarray, start: int, stop: int, width: int) -> np.ndarr
         pos, i = k, start + k
     n_full = (stop - i) // 8
     if n_full:
-        _decode_full(buf[(i // 8) * width : b1], width, out[pos : pos + 8 * n_full].reshape(n_full, 8))
+        body = out[pos : pos + 8 * n_full].reshape(n_full, 8)
+        _decode_full(buf[(i // 8) * width : b1], width, body)
         pos += 8 * n_full
         i += 8 * n_full
     if i < stop:  # tail: part of a group; bytes past b1 are not read (zeroed)

@@ -15,7 +15,7 @@ from ..errors import ProfileError, ResourceError
 MAX_SIZE = 2**20
 MAX_HEAD_DIM = 8192
 # Memory bounds checked before allocation (bytes, float64 arrays).
-MAX_ROTATION_BYTES = 512 * 2**20
+MAX_ROTATION_BYTES = 256 * 2**20
 MAX_CODEBOOK_BYTES = 256 * 2**20
 MAX_TRAINING_BYTES = 2 * 2**30
 
