@@ -28,7 +28,7 @@ def codebook_table(rep) -> Table:
     table = Table(title=f"FibQuant codebook d={rep.head_dim} k={rep.block_dim} N={rep.size}",
                   show_header=True, header_style="bold")
     table.add_column("quantity")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     rows = [
         ("rate b (bits/coordinate)", f"{rep.rate_bits:.4g}"),
         ("wire bits per index", str(rep.wire_bits)),
@@ -39,7 +39,7 @@ def codebook_table(rep) -> Table:
         ("Shannon bound 2^(-2b)", f"{rep.shannon_bound:.5f}"),
         ("gap to Shannon bound", fmt_db(rep.shannon_gap_db)),
         ("training samples", f"{rep.train_samples:,}"),
-        (f"codebook {rep.origin}", f"{rep.seconds:.2f} s"),
+        (f"codebook origin: {rep.origin}", f"{rep.seconds:.2f} s"),
         ("path", rep.cache_path or "—"),
     ]
     for name, value in rows:
