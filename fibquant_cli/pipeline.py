@@ -106,6 +106,17 @@ class _ErrorAccumulator:
             self.cos_min = min(self.cos_min, float(cos.min()))
             self.cos_count += cos.size
 
+    @classmethod
+    def merge(cls, parts) -> "_ErrorAccumulator":
+        out = cls()
+        for part in parts:
+            out.err += part.err
+            out.energy += part.energy
+            out.cos_sum += part.cos_sum
+            out.cos_count += part.cos_count
+            out.cos_min = min(out.cos_min, part.cos_min)
+        return out
+
     @property
     def rel_mse(self) -> float:
         return self.err / self.energy if self.energy > 0 else 0.0
@@ -288,37 +299,31 @@ def _nbytes(t) -> int:
     return len(t.data) if isinstance(t, stfile.RawTensor) else np.asarray(t).nbytes
 
 
-def _compress_report(dump, out: Path, tensors, distinct, stats_acc) -> CompressReport:
+def _compress_report(dump, out: Path, tensors, distinct, runs) -> CompressReport:
+    """Sizes and errors per entry and in total; shared bytes are split across their users."""
     file_bytes = out.stat().st_size
-    passthrough_bytes = sum(_nbytes(t) for n, t in tensors.items() if n.startswith("fq/raw/"))
+    passthrough_bytes = sum(_nbytes(t) for n, t in tensors.items() if n.startswith(container.RAW_PREFIX))
     header_bytes = file_bytes - sum(_nbytes(t) for t in tensors.values())
-    users = {p: sum(1 for _, q, *_ in stats_acc if q == p) for p in distinct}
+    users = {p: sum(1 for run in runs if run[1] == p) for p in distinct}
     rows = []
-    for entry, p, acc, scalar_acc, payload in stats_acc:
+    for entry, p, acc, scalar_acc, payload in runs:
         j = distinct.index(p)
         shared = (_nbytes(tensors[codebook_name(j)]) + _nbytes(tensors[rotation_name(j)])) / users[p]
-        total = payload + shared + header_bytes / len(stats_acc)
+        total = payload + shared + header_bytes / len(runs)
         rows.append(_stats(entry.shape.role, entry.shape, payload, total, acc, scalar_acc, p))
-    kv_total = file_bytes - passthrough_bytes
-    vectors = sum(r.vectors for r in rows)
-    values = sum(r.values for r in rows)
+    overall = _ErrorAccumulator.merge([run[2] for run in runs])
+    scalars = [run[3] for run in runs]
+    scalar = None if any(s is None or not s.cos_count for s in scalars) else _ErrorAccumulator.merge(scalars)
+    kv_bytes = file_bytes - passthrough_bytes
     src = sum(r.source_bytes for r in rows)
     pay = sum(r.payload_bytes for r in rows)
-    energy = [r.rel_mse for r in rows]
-    # Overall error weights each role by its energy: recompute from the accumulators.
-    err = sum(a.err for _, _, a, _, _ in stats_acc)
-    en = sum(a.energy for _, _, a, _, _ in stats_acc)
-    cos_n = sum(a.cos_count for _, _, a, _, _ in stats_acc)
-    scalar_rel = None
-    if all(s is not None and s.cos_count for _, _, _, s, _ in stats_acc):
-        scalar_rel = (sum(s.err for *_, s, _ in stats_acc) / sum(s.energy for *_, s, _ in stats_acc))
-    del energy
+    values = sum(r.values for r in rows)
     total = RoleStats(
-        label="total", vectors=vectors, values=values, source_bytes=src, payload_bytes=pay,
-        compressed_bytes=kv_total, ratio=src / kv_total, payload_bits_per_value=8 * pay / values,
-        bits_per_value=8 * kv_total / values, rel_mse=err / en if en else 0.0,
-        cosine_mean=sum(a.cos_sum for _, _, a, _, _ in stats_acc) / cos_n if cos_n else 1.0,
-        cosine_min=min(a.cos_min for _, _, a, _, _ in stats_acc), scalar_rel_mse=scalar_rel,
+        label="total", vectors=sum(r.vectors for r in rows), values=values, source_bytes=src,
+        payload_bytes=pay, compressed_bytes=kv_bytes, ratio=src / kv_bytes,
+        payload_bits_per_value=8 * pay / values, bits_per_value=8 * kv_bytes / values,
+        rel_mse=overall.rel_mse, cosine_mean=overall.cos_mean, cosine_min=overall.cos_min,
+        scalar_rel_mse=None if scalar is None else scalar.rel_mse,
     )
     return CompressReport(str(dump.path), str(out), file_bytes, passthrough_bytes, rows, total,
                           dump.passthrough_names)
