@@ -152,17 +152,32 @@ def digest(
         raise rep.error
 
 
+BitsOpt = Annotated[Optional[float], typer.Option(
+    "--bits", help="Rate preset: >=4 -> (k=2,N=256), 3 -> (2,64), 2 -> (4,256), 1 -> (8,256), "
+    "0.5 -> (8,16). Default 3.")]
+KOpt = Annotated[Optional[int], typer.Option("--block-dim", help="Block length k.")]
+NOpt = Annotated[Optional[int], typer.Option("--size", help="Codebook size N.")]
+
+
 @app.command()
 @handle_errors
 def compress(
     path: PathArg,
     manifest: ManifestOpt = None,
     output: OutOpt = None,
-    bits: Annotated[Optional[float], typer.Option(
-        "--bits", help="Rate preset: >=4 -> (k=2,N=256), 3 -> (2,64), 2 -> (4,256), "
-        "1 -> (8,256), 0.5 -> (8,16). Default 3.")] = None,
-    block_dim: Annotated[Optional[int], typer.Option("--block-dim", help="Block length k.")] = None,
-    size: Annotated[Optional[int], typer.Option("--size", help="Codebook size N.")] = None,
+    bits: BitsOpt = None,
+    block_dim: KOpt = None,
+    size: NOpt = None,
+    key_bits: Annotated[Optional[float], typer.Option(help="Preset for keys only.")] = None,
+    value_bits: Annotated[Optional[float], typer.Option(help="Preset for values only.")] = None,
+    key_block_dim: Annotated[Optional[int], typer.Option(help="k for keys only.")] = None,
+    key_size: Annotated[Optional[int], typer.Option(help="N for keys only.")] = None,
+    value_block_dim: Annotated[Optional[int], typer.Option(help="k for values only.")] = None,
+    value_size: Annotated[Optional[int], typer.Option(help="N for values only.")] = None,
+    keep_first: Annotated[int, typer.Option(
+        help="Store the first T tokens of every layer uncompressed (attention sinks).")] = 0,
+    keep_last: Annotated[int, typer.Option(
+        help="Store the last T tokens of every layer uncompressed.")] = 0,
     seed: SeedOpt = 0,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also measure the scalar baseline at the same rate.")] = False,
@@ -171,10 +186,15 @@ def compress(
 ) -> None:
     """Compress a KV dump into one self-contained .fq.safetensors file."""
     from .pipeline import compress as run
+    from .spec import resolve_spec
 
+    spec = resolve_spec(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
+                        value_bits=value_bits, key_block_dim=key_block_dim, key_size=key_size,
+                        value_block_dim=value_block_dim, value_size=value_size, seed=seed,
+                        keep_first=keep_first, keep_last=keep_last)
     with RichProgress() as progress:
-        rep = run(path, manifest=manifest, output=output, bits=bits, block_dim=block_dim,
-                  size=size, seed=seed, compare=compare, force=force, progress=progress)
+        rep = run(path, manifest=manifest, output=output, spec=spec, compare=compare,
+                  force=force, progress=progress)
     if as_json:
         report.print_json(rep.to_json())
     else:

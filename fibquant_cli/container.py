@@ -16,6 +16,9 @@ tensor                             dtype  content
                                           starts at bit v * (d/k) * wire_bits: random access)
 ``fq/e{i}/l{l}/norms``             F16    [batch, kv_heads, tokens] vector norms; F32 when a
                                    /F32   norm would overflow fp16 (f32 sources)
+``fq/e{i}/l{l}/kept``              src    [batch, kv_heads, keep_first + keep_last,
+                                          head_dim]: the protected token positions, stored
+                                          uncompressed in the source dtype (only when kept)
 ``fq/raw/{name}``                  any    a tensor of the dump no entry names, bit-exact
 =================================  =====  ===============================================
 
@@ -30,7 +33,8 @@ tensor                             dtype  content
 "arrays"}``: ``source`` has the source file name, its whole-file digest, its tensor order,
 its ``__metadata__`` and per tensor ``{dtype, shape, digest}``; ``profiles`` a list of
 ``{profile, profile_digest, codebook_digest, rotation_digest}``; ``entries`` one
-``{profile, layers, vectors_per_layer}`` per manifest entry; ``arrays`` maps every stored
+``{profile, layers, vectors_per_layer, keep_first, keep_last}`` per manifest entry (codes and
+norms then cover tokens [keep_first, tokens - keep_last) only); ``arrays`` maps every stored
 tensor name to its ``tensor_digest``.
 
 Integrity: the header must be byte-identical to its canonical serialization (so no byte of it
@@ -69,6 +73,10 @@ def codes_name(i: int, layer: int) -> str:
 
 def norms_name(i: int, layer: int) -> str:
     return f"fq/e{i}/l{layer}/norms"
+
+
+def kept_name(i: int, layer: int) -> str:
+    return f"fq/e{i}/l{layer}/kept"
 
 
 def raw_name(name: str) -> str:

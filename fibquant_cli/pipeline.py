@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, container, stfile
-from .container import (codebook_name, codes_name, norms_name, raw_name, rotation_name)
+from .container import codebook_name, codes_name, kept_name, norms_name, raw_name, rotation_name
 from .core import bitpack
 from .core.cache import CODEBOOK_SCHEMA, load_or_build
 from .core.codec import FibQuantizer, default_rotation
@@ -18,13 +18,9 @@ from .core.scalar import ScalarQuantizer
 from .digest import bytes_digest, file_digest, tensor_digest
 from .errors import IntegrityError, InvalidInputError, UsageError
 from .kvdump import Dump, open_dump, read_layer
+from .spec import CompressSpec
 from .manifest import entry_layer_views, expected_tensor_shape, manifest_path_for, parse_manifest, save_manifest
 
-# --bits presets (spec section 1; the table of the compress issue): rate -> (k, N).
-BITS_PRESETS: dict[float, tuple[int, int]] = {
-    4: (2, 256), 3: (2, 64), 2: (4, 256), 1: (8, 256), 0.5: (8, 16),
-}
-DEFAULT_BITS = 3
 FP16_MAX = float(np.finfo(np.float16).max)
 ROTATION_SCHEMA = "fibquant_rotation_v1"
 
@@ -37,18 +33,6 @@ class Progress:
 
     def advance(self, label: str) -> None:  # noqa: D102
         pass
-
-
-def preset_for(bits: float) -> tuple[int, int]:
-    """(k, N) for a --bits value: >= 4 -> (2, 256); otherwise one of the presets exactly."""
-    if bits >= 4:
-        return BITS_PRESETS[4]
-    for rate, point in BITS_PRESETS.items():
-        if abs(bits - rate) < 1e-9:
-            return point
-    choices = ", ".join(f"{r:g}" for r in sorted(BITS_PRESETS))
-    raise UsageError(f"--bits {bits:g} has no preset; choose one of {choices} "
-                     "(or give --block-dim and --size)")
 
 
 @dataclass(frozen=True)
@@ -166,80 +150,102 @@ def default_restored_path(compressed: Path) -> Path:
     return compressed.with_name(name + ".restored.safetensors")
 
 
-def entry_profiles(dump: Dump, block_dim: int, size: int, seed: int) -> list[Profile]:
+def entry_profiles(dump: Dump, spec: CompressSpec) -> list[Profile]:
     profiles = []
-    for i, entry in enumerate(dump.manifest.entries):
+    for entry in dump.manifest.entries:
+        k, n = spec.point(entry.shape.role)
         try:
-            entry.shape.validate_block_dim(block_dim)
+            entry.shape.validate_block_dim(k)
         except InvalidInputError as err:
             raise InvalidInputError(err.reason, path=str(dump.manifest_path),
                                     tensor=entry.tensors[0]) from None
-        profiles.append(Profile(entry.shape.head_dim, block_dim, size, seed))
+        profiles.append(Profile(entry.shape.head_dim, k, n, spec.seed))
     return profiles
 
 
-def compress(source, *, manifest=None, output=None, bits: float | None = None,
-             block_dim: int | None = None, size: int | None = None, seed: int = 0,
-             compare: bool = False, force: bool = False,
-             progress: Progress | None = None) -> CompressReport:
-    """Compress a KV dump into one self-contained ``.fq.safetensors`` file."""
-    progress = progress or Progress()
-    source = Path(source)
-    if (block_dim is None) != (size is None):
-        raise UsageError("give --block-dim and --size together")
-    if bits is not None and block_dim is not None:
-        raise UsageError("give either --bits or --block-dim/--size, not both")
-    if block_dim is None:
-        block_dim, size = preset_for(DEFAULT_BITS if bits is None else bits)
-    out = Path(output) if output is not None else default_compressed_path(source)
-    dump = open_dump(source, manifest)
-    check_output_paths(source, [out], force)
-    if out.resolve() == dump.manifest_path.resolve():
-        raise UsageError("output is the manifest file", path=str(out))
-    profiles = entry_profiles(dump, block_dim, size, seed)
-    distinct = list(dict.fromkeys(profiles))
+def make_quantizers(profiles, progress: Progress) -> dict[Profile, FibQuantizer]:
     quantizers = {}
-    for p in distinct:
+    for p in dict.fromkeys(profiles):
         progress.advance(f"codebook d={p.head_dim} k={p.block_dim} N={p.size}")
         codebook, _ = load_or_build(p)
         # Stored as f32: the codec computes in f32, so decode is bit-identical either way.
         quantizers[p] = FibQuantizer(p, codebook.astype(np.float32),
                                      default_rotation(p).astype(np.float32))
+    return quantizers
 
+
+def split_kept(arr: np.ndarray, keep_first: int, keep_last: int):
+    """[b, h, t, d] -> (kept [b, h, kf + kl, d], middle [b, h, t - kf - kl, d], kf, kl)."""
+    t = arr.shape[2]
+    kf = min(keep_first, t)
+    kl = min(keep_last, t - kf)
+    kept = np.concatenate([arr[:, :, :kf], arr[:, :, t - kl:]], axis=2)
+    return kept, arr[:, :, kf:t - kl], kf, kl
+
+
+def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = None,
+             compare: bool = False, force: bool = False,
+             progress: Progress | None = None) -> CompressReport:
+    """Compress a KV dump into one self-contained ``.fq.safetensors`` file."""
+    progress = progress or Progress()
+    spec = spec or CompressSpec()
+    source = Path(source)
+    out = Path(output) if output is not None else default_compressed_path(source)
+    dump = open_dump(source, manifest)
+    check_output_paths(source, [out], force)
+    if out.resolve() == dump.manifest_path.resolve():
+        raise UsageError("output is the manifest file", path=str(out))
+    tensors, doc, runs, distinct = encode_dump(dump, spec, compare, progress)
+    stfile.write_file(out, tensors, container.metadata_for(doc), force=force)
+    return _compress_report(dump, out, tensors, distinct, runs)
+
+
+def encode_dump(dump: Dump, spec: CompressSpec, compare: bool, progress: Progress):
+    """Every stored array and the metadata document of the compressed form of ``dump``."""
+    profiles = entry_profiles(dump, spec)
+    quantizers = make_quantizers(profiles, progress)
+    distinct = list(quantizers)
     tensors: dict[str, object] = {}
     for j, p in enumerate(distinct):
         tensors[codebook_name(j)] = quantizers[p].codebook
         tensors[rotation_name(j)] = quantizers[p].rotation
 
-    n_layers = sum(e.shape.layers for e in dump.manifest.entries)
-    progress.start(n_layers, "compressing")
-    stats_acc, doc_entries = [], []
+    progress.start(sum(e.shape.layers for e in dump.manifest.entries), "compressing")
+    runs, doc_entries = [], []
     for i, (entry, p) in enumerate(zip(dump.manifest.entries, profiles)):
         q = quantizers[p]
         acc = _ErrorAccumulator()
-        scalar_acc = _ErrorAccumulator() if compare else None
         scalar = _scalar_for(p, q.rotation) if compare else None
-        st_dtype = stfile.st_dtype_for(np.dtype(_np_source_dtype(entry.shape.dtype)))
+        scalar_acc = _ErrorAccumulator() if scalar is not None else None
+        st_dtype = SOURCE_DTYPES[entry.shape.dtype]
         payload = 0
         for layer in range(entry.shape.layers):
             arr = read_layer(dump, entry, layer)
-            b, h, t, d = arr.shape
-            x = to_float32(arr.reshape(-1, d))
+            kept, middle, kf, kl = split_kept(arr, spec.keep_first, spec.keep_last)
+            b, h, t, d = middle.shape
+            x = to_float32(middle.reshape(-1, d))
             codes, norms = q.encode(x)
             stored_norms = store_norms(norms)
             x_hat = from_float32(q.decode(codes, stored_norms.astype(np.float32)), st_dtype)
             acc.add(x, x_hat)
             if scalar is not None:
-                s_hat = from_float32(scalar.decode(*scalar.encode(x)), st_dtype)
-                scalar_acc.add(x, s_hat)
+                scalar_acc.add(x, from_float32(scalar.decode(*scalar.encode(x)), st_dtype))
             packed = bitpack.pack(codes, p.wire_bits)
             tensors[codes_name(i, layer)] = packed
             tensors[norms_name(i, layer)] = stored_norms.reshape(b, h, t)
             payload += packed.nbytes + stored_norms.nbytes
+            if kf + kl:
+                kept_x = to_float32(kept.reshape(-1, d))
+                acc.add(kept_x, kept_x)  # stored exactly: counted, with zero error
+                if scalar_acc is not None:
+                    scalar_acc.add(kept_x, kept_x)
+                tensors[kept_name(i, layer)] = np.ascontiguousarray(kept)
+                payload += kept.nbytes
             progress.advance(f"{entry.shape.role} layer {layer}")
-        stats_acc.append((entry, p, acc, scalar_acc, payload))
+        runs.append((entry, p, acc, scalar_acc, payload))
         doc_entries.append({"profile": distinct.index(p), "layers": entry.shape.layers,
-                            "vectors_per_layer": entry.shape.vector_count // entry.shape.layers})
+                            "vectors_per_layer": entry.shape.vector_count // entry.shape.layers,
+                            "keep_first": spec.keep_first, "keep_last": spec.keep_last})
 
     source_tensors = {}
     for name, info in dump.header.tensors.items():
@@ -253,7 +259,7 @@ def compress(source, *, manifest=None, output=None, bits: float | None = None,
         "format_version": container.FORMAT_VERSION,
         "tool": f"fibquant {__version__}",
         "source": {
-            "file": source.name,
+            "file": dump.path.name,
             "file_digest": file_digest({n: v["digest"] for n, v in source_tensors.items()}),
             "tensor_order": list(dump.header.tensors),
             "metadata": dump.header.metadata,
@@ -267,8 +273,10 @@ def compress(source, *, manifest=None, output=None, bits: float | None = None,
         "entries": doc_entries,
         "arrays": {name: _digest_of(t) for name, t in tensors.items()},
     }
-    stfile.write_file(out, tensors, container.metadata_for(doc), force=force)
-    return _compress_report(dump, out, tensors, distinct, stats_acc)
+    return tensors, doc, runs, distinct
+
+
+SOURCE_DTYPES = {"f16": "F16", "bf16": "BF16", "f32": "F32"}
 
 
 def _np_source_dtype(dtype: str):
@@ -354,6 +362,7 @@ class Loaded:
     comp: container.Compressed
     manifest: object
     quantizers: list  # one FibQuantizer per entry
+    keeps: list  # (keep_first, keep_last) per entry, clamped to the token count
 
     @property
     def doc(self) -> dict:
@@ -380,13 +389,23 @@ def load_verified(path, progress: Progress | None = None, checks: list | None = 
         quantizers = [_quantizer_for(comp, e) for e in comp.doc["entries"]]
         if len(quantizers) != len(manifest.entries):
             raise IntegrityError("entries do not match the recorded manifest", path=where)
+        keeps = [_keep_for(e, m.shape.tokens, where)
+                 for e, m in zip(comp.doc["entries"], manifest.entries)]
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise IntegrityError(f"malformed fibquant document ({type(err).__name__}: {err})",
                              path=where) from None
     except InvalidInputError as err:
         raise IntegrityError(err.reason, path=where) from None
     note("codebooks and rotations", f"{len(comp.doc['profiles'])} profile(s) match their digests")
-    return Loaded(comp, manifest, quantizers)
+    return Loaded(comp, manifest, quantizers, keeps)
+
+
+def _keep_for(entry_doc: dict, tokens: int, where: str) -> tuple[int, int]:
+    kf, kl = entry_doc["keep_first"], entry_doc["keep_last"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (kf, kl)):
+        raise IntegrityError("keep_first / keep_last must be integers >= 0", path=where)
+    kf = min(kf, tokens)
+    return kf, min(kl, tokens - kf)
 
 
 def _quantizer_for(comp: container.Compressed, entry_doc: dict) -> FibQuantizer:
@@ -411,7 +430,9 @@ def read_layer_codes(loaded: Loaded, i: int, layer: int) -> tuple[np.ndarray, np
     comp, q = loaded.comp, loaded.quantizers[i]
     shape = loaded.manifest.entries[i].shape
     p = q.profile
-    n = shape.vector_count // shape.layers
+    kf, kl = loaded.keeps[i]
+    t_mid = shape.tokens - kf - kl
+    n = shape.batch * shape.kv_heads * t_mid
     where = str(comp.path)
     cname, nname = codes_name(i, layer), norms_name(i, layer)
     if cname not in comp.header.tensors or nname not in comp.header.tensors:
@@ -426,7 +447,7 @@ def read_layer_codes(loaded: Loaded, i: int, layer: int) -> tuple[np.ndarray, np
         raise IntegrityError(f"index {int(codes[bad])} at position {bad} is >= N = {p.size}",
                              path=where, tensor=cname)
     norms = stfile.read_tensor(comp.header, nname)
-    if norms.dtype not in (np.float16, np.float32) or norms.shape != (shape.batch, shape.kv_heads, shape.tokens):
+    if norms.dtype not in (np.float16, np.float32) or norms.shape != (shape.batch, shape.kv_heads, t_mid):
         raise IntegrityError(f"norms have dtype {norms.dtype} and shape {list(norms.shape)}",
                              path=where, tensor=nname)
     norms = norms.reshape(-1).astype(np.float32)
@@ -436,11 +457,26 @@ def read_layer_codes(loaded: Loaded, i: int, layer: int) -> tuple[np.ndarray, np
 
 
 def decode_layer(loaded: Loaded, i: int, layer: int) -> np.ndarray:
-    """Entry i, layer as [batch, kv_heads, tokens, head_dim] float32."""
+    """Entry i, layer as [batch, kv_heads, tokens, head_dim] float32 (kept tokens exact)."""
     shape = loaded.manifest.entries[i].shape
+    b, h, t, d = shape.batch, shape.kv_heads, shape.tokens, shape.head_dim
+    kf, kl = loaded.keeps[i]
     codes, norms = read_layer_codes(loaded, i, layer)
-    x = loaded.quantizers[i].decode(codes, norms)
-    return x.reshape(shape.batch, shape.kv_heads, shape.tokens, shape.head_dim)
+    middle = loaded.quantizers[i].decode(codes, norms).reshape(b, h, t - kf - kl, d)
+    if not kf + kl:
+        return middle
+    name = kept_name(i, layer)
+    if name not in loaded.comp.header.tensors:
+        raise IntegrityError("missing the kept tokens", path=str(loaded.comp.path), tensor=name)
+    kept = stfile.read_tensor(loaded.comp.header, name)
+    if kept.shape != (b, h, kf + kl, d):
+        raise IntegrityError(f"kept tokens have shape {list(kept.shape)}",
+                             path=str(loaded.comp.path), tensor=name)
+    out = np.empty((b, h, t, d), dtype=np.float32)
+    out[:, :, :kf] = kept[:, :, :kf]
+    out[:, :, kf:t - kl] = middle
+    out[:, :, t - kl:] = kept[:, :, kf:]
+    return out
 
 
 @dataclass(frozen=True)

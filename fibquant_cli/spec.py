@@ -1,0 +1,83 @@
+"""What to compress with: operating points per role, from --bits presets or explicit (k, N).
+
+A ``CompressSpec`` says, for keys and for values, the block length k and codebook size N, plus
+the seed and the protected token positions (``keep_first`` / ``keep_last`` tokens of every
+layer are stored uncompressed: attention sinks at position 0 carry much of the attention mass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import UsageError
+
+# --bits presets (spec section 1; the compress issue's table): rate -> (k, N).
+BITS_PRESETS: dict[float, tuple[int, int]] = {
+    4: (2, 256), 3: (2, 64), 2: (4, 256), 1: (8, 256), 0.5: (8, 16),
+}
+DEFAULT_BITS = 3
+
+
+def preset_for(bits: float, flag: str = "--bits") -> tuple[int, int]:
+    """(k, N) for a --bits value: >= 4 -> (2, 256); otherwise one of the presets exactly."""
+    if bits >= 4:
+        return BITS_PRESETS[4]
+    for rate, point in BITS_PRESETS.items():
+        if abs(bits - rate) < 1e-9:
+            return point
+    choices = ", ".join(f"{r:g}" for r in sorted(BITS_PRESETS))
+    raise UsageError(f"{flag} {bits:g} has no preset; choose one of {choices} "
+                     "(or give --block-dim and --size)")
+
+
+@dataclass(frozen=True)
+class CompressSpec:
+    key: tuple[int, int] = BITS_PRESETS[DEFAULT_BITS]
+    value: tuple[int, int] = BITS_PRESETS[DEFAULT_BITS]
+    seed: int = 0
+    keep_first: int = 0
+    keep_last: int = 0
+
+    def point(self, role: str) -> tuple[int, int]:
+        return self.key if role == "key" else self.value
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        k, v = self.key, self.value
+        text = f"k={k[0]},N={k[1]}" if k == v else f"K k={k[0]},N={k[1]} / V k={v[0]},N={v[1]}"
+        if self.keep_first or self.keep_last:
+            text += f" keep {self.keep_first}+{self.keep_last}"
+        return text
+
+
+def _role_point(role: str, bits, block_dim, size, default: tuple[int, int]) -> tuple[int, int]:
+    if (block_dim is None) != (size is None):
+        raise UsageError(f"give --{role}-block-dim and --{role}-size together")
+    if bits is not None and block_dim is not None:
+        raise UsageError(f"give either --{role}-bits or --{role}-block-dim/--{role}-size")
+    if block_dim is not None:
+        return (block_dim, size)
+    if bits is not None:
+        return preset_for(bits, f"--{role}-bits")
+    return default
+
+
+def resolve_spec(*, bits=None, block_dim=None, size=None, key_bits=None, value_bits=None,
+                 key_block_dim=None, key_size=None, value_block_dim=None, value_size=None,
+                 seed: int = 0, keep_first: int = 0, keep_last: int = 0) -> CompressSpec:
+    """Combine the command-line flags into one spec; role flags override the common ones."""
+    if (block_dim is None) != (size is None):
+        raise UsageError("give --block-dim and --size together")
+    if bits is not None and block_dim is not None:
+        raise UsageError("give either --bits or --block-dim/--size, not both")
+    if keep_first < 0 or keep_last < 0:
+        raise UsageError("--keep-first and --keep-last must be >= 0")
+    common = (block_dim, size) if block_dim is not None else preset_for(
+        DEFAULT_BITS if bits is None else bits)
+    return CompressSpec(
+        key=_role_point("key", key_bits, key_block_dim, key_size, common),
+        value=_role_point("value", value_bits, value_block_dim, value_size, common),
+        seed=seed, keep_first=keep_first, keep_last=keep_last,
+    )
