@@ -178,6 +178,9 @@ def compress(
         help="Store the first T tokens of every layer uncompressed (attention sinks).")] = 0,
     keep_last: Annotated[int, typer.Option(
         help="Store the last T tokens of every layer uncompressed.")] = 0,
+    center_keys: Annotated[bool, typer.Option(
+        "--center-keys/--no-center-keys",
+        help="Subtract each head's mean key before encoding (stored; exact for attention).")] = True,
     seed: SeedOpt = 0,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also measure the scalar baseline at the same rate.")] = False,
@@ -191,7 +194,7 @@ def compress(
     spec = resolve_spec(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
                         value_bits=value_bits, key_block_dim=key_block_dim, key_size=key_size,
                         value_block_dim=value_block_dim, value_size=value_size, seed=seed,
-                        keep_first=keep_first, keep_last=keep_last)
+                        keep_first=keep_first, keep_last=keep_last, center_keys=center_keys)
     with RichProgress() as progress:
         rep = run(path, manifest=manifest, output=output, spec=spec, compare=compare,
                   force=force, progress=progress)

@@ -19,6 +19,9 @@ tensor                             dtype  content
 ``fq/e{i}/l{l}/kept``              src    [batch, kv_heads, keep_first + keep_last,
                                           head_dim]: the protected token positions, stored
                                           uncompressed in the source dtype (only when kept)
+``fq/e{i}/l{l}/mean``              F32    [batch, kv_heads, head_dim] per-head mean over the
+                                          compressed tokens, subtracted before encoding and
+                                          added back after decoding (only when ``center``)
 ``fq/raw/{name}``                  any    a tensor of the dump no entry names, bit-exact
 =================================  =====  ===============================================
 
@@ -33,7 +36,7 @@ tensor                             dtype  content
 "arrays"}``: ``source`` has the source file name, its whole-file digest, its tensor order,
 its ``__metadata__`` and per tensor ``{dtype, shape, digest}``; ``profiles`` a list of
 ``{profile, profile_digest, codebook_digest, rotation_digest}``; ``entries`` one
-``{profile, layers, vectors_per_layer, keep_first, keep_last}`` per manifest entry (codes and
+``{profile, layers, vectors_per_layer, keep_first, keep_last, center}`` per manifest entry (codes and
 norms then cover tokens [keep_first, tokens - keep_last) only); ``arrays`` maps every stored
 tensor name to its ``tensor_digest``.
 
@@ -73,6 +76,10 @@ def codes_name(i: int, layer: int) -> str:
 
 def norms_name(i: int, layer: int) -> str:
     return f"fq/e{i}/l{layer}/norms"
+
+
+def mean_name(i: int, layer: int) -> str:
+    return f"fq/e{i}/l{layer}/mean"
 
 
 def kept_name(i: int, layer: int) -> str:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, container, stfile
-from .container import codebook_name, codes_name, kept_name, norms_name, raw_name, rotation_name
+from .container import (codebook_name, codes_name, kept_name, mean_name, norms_name, raw_name,
+                        rotation_name)
 from .core import bitpack
 from .core.cache import CODEBOOK_SCHEMA, load_or_build
 from .core.codec import FibQuantizer, default_rotation
@@ -183,6 +184,13 @@ def split_kept(arr: np.ndarray, keep_first: int, keep_last: int):
     return kept, arr[:, :, kf:t - kl], kf, kl
 
 
+def token_mean(middle: np.ndarray) -> np.ndarray:
+    """Mean over tokens of [b, h, t, d] -> [b, h, d] float32 (zeros when t == 0)."""
+    if middle.shape[2] == 0:
+        return np.zeros(middle.shape[:2] + middle.shape[3:], dtype=np.float32)
+    return middle.astype(np.float64).mean(axis=2).astype(np.float32)
+
+
 def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = None,
              compare: bool = False, force: bool = False,
              progress: Progress | None = None) -> CompressReport:
@@ -218,15 +226,27 @@ def encode_dump(dump: Dump, spec: CompressSpec, compare: bool, progress: Progres
         scalar = _scalar_for(p, q.rotation) if compare else None
         scalar_acc = _ErrorAccumulator() if scalar is not None else None
         st_dtype = SOURCE_DTYPES[entry.shape.dtype]
+        center = spec.center_keys and entry.shape.role == "key"
         payload = 0
         for layer in range(entry.shape.layers):
             arr = read_layer(dump, entry, layer)
             kept, middle, kf, kl = split_kept(arr, spec.keep_first, spec.keep_last)
             b, h, t, d = middle.shape
             x = to_float32(middle.reshape(-1, d))
-            codes, norms = q.encode(x)
+            mean = None
+            if center:
+                mean = token_mean(middle)
+                tensors[mean_name(i, layer)] = mean
+                payload += mean.nbytes
+                x_in = (middle.astype(np.float32) - mean[:, :, None, :]).reshape(-1, d)
+            else:
+                x_in = x
+            codes, norms = q.encode(x_in)
             stored_norms = store_norms(norms)
-            x_hat = from_float32(q.decode(codes, stored_norms.astype(np.float32)), st_dtype)
+            x_hat = q.decode(codes, stored_norms.astype(np.float32))
+            if mean is not None:
+                x_hat = (x_hat.reshape(b, h, t, d) + mean[:, :, None, :]).reshape(-1, d)
+            x_hat = from_float32(x_hat, st_dtype)
             acc.add(x, x_hat)
             if scalar is not None:
                 scalar_acc.add(x, from_float32(scalar.decode(*scalar.encode(x)), st_dtype))
@@ -245,7 +265,8 @@ def encode_dump(dump: Dump, spec: CompressSpec, compare: bool, progress: Progres
         runs.append((entry, p, acc, scalar_acc, payload))
         doc_entries.append({"profile": distinct.index(p), "layers": entry.shape.layers,
                             "vectors_per_layer": entry.shape.vector_count // entry.shape.layers,
-                            "keep_first": spec.keep_first, "keep_last": spec.keep_last})
+                            "keep_first": spec.keep_first, "keep_last": spec.keep_last,
+                            "center": center})
 
     source_tensors = {}
     for name, info in dump.header.tensors.items():
@@ -363,6 +384,7 @@ class Loaded:
     manifest: object
     quantizers: list  # one FibQuantizer per entry
     keeps: list  # (keep_first, keep_last) per entry, clamped to the token count
+    centers: list  # per entry: were the vectors centered (a stored per-head token mean)?
 
     @property
     def doc(self) -> dict:
@@ -391,13 +413,14 @@ def load_verified(path, progress: Progress | None = None, checks: list | None = 
             raise IntegrityError("entries do not match the recorded manifest", path=where)
         keeps = [_keep_for(e, m.shape.tokens, where)
                  for e, m in zip(comp.doc["entries"], manifest.entries)]
+        centers = [e["center"] is True for e in comp.doc["entries"]]
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise IntegrityError(f"malformed fibquant document ({type(err).__name__}: {err})",
                              path=where) from None
     except InvalidInputError as err:
         raise IntegrityError(err.reason, path=where) from None
     note("codebooks and rotations", f"{len(comp.doc['profiles'])} profile(s) match their digests")
-    return Loaded(comp, manifest, quantizers, keeps)
+    return Loaded(comp, manifest, quantizers, keeps, centers)
 
 
 def _keep_for(entry_doc: dict, tokens: int, where: str) -> tuple[int, int]:
@@ -456,6 +479,20 @@ def read_layer_codes(loaded: Loaded, i: int, layer: int) -> tuple[np.ndarray, np
     return codes.reshape(n, p.blocks_per_vector), norms
 
 
+def _stored(loaded: Loaded, name: str, shape: tuple, dtype) -> np.ndarray:
+    """A stored side array (kept tokens, key means), checked for presence and shape."""
+    where = str(loaded.comp.path)
+    if name not in loaded.comp.header.tensors:
+        raise IntegrityError("missing stored array", path=where, tensor=name)
+    arr = stfile.read_tensor(loaded.comp.header, name)
+    if arr.shape != shape or (dtype is not None and arr.dtype != dtype):
+        raise IntegrityError(f"has shape {list(arr.shape)} and dtype {arr.dtype}, expected "
+                             f"{list(shape)}", path=where, tensor=name)
+    if not np.all(np.isfinite(arr)):
+        raise IntegrityError("holds non-finite values", path=where, tensor=name)
+    return arr
+
+
 def decode_layer(loaded: Loaded, i: int, layer: int) -> np.ndarray:
     """Entry i, layer as [batch, kv_heads, tokens, head_dim] float32 (kept tokens exact)."""
     shape = loaded.manifest.entries[i].shape
@@ -463,15 +500,11 @@ def decode_layer(loaded: Loaded, i: int, layer: int) -> np.ndarray:
     kf, kl = loaded.keeps[i]
     codes, norms = read_layer_codes(loaded, i, layer)
     middle = loaded.quantizers[i].decode(codes, norms).reshape(b, h, t - kf - kl, d)
+    if loaded.centers[i]:
+        middle += _stored(loaded, mean_name(i, layer), (b, h, d), np.float32)[:, :, None, :]
     if not kf + kl:
         return middle
-    name = kept_name(i, layer)
-    if name not in loaded.comp.header.tensors:
-        raise IntegrityError("missing the kept tokens", path=str(loaded.comp.path), tensor=name)
-    kept = stfile.read_tensor(loaded.comp.header, name)
-    if kept.shape != (b, h, kf + kl, d):
-        raise IntegrityError(f"kept tokens have shape {list(kept.shape)}",
-                             path=str(loaded.comp.path), tensor=name)
+    kept = _stored(loaded, kept_name(i, layer), (b, h, kf + kl, d), None)
     out = np.empty((b, h, t, d), dtype=np.float32)
     out[:, :, :kf] = kept[:, :, :kf]
     out[:, :, kf:t - kl] = middle

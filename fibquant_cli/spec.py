@@ -1,8 +1,11 @@
 """What to compress with: operating points per role, from --bits presets or explicit (k, N).
 
 A ``CompressSpec`` says, for keys and for values, the block length k and codebook size N, plus
-the seed and the protected token positions (``keep_first`` / ``keep_last`` tokens of every
-layer are stored uncompressed: attention sinks at position 0 carry much of the attention mass).
+the seed, the protected token positions (``keep_first`` / ``keep_last`` tokens of every layer are
+stored uncompressed: attention sinks at position 0 carry much of the attention mass), and
+whether keys are centered (each head's mean key over the compressed tokens is stored and
+subtracted before encoding: real keys share a large common component, outlier channels
+included, and softmax ignores a shift common to all keys, so only the residual needs bits).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class CompressSpec:
     seed: int = 0
     keep_first: int = 0
     keep_last: int = 0
+    center_keys: bool = True
 
     def point(self, role: str) -> tuple[int, int]:
         return self.key if role == "key" else self.value
@@ -49,6 +53,8 @@ class CompressSpec:
         text = f"k={k[0]},N={k[1]}" if k == v else f"K k={k[0]},N={k[1]} / V k={v[0]},N={v[1]}"
         if self.keep_first or self.keep_last:
             text += f" keep {self.keep_first}+{self.keep_last}"
+        if not self.center_keys:
+            text += " uncentered"
         return text
 
 
@@ -66,7 +72,8 @@ def _role_point(role: str, bits, block_dim, size, default: tuple[int, int]) -> t
 
 def resolve_spec(*, bits=None, block_dim=None, size=None, key_bits=None, value_bits=None,
                  key_block_dim=None, key_size=None, value_block_dim=None, value_size=None,
-                 seed: int = 0, keep_first: int = 0, keep_last: int = 0) -> CompressSpec:
+                 seed: int = 0, keep_first: int = 0, keep_last: int = 0,
+                 center_keys: bool = True) -> CompressSpec:
     """Combine the command-line flags into one spec; role flags override the common ones."""
     if (block_dim is None) != (size is None):
         raise UsageError("give --block-dim and --size together")
@@ -79,5 +86,5 @@ def resolve_spec(*, bits=None, block_dim=None, size=None, key_bits=None, value_b
     return CompressSpec(
         key=_role_point("key", key_bits, key_block_dim, key_size, common),
         value=_role_point("value", value_bits, value_block_dim, value_size, common),
-        seed=seed, keep_first=keep_first, keep_last=keep_last,
+        seed=seed, keep_first=keep_first, keep_last=keep_last, center_keys=center_keys,
     )
