@@ -152,6 +152,10 @@ def digest(
         raise rep.error
 
 
+AttentionOpt = Annotated[bool, typer.Option(
+    "--attention/--no-attention", help="Measure attention fidelity (queries, or a key proxy).")]
+MaxQueriesOpt = Annotated[int, typer.Option(
+    "--max-queries", min=1, help="Score attention on the last N query positions.")]
 BitsOpt = Annotated[Optional[float], typer.Option(
     "--bits", help="Rate preset: >=4 -> (k=2,N=256), 3 -> (2,64), 2 -> (4,256), 1 -> (8,256), "
     "0.5 -> (8,16). Default 3.")]
@@ -184,6 +188,8 @@ def compress(
     seed: SeedOpt = 0,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also measure the scalar baseline at the same rate.")] = False,
+    attention: AttentionOpt = True,
+    max_queries: MaxQueriesOpt = 2048,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -197,11 +203,16 @@ def compress(
                         keep_first=keep_first, keep_last=keep_last, center_keys=center_keys)
     with RichProgress() as progress:
         rep = run(path, manifest=manifest, output=output, spec=spec, compare=compare,
-                  force=force, progress=progress)
+                  force=force, attention=attention, max_queries=max_queries, progress=progress)
     if as_json:
         report.print_json(rep.to_json())
-    else:
-        report.stdout.print(report.compress_table(rep, compare))
+        return
+    report.stdout.print(report.compress_table(rep, compare))
+    if rep.attention is not None:
+        report.stdout.print(report.fidelity_table(rep.attention, "fidelity"))
+    elif attention:
+        report.stdout.print("attention fidelity: not measured (needs exactly one key and one "
+                            "value entry of the same geometry)")
 
 
 @app.command()
@@ -217,6 +228,25 @@ def decompress(path: PathArg, output: OutOpt = None, force: ForceOpt = False,
         report.print_json(rep.to_json())
     else:
         report.stdout.print(report.decompress_table(rep))
+
+
+@app.command(name="eval")
+@handle_errors
+def evaluate(
+    original: PathArg,
+    other: Annotated[Path, typer.Argument(help="A compressed file or a restored dump.")],
+    manifest: ManifestOpt = None,
+    max_queries: MaxQueriesOpt = 2048,
+    as_json: JsonOpt = False,
+) -> None:
+    """Attention fidelity of a compressed file or a restored dump against the original."""
+    from .service import evaluate as run
+
+    rep = run(original, other, manifest=manifest, max_queries=max_queries)
+    if as_json:
+        report.print_json(rep.to_json())
+    else:
+        report.stdout.print(report.fidelity_table(rep, f"{other} vs {original}"))
 
 
 def main() -> None:

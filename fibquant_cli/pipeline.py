@@ -56,7 +56,7 @@ class RoleStats:
     profile: dict | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class CompressReport:
     source: str
     output: str
@@ -65,9 +65,13 @@ class CompressReport:
     entries: list[RoleStats]
     total: RoleStats
     passthrough: list[str] = field(default_factory=list)
+    attention: object = None  # a fidelity.FidelityReport, or None when not measured
+    spec: dict | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["attention"] = None if self.attention is None else self.attention.to_json()
+        return out
 
 
 class _ErrorAccumulator:
@@ -192,7 +196,8 @@ def token_mean(middle: np.ndarray) -> np.ndarray:
 
 
 def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = None,
-             compare: bool = False, force: bool = False,
+             compare: bool = False, force: bool = False, attention: bool = True,
+             max_queries: int | None = None,
              progress: Progress | None = None) -> CompressReport:
     """Compress a KV dump into one self-contained ``.fq.safetensors`` file."""
     progress = progress or Progress()
@@ -205,7 +210,15 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
         raise UsageError("output is the manifest file", path=str(out))
     tensors, doc, runs, distinct = encode_dump(dump, spec, compare, progress)
     stfile.write_file(out, tensors, container.metadata_for(doc), force=force)
-    return _compress_report(dump, out, tensors, distinct, runs)
+    rep = _compress_report(dump, out, tensors, distinct, runs)
+    rep.spec = spec.to_json()
+    if attention:
+        from .fidelity import DEFAULT_MAX_QUERIES, measure
+
+        progress.start(1, "attention fidelity")
+        rep.attention = measure(dump, reconstructor(load_verified(out)),
+                                max_queries=max_queries or DEFAULT_MAX_QUERIES)
+    return rep
 
 
 def encode_dump(dump: Dump, spec: CompressSpec, compare: bool, progress: Progress):
@@ -604,3 +617,13 @@ def verify(path, checks: list | None = None) -> list[tuple[str, bool, str]]:
             n += 1
     checks.append(("indices < N, norms finite", True, f"{n} layer streams checked"))
     return checks
+
+
+def reconstructor(loaded: Loaded):
+    """(entry, layer) -> the restored layer exactly as decompress writes it, as float32."""
+
+    def reconstruct(i: int, layer: int) -> np.ndarray:
+        st_dtype = SOURCE_DTYPES[loaded.manifest.entries[i].shape.dtype]
+        return from_float32(decode_layer(loaded, i, layer), st_dtype).astype(np.float32)
+
+    return reconstruct

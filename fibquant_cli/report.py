@@ -120,3 +120,23 @@ def decompress_table(rep) -> Table:
     for row in rep.tensors:
         table.add_row(row["name"], row["dtype"], str(row["shape"]), row["kind"])
     return table
+
+
+def fidelity_table(fid, title: str) -> Table:
+    """Per-layer attention fidelity and the overall row."""
+    kind = "key self-attention PROXY (no queries)" if fid.proxy else "attention output"
+    table = Table(title=f"{title}: {kind}, {'causal' if fid.causal else 'non-causal'}, "
+                        f"last {fid.query_positions} of {fid.tokens} query positions",
+                  header_style="bold")
+    for name in ("layer", "key rel. MSE", "value rel. MSE", "cos mean", "cos p1", "cos min",
+                 "TV mean", "top-8 agree"):
+        table.add_column(name, justify="right")
+    for row in [*fid.layers, {"layer": "all", **fid.overall}]:
+        table.add_row(str(row["layer"]), f"{row['key_rel_mse']:.4f}", f"{row['value_rel_mse']:.4f}",
+                      f"{row['cosine_mean']:.4f}", f"{row['cosine_p1']:.4f}",
+                      f"{row['cosine_min']:.4f}", f"{row['tv_mean']:.4f}",
+                      f"{row['top8_agreement']:.3f}",
+                      style="bold" if row["layer"] == "all" else None)
+    if fid.note:
+        table.caption = fid.note
+    return table

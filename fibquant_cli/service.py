@@ -15,7 +15,7 @@ from .core.codec import FibQuantizer, default_rotation
 from .core.params import Profile
 from .core.scalar import ScalarQuantizer
 from .digest import file_digest, tensor_digest
-from .errors import FibQuantError
+from .errors import FibQuantError, InvalidInputError
 from .kvdump import check_finite, open_dump, read_layer
 from .manifest import load_manifest
 
@@ -196,4 +196,32 @@ def digest(path) -> DigestReport:
             status = "MISMATCH"
             rep.error = rep.error or err
         rep.rows.append({"name": name, "digest": recorded, "status": status})
+    return rep
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def evaluate(original, other, *, manifest=None, max_queries: int = 2048):
+    """Attention fidelity of ``other`` (compressed file or restored dump) against ``original``."""
+    from .fidelity import measure
+
+    dump = open_dump(original, manifest)
+    header = stfile.read_header(other)
+    if container.is_compressed(header):
+        loaded = pipeline.load_verified(other)
+        if loaded.manifest.to_json() != dump.manifest.to_json():
+            raise InvalidInputError("was compressed from a dump with another manifest",
+                                    path=str(other))
+        reconstruct = pipeline.reconstructor(loaded)
+    else:
+        restored = open_dump(other, manifest if manifest is not None else dump.manifest_path)
+
+        def reconstruct(i: int, layer: int) -> np.ndarray:
+            return read_layer(restored, restored.manifest.entries[i], layer).astype(np.float32)
+
+    rep = measure(dump, reconstruct, max_queries=max_queries)
+    if rep is None:
+        raise InvalidInputError("attention fidelity needs exactly one key and one value entry "
+                                "of the same geometry", path=str(dump.manifest_path))
     return rep

@@ -1,0 +1,118 @@
+"""Attention fidelity of a reconstruction against its original dump, layer by layer.
+
+With queries in the manifest (``attention``), each layer's attention output with the original
+K, V is compared to the one with the reconstructed K_hat, V_hat (core/attention.py). Without
+queries the keys stand in for them (key self-attention), which is reported as a proxy.
+Long contexts are scored on their last ``max_queries`` query positions (all keys stay visible).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import stfile
+from .core.attention import FidelityStats, attention_fidelity
+from .kvdump import Dump, read_layer
+from .manifest import vectors_axes
+
+DEFAULT_MAX_QUERIES = 2048
+
+Reconstruct = Callable[[int, int], np.ndarray]  # (entry index, layer) -> [b, h, t, d] float32
+
+
+@dataclass
+class FidelityReport:
+    proxy: bool
+    causal: bool
+    query_positions: int
+    tokens: int
+    layers: list = field(default_factory=list)  # dicts per layer
+    overall: dict = field(default_factory=dict)
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return {"proxy": self.proxy, "causal": self.causal, "query_positions": self.query_positions,
+                "tokens": self.tokens, "layers": self.layers, "overall": self.overall,
+                "note": self.note}
+
+
+def kv_entries(dump: Dump) -> tuple[int, int] | None:
+    """Indices of the key and value entries attention is measured on, or None."""
+    keys = [i for i, e in enumerate(dump.manifest.entries) if e.shape.role == "key"]
+    values = [i for i, e in enumerate(dump.manifest.entries) if e.shape.role == "value"]
+    if len(keys) != 1 or len(values) != 1:
+        return None
+    k, v = dump.manifest.entries[keys[0]].shape, dump.manifest.entries[values[0]].shape
+    same = ("batch", "layers", "kv_heads", "tokens", "head_dim")
+    if any(getattr(k, f) != getattr(v, f) for f in same):
+        return None
+    return keys[0], values[0]
+
+
+def read_query_layer(dump: Dump, layer: int, positions: slice) -> np.ndarray:
+    """Queries of ``layer`` as [batch, query_heads, tokens, head_dim] float32."""
+    names = dump.manifest.attention.query_tensors
+    layout = dump.manifest.entries[0].layout
+    if len(names) == 1 and len(dump.header.tensors[names[0]].shape) == 5:
+        arr = stfile.read_tensor(dump.header, names[0], index=(slice(None), slice(layer, layer + 1)))
+        q = arr[:, 0]
+    else:
+        q = stfile.read_tensor(dump.header, names[layer]).transpose(vectors_axes(layout, 4))
+    return q[:, :, positions].astype(np.float32)
+
+
+def measure(dump: Dump, reconstruct: Reconstruct, *,
+            max_queries: int = DEFAULT_MAX_QUERIES) -> FidelityReport | None:
+    """Per-layer and overall attention fidelity of ``reconstruct`` against ``dump``."""
+    pair = kv_entries(dump)
+    if pair is None:
+        return None
+    ik, iv = pair
+    shape = dump.manifest.entries[ik].shape
+    attn = dump.manifest.attention
+    causal = attn.causal if attn is not None else True
+    n_q = min(shape.tokens, max_queries)
+    positions = slice(shape.tokens - n_q, shape.tokens)
+    rep = FidelityReport(proxy=attn is None, causal=causal, query_positions=n_q,
+                         tokens=shape.tokens)
+    if attn is None:
+        rep.note = ("no queries in the manifest: key self-attention (keys as queries) "
+                    "stands in as a proxy")
+    parts = []
+    key_err = [0.0, 0.0]
+    value_err = [0.0, 0.0]
+    for layer in range(shape.layers):
+        k = read_layer(dump, dump.manifest.entries[ik], layer).astype(np.float32)
+        v = read_layer(dump, dump.manifest.entries[iv], layer).astype(np.float32)
+        k_hat, v_hat = reconstruct(ik, layer), reconstruct(iv, layer)
+        if attn is not None:
+            q = read_query_layer(dump, layer, positions)
+            stats = attention_fidelity(q, k, v, k_hat, v_hat, causal=causal)
+        else:
+            stats = _as_proxy(attention_fidelity(k[:, :, positions], k, v, k_hat, v_hat,
+                                                 causal=causal))
+        parts.append(stats)
+        ek, ev = _err(k, k_hat), _err(v, v_hat)
+        key_err = [key_err[0] + ek[0], key_err[1] + ek[1]]
+        value_err = [value_err[0] + ev[0], value_err[1] + ev[1]]
+        rep.layers.append({"layer": layer, "key_rel_mse": ek[0] / ek[1] if ek[1] else 0.0,
+                           "value_rel_mse": ev[0] / ev[1] if ev[1] else 0.0, **stats.summary()})
+    overall = FidelityStats.merge(parts)
+    rep.overall = {"key_rel_mse": key_err[0] / key_err[1] if key_err[1] else 0.0,
+                   "value_rel_mse": value_err[0] / value_err[1] if value_err[1] else 0.0,
+                   **overall.summary()}
+    return rep
+
+
+def _as_proxy(stats: FidelityStats) -> FidelityStats:
+    """The same rows, labelled as the key-self-attention proxy (keys stood in for queries)."""
+    return FidelityStats.from_rows(stats.cosines, stats.tv_mean * stats.rows, stats.tv_max,
+                                   stats.top8_agreement * stats.rows, proxy=True)
+
+
+def _err(x: np.ndarray, x_hat: np.ndarray) -> tuple[float, float]:
+    x64 = x.astype(np.float64)
+    return float(((x64 - x_hat) ** 2).sum()), float((x64 * x64).sum())
