@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import report
-from .errors import FibQuantError
+from .errors import FibQuantError, UsageError
 from .pipeline import Progress
 
 app = typer.Typer(
@@ -36,7 +36,7 @@ def handle_errors(func):
         except FibQuantError as err:
             if _state["debug"]:
                 raise
-            report.stderr.print(f"[red]fibquant: error:[/red] {err}", markup=True, soft_wrap=True)
+            report.print_error(str(err))
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             report.stderr.print("fibquant: interrupted")
@@ -46,10 +46,7 @@ def handle_errors(func):
         except Exception as err:  # a bug: say so in one line, keep the traceback for --debug
             if _state["debug"]:
                 raise
-            report.stderr.print(
-                f"fibquant: internal error: {type(err).__name__}: {err} (rerun with --debug)",
-                markup=False, soft_wrap=True,
-            )
+            report.print_error(f"internal error: {type(err).__name__}: {err} (rerun with --debug)")
             raise typer.Exit(1) from None
 
     return wrapper
@@ -247,6 +244,38 @@ def evaluate(
         report.print_json(rep.to_json())
     else:
         report.stdout.print(report.fidelity_table(rep, f"{other} vs {original}"))
+
+
+@app.command()
+@handle_errors
+def sweep(
+    path: PathArg,
+    manifest: ManifestOpt = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Write the frontier as a PNG (needs matplotlib).")] = None,
+    peers: Annotated[bool, typer.Option(
+        "--peers/--no-peers", help="Include llama.cpp (gguf), KIVI and fp8 formats.")] = True,
+    max_queries: MaxQueriesOpt = 2048,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run many operating points and print the memory-fidelity frontier."""
+    from .sweep import sweep as run
+
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise UsageError("--plot writes a PNG: give a path ending in .png", path=str(plot))
+    with RichProgress() as progress:
+        rep = run(path, manifest=manifest, max_queries=max_queries, peers=peers,
+                  progress=progress)
+    if plot is not None:
+        from .plot import plot_frontier
+
+        plot_frontier(rep, plot)
+    if as_json:
+        report.print_json(rep.to_json())
+    else:
+        report.stdout.print(report.sweep_table(rep))
+        if plot is not None:
+            report.stdout.print(f"frontier plot: {plot}")
 
 
 def main() -> None:

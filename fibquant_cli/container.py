@@ -140,6 +140,9 @@ def open_compressed(path) -> Compressed:
         raise IntegrityError(f"fibquant document is not JSON ({err.msg})", path=where) from None
     if not isinstance(doc, dict) or set(doc) != DOC_KEYS:
         raise IntegrityError("fibquant document has the wrong keys", path=where)
+    if str(doc["format_version"]) != version:
+        raise IntegrityError(f"format version {version} differs from the document's "
+                             f"{doc['format_version']!r} (altered metadata)", path=where)
     stored = set(header.tensors)
     recorded = set(doc["arrays"]) if isinstance(doc["arrays"], dict) else set()
     if stored != recorded:

@@ -101,7 +101,9 @@ def measure(dump: Dump, reconstruct: Reconstruct, *,
         rep.layers.append({"layer": layer, "key_rel_mse": ek[0] / ek[1] if ek[1] else 0.0,
                            "value_rel_mse": ev[0] / ev[1] if ev[1] else 0.0, **stats.summary()})
     overall = FidelityStats.merge(parts)
-    rep.overall = {"key_rel_mse": key_err[0] / key_err[1] if key_err[1] else 0.0,
+    both = key_err[1] + value_err[1]
+    rep.overall = {"rel_mse": (key_err[0] + value_err[0]) / both if both else 0.0,
+                   "key_rel_mse": key_err[0] / key_err[1] if key_err[1] else 0.0,
                    "value_rel_mse": value_err[0] / value_err[1] if value_err[1] else 0.0,
                    **overall.summary()}
     return rep

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from . import __version__, container, stfile
@@ -18,7 +20,7 @@ from .core.params import Profile
 from .core.scalar import ScalarQuantizer
 from .digest import bytes_digest, file_digest, tensor_digest
 from .errors import IntegrityError, InvalidInputError, UsageError
-from .kvdump import Dump, open_dump, read_layer
+from .kvdump import Dump, check_finite, open_dump, read_layer
 from .spec import CompressSpec
 from .manifest import entry_layer_views, expected_tensor_shape, manifest_path_for, parse_manifest, save_manifest
 
@@ -120,8 +122,16 @@ def to_float32(arr: np.ndarray) -> np.ndarray:
 
 
 def from_float32(x: np.ndarray, st_dtype: str) -> np.ndarray:
-    """Cast a reconstruction back to the source dtype (F16, BF16 or F32)."""
-    return x.astype(stfile.numpy_dtype_for(st_dtype))
+    """Cast a reconstruction back to the source dtype (F16, BF16 or F32).
+
+    A reconstruction can overshoot a finite source value near the dtype's maximum; it is
+    clamped to the largest finite value rather than turned into inf.
+    """
+    dtype = stfile.numpy_dtype_for(st_dtype)
+    if dtype != np.float32:
+        top = float(ml_dtypes.finfo(dtype).max)
+        x = np.clip(x, -top, top)
+    return x.astype(dtype)
 
 
 def store_norms(norms: np.ndarray) -> np.ndarray:
@@ -131,8 +141,26 @@ def store_norms(norms: np.ndarray) -> np.ndarray:
     return norms.astype(np.float16)
 
 
+def temp_sibling(path: Path) -> Path:
+    """A fresh hidden name in the same folder, so the final os.replace is atomic."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+
+
+def commit_outputs(pairs: list[tuple[Path, Path]], force: bool) -> None:
+    """Rename finished temporary files over their outputs, refusing late conflicts."""
+    for _, out in pairs:
+        if out.exists() and not force:
+            raise UsageError("output exists (use --force to overwrite)", path=str(out))
+    for tmp, out in pairs:
+        os.replace(tmp, out)
+
+
 def check_output_paths(source: Path, outputs: list[Path], force: bool) -> None:
     for out in outputs:
+        if out.is_dir():
+            raise UsageError("output path is a directory", path=str(out))
+        if not out.parent.is_dir():
+            raise UsageError(f"output directory {out.parent} does not exist", path=str(out))
         if out.exists() and source.exists() and os.path.samefile(out, source):
             raise UsageError("output is the input file", path=str(out))
         if out.resolve() == source.resolve():
@@ -208,17 +236,31 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
     check_output_paths(source, [out], force)
     if out.resolve() == dump.manifest_path.resolve():
         raise UsageError("output is the manifest file", path=str(out))
-    tensors, doc, runs, distinct = encode_dump(dump, spec, compare, progress)
-    stfile.write_file(out, tensors, container.metadata_for(doc), force=force)
-    rep = _compress_report(dump, out, tensors, distinct, runs)
-    rep.spec = spec.to_json()
     if attention:
-        from .fidelity import DEFAULT_MAX_QUERIES, measure
+        check_queries_finite(dump)
+    tensors, doc, runs, distinct = encode_dump(dump, spec, compare, progress)
+    tmp = temp_sibling(out)
+    try:
+        stfile.write_file(tmp, tensors, container.metadata_for(doc))
+        rep = _compress_report(dump, out, tmp.stat().st_size, tensors, distinct, runs)
+        rep.spec = spec.to_json()
+        if attention:
+            from .fidelity import DEFAULT_MAX_QUERIES, measure
 
-        progress.start(1, "attention fidelity")
-        rep.attention = measure(dump, reconstructor(load_verified(out)),
-                                max_queries=max_queries or DEFAULT_MAX_QUERIES)
+            progress.start(1, "attention fidelity")
+            rep.attention = measure(dump, reconstructor(load_verified(tmp)),
+                                    max_queries=max_queries or DEFAULT_MAX_QUERIES)
+        commit_outputs([(tmp, out)], force)
+    finally:
+        tmp.unlink(missing_ok=True)
     return rep
+
+
+def check_queries_finite(dump: Dump) -> None:
+    """Queries are passed through, but attention fidelity reads them: refuse NaN/Inf early."""
+    if dump.manifest.attention is not None:
+        for name in dump.manifest.attention.query_tensors:
+            check_finite(dump.header, name, stfile.read_tensor(dump.header, name))
 
 
 def encode_dump(dump: Dump, spec: CompressSpec, compare: bool, progress: Progress):
@@ -341,9 +383,8 @@ def _nbytes(t) -> int:
     return len(t.data) if isinstance(t, stfile.RawTensor) else np.asarray(t).nbytes
 
 
-def _compress_report(dump, out: Path, tensors, distinct, runs) -> CompressReport:
+def _compress_report(dump, out: Path, file_bytes: int, tensors, distinct, runs) -> CompressReport:
     """Sizes and errors per entry and in total; shared bytes are split across their users."""
-    file_bytes = out.stat().st_size
     passthrough_bytes = sum(_nbytes(t) for n, t in tensors.items() if n.startswith(container.RAW_PREFIX))
     header_bytes = file_bytes - sum(_nbytes(t) for t in tensors.values())
     users = {p: sum(1 for run in runs if run[1] == p) for p in distinct}
@@ -583,8 +624,23 @@ def decompress(path, *, output=None, force: bool = False,
         raise IntegrityError(f"malformed fibquant document ({err})", path=str(path)) from None
     progress.start(len(order), "restoring")
     rows = []
-    with stfile.StreamWriter(out, specs, metadata, force=force) as writer:
-        for name in order:
+    tmp, tmp_manifest = temp_sibling(out), temp_sibling(out_manifest)
+    try:
+        _restore_into(tmp, loaded, specs, metadata, where_kv, rows, progress)
+        save_manifest(loaded.manifest, tmp_manifest)
+        commit_outputs([(tmp, out), (tmp_manifest, out_manifest)], force)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_manifest.unlink(missing_ok=True)
+    return DecompressReport(str(path), str(out), str(out_manifest), rows)
+
+
+def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, progress) -> None:
+    """Write every original tensor, in the original order, into the file ``tmp``."""
+    path = loaded.comp.path
+    infos = loaded.doc["source"]["tensors"]
+    with stfile.StreamWriter(tmp, specs, metadata) as writer:
+        for name, _, _ in specs:
             if name in where_kv:
                 writer.write(name, restore_tensor(loaded, name, where_kv))
                 kind = "restored"
@@ -598,12 +654,6 @@ def decompress(path, *, output=None, force: bool = False,
             rows.append({"name": name, "dtype": infos[name]["dtype"],
                          "shape": infos[name]["shape"], "kind": kind})
             progress.advance(name)
-    try:
-        save_manifest(loaded.manifest, out_manifest)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
-    return DecompressReport(str(path), str(out), str(out_manifest), rows)
 
 
 def verify(path, checks: list | None = None) -> list[tuple[str, bool, str]]:

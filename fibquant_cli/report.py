@@ -7,9 +7,17 @@ import sys
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
+
+
+def print_error(message: str) -> None:
+    """``fibquant: error: ...`` on one line of stderr; the message is never read as markup."""
+    text = Text("fibquant: error: ", style="red")
+    text.append(" ".join(message.split()))
+    stderr.print(text, soft_wrap=True)
 
 
 def print_json(obj) -> None:
@@ -139,4 +147,24 @@ def fidelity_table(fid, title: str) -> Table:
                       style="bold" if row["layer"] == "all" else None)
     if fid.note:
         table.caption = fid.note
+    return table
+
+
+def sweep_table(rep) -> Table:
+    kind = "key self-attention PROXY cosine" if rep.proxy else "attention-output cosine"
+    table = Table(title=f"memory-fidelity frontier of {rep.source} ({kind}, last "
+                        f"{rep.query_positions} query positions)", header_style="bold")
+    for name, justify in [("method", "left"), ("operating point", "left"), ("ratio", "right"),
+                          ("bits/value all-in", "right"), ("rel. MSE", "right"),
+                          ("cos mean", "right"), ("cos p1", "right"), ("top-8", "right"),
+                          ("time s", "right"), ("frontier", "center")]:
+        table.add_column(name, justify=justify)
+    for p in rep.points:
+        table.add_row(p.method, p.label, f"{p.ratio:.2f}x", f"{p.bits_per_value:.3f}",
+                      f"{p.rel_mse:.4f}", f"{p.cosine_mean:.4f}", f"{p.cosine_p1:.4f}",
+                      f"{p.top8:.3f}", f"{p.seconds:.2f}", "[green]best[/green]" if p.pareto else "",
+                      style="bold" if p.pareto else None)
+    notes = ["'best' = on the frontier: no other point is both smaller and more faithful."]
+    notes += [f"skipped {name}: {reason}" for name, reason in rep.skipped.items()]
+    table.caption = "\n".join(notes)
     return table

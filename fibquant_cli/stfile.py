@@ -359,7 +359,7 @@ def read_header(path: str | os.PathLike) -> Header:
     except _DuplicateKey as err:
         raise InvalidInputError(f"header has duplicate key '{_label(err.args[0])}'", path=where) from None
     except json.JSONDecodeError as err:
-        reason = f"header is not valid JSON: {err.msg} at byte {err.pos}"
+        reason = f"header is not valid JSON: {err.msg.removesuffix(' at')} at byte {err.pos}"
         raise InvalidInputError(reason, path=where) from None
     except RecursionError:
         raise InvalidInputError("header JSON is nested too deeply", path=where) from None

@@ -18,6 +18,7 @@ from fibquant_cli.core.params import Profile
 SHIPPED_POINTS = [
     (64, 2, 4), (64, 2, 16), (64, 2, 64), (64, 2, 256), (64, 4, 256),
     (64, 8, 256), (64, 8, 16), (64, 32, 128),  # (3, 64) of the table: 3 does not divide 64
+    (64, 2, 1024),  # the 5-bit preset
     (128, 2, 16), (128, 2, 64), (128, 2, 256), (128, 4, 256), (128, 8, 256),
 ]
 

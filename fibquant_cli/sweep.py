@@ -1,0 +1,199 @@
+"""The memory-fidelity frontier: many operating points on one dump, measured the same way.
+
+Every point reconstructs K and V layer by layer and is scored by ``fidelity.measure`` (attention
+output cosine with the dump's queries, or the key self-attention proxy), so FibQuant, the scalar
+baseline and the peer formats are compared on one yardstick. Sizes are all-inclusive: FibQuant
+points are real compressed files (indices, norms, codebooks, rotations, means, kept tokens,
+metadata); the scalar baseline counts its norms and rotation; peers count their scales and zeros.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import pipeline
+from .core.codec import default_rotation
+from .core.params import Profile
+from .core.peers import available_peers
+from .core.scalar import ScalarQuantizer
+from .errors import InvalidInputError
+from .fidelity import DEFAULT_MAX_QUERIES, kv_entries, measure
+from .kvdump import Dump, open_dump, read_layer
+from .spec import BITS_PRESETS, CompressSpec
+
+PEER_ORDER = ("fp8_e4m3", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "kivi_int4", "kivi_int2")
+
+
+@dataclass
+class Point:
+    method: str  # "fibquant", "scalar" or a peer name
+    label: str
+    ratio: float
+    bits_per_value: float
+    rel_mse: float
+    cosine_mean: float
+    cosine_p1: float
+    top8: float
+    seconds: float
+    pareto: bool = False
+    spec: dict | None = None
+
+
+@dataclass
+class SweepReport:
+    source: str
+    proxy: bool
+    query_positions: int
+    points: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)  # name -> reason
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def fibquant_specs() -> list[CompressSpec]:
+    """FibQuant's default sweep: presets, role-aware rates, protected tokens, lever ablations."""
+    p = BITS_PRESETS
+    specs = [CompressSpec(key=p[b], value=p[b]) for b in (4, 3, 2, 1, 0.5)]
+    specs += [CompressSpec(key=p[kb], value=p[vb]) for kb, vb in ((4, 2), (3, 2), (4, 3), (2, 1))]
+    specs += [CompressSpec(key=p[b], value=p[b], keep_first=1) for b in (3, 2, 1)]
+    specs += [CompressSpec(key=p[kb], value=p[vb], keep_first=1) for kb, vb in ((3, 2), (2, 1))]
+    specs += [CompressSpec(key=p[b], value=p[b], center_keys=False) for b in (3, 2, 1)]
+    specs += [CompressSpec(key=p[b], value=p[b], center_keys=False, keep_first=1) for b in (3, 2)]
+    return specs
+
+
+def kv_values_and_bytes(dump: Dump, pair: tuple[int, int]) -> tuple[int, int]:
+    values = source_bytes = 0
+    for i in pair:
+        shape = dump.manifest.entries[i].shape
+        values += shape.element_count
+        source_bytes += shape.element_count * np.dtype(
+            pipeline.stfile.numpy_dtype_for(pipeline.SOURCE_DTYPES[shape.dtype])).itemsize
+    return values, source_bytes
+
+
+def run_fibquant(dump: Dump, spec: CompressSpec, workdir: Path, max_queries: int):
+    """Compress to a real file, then score what it restores. Returns (Point, compress report)."""
+    out = workdir / "point.fq.safetensors"
+    start = time.perf_counter()
+    rep = pipeline.compress(dump.path, manifest=dump.manifest_path, output=out, spec=spec,
+                            force=True, attention=False)
+    seconds = time.perf_counter() - start
+    fid = measure(dump, pipeline.reconstructor(pipeline.load_verified(out)),
+                  max_queries=max_queries)
+    pair = kv_entries(dump)
+    rows = [rep.entries[i] for i in pair]
+    kv_bytes = sum(r.compressed_bytes for r in rows)
+    values, source_bytes = kv_values_and_bytes(dump, pair)
+    point = Point("fibquant", spec.label(), source_bytes / kv_bytes, 8 * kv_bytes / values,
+                  fid.overall["rel_mse"], fid.overall["cosine_mean"], fid.overall["cosine_p1"],
+                  fid.overall["top8_agreement"], seconds, spec=spec.to_json())
+    return point, fid
+
+
+def run_codec(dump: Dump, name: str, roundtrip, bits_per_value, max_queries: int,
+              overhead_bits: float = 0.0) -> Point:
+    """Score a codec given as roundtrip(x [b,h,t,d] float32, role) -> x_hat.
+
+    ``bits_per_value(shape, role)`` counts what each tensor stores; ``overhead_bits`` what the
+    whole dump stores once (a shared rotation, a table).
+    """
+    pair = kv_entries(dump)
+    cache: dict = {}
+    start = time.perf_counter()
+    total_bits = float(overhead_bits)
+    for i in pair:
+        entry = dump.manifest.entries[i]
+        for layer in range(entry.shape.layers):
+            x = read_layer(dump, entry, layer).astype(np.float32)
+            x_hat = roundtrip(x, entry.shape.role)
+            if entry.shape.dtype != "f32":  # stored back in the source dtype, as a restore would
+                x_hat = x_hat.astype(pipeline.stfile.numpy_dtype_for(
+                    pipeline.SOURCE_DTYPES[entry.shape.dtype])).astype(np.float32)
+            cache[(i, layer)] = x_hat
+            total_bits += bits_per_value(x.shape, entry.shape.role) * x.size
+    seconds = time.perf_counter() - start
+    fid = measure(dump, lambda i, layer: cache[(i, layer)], max_queries=max_queries)
+    values, source_bytes = kv_values_and_bytes(dump, pair)
+    return Point(name, name, source_bytes / (total_bits / 8), total_bits / values,
+                 fid.overall["rel_mse"],
+                 fid.overall["cosine_mean"], fid.overall["cosine_p1"],
+                 fid.overall["top8_agreement"], seconds)
+
+
+def scalar_codec(d: int, bits: int, seed: int = 0):
+    """The scalar baseline: same norm (fp16) and rotation, Lloyd-Max per coordinate."""
+    rotation = default_rotation(Profile(d, 2, 4, seed)).astype(np.float32)
+    sq = ScalarQuantizer(d, bits, rotation)
+
+    def roundtrip(x: np.ndarray, role: str) -> np.ndarray:
+        flat = x.reshape(-1, d)
+        codes, norms = sq.encode(flat)
+        return sq.decode(codes, norms.astype(np.float16).astype(np.float32)).reshape(x.shape)
+
+    def bits_per_value(shape, role) -> float:
+        return (d * bits + 16) / d  # codes and an fp16 norm per vector
+
+    overhead_bits = 32 * d * d + 64 * 2**bits  # the f32 rotation and the f64 level table, once
+    return roundtrip, bits_per_value, overhead_bits
+
+
+def mark_pareto(points: list[Point]) -> None:
+    """A point is on the frontier when no other point is at least as small and as faithful."""
+    for p in points:
+        p.pareto = not any(
+            (o.ratio >= p.ratio and o.cosine_mean >= p.cosine_mean)
+            and (o.ratio > p.ratio or o.cosine_mean > p.cosine_mean) for o in points)
+
+
+def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
+          specs: list[CompressSpec] | None = None, peers: bool = True, scalar: bool = True,
+          progress: pipeline.Progress | None = None) -> SweepReport:
+    progress = progress or pipeline.Progress()
+    dump = open_dump(source, manifest)
+    pair = kv_entries(dump)
+    if pair is None:
+        raise InvalidInputError("the sweep needs exactly one key and one value entry of the same "
+                                "geometry", path=str(dump.manifest_path))
+    d = dump.manifest.entries[pair[0]].shape.head_dim
+    specs = fibquant_specs() if specs is None else specs
+    avail = available_peers() if peers else None
+    peer_list = [n for n in PEER_ORDER if avail and n in avail.runnable]
+    total = len(specs) + (4 if scalar else 0) + len(peer_list)
+    progress.start(total, "sweep")
+    rep = SweepReport(str(dump.path), dump.manifest.attention is None,
+                      min(max_queries, dump.manifest.entries[pair[0]].shape.tokens))
+    with tempfile.TemporaryDirectory(prefix="fibquant-sweep-") as tmp:
+        for spec in specs:
+            try:
+                point, _ = run_fibquant(dump, spec, Path(tmp), max_queries)
+                rep.points.append(point)
+            except InvalidInputError as err:  # e.g. a block length that does not divide d
+                rep.skipped[spec.label()] = err.reason
+            progress.advance(spec.label())
+    if scalar:
+        for bits in (4, 3, 2, 1):
+            roundtrip, bpv, once = scalar_codec(d, bits)
+            rep.points.append(run_codec(dump, f"scalar {bits}-bit", roundtrip, bpv, max_queries,
+                                        once))
+            rep.points[-1].method = "scalar"
+            progress.advance(f"scalar {bits}")
+    if avail is not None:
+        rep.skipped.update(avail.unavailable)
+        for name in peer_list:
+            codec = avail.runnable[name]
+            try:
+                rep.points.append(run_codec(dump, name, codec.roundtrip, codec.bits_per_value,
+                                            max_queries))
+            except InvalidInputError as err:
+                rep.skipped[name] = err.reason
+            progress.advance(name)
+    rep.points.sort(key=lambda p: -p.ratio)
+    mark_pareto(rep.points)
+    return rep
