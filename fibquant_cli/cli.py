@@ -187,6 +187,9 @@ def compress(
         "--compare", help="Also measure the scalar baseline at the same rate.")] = False,
     attention: AttentionOpt = True,
     max_queries: MaxQueriesOpt = 2048,
+    target_cosine: Annotated[Optional[float], typer.Option(
+        "--target-cosine", help="Pick the cheapest operating point whose attention cosine "
+        "(mean) on this dump meets C.")] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -194,7 +197,24 @@ def compress(
     from .pipeline import compress as run
     from .spec import resolve_spec
 
-    spec = resolve_spec(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
+    rate_flags = (bits, block_dim, size, key_bits, value_bits, key_block_dim, key_size,
+                  value_block_dim, value_size)
+    if target_cosine is not None:
+        if any(f is not None for f in rate_flags) or keep_first or keep_last:
+            raise UsageError("--target-cosine picks the rates itself: drop --bits, --block-dim, "
+                             "--size, the --key-*/--value-* flags and --keep-*")
+        from .sweep import choose_for_target
+
+        with RichProgress() as progress:
+            spec, choice = choose_for_target(path, target_cosine, manifest=manifest,
+                                             max_queries=max_queries, progress=progress)
+        spec = resolve_spec(key_block_dim=spec.key[0], key_size=spec.key[1],
+                            value_block_dim=spec.value[0], value_size=spec.value[1],
+                            seed=seed, keep_first=spec.keep_first, keep_last=spec.keep_last,
+                            center_keys=spec.center_keys)
+    else:
+        choice = None
+    spec = spec if choice is not None else resolve_spec(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
                         value_bits=value_bits, key_block_dim=key_block_dim, key_size=key_size,
                         value_block_dim=value_block_dim, value_size=value_size, seed=seed,
                         keep_first=keep_first, keep_last=keep_last, center_keys=center_keys)
@@ -202,8 +222,12 @@ def compress(
         rep = run(path, manifest=manifest, output=output, spec=spec, compare=compare,
                   force=force, attention=attention, max_queries=max_queries, progress=progress)
     if as_json:
-        report.print_json(rep.to_json())
+        report.print_json({**rep.to_json(), "target": None if choice is None else choice.to_json()})
         return
+    if choice is not None:
+        report.stdout.print(
+            f"--target-cosine {choice.target}: picked {spec.label()}, attention cosine "
+            f"{choice.measured_cosine:.4f} ({len(choice.tried)} points tried, cheapest first)")
     report.stdout.print(report.compress_table(rep, compare))
     if rep.attention is not None:
         report.stdout.print(report.fidelity_table(rep.attention, "fidelity"))
