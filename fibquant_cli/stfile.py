@@ -592,6 +592,27 @@ class StreamWriter:
             raise _os_failure(err, self.path) from None
         self._written[i] += data.nbytes
 
+    def replace_metadata(self, metadata: Mapping[str, str] | None) -> None:
+        """Rewrite the header's metadata in place; the new header must have the same length.
+
+        Lets a writer put digests of the data into the header after streaming the data: write
+        placeholders of the final length first (e.g. a digest of zeros), then the real values.
+        """
+        if self._file is None:
+            raise RuntimeError("StreamWriter.replace_metadata called outside its with-block")
+        header = _header_bytes(self.layout, metadata, str(self.path))
+        if len(header) != len(self._header):
+            raise ValueError(f"new header is {len(header)} bytes, the placeholder {len(self._header)}")
+        try:
+            self._file.flush()
+            end = self._file.tell()
+            self._file.seek(0)
+            self._file.write(header)
+            self._file.seek(end)
+        except OSError as err:
+            raise _os_failure(err, self.path) from None
+        self._header = header
+
     def _advance(self, name: str) -> TensorInfo:
         """Move past completed tensors to `name`; refuse to skip an incomplete one."""
         if name not in self._positions:

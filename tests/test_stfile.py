@@ -547,3 +547,19 @@ def test_round_trip_property(specs, seed):
             assert _same(np.asarray(reference[name]), array)
             if array.ndim:
                 assert _same(read_tensor(header, name, index=(slice(1, None, 2),)), array[1::2])
+
+
+def test_stream_writer_replace_metadata_in_place(tmp_path):
+    import safetensors.numpy as stn
+
+    from fibquant_cli.stfile import StreamWriter, read_header
+
+    out = tmp_path / "m.safetensors"
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with StreamWriter(out, [("x", "F32", (3, 4))], {"d": "0" * 8}) as w:
+        w.write("x", x)
+        with pytest.raises(ValueError, match="same length|placeholder"):
+            w.replace_metadata({"d": "0" * 40})
+        w.replace_metadata({"d": "abcdef12"})
+    assert read_header(out).metadata == {"d": "abcdef12"}
+    np.testing.assert_array_equal(stn.load_file(out)["x"], x)
