@@ -187,6 +187,8 @@ def compress(
         "--compare", help="Also measure the scalar baseline at the same rate.")] = False,
     attention: AttentionOpt = True,
     max_queries: MaxQueriesOpt = 2048,
+    jobs: Annotated[int, typer.Option(
+        "--jobs", "-j", min=0, help="Encoder processes; 0 = automatic (by dump size).")] = 0,
     target_cosine: Annotated[Optional[float], typer.Option(
         "--target-cosine", help="Pick the cheapest operating point whose attention cosine "
         "(mean) on this dump meets C.")] = None,
@@ -194,7 +196,7 @@ def compress(
     as_json: JsonOpt = False,
 ) -> None:
     """Compress a KV dump into one self-contained .fq.safetensors file."""
-    from .pipeline import compress as run
+    from .compressor import compress as run
     from .spec import resolve_spec
 
     rate_flags = (bits, block_dim, size, key_bits, value_bits, key_block_dim, key_size,
@@ -220,7 +222,8 @@ def compress(
                         keep_first=keep_first, keep_last=keep_last, center_keys=center_keys)
     with RichProgress() as progress:
         rep = run(path, manifest=manifest, output=output, spec=spec, compare=compare,
-                  force=force, attention=attention, max_queries=max_queries, progress=progress)
+                  force=force, attention=attention, max_queries=max_queries, jobs=jobs,
+                  progress=progress)
     if as_json:
         report.print_json({**rep.to_json(), "target": None if choice is None else choice.to_json()})
         return

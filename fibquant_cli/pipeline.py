@@ -1,28 +1,25 @@
-"""compress / decompress / verify: the main job, over files, returning result dataclasses."""
+"""decompress / verify, and what compress shares with them (paths, dtypes, digests)."""
 
 from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from . import __version__, container, stfile
+from . import container, stfile
 from .container import (codebook_name, codes_name, kept_name, mean_name, norms_name, raw_name,
                         rotation_name)
 from .core import bitpack
-from .core.cache import CODEBOOK_SCHEMA, load_or_build
-from .core.codec import FibQuantizer, default_rotation
+from .core.cache import CODEBOOK_SCHEMA
+from .core.codec import FibQuantizer
 from .core.params import Profile
-from .core.scalar import ScalarQuantizer
-from .digest import bytes_digest, file_digest, tensor_digest
+from .digest import bytes_digest, tensor_digest
 from .errors import IntegrityError, InvalidInputError, UsageError
-from .kvdump import Dump, check_finite, open_dump, read_layer
-from .spec import CompressSpec
-from .manifest import entry_layer_views, expected_tensor_shape, manifest_path_for, parse_manifest, save_manifest
+from .manifest import entry_layer_views, manifest_path_for, parse_manifest, save_manifest
 
 FP16_MAX = float(np.finfo(np.float16).max)
 ROTATION_SCHEMA = "fibquant_rotation_v1"
@@ -36,85 +33,6 @@ class Progress:
 
     def advance(self, label: str) -> None:  # noqa: D102
         pass
-
-
-@dataclass(frozen=True)
-class RoleStats:
-    """Measured size and error of one manifest entry (or the total)."""
-
-    label: str
-    vectors: int
-    values: int
-    source_bytes: int
-    payload_bytes: int
-    compressed_bytes: int
-    ratio: float
-    payload_bits_per_value: float
-    bits_per_value: float
-    rel_mse: float
-    cosine_mean: float
-    cosine_min: float
-    scalar_rel_mse: float | None = None
-    profile: dict | None = None
-
-
-@dataclass
-class CompressReport:
-    source: str
-    output: str
-    file_bytes: int
-    passthrough_bytes: int
-    entries: list[RoleStats]
-    total: RoleStats
-    passthrough: list[str] = field(default_factory=list)
-    attention: object = None  # a fidelity.FidelityReport, or None when not measured
-    spec: dict | None = None
-
-    def to_json(self) -> dict:
-        out = asdict(self)
-        out["attention"] = None if self.attention is None else self.attention.to_json()
-        return out
-
-
-class _ErrorAccumulator:
-    """Sums ||x - x_hat||^2, ||x||^2 and per-vector cosines over chunks."""
-
-    def __init__(self) -> None:
-        self.err = self.energy = self.cos_sum = 0.0
-        self.cos_min = 1.0
-        self.cos_count = 0
-
-    def add(self, x: np.ndarray, x_hat: np.ndarray) -> None:
-        x = x.astype(np.float64)
-        x_hat = x_hat.astype(np.float64)
-        self.err += float(((x - x_hat) ** 2).sum())
-        self.energy += float((x * x).sum())
-        nx, nh = np.linalg.norm(x, axis=1), np.linalg.norm(x_hat, axis=1)
-        ok = (nx > 0) & (nh > 0)
-        cos = (x[ok] * x_hat[ok]).sum(1) / (nx[ok] * nh[ok])
-        if cos.size:
-            self.cos_sum += float(cos.sum())
-            self.cos_min = min(self.cos_min, float(cos.min()))
-            self.cos_count += cos.size
-
-    @classmethod
-    def merge(cls, parts) -> "_ErrorAccumulator":
-        out = cls()
-        for part in parts:
-            out.err += part.err
-            out.energy += part.energy
-            out.cos_sum += part.cos_sum
-            out.cos_count += part.cos_count
-            out.cos_min = min(out.cos_min, part.cos_min)
-        return out
-
-    @property
-    def rel_mse(self) -> float:
-        return self.err / self.energy if self.energy > 0 else 0.0
-
-    @property
-    def cos_mean(self) -> float:
-        return self.cos_sum / self.cos_count if self.cos_count else 1.0
 
 
 def to_float32(arr: np.ndarray) -> np.ndarray:
@@ -132,13 +50,6 @@ def from_float32(x: np.ndarray, st_dtype: str) -> np.ndarray:
         top = float(ml_dtypes.finfo(dtype).max)
         x = np.clip(x, -top, top)
     return x.astype(dtype)
-
-
-def store_norms(norms: np.ndarray) -> np.ndarray:
-    """fp16 norms (the paper's 2 bytes) unless one would overflow fp16; then f32, never inf."""
-    if norms.size and float(norms.max()) > FP16_MAX:
-        return norms.astype(np.float32)
-    return norms.astype(np.float16)
 
 
 def temp_sibling(path: Path) -> Path:
@@ -183,185 +94,7 @@ def default_restored_path(compressed: Path) -> Path:
     return compressed.with_name(name + ".restored.safetensors")
 
 
-def entry_profiles(dump: Dump, spec: CompressSpec) -> list[Profile]:
-    profiles = []
-    for entry in dump.manifest.entries:
-        k, n = spec.point(entry.shape.role)
-        try:
-            entry.shape.validate_block_dim(k)
-        except InvalidInputError as err:
-            raise InvalidInputError(err.reason, path=str(dump.manifest_path),
-                                    tensor=entry.tensors[0]) from None
-        profiles.append(Profile(entry.shape.head_dim, k, n, spec.seed))
-    return profiles
-
-
-def make_quantizers(profiles, progress: Progress) -> dict[Profile, FibQuantizer]:
-    quantizers = {}
-    for p in dict.fromkeys(profiles):
-        progress.advance(f"codebook d={p.head_dim} k={p.block_dim} N={p.size}")
-        codebook, _ = load_or_build(p)
-        # Stored as f32: the codec computes in f32, so decode is bit-identical either way.
-        quantizers[p] = FibQuantizer(p, codebook.astype(np.float32),
-                                     default_rotation(p).astype(np.float32))
-    return quantizers
-
-
-def split_kept(arr: np.ndarray, keep_first: int, keep_last: int):
-    """[b, h, t, d] -> (kept [b, h, kf + kl, d], middle [b, h, t - kf - kl, d], kf, kl)."""
-    t = arr.shape[2]
-    kf = min(keep_first, t)
-    kl = min(keep_last, t - kf)
-    kept = np.concatenate([arr[:, :, :kf], arr[:, :, t - kl:]], axis=2)
-    return kept, arr[:, :, kf:t - kl], kf, kl
-
-
-def token_mean(middle: np.ndarray) -> np.ndarray:
-    """Mean over tokens of [b, h, t, d] -> [b, h, d] float32 (zeros when t == 0)."""
-    if middle.shape[2] == 0:
-        return np.zeros(middle.shape[:2] + middle.shape[3:], dtype=np.float32)
-    return middle.astype(np.float64).mean(axis=2).astype(np.float32)
-
-
-def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = None,
-             compare: bool = False, force: bool = False, attention: bool = True,
-             max_queries: int | None = None,
-             progress: Progress | None = None) -> CompressReport:
-    """Compress a KV dump into one self-contained ``.fq.safetensors`` file."""
-    progress = progress or Progress()
-    spec = spec or CompressSpec()
-    source = Path(source)
-    out = Path(output) if output is not None else default_compressed_path(source)
-    dump = open_dump(source, manifest)
-    check_output_paths(source, [out], force)
-    if out.resolve() == dump.manifest_path.resolve():
-        raise UsageError("output is the manifest file", path=str(out))
-    if attention:
-        check_queries_finite(dump)
-    tensors, doc, runs, distinct = encode_dump(dump, spec, compare, progress)
-    tmp = temp_sibling(out)
-    try:
-        stfile.write_file(tmp, tensors, container.metadata_for(doc))
-        rep = _compress_report(dump, out, tmp.stat().st_size, tensors, distinct, runs)
-        rep.spec = spec.to_json()
-        if attention:
-            from .fidelity import DEFAULT_MAX_QUERIES, measure
-
-            progress.start(1, "attention fidelity")
-            rep.attention = measure(dump, reconstructor(load_verified(tmp)),
-                                    max_queries=max_queries or DEFAULT_MAX_QUERIES)
-        commit_outputs([(tmp, out)], force)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return rep
-
-
-def check_queries_finite(dump: Dump) -> None:
-    """Queries are passed through, but attention fidelity reads them: refuse NaN/Inf early."""
-    if dump.manifest.attention is not None:
-        for name in dump.manifest.attention.query_tensors:
-            check_finite(dump.header, name, stfile.read_tensor(dump.header, name))
-
-
-def encode_dump(dump: Dump, spec: CompressSpec, compare: bool, progress: Progress):
-    """Every stored array and the metadata document of the compressed form of ``dump``."""
-    profiles = entry_profiles(dump, spec)
-    quantizers = make_quantizers(profiles, progress)
-    distinct = list(quantizers)
-    tensors: dict[str, object] = {}
-    for j, p in enumerate(distinct):
-        tensors[codebook_name(j)] = quantizers[p].codebook
-        tensors[rotation_name(j)] = quantizers[p].rotation
-
-    progress.start(sum(e.shape.layers for e in dump.manifest.entries), "compressing")
-    runs, doc_entries = [], []
-    for i, (entry, p) in enumerate(zip(dump.manifest.entries, profiles)):
-        q = quantizers[p]
-        acc = _ErrorAccumulator()
-        scalar = _scalar_for(p, q.rotation) if compare else None
-        scalar_acc = _ErrorAccumulator() if scalar is not None else None
-        st_dtype = SOURCE_DTYPES[entry.shape.dtype]
-        center = spec.center_keys and entry.shape.role == "key"
-        payload = 0
-        for layer in range(entry.shape.layers):
-            arr = read_layer(dump, entry, layer)
-            kept, middle, kf, kl = split_kept(arr, spec.keep_first, spec.keep_last)
-            b, h, t, d = middle.shape
-            x = to_float32(middle.reshape(-1, d))
-            mean = None
-            if center:
-                mean = token_mean(middle)
-                tensors[mean_name(i, layer)] = mean
-                payload += mean.nbytes
-                x_in = (middle.astype(np.float32) - mean[:, :, None, :]).reshape(-1, d)
-            else:
-                x_in = x
-            codes, norms = q.encode(x_in)
-            stored_norms = store_norms(norms)
-            x_hat = q.decode(codes, stored_norms.astype(np.float32))
-            if mean is not None:
-                x_hat = (x_hat.reshape(b, h, t, d) + mean[:, :, None, :]).reshape(-1, d)
-            x_hat = from_float32(x_hat, st_dtype)
-            acc.add(x, x_hat)
-            if scalar is not None:
-                scalar_acc.add(x, from_float32(scalar.decode(*scalar.encode(x)), st_dtype))
-            packed = bitpack.pack(codes, p.wire_bits)
-            tensors[codes_name(i, layer)] = packed
-            tensors[norms_name(i, layer)] = stored_norms.reshape(b, h, t)
-            payload += packed.nbytes + stored_norms.nbytes
-            if kf + kl:
-                kept_x = to_float32(kept.reshape(-1, d))
-                acc.add(kept_x, kept_x)  # stored exactly: counted, with zero error
-                if scalar_acc is not None:
-                    scalar_acc.add(kept_x, kept_x)
-                tensors[kept_name(i, layer)] = np.ascontiguousarray(kept)
-                payload += kept.nbytes
-            progress.advance(f"{entry.shape.role} layer {layer}")
-        runs.append((entry, p, acc, scalar_acc, payload))
-        doc_entries.append({"profile": distinct.index(p), "layers": entry.shape.layers,
-                            "vectors_per_layer": entry.shape.vector_count // entry.shape.layers,
-                            "keep_first": spec.keep_first, "keep_last": spec.keep_last,
-                            "center": center})
-
-    source_tensors = {}
-    for name, info in dump.header.tensors.items():
-        raw = stfile.read_raw(dump.header, name)
-        source_tensors[name] = {"dtype": info.dtype, "shape": list(info.shape),
-                                "digest": tensor_digest(info.dtype, info.shape, raw)}
-        if name not in dump.kv_names:
-            tensors[raw_name(name)] = stfile.RawTensor(info.dtype, info.shape, raw)
-
-    doc = {
-        "format_version": container.FORMAT_VERSION,
-        "tool": f"fibquant {__version__}",
-        "source": {
-            "file": dump.path.name,
-            "file_digest": file_digest({n: v["digest"] for n, v in source_tensors.items()}),
-            "tensor_order": list(dump.header.tensors),
-            "metadata": dump.header.metadata,
-            "tensors": source_tensors,
-        },
-        "manifest": dump.manifest.to_json(),
-        "profiles": [{"profile": p.to_json(), "profile_digest": p.digest,
-                      "codebook_digest": stored_codebook_digest(quantizers[p].codebook),
-                      "rotation_digest": rotation_digest(quantizers[p].rotation)}
-                     for p in distinct],
-        "entries": doc_entries,
-        "arrays": {name: _digest_of(t) for name, t in tensors.items()},
-    }
-    return tensors, doc, runs, distinct
-
-
 SOURCE_DTYPES = {"f16": "F16", "bf16": "BF16", "f32": "F32"}
-
-
-def _np_source_dtype(dtype: str):
-    return {"f16": np.float16, "bf16": stfile.numpy_dtype_for("BF16"), "f32": np.float32}[dtype]
-
-
-def _scalar_for(p: Profile, rotation: np.ndarray):
-    b = p.rate_bits
-    return ScalarQuantizer(p.head_dim, round(b), rotation) if abs(b - round(b)) < 1e-12 and 1 <= b <= 8 else None
 
 
 def rotation_digest(rotation: np.ndarray) -> str:
@@ -370,61 +103,6 @@ def rotation_digest(rotation: np.ndarray) -> str:
 
 def stored_codebook_digest(codebook: np.ndarray) -> str:
     return bytes_digest(CODEBOOK_SCHEMA, np.ascontiguousarray(codebook, dtype="<f4").tobytes())
-
-
-def _digest_of(t) -> str:
-    if isinstance(t, stfile.RawTensor):
-        return tensor_digest(t.dtype, t.shape, t.data)
-    arr = np.ascontiguousarray(t)
-    return tensor_digest(stfile.st_dtype_for(arr.dtype), arr.shape, arr)
-
-
-def _nbytes(t) -> int:
-    return len(t.data) if isinstance(t, stfile.RawTensor) else np.asarray(t).nbytes
-
-
-def _compress_report(dump, out: Path, file_bytes: int, tensors, distinct, runs) -> CompressReport:
-    """Sizes and errors per entry and in total; shared bytes are split across their users."""
-    passthrough_bytes = sum(_nbytes(t) for n, t in tensors.items() if n.startswith(container.RAW_PREFIX))
-    header_bytes = file_bytes - sum(_nbytes(t) for t in tensors.values())
-    users = {p: sum(1 for run in runs if run[1] == p) for p in distinct}
-    rows = []
-    for entry, p, acc, scalar_acc, payload in runs:
-        j = distinct.index(p)
-        shared = (_nbytes(tensors[codebook_name(j)]) + _nbytes(tensors[rotation_name(j)])) / users[p]
-        total = payload + shared + header_bytes / len(runs)
-        rows.append(_stats(entry.shape.role, entry.shape, payload, total, acc, scalar_acc, p))
-    overall = _ErrorAccumulator.merge([run[2] for run in runs])
-    scalars = [run[3] for run in runs]
-    scalar = None if any(s is None or not s.cos_count for s in scalars) else _ErrorAccumulator.merge(scalars)
-    kv_bytes = file_bytes - passthrough_bytes
-    src = sum(r.source_bytes for r in rows)
-    pay = sum(r.payload_bytes for r in rows)
-    values = sum(r.values for r in rows)
-    total = RoleStats(
-        label="total", vectors=sum(r.vectors for r in rows), values=values, source_bytes=src,
-        payload_bytes=pay, compressed_bytes=kv_bytes, ratio=src / kv_bytes,
-        payload_bits_per_value=8 * pay / values, bits_per_value=8 * kv_bytes / values,
-        rel_mse=overall.rel_mse, cosine_mean=overall.cos_mean, cosine_min=overall.cos_min,
-        scalar_rel_mse=None if scalar is None else scalar.rel_mse,
-    )
-    return CompressReport(str(dump.path), str(out), file_bytes, passthrough_bytes, rows, total,
-                          dump.passthrough_names)
-
-
-def _stats(label, shape, payload, total, acc, scalar_acc, p) -> RoleStats:
-    itemsize = np.dtype(_np_source_dtype(shape.dtype)).itemsize
-    values = shape.element_count
-    return RoleStats(
-        label=label, vectors=shape.vector_count, values=values,
-        source_bytes=values * itemsize, payload_bytes=payload, compressed_bytes=round(total),
-        ratio=values * itemsize / total, payload_bits_per_value=8 * payload / values,
-        bits_per_value=8 * total / values, rel_mse=acc.rel_mse, cosine_mean=acc.cos_mean,
-        cosine_min=acc.cos_min,
-        scalar_rel_mse=None if scalar_acc is None or not scalar_acc.cos_count else scalar_acc.rel_mse,
-        profile={"block_dim": p.block_dim, "size": p.size, "rate_bits": p.rate_bits,
-                 "wire_bits": p.wire_bits, "seed": p.seed},
-    )
 
 
 # --------------------------------------------------------------------------- decompress

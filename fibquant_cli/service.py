@@ -11,7 +11,7 @@ import numpy as np
 from . import container, pipeline, stfile
 from .core.cache import load_or_build
 from .core.codebook import STREAM_EVALUATION, d_unit, stream
-from .core.codec import FibQuantizer, default_rotation
+from .core.codec import default_rotation
 from .core.params import Profile
 from .core.scalar import ScalarQuantizer
 from .digest import file_digest, tensor_digest

@@ -42,7 +42,6 @@ import os
 import secrets
 import stat
 import struct
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path

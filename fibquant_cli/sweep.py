@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import pipeline
+from .compressor import compress
 from .core.codec import default_rotation
 from .core.params import Profile
 from .core.peers import available_peers
@@ -82,8 +83,8 @@ def run_fibquant(dump: Dump, spec: CompressSpec, workdir: Path, max_queries: int
     """Compress to a real file, then score what it restores. Returns (Point, compress report)."""
     out = workdir / "point.fq.safetensors"
     start = time.perf_counter()
-    rep = pipeline.compress(dump.path, manifest=dump.manifest_path, output=out, spec=spec,
-                            force=True, attention=False)
+    rep = compress(dump.path, manifest=dump.manifest_path, output=out, spec=spec,
+                            force=True, attention=False, jobs=1)
     seconds = time.perf_counter() - start
     fid = measure(dump, pipeline.reconstructor(pipeline.load_verified(out)),
                   max_queries=max_queries)

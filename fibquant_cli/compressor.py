@@ -1,0 +1,507 @@
+"""compress: a KV dump -> one self-contained compressed file, streamed with bounded memory.
+
+Two passes over the dump, one layer in memory at a time:
+
+1. a pre-pass reads every KV layer once: it checks values are finite (before anything is
+   written), sizes each layer's norms (fp16, or f32 when a norm would overflow fp16), and
+   digests every KV source tensor;
+2. the encode pass streams the arrays into the output in header order. The header is written
+   first with placeholder digests of the final length, then rewritten in place with the real
+   ones (``StreamWriter.replace_metadata``), so nothing but one layer is ever held.
+
+Layers are independent, so ``jobs > 1`` encodes them in a process pool (spawned workers with one
+BLAS thread each), while this process writes the results in order.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, container, stfile
+from .container import (codebook_name, codes_name, kept_name, mean_name, norms_name, raw_name,
+                        rotation_name)
+from .core import bitpack
+from .core.cache import load_or_build
+from .core.codec import FibQuantizer, default_rotation, row_norms
+from .core.params import Profile
+from .core.scalar import ScalarQuantizer
+from .digest import file_digest, tensor_digest
+from .errors import InvalidInputError, UsageError
+from .kvdump import Dump, check_finite, open_dump, read_layer
+from .pipeline import (FP16_MAX, SOURCE_DTYPES, Progress, check_output_paths, commit_outputs,
+                       default_compressed_path, from_float32, load_verified, reconstructor,
+                       rotation_digest, stored_codebook_digest, temp_sibling)
+from .spec import CompressSpec
+
+PLACEHOLDER_DIGEST = "blake3:" + "0" * 64
+# Below this much KV data a process pool costs more (worker start-up) than it saves.
+AUTO_JOBS_MIN_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class RoleStats:
+    """Measured size and error of one manifest entry (or the total)."""
+
+    label: str
+    vectors: int
+    values: int
+    source_bytes: int
+    payload_bytes: int
+    compressed_bytes: int
+    ratio: float
+    payload_bits_per_value: float
+    bits_per_value: float
+    rel_mse: float
+    cosine_mean: float
+    cosine_min: float
+    scalar_rel_mse: float | None = None
+    profile: dict | None = None
+
+
+@dataclass
+class CompressReport:
+    source: str
+    output: str
+    file_bytes: int
+    passthrough_bytes: int
+    entries: list[RoleStats]
+    total: RoleStats
+    passthrough: list[str] = field(default_factory=list)
+    attention: object = None  # a fidelity.FidelityReport, or None when not measured
+    spec: dict | None = None
+    seconds: float = 0.0
+    jobs: int = 1
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["attention"] = None if self.attention is None else self.attention.to_json()
+        return out
+
+
+class ErrorAccumulator:
+    """Sums ||x - x_hat||^2, ||x||^2 and per-vector cosines over chunks."""
+
+    def __init__(self) -> None:
+        self.err = self.energy = self.cos_sum = 0.0
+        self.cos_min = 1.0
+        self.cos_count = 0
+
+    def add(self, x: np.ndarray, x_hat: np.ndarray) -> None:
+        x = x.astype(np.float64)
+        x_hat = x_hat.astype(np.float64)
+        self.err += float(((x - x_hat) ** 2).sum())
+        self.energy += float((x * x).sum())
+        nx, nh = np.linalg.norm(x, axis=1), np.linalg.norm(x_hat, axis=1)
+        ok = (nx > 0) & (nh > 0)
+        cos = (x[ok] * x_hat[ok]).sum(1) / (nx[ok] * nh[ok])
+        if cos.size:
+            self.cos_sum += float(cos.sum())
+            self.cos_min = min(self.cos_min, float(cos.min()))
+            self.cos_count += cos.size
+
+    @classmethod
+    def merge(cls, parts) -> "ErrorAccumulator":
+        out = cls()
+        for part in parts:
+            out.err += part.err
+            out.energy += part.energy
+            out.cos_sum += part.cos_sum
+            out.cos_count += part.cos_count
+            out.cos_min = min(out.cos_min, part.cos_min)
+        return out
+
+    @property
+    def rel_mse(self) -> float:
+        return self.err / self.energy if self.energy > 0 else 0.0
+
+    @property
+    def cos_mean(self) -> float:
+        return self.cos_sum / self.cos_count if self.cos_count else 1.0
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def entry_profiles(dump: Dump, spec: CompressSpec) -> list[Profile]:
+    profiles = []
+    for entry in dump.manifest.entries:
+        k, n = spec.point(entry.shape.role)
+        try:
+            entry.shape.validate_block_dim(k)
+        except InvalidInputError as err:
+            raise InvalidInputError(err.reason, path=str(dump.manifest_path),
+                                    tensor=entry.tensors[0]) from None
+        profiles.append(Profile(entry.shape.head_dim, k, n, spec.seed))
+    return profiles
+
+
+def make_quantizers(profiles, progress: Progress) -> dict[Profile, FibQuantizer]:
+    quantizers = {}
+    for p in dict.fromkeys(profiles):
+        progress.advance(f"codebook d={p.head_dim} k={p.block_dim} N={p.size}")
+        codebook, _ = load_or_build(p)
+        # Stored as f32: the codec computes in f32, so decode is bit-identical either way.
+        quantizers[p] = FibQuantizer(p, codebook.astype(np.float32),
+                                     default_rotation(p).astype(np.float32))
+    return quantizers
+
+
+def split_kept(arr: np.ndarray, keep_first: int, keep_last: int):
+    """[b, h, t, d] -> (kept [b, h, kf + kl, d], middle [b, h, t - kf - kl, d], kf, kl)."""
+    t = arr.shape[2]
+    kf = min(keep_first, t)
+    kl = min(keep_last, t - kf)
+    kept = np.concatenate([arr[:, :, :kf], arr[:, :, t - kl:]], axis=2)
+    return kept, arr[:, :, kf:t - kl], kf, kl
+
+
+def token_mean(middle: np.ndarray) -> np.ndarray:
+    """Mean over tokens of [b, h, t, d] -> [b, h, d] float32 (zeros when t == 0)."""
+    if middle.shape[2] == 0:
+        return np.zeros(middle.shape[:2] + middle.shape[3:], dtype=np.float32)
+    return middle.astype(np.float64).mean(axis=2).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    entry: int
+    layer: int
+    keep_first: int
+    keep_last: int
+    center: bool
+    norms_dtype: str  # "F16" or "F32"
+
+
+def encoder_input(arr: np.ndarray, plan_center: bool, keep_first: int, keep_last: int):
+    """Split a layer into kept tokens and the (centered) vectors to encode."""
+    kept, middle, kf, kl = split_kept(arr, keep_first, keep_last)
+    b, h, t, d = middle.shape
+    mean = token_mean(middle) if plan_center else None
+    x = middle.astype(np.float32)
+    x_in = x - mean[:, :, None, :] if mean is not None else x
+    return kept, x.reshape(-1, d), x_in.reshape(-1, d), mean, (b, h, t, d)
+
+
+def prepass(dump: Dump, spec: CompressSpec, progress: Progress):
+    """Plans per layer, and the digest of every source tensor (KV ones read here)."""
+    plans = []
+    progress.start(sum(e.shape.layers for e in dump.manifest.entries), "checking")
+    for i, entry in enumerate(dump.manifest.entries):
+        center = spec.center_keys and entry.shape.role == "key"
+        for layer in range(entry.shape.layers):
+            arr = read_layer(dump, entry, layer)  # raises on NaN/Inf, naming tensor and position
+            _, _, x_in, _, _ = encoder_input(arr, center, spec.keep_first, spec.keep_last)
+            wide = x_in.size and float(row_norms(x_in).max()) > FP16_MAX
+            kf = min(spec.keep_first, entry.shape.tokens)
+            kl = min(spec.keep_last, entry.shape.tokens - kf)
+            plans.append(LayerPlan(i, layer, kf, kl, center, "F32" if wide else "F16"))
+            progress.advance(f"{entry.shape.role} layer {layer}")
+    return plans
+
+
+def layout(dump: Dump, profiles, quantizers, plans) -> list[tuple[str, str, tuple]]:
+    """(name, dtype, shape) of every stored array, in file order."""
+    specs = []
+    for j, q in enumerate(quantizers.values()):
+        specs.append((codebook_name(j), "F32", q.codebook.shape))
+        specs.append((rotation_name(j), "F32", q.rotation.shape))
+    for plan in plans:
+        shape = dump.manifest.entries[plan.entry].shape
+        p = profiles[plan.entry]
+        t_mid = shape.tokens - plan.keep_first - plan.keep_last
+        n = shape.batch * shape.kv_heads * t_mid * p.blocks_per_vector
+        specs.append((codes_name(plan.entry, plan.layer), "U8",
+                      (bitpack.packed_n_bytes(n, p.wire_bits),)))
+        specs.append((norms_name(plan.entry, plan.layer), plan.norms_dtype,
+                      (shape.batch, shape.kv_heads, t_mid)))
+        if plan.center:
+            specs.append((mean_name(plan.entry, plan.layer), "F32",
+                          (shape.batch, shape.kv_heads, shape.head_dim)))
+        if plan.keep_first + plan.keep_last:
+            specs.append((kept_name(plan.entry, plan.layer), SOURCE_DTYPES[shape.dtype],
+                          (shape.batch, shape.kv_heads, plan.keep_first + plan.keep_last,
+                           shape.head_dim)))
+    for name in dump.passthrough_names:
+        info = dump.header.tensors[name]
+        specs.append((raw_name(name), info.dtype, info.shape))
+    return specs
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class LayerResult:
+    plan: LayerPlan
+    arrays: dict  # stored name -> array
+    acc: ErrorAccumulator
+    scalar_acc: ErrorAccumulator | None
+    payload: int
+
+
+def encode_layer(dump: Dump, q: FibQuantizer, plan: LayerPlan, compare: bool) -> LayerResult:
+    entry = dump.manifest.entries[plan.entry]
+    st_dtype = SOURCE_DTYPES[entry.shape.dtype]
+    arr = read_layer(dump, entry, plan.layer)
+    kept, x, x_in, mean, (b, h, t, d) = encoder_input(arr, plan.center, plan.keep_first,
+                                                      plan.keep_last)
+    codes, norms = q.encode(x_in)
+    stored_norms = norms.astype(np.float16 if plan.norms_dtype == "F16" else np.float32)
+    x_hat = q.decode(codes, stored_norms.astype(np.float32))
+    if mean is not None:
+        x_hat = (x_hat.reshape(b, h, t, d) + mean[:, :, None, :]).reshape(-1, d)
+    acc = ErrorAccumulator()
+    acc.add(x, from_float32(x_hat, st_dtype))
+    scalar_acc = None
+    scalar = _scalar_for(q.profile, q.rotation) if compare else None
+    if scalar is not None:
+        scalar_acc = ErrorAccumulator()
+        scalar_acc.add(x, from_float32(scalar.decode(*scalar.encode(x)), st_dtype))
+    arrays = {codes_name(plan.entry, plan.layer): bitpack.pack(codes, q.profile.wire_bits),
+              norms_name(plan.entry, plan.layer): stored_norms.reshape(b, h, t)}
+    if mean is not None:
+        arrays[mean_name(plan.entry, plan.layer)] = mean
+    if plan.keep_first + plan.keep_last:
+        kept_x = kept.reshape(-1, d).astype(np.float32)
+        acc.add(kept_x, kept_x)  # stored exactly: counted, with zero error
+        if scalar_acc is not None:
+            scalar_acc.add(kept_x, kept_x)
+        arrays[kept_name(plan.entry, plan.layer)] = np.ascontiguousarray(kept)
+    payload = sum(a.nbytes for a in arrays.values())
+    return LayerResult(plan, arrays, acc, scalar_acc, payload)
+
+
+def _scalar_for(p: Profile, rotation: np.ndarray):
+    b = p.rate_bits
+    whole = abs(b - round(b)) < 1e-12 and 1 <= b <= 8
+    return ScalarQuantizer(p.head_dim, round(b), rotation) if whole else None
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(source: str, manifest: str, quantizers: dict, compare: bool) -> None:
+    _WORKER.update(dump=open_dump(source, manifest), quantizers=quantizers, compare=compare)
+
+
+def _worker_encode(plan: LayerPlan, profile: Profile) -> LayerResult:
+    return encode_layer(_WORKER["dump"], _WORKER["quantizers"][profile], plan, _WORKER["compare"])
+
+
+def encoded_layers(dump: Dump, quantizers, profiles, plans, compare: bool, jobs: int):
+    """Yield LayerResults in plan order, computed here or in a pool of ``jobs`` processes."""
+    if jobs <= 1 or len(plans) < 2:
+        for plan in plans:
+            yield encode_layer(dump, quantizers[profiles[plan.entry]], plan, compare)
+        return
+    saved = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                            "MKL_NUM_THREADS")}
+    os.environ.update({k: "1" for k in saved})  # spawned workers read these at numpy import
+    try:
+        pool = ProcessPoolExecutor(
+            max_workers=jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+            initargs=(str(dump.path), str(dump.manifest_path), quantizers, compare))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    with pool:
+        pending = []
+        ahead = 2 * jobs  # bounded look-ahead: at most this many layers' results in memory
+        it = iter(plans)
+        for plan in it:
+            pending.append(pool.submit(_worker_encode, plan, profiles[plan.entry]))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            result = pending.pop(0).result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(_worker_encode, nxt, profiles[nxt.entry]))
+            yield result
+
+
+def auto_jobs(dump: Dump) -> int:
+    kv_bytes = sum(dump.header.tensors[n].n_bytes for n in dump.kv_names)
+    return min(os.cpu_count() or 1, 4) if kv_bytes >= AUTO_JOBS_MIN_BYTES else 1
+
+
+# --------------------------------------------------------------------------- compress
+
+
+def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = None,
+             compare: bool = False, force: bool = False, attention: bool = True,
+             max_queries: int | None = None, jobs: int = 0,
+             progress: Progress | None = None) -> CompressReport:
+    """Compress a KV dump into one self-contained ``.fq.safetensors`` file.
+
+    ``jobs`` = 0 picks a process pool size from the dump's size; 1 encodes in this process.
+    """
+    start = time.perf_counter()
+    progress = progress or Progress()
+    spec = spec or CompressSpec()
+    source = Path(source)
+    out = Path(output) if output is not None else default_compressed_path(source)
+    dump = open_dump(source, manifest)
+    check_output_paths(source, [out], force)
+    if out.resolve() == dump.manifest_path.resolve():
+        raise UsageError("output is the manifest file", path=str(out))
+    if jobs < 0:
+        raise UsageError(f"--jobs must be >= 0, got {jobs}")
+    jobs = jobs or auto_jobs(dump)
+    if attention:
+        check_queries_finite(dump)
+    profiles = entry_profiles(dump, spec)
+    quantizers = make_quantizers(profiles, progress)
+    plans = prepass(dump, spec, progress)
+    specs = layout(dump, profiles, quantizers, plans)
+    doc = document(dump, quantizers, plans, spec)
+    digests = {name: PLACEHOLDER_DIGEST for name, _, _ in specs}
+    tmp = temp_sibling(out)
+    runs: dict[int, list[LayerResult]] = {}
+    try:
+        with stfile.StreamWriter(tmp, specs, container.metadata_for({**doc, "arrays": digests})) as w:
+            for j, q in enumerate(quantizers.values()):
+                for name, arr in ((codebook_name(j), q.codebook), (rotation_name(j), q.rotation)):
+                    w.write(name, arr)
+                    digests[name] = _array_digest(arr)
+            progress.start(len(plans), f"compressing ({jobs} job{'s' if jobs > 1 else ''})")
+            for result in encoded_layers(dump, quantizers, profiles, plans, compare, jobs):
+                for name, arr in result.arrays.items():
+                    w.write(name, arr)
+                    digests[name] = _array_digest(arr)
+                runs.setdefault(result.plan.entry, []).append(result)
+                progress.advance(f"entry {result.plan.entry} layer {result.plan.layer}")
+            source_digests = doc["source"]["tensors"]
+            for name in dump.passthrough_names:
+                info = dump.header.tensors[name]
+                raw = stfile.read_raw(dump.header, name)
+                w.write(raw_name(name), raw)
+                digests[raw_name(name)] = tensor_digest(info.dtype, info.shape, raw)
+                source_digests[name]["digest"] = digests[raw_name(name)]
+            doc["source"]["file_digest"] = file_digest(
+                {n: v["digest"] for n, v in source_digests.items()})
+            w.replace_metadata(container.metadata_for({**doc, "arrays": digests}))
+            n_bytes = {info.name: info.n_bytes for info in w.layout}
+        rep = _report(dump, out, tmp.stat().st_size, n_bytes, quantizers, profiles, runs)
+        rep.spec, rep.jobs = spec.to_json(), jobs
+        if attention:
+            from .fidelity import DEFAULT_MAX_QUERIES, measure
+
+            progress.start(1, "attention fidelity")
+            rep.attention = measure(dump, reconstructor(load_verified(tmp)),
+                                    max_queries=max_queries or DEFAULT_MAX_QUERIES)
+        commit_outputs([(tmp, out)], force)
+    finally:
+        tmp.unlink(missing_ok=True)
+    rep.seconds = time.perf_counter() - start
+    return rep
+
+
+def check_queries_finite(dump: Dump) -> None:
+    """Queries are passed through, but attention fidelity reads them: refuse NaN/Inf early."""
+    if dump.manifest.attention is not None:
+        for name in dump.manifest.attention.query_tensors:
+            check_finite(dump.header, name, stfile.read_tensor(dump.header, name))
+
+
+def _array_digest(arr: np.ndarray) -> str:
+    arr = np.ascontiguousarray(arr)
+    return tensor_digest(stfile.st_dtype_for(arr.dtype), arr.shape, arr)
+
+
+def document(dump: Dump, quantizers, plans, spec: CompressSpec) -> dict:
+    """The metadata document; KV source digests computed here, the rest filled in later."""
+    source_tensors = {}
+    for name, info in dump.header.tensors.items():
+        digest = PLACEHOLDER_DIGEST
+        if name in dump.kv_names:
+            digest = tensor_digest(info.dtype, info.shape, stfile.read_raw(dump.header, name))
+        source_tensors[name] = {"dtype": info.dtype, "shape": list(info.shape), "digest": digest}
+    entries = []
+    distinct = list(quantizers)
+    for i, entry in enumerate(dump.manifest.entries):
+        p = Profile(entry.shape.head_dim, *spec.point(entry.shape.role), spec.seed)
+        entries.append({"profile": distinct.index(p), "layers": entry.shape.layers,
+                        "vectors_per_layer": entry.shape.vector_count // entry.shape.layers,
+                        "keep_first": spec.keep_first, "keep_last": spec.keep_last,
+                        "center": spec.center_keys and entry.shape.role == "key"})
+    return {
+        "format_version": container.FORMAT_VERSION,
+        "tool": f"fibquant {__version__}",
+        "source": {"file": dump.path.name, "file_digest": PLACEHOLDER_DIGEST,
+                   "tensor_order": list(dump.header.tensors), "metadata": dump.header.metadata,
+                   "tensors": source_tensors},
+        "manifest": dump.manifest.to_json(),
+        "profiles": [{"profile": p.to_json(), "profile_digest": p.digest,
+                      "codebook_digest": stored_codebook_digest(q.codebook),
+                      "rotation_digest": rotation_digest(q.rotation)}
+                     for p, q in quantizers.items()],
+        "entries": entries,
+        "arrays": {},
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _report(dump: Dump, out: Path, file_bytes: int, n_bytes: dict, quantizers, profiles,
+            runs: dict) -> CompressReport:
+    """Sizes and errors per entry and in total; shared bytes are split across their users."""
+    passthrough_bytes = sum(b for n, b in n_bytes.items() if n.startswith(container.RAW_PREFIX))
+    header_bytes = file_bytes - sum(n_bytes.values())
+    distinct = list(quantizers)
+    users = {p: profiles.count(p) for p in distinct}
+    rows, accs, scalar_accs = [], [], []
+    for i, entry in enumerate(dump.manifest.entries):
+        p = profiles[i]
+        j = distinct.index(p)
+        results = runs.get(i, [])
+        acc = ErrorAccumulator.merge(r.acc for r in results)
+        scal = [r.scalar_acc for r in results]
+        scalar_acc = None if any(s is None for s in scal) else ErrorAccumulator.merge(scal)
+        payload = sum(r.payload for r in results)
+        shared = (n_bytes[codebook_name(j)] + n_bytes[rotation_name(j)]) / users[p]
+        total = payload + shared + header_bytes / len(dump.manifest.entries)
+        rows.append(_stats(entry.shape.role, entry.shape, payload, total, acc, scalar_acc, p))
+        accs.append(acc)
+        scalar_accs.append(scalar_acc)
+    overall = ErrorAccumulator.merge(accs)
+    scalar = None if any(s is None for s in scalar_accs) else ErrorAccumulator.merge(scalar_accs)
+    kv_bytes = file_bytes - passthrough_bytes
+    src = sum(r.source_bytes for r in rows)
+    pay = sum(r.payload_bytes for r in rows)
+    values = sum(r.values for r in rows)
+    total = RoleStats(
+        label="total", vectors=sum(r.vectors for r in rows), values=values, source_bytes=src,
+        payload_bytes=pay, compressed_bytes=kv_bytes, ratio=src / kv_bytes,
+        payload_bits_per_value=8 * pay / values, bits_per_value=8 * kv_bytes / values,
+        rel_mse=overall.rel_mse, cosine_mean=overall.cos_mean, cosine_min=overall.cos_min,
+        scalar_rel_mse=None if scalar is None else scalar.rel_mse,
+    )
+    return CompressReport(str(dump.path), str(out), file_bytes, passthrough_bytes, rows, total,
+                          dump.passthrough_names)
+
+
+def _stats(label, shape, payload, total, acc, scalar_acc, p) -> RoleStats:
+    itemsize = stfile.numpy_dtype_for(SOURCE_DTYPES[shape.dtype]).itemsize
+    values = shape.element_count
+    return RoleStats(
+        label=label, vectors=shape.vector_count, values=values,
+        source_bytes=values * itemsize, payload_bytes=payload, compressed_bytes=round(total),
+        ratio=values * itemsize / total, payload_bits_per_value=8 * payload / values,
+        bits_per_value=8 * total / values, rel_mse=acc.rel_mse, cosine_mean=acc.cos_mean,
+        cosine_min=acc.cos_min,
+        scalar_rel_mse=None if scalar_acc is None or not scalar_acc.cos_count else scalar_acc.rel_mse,
+        profile={"block_dim": p.block_dim, "size": p.size, "rate_bits": p.rate_bits,
+                 "wire_bits": p.wire_bits, "seed": p.seed},
+    )
