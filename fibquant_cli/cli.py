@@ -241,13 +241,30 @@ def compress(
 
 @app.command()
 @handle_errors
-def decompress(path: PathArg, output: OutOpt = None, force: ForceOpt = False,
-               as_json: JsonOpt = False) -> None:
-    """Verify every digest, then restore the dump (every tensor) and its manifest."""
-    from .pipeline import decompress as run
+def decompress(
+    path: PathArg,
+    output: OutOpt = None,
+    layers: Annotated[Optional[str], typer.Option(
+        "--layers", help="Only layers START:STOP (random access; reads only their bytes).")] = None,
+    tokens: Annotated[Optional[str], typer.Option(
+        "--tokens", help="Only tokens START:STOP of each selected layer.")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify every digest, then restore the dump (every tensor) and its manifest.
 
+    With --layers/--tokens, decode just that slice (and its queries) into a smaller dump.
+    """
     with RichProgress() as progress:
-        rep = run(path, output=output, force=force, progress=progress)
+        if layers is None and tokens is None:
+            from .pipeline import decompress as run
+
+            rep = run(path, output=output, force=force, progress=progress)
+        else:
+            from .slicing import decompress_slice
+
+            rep = decompress_slice(path, layers=layers, tokens=tokens, output=output,
+                                   force=force, progress=progress)
     if as_json:
         report.print_json(rep.to_json())
     else:

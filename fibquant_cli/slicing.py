@@ -1,0 +1,208 @@
+"""Random access: decode a range of layers and tokens, reading only the bytes they occupy.
+
+Codes are fixed-width, so vector (b, h, t) of a layer starts at bit
+((b * kv_heads + h) * t_mid + t - keep_first) * (d/k) * wire_bits of that layer's stream; the
+stream is memory-mapped and only the bytes of the selected runs are touched. Norms and kept
+tokens are read through slices as well. The document, the codebooks and the rotations are
+verified; the code streams cannot be verified without reading them whole (`fibquant validate`
+does that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from . import stfile
+from .container import codes_name, kept_name, mean_name, norms_name, raw_name
+from .core import bitpack
+from .errors import IntegrityError, UsageError
+from .manifest import (AttentionSpec, Manifest, ManifestEntry, manifest_path_for, save_manifest,
+                       vectors_axes)
+from .pipeline import (SOURCE_DTYPES, DecompressReport, Loaded, Progress, _inverse, _stored,
+                       check_output_paths, commit_outputs, default_restored_path, from_float32,
+                       load_verified, temp_sibling)
+
+
+def parse_range(text: str | None, n: int, flag: str) -> range:
+    """'3:5', '3', ':5', '100:' -> a non-empty range within [0, n)."""
+    if text is None:
+        return range(n)
+    try:
+        if ":" in text:
+            lo, hi = text.split(":", 1)
+            start = int(lo) if lo.strip() else 0
+            stop = int(hi) if hi.strip() else n
+        else:
+            start = int(text)
+            stop = start + 1
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not START:STOP or an index") from None
+    if not 0 <= start < stop <= n:
+        raise UsageError(f"{flag} {text!r} is outside 0:{n} or empty")
+    return range(start, stop)
+
+
+def _codes_map(loaded: Loaded, name: str) -> np.ndarray:
+    header = loaded.comp.header
+    if name not in header.tensors:
+        raise IntegrityError("missing stored array", path=str(loaded.comp.path), tensor=name)
+    info = header.tensors[name]
+    return np.memmap(header.path, dtype=np.uint8, mode="r", offset=header.data_start + info.begin,
+                     shape=(info.n_bytes,))
+
+
+def decode_slice(loaded: Loaded, i: int, layer: int, t0: int, t1: int) -> np.ndarray:
+    """Tokens [t0, t1) of entry i, layer, as [batch, kv_heads, t1 - t0, head_dim] float32."""
+    shape = loaded.manifest.entries[i].shape
+    q = loaded.quantizers[i]
+    p = q.profile
+    b, h, t, d = shape.batch, shape.kv_heads, shape.tokens, shape.head_dim
+    kf, kl = loaded.keeps[i]
+    t_mid = t - kf - kl
+    out = np.empty((b, h, t1 - t0, d), dtype=np.float32)
+    if kf + kl:
+        kept = _stored(loaded, kept_name(i, layer), (b, h, kf + kl, d), None)
+        lo, hi = t0, min(t1, kf)
+        if lo < hi:
+            out[:, :, lo - t0:hi - t0] = kept[:, :, lo:hi]
+        lo, hi = max(t0, t - kl), t1
+        if lo < hi:
+            out[:, :, lo - t0:hi - t0] = kept[:, :, kf + lo - (t - kl):kf + hi - (t - kl)]
+    lo, hi = max(t0, kf), min(t1, t - kl)
+    if lo >= hi:
+        return out
+    cname, nname = codes_name(i, layer), norms_name(i, layer)
+    stream = _codes_map(loaded, cname)
+    expected = bitpack.packed_n_bytes(b * h * t_mid * p.blocks_per_vector, p.wire_bits)
+    if stream.size != expected:
+        raise IntegrityError(f"packed stream has {stream.size} bytes, expected {expected}",
+                             path=str(loaded.comp.path), tensor=cname)
+    if nname not in loaded.comp.header.tensors:
+        raise IntegrityError("missing stored array", path=str(loaded.comp.path), tensor=nname)
+    norms = stfile.read_tensor(loaded.comp.header, nname,
+                               index=(slice(None), slice(None), slice(lo - kf, hi - kf)))
+    if norms.shape != (b, h, hi - lo):
+        raise IntegrityError(f"norms have shape {list(norms.shape)}", path=str(loaded.comp.path),
+                             tensor=nname)
+    mean = _stored(loaded, mean_name(i, layer), (b, h, d), np.float32) if loaded.centers[i] else None
+    bpv = p.blocks_per_vector
+    for bi in range(b):
+        for hi_ in range(h):
+            v0 = (bi * h + hi_) * t_mid + (lo - kf)
+            codes = bitpack.unpack_range(stream, v0 * bpv, (v0 + hi - lo) * bpv, p.wire_bits)
+            if codes.size and int(codes.max()) >= p.size:
+                raise IntegrityError(f"an index is >= N = {p.size}", path=str(loaded.comp.path),
+                                     tensor=cname)
+            nrm = norms[bi, hi_].astype(np.float32)
+            if not np.all(np.isfinite(nrm)) or float(nrm.min(initial=0.0)) < 0:
+                raise IntegrityError("norms must be finite and >= 0", path=str(loaded.comp.path),
+                                     tensor=nname)
+            x = q.decode(codes.reshape(hi - lo, bpv), nrm)
+            if mean is not None:
+                x += mean[bi, hi_]
+            out[bi, hi_, lo - t0:hi - t0] = x
+    return out
+
+
+def decompress_slice(path, *, layers: str | None, tokens: str | None, output=None,
+                     force: bool = False, progress: Progress | None = None) -> DecompressReport:
+    """Write layers x tokens of every KV entry (and the matching queries) with a manifest."""
+    progress = progress or Progress()
+    path = Path(path)
+    out = Path(output) if output is not None else default_restored_path(path)
+    out_manifest = manifest_path_for(out)
+    check_output_paths(path, [out, out_manifest], force)
+    loaded = load_verified(path, progress, verify_arrays=False)
+    entries = loaded.manifest.entries
+    n_layers = min(e.shape.layers for e in entries)
+    n_tokens = min(e.shape.tokens for e in entries)
+    lsel = parse_range(layers, n_layers, "--layers")
+    tsel = parse_range(tokens, n_tokens, "--tokens")
+    infos = loaded.doc["source"]["tensors"]
+    plan = []  # (name, dtype, shape, producer)
+    new_entries = []
+    for i, entry in enumerate(entries):
+        shape = replace(entry.shape, layers=len(lsel), tokens=len(tsel))
+        st = SOURCE_DTYPES[entry.shape.dtype]
+        if len(entry.tensors) == 1 and len(infos[entry.tensors[0]]["shape"]) == 5:
+            name = entry.tensors[0]
+            dims = (shape.batch, len(lsel), shape.kv_heads, len(tsel), shape.head_dim)
+            plan.append((name, st, dims, _five_d(loaded, i, lsel, tsel, st)))
+            names = (name,)
+        else:
+            names = tuple(entry.tensors[layer] for layer in lsel)
+            perm = _inverse(vectors_axes(entry.layout, 4))
+            for layer, name in zip(lsel, names):
+                dims = tuple(np.empty((shape.batch, shape.kv_heads, len(tsel), shape.head_dim),
+                                      dtype=np.bool_).transpose(perm).shape)
+                plan.append((name, st, dims, _four_d(loaded, i, layer, tsel, st, perm)))
+        new_entries.append(ManifestEntry(shape=shape, tensors=names, layout=entry.layout))
+    attention = loaded.manifest.attention
+    if attention is not None:
+        attention, query_plan = _query_slice(loaded, attention, lsel, tsel)
+        plan += query_plan
+    manifest = Manifest(entries=tuple(new_entries), attention=attention)
+    specs = [(n, dt, dims) for n, dt, dims, _ in plan]
+    tmp, tmp_manifest = temp_sibling(out), temp_sibling(out_manifest)
+    rows = []
+    progress.start(len(plan), "decoding the slice")
+    try:
+        with stfile.StreamWriter(tmp, specs, loaded.doc["source"]["metadata"]) as writer:
+            for name, dt, dims, produce in plan:
+                writer.write(name, produce())
+                rows.append({"name": name, "dtype": dt, "shape": list(dims),
+                             "kind": f"layers {lsel.start}:{lsel.stop}, tokens "
+                                     f"{tsel.start}:{tsel.stop}"})
+                progress.advance(name)
+        save_manifest(manifest, tmp_manifest)
+        commit_outputs([(tmp, out), (tmp_manifest, out_manifest)], force)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_manifest.unlink(missing_ok=True)
+    return DecompressReport(str(path), str(out), str(out_manifest), rows)
+
+
+def _four_d(loaded, i, layer, tsel, st, perm):
+    return lambda: from_float32(decode_slice(loaded, i, layer, tsel.start, tsel.stop),
+                                st).transpose(perm)
+
+
+def _five_d(loaded, i, lsel, tsel, st):
+    def produce():
+        parts = [from_float32(decode_slice(loaded, i, layer, tsel.start, tsel.stop), st)
+                 for layer in lsel]
+        return np.stack(parts, axis=1)
+    return produce
+
+
+def _query_slice(loaded: Loaded, attention: AttentionSpec, lsel: range, tsel: range):
+    """The query tensors of the selected layers, cut to the selected tokens."""
+    header = loaded.comp.header
+    layout = loaded.manifest.entries[0].layout
+    names = attention.query_tensors
+    plan = []
+    if len(names) == 1 and len(header.tensors[raw_name(names[0])].shape) == 5:
+        info = header.tensors[raw_name(names[0])]
+        dims = (info.shape[0], len(lsel), info.shape[2], len(tsel), info.shape[4])
+        index = (slice(None), slice(lsel.start, lsel.stop), slice(None),
+                 slice(tsel.start, tsel.stop))
+        plan.append((names[0], info.dtype, dims,
+                     lambda: stfile.read_tensor(header, raw_name(names[0]), index=index)))
+        return attention, plan
+    token_axis = 2 if layout == "bhtd" else 1
+    kept = []
+    for layer in lsel:
+        name = names[layer]
+        info = header.tensors[raw_name(name)]
+        dims = list(info.shape)
+        dims[token_axis] = len(tsel)
+        index = tuple(slice(tsel.start, tsel.stop) if a == token_axis else slice(None)
+                      for a in range(4))
+        plan.append((name, info.dtype, tuple(dims),
+                     lambda name=name, index=index: stfile.read_tensor(header, raw_name(name),
+                                                                       index=index)))
+        kept.append(name)
+    return AttentionSpec(query_tensors=tuple(kept), causal=attention.causal), plan
