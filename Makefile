@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := out/demo
 
-.PHONY: install test demo bench codebooks clean
+.PHONY: install test demo bench codebooks clean compress-all
 
 install: $(STAMP)
 
@@ -28,6 +28,22 @@ demo: install
 
 bench: install
 	$(BIN)/python scripts/bench.py
+
+# Batch: compress every dump X.safetensors (with X.manifest.json) of DIR into OUT, in parallel
+# with make's -j, skipping outputs newer than their dump and manifest:
+#   make -j2 compress-all DIR=dumps BITS=2
+DIR   ?= sample_data
+BITS  ?= 3
+OUT   ?= $(DIR)/fq-bits$(BITS)
+DUMPS := $(filter-out %.fq.safetensors %.restored.safetensors,$(wildcard $(DIR)/*.safetensors))
+FQ    := $(patsubst $(DIR)/%.safetensors,$(OUT)/%.fq.safetensors,$(DUMPS))
+
+compress-all: $(FQ)
+	@echo "compress-all: $(words $(FQ)) dump(s) of $(DIR) up to date in $(OUT)"
+
+$(OUT)/%.fq.safetensors: $(DIR)/%.safetensors $(DIR)/%.manifest.json | $(STAMP)
+	@mkdir -p $(OUT)
+	$(BIN)/fibquant compress $< --bits $(BITS) --jobs 1 --no-attention --force -o $@ > $@.log
 
 # Retrain the codebooks shipped in fibquant_cli/codebooks (after an algorithm change).
 codebooks: install
