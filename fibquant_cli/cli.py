@@ -202,13 +202,14 @@ def compress(
     rate_flags = (bits, block_dim, size, key_bits, value_bits, key_block_dim, key_size,
                   value_block_dim, value_size)
     if target_cosine is not None:
-        if any(f is not None for f in rate_flags) or keep_first or keep_last:
+        if any(f is not None for f in rate_flags) or keep_first or keep_last or not center_keys:
             raise UsageError("--target-cosine picks the rates itself: drop --bits, --block-dim, "
-                             "--size, the --key-*/--value-* flags and --keep-*")
+                             "--size, the --key-*/--value-* flags, --keep-* and "
+                             "--no-center-keys")
         from .sweep import choose_for_target
 
         with RichProgress() as progress:
-            spec, choice = choose_for_target(path, target_cosine, manifest=manifest,
+            spec, choice = choose_for_target(path, target_cosine, manifest=manifest, seed=seed,
                                              max_queries=max_queries, progress=progress)
         spec = resolve_spec(key_block_dim=spec.key[0], key_size=spec.key[1],
                             value_block_dim=spec.value[0], value_size=spec.value[1],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +57,12 @@ class SweepReport:
         return asdict(self)
 
 
-def fibquant_specs() -> list[CompressSpec]:
+def fibquant_specs(seed: int = 0) -> list[CompressSpec]:
     """FibQuant's default sweep: presets, role-aware rates, protected tokens, lever ablations."""
+    return [replace(s, seed=seed) for s in _specs()]
+
+
+def _specs() -> list[CompressSpec]:
     p = BITS_PRESETS
     specs = [CompressSpec(key=p[b], value=p[b]) for b in (4, 3, 2, 1, 0.5)]
     specs += [CompressSpec(key=p[kb], value=p[vb]) for kb, vb in ((4, 2), (3, 2), (4, 3), (2, 1))]
@@ -221,7 +225,7 @@ class TargetChoice:
         return asdict(self)
 
 
-def choose_for_target(source, target: float, *, manifest=None,
+def choose_for_target(source, target: float, *, manifest=None, seed: int = 0,
                       max_queries: int = DEFAULT_MAX_QUERIES,
                       progress: pipeline.Progress | None = None) -> tuple[CompressSpec, TargetChoice]:
     """The cheapest FibQuant operating point whose attention cosine (mean) meets ``target``."""
@@ -236,7 +240,7 @@ def choose_for_target(source, target: float, *, manifest=None,
         raise InvalidInputError("--target-cosine needs exactly one key and one value entry of the "
                                 "same geometry", path=str(dump.manifest_path))
     shape = dump.manifest.entries[pair[0]].shape
-    specs = sorted(fibquant_specs(),
+    specs = sorted(fibquant_specs(seed),
                    key=lambda s: estimated_bits_per_value(s, shape.head_dim, shape.tokens))
     choice = TargetChoice(target, None, None)
     progress.start(len(specs), f"searching for cosine >= {target}")
