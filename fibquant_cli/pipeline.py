@@ -9,6 +9,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import container, stfile
 from .container import (codebook_name, codes_name, kept_name, mean_name, norms_name, raw_name,
@@ -289,6 +290,11 @@ def restore_tensor(loaded: Loaded, name: str, where_kv: dict) -> np.ndarray:
 def decompress(path, *, output=None, force: bool = False,
                progress: Progress | None = None) -> DecompressReport:
     """Verify every digest, then restore every tensor (name, shape, dtype) and the manifest."""
+    with threadpool_limits(1):  # small matmuls: BLAS threads only add hand-off cost
+        return _decompress(path, output=output, force=force, progress=progress)
+
+
+def _decompress(path, *, output, force, progress) -> DecompressReport:
     progress = progress or Progress()
     path = Path(path)
     out = Path(output) if output is not None else default_restored_path(path)
