@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-stdout = Console(highlight=False)
-stderr = Console(stderr=True, highlight=False)
+def _console(**kwargs) -> Console:
+    """Wide tables when piped (rich would squeeze them to 80 columns); COLUMNS still wins."""
+    console = Console(highlight=False, **kwargs)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(highlight=False, width=140, **kwargs)
+    return console
+
+
+stdout = _console()
+stderr = _console(stderr=True)
 
 
 def print_error(message: str) -> None:
