@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidInputError
-from .codebook import STREAM_ROTATION, nearest, stream
+from .codebook import STREAM_ROTATION, stream
+from .fastsearch import searcher_for
 from .params import Profile
 from .rotation import haar_rotation
 
@@ -78,7 +79,7 @@ class FibQuantizer:
         codes = np.empty((n, d // k), dtype=np.uint32)
         norms = np.empty(n, dtype=np.float32)
         rot_t = self.rotation.T.astype(np.float32)
-        cb = self.codebook.astype(np.float32)
+        searcher = searcher_for(self)  # built once per quantizer (core/fastsearch.py)
         for start in range(0, n, ROW_CHUNK):
             chunk = x[start:start + ROW_CHUNK]
             check_finite(chunk, start)
@@ -86,7 +87,8 @@ class FibQuantizer:
             safe = np.where(nu > 0, nu, 1.0)
             u = (chunk.astype(np.float64) / safe[:, None]).astype(np.float32)
             y = u @ rot_t
-            codes[start:start + len(chunk)] = nearest(y.reshape(-1, k), cb).reshape(-1, d // k)
+            block_codes = searcher.nearest(y.reshape(-1, k))
+            codes[start:start + len(chunk)] = block_codes.reshape(-1, d // k)
             norms[start:start + len(chunk)] = nu
         return codes, norms
 

@@ -2,94 +2,157 @@
 
 Glossary
 --------
-block      one row y (k,) of the (m, k) float32 array handed to a searcher.
-code       the index of the nearest codeword of a block: squared L2, ties -> lowest index.
-exact      a searcher is exact when its codes equal those of ``codebook.nearest_bruteforce``
-           (float64 distances ||y - c||^2, first minimum) for every block; the only
-           disagreements left are distances equal to within float64 rounding (~1e-16).
+block      one row y (k,) of the (m, k) float32 array handed to a searcher (finite values).
+code       the index of a block's nearest codeword: squared L2, ties -> lowest index.
+exact      codes equal to ``codebook.nearest_bruteforce`` (float64 ||y - c||^2, first
+           minimum) on every block, ties included.
+near-exact float32 scores: a code may differ from the exact one only where two distances
+           agree to ~1e-7 relative (measured: 0-2 blocks in 10^5; distortion unchanged).
 score      <y, c> - ||c||^2 / 2; the nearest codeword has the largest score.
 
 Methods (``make_searcher`` picks one from (N, k))
 -------------------------------------------------
-MatmulSearcher  any k, exact. Scores of a cache-sized chunk of blocks in one float32 matmul
-                against the codebook augmented with a -||c||^2/2 row, then argmax. A block
-                whose best two scores are closer than the rounding bound of the float32
-                scores is re-checked in float64, so float32 never changes a code.
-GridSearcher    k = 2, exact. A G x G grid over a square holding the codebook: a cell whose
-                four corners share their nearest codeword lies inside that codeword's
-                (convex) Voronoi cell, so its blocks are coded by one table lookup; the other
-                cells keep the few codewords that can be nearest somewhere in them and are
-                searched exhaustively among those. Blocks outside the square go to a
-                MatmulSearcher.
+GridSearcher    k = 2, exact. A quadtree-refined grid over a square holding the codebook: a
+                cell whose four corners share their nearest codeword c lies inside c's
+                (convex) Voronoi cell, so its blocks are coded by one table lookup; the few
+                cells cut by a Voronoi edge keep the 2-6 codewords that can be nearest in
+                them, searched in float64. Blocks off the grid go to the exact matmul search.
+MatmulSearcher  N < 1024, k != 2: near-exact, or exact with ``exact=True``. Scores of an
+                L2-sized chunk of blocks by one float32 matmul against the codebook augmented
+                with a -||c||^2/2 row, then argmax. ``exact=True`` re-checks in float64 every
+                block whose best two scores are within the float32 rounding bound (~1.6x the
+                time); make_searcher sets it for codebooks whose neighbours are too close for
+                float32 (``float32_is_safe``), never for the shipped ones.
+PivotSearcher   N >= 1024, k != 2: near-exact. Codewords sorted by distance from M pivot
+                codewords; the triangle inequality bounds each block's search to a prefix of
+                its nearest pivot's list, and blocks sharing pivot and prefix length are
+                scored by one float32 matmul in pivot-centred coordinates. The pruning drops
+                no possible winner. Worth it in 3-4 dimensions (11x at (4, 4096)); at (8, 65536)
+                the prefixes are most of the codebook (1.5x only).
+
+Memory: searches and builds keep every temporary under BUDGET_BYTES (32 MiB); persistent
+tables are a 4 MiB grid for k = 2, and at most 64 + 32 MiB of pivot lists and columns.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import numpy as np
 
-# Blocks per chunk: the (rows, N) float32 scores of a 256-codeword codebook (4 MiB at 4096
-# rows) stay in the L2 cache between the matmul and the argmax.
-CHUNK_BYTES = 4 * 2**20
+# Blocks per chunk: the (rows, N) float32 scores (1 MiB: 1024 rows of a 256-word codebook)
+# stay in the L2 cache between the matmul and the argmax; measured best of 1, 4 and 16 MiB.
+CHUNK_BYTES = 2**20
 MIN_CHUNK_ROWS = 256
-# Largest temporary of a float64 re-check or of a build step, in bytes.
+# Largest temporary of a search or of a build step, in bytes.
 BUDGET_BYTES = 32 * 2**20
 UNIT_ROUNDOFF_F32 = 2.0**-24
 # Safety factor on the float32 rounding bound of the scores (the bound itself is rigorous).
 ROUNDING_SAFETY = 4.0
+# make_searcher uses the float32 matmul only where it may swap codes on < 0.1% of blocks.
+F32_SAFE_FRACTION = 1e-3
 
-# Grid geometry (k = 2): cells per side, and the square's half-width relative to the largest
-# codeword norm. Outside the codebook the Voronoi cells are wide, so extending the square costs
-# little, while every block left outside pays for the matmul fallback.
+# Grid (k = 2): cells per side; the square's half-width relative to the largest codeword norm,
+# clipped to [0.5, 1] (blocks of unit vectors have norm <= 1). Beyond the codebook the Voronoi
+# cells are wide, so a larger square costs few mixed cells and spares the fallback.
 GRID_SIDE = 1024
-COARSE_SIDE = 32
 GRID_REACH = 1.5
+MIN_GRID_REACH = 0.5
+GRID_MAX_SIZE = 16384  # beyond, the mixed cells' lists outgrow the memory bound
 GRID_ROWS = 65536
+# A lazy grid searches max(LAZY_GRID_WORK / N, LAZY_GRID_BLOCKS) blocks by brute force before
+# it builds its table: the table of a 256-word codebook costs about as much as 2^18 blocks of
+# brute force, and the build time grows with N, about as N^0.7.
+LAZY_GRID_WORK = 2**26
+LAZY_GRID_BLOCKS = 2**18
+
+# Pivots (large codebooks): about 4 sqrt(N) pivots (measured best for N = 1024 .. 4096),
+# prefixes of 16, 32, ... codewords, chunks of blocks as large as the budget allows (bigger
+# groups), the sorted lists (M, N) int32 within PIVOT_TABLE_BYTES and the pivot-centred
+# columns kept for reuse within PIVOT_COLUMNS_BYTES.
+PIVOT_MIN_SIZE = 1024  # measured: 1.3x faster than matmul at (4, 1024), 0.6x at (4, 256)
+PIVOTS_PER_ROOT = 4.0
+PIVOT_MIN_PREFIX = 16
+PIVOT_MIN_ROWS = 4096
+PIVOT_BYTES_PER_ROW = 40  # per coordinate (+1) of a block: float64 copies, float32 scores
+PIVOT_TABLE_BYTES = 64 * 2**20
+PIVOT_COLUMNS_BYTES = 32 * 2**20
+PIVOT_SLACK = 1e-6
+PIVOT_LLOYD_STEPS = 10
+
+
+class Searcher(Protocol):
+    method: str
+    codebook: np.ndarray
+
+    def nearest(self, y: np.ndarray) -> np.ndarray:
+        """codes (m,) uint32 of blocks y (m, k) float32."""
+
+
+def rebuild(cls, codebook: np.ndarray, options: dict):
+    """Unpickle a searcher by building it again from its codebook (tables are not shipped)."""
+    return cls(codebook, **options)
 
 
 def brute_nearest_f64(y: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """Exact codes by full float64 distances, as ``nearest_bruteforce``, with bounded memory.
+    """Exact codes by full float64 distances, as ``nearest_bruteforce``, in bounded memory.
 
-    y (m, k) float, codebook (N, k) float64; returns codes (m,) uint32.
+    y (m, k) float, codebook (N, k) float64; returns codes (m,) uint32. The codebook is
+    walked in slices too, a later slice winning only on a strictly smaller distance.
     """
     m, k = y.shape
     n = codebook.shape[0]
-    rows = max(1, BUDGET_BYTES // (16 * n * k))
+    words = max(1, min(n, BUDGET_BYTES // (16 * k)))
+    rows = max(1, BUDGET_BYTES // (16 * words * k))
     codes = np.empty(m, dtype=np.uint32)
     for start in range(0, m, rows):
-        diff = y[start:start + rows, None, :].astype(np.float64) - codebook[None, :, :]
-        codes[start:start + rows] = np.argmin(np.einsum("mnk,mnk->mn", diff, diff), axis=1)
+        y64 = y[start:start + rows, None, :].astype(np.float64)
+        best = np.full(len(y64), np.inf)
+        for w in range(0, n, words):
+            diff = y64 - codebook[None, w:w + words, :]
+            dist = np.einsum("mnk,mnk->mn", diff, diff)
+            pick = np.argmin(dist, axis=1)
+            value = dist[np.arange(len(y64)), pick]
+            better = value < best
+            best[better] = value[better]
+            codes[start:start + rows][better] = pick[better] + w
     return codes
 
 
+# --- any k: one matmul per chunk -----------------------------------------------------------------
 class MatmulSearcher:
-    """Exact search of any codebook: float32 scores by matmul, float64 re-check of near ties.
+    """Brute force by float32 matmul and argmax; ``exact=True`` re-checks near ties in float64.
 
     Parameters
     ----------
     codebook : (N, k) float array
+    exact : bool, keyword-only; see the module docstring.
     """
 
     method = "matmul"
-    exact = True
 
-    def __init__(self, codebook: np.ndarray):
+    def __init__(self, codebook: np.ndarray, *, exact: bool = False):
         cb = np.ascontiguousarray(codebook, dtype=np.float64)
         n, k = cb.shape
         self.codebook = cb
+        self.exact = exact
         half_sq = 0.5 * np.einsum("ij,ij->i", cb, cb)
         # scores = [y, 1] @ aug: one matmul, no separate pass to subtract ||c||^2/2.
         self._aug = np.vstack([cb.T, -half_sq[None, :]]).astype(np.float32)
-        self._rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * n))
-        # |fl32(score) - score| <= gamma_{k+1} (|y||c| + ||c||^2/2) + u (|y||c| + ||c||^2/2)
-        # (rounding of the products' sum, then of c and ||c||^2/2 to float32); two scores
-        # closer than twice that may be out of order.
-        c_max = float(np.sqrt(2.0 * half_sq.max())) if n else 0.0
+        self._rows = max(1, min(BUDGET_BYTES // (4 * n),
+                                max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * n))))
+        # |fl32(score) - score| <= (gamma_{k+1} + 2u) (||y|| ||c|| + ||c||^2/2): rounding of
+        # the sum of products, of c and ||c||^2/2 to float32, and of y if it came in float64.
+        # Two scores closer than twice that may be out of order.
+        c_max = float(np.sqrt(2.0 * half_sq.max()))
         u = UNIT_ROUNDOFF_F32
-        gamma = (k + 1) * u / (1.0 - (k + 1) * u)
-        self._tol_slope = 2.0 * ROUNDING_SAFETY * (gamma + 2 * u) * c_max
-        self._tol_offset = 2.0 * ROUNDING_SAFETY * (gamma + 2 * u) * c_max * c_max / 2.0
+        unit = 2.0 * ROUNDING_SAFETY * ((k + 1) * u / (1.0 - (k + 1) * u) + 2.0 * u)
+        self._tol_slope = unit * c_max
+        self._tol_offset = unit * c_max * c_max / 2.0
+
+    def __reduce__(self):
+        return (rebuild, (MatmulSearcher, self.codebook, {"exact": self.exact}))
 
     def nearest(self, y: np.ndarray) -> np.ndarray:
         """codes (m,) uint32 of y (m, k) float32."""
@@ -102,19 +165,429 @@ class MatmulSearcher:
         scores = np.empty((rows, self._aug.shape[1]), dtype=np.float32)
         for start in range(0, m, rows):
             stop = min(m, start + rows)
-            r = stop - start
             block = y[start:stop]
-            y_aug[:r, :k] = block
-            sc = np.matmul(y_aug[:r], self._aug, out=scores[:r])
+            y_aug[:stop - start, :k] = block
+            sc = np.matmul(y_aug[:stop - start], self._aug, out=scores[:stop - start])
             best = np.argmax(sc, axis=1)
-            idx = np.arange(r)
-            top = sc[idx, best]
-            sc[idx, best] = -np.inf
-            runner_up = np.max(sc, axis=1)
-            # One bound per chunk: sqrt(k) max|y_i| >= ||y|| for every block of the chunk.
-            y_bound = math.sqrt(k) * float(np.max(np.abs(block))) if r else 0.0
-            close = np.flatnonzero(top - runner_up <= self._tol_slope * y_bound + self._tol_offset)
             codes[start:stop] = best
-            if close.size:
-                codes[start + close] = brute_nearest_f64(block[close], self.codebook)
+            if self.exact:
+                close = self._near_ties(block, sc, best)
+                if close.size:
+                    codes[start + close] = brute_nearest_f64(block[close], self.codebook)
         return codes
+
+    def _near_ties(self, block: np.ndarray, sc: np.ndarray, best: np.ndarray) -> np.ndarray:
+        """Rows whose best two float32 scores are within the rounding bound (sc is spoiled)."""
+        rows = np.arange(len(best))
+        top = sc[rows, best]
+        sc[rows, best] = -np.inf
+        runner_up = np.max(sc, axis=1)
+        # One bound per chunk: sqrt(k) max|y_i| >= ||y|| for every block of the chunk.
+        y_norm = math.sqrt(block.shape[1]) * float(np.max(np.abs(block)))
+        return np.flatnonzero(top - runner_up <= self._tol_slope * y_norm + self._tol_offset)
+
+
+# --- k = 2: the lookup grid ----------------------------------------------------------------------
+def box_candidates(codebook: np.ndarray, lo: np.ndarray, size: float,
+                   cand: np.ndarray) -> np.ndarray:
+    """Which listed codewords can be nearest somewhere in each square; never too few.
+
+    codebook (N, 2) float64; lo (B, 2) lower corners of squares of side ``size``; cand (B, W)
+    codeword indices. If c is nearest at p in square b, dist(c, b) <= |p - c| <= |p - c'|
+    <= maxdist(c', b) for every c'; so c passes dist(c, b) <= min_c' maxdist(c', b).
+    Returns keep (B, W) bool.
+    """
+    keep = np.empty(cand.shape, dtype=bool)
+    rows = max(1, BUDGET_BYTES // (96 * cand.shape[1]))
+    for a in range(0, len(cand), rows):
+        c = codebook[cand[a:a + rows]]                                  # (b, W, 2)
+        low = lo[a:a + rows, None, :]
+        gap = np.maximum(np.maximum(low - c, c - (low + size)), 0.0)
+        far = np.maximum(c - low, (low + size) - c)
+        near_sq = np.einsum("bwk,bwk->bw", gap, gap)
+        bound = np.einsum("bwk,bwk->bw", far, far).min(axis=1, keepdims=True)
+        keep[a:a + rows] = near_sq <= bound * (1.0 + 1e-12)  # slack for float64 rounding
+    return keep
+
+
+def pad_rows(keep: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """Compact the kept candidates of each row to the left, ascending, padded with the first.
+
+    Padding repeats the row's lowest index, so a first-minimum argmin still picks the lowest
+    index among equal distances. Returns (B, W') int32, W' the largest kept count.
+    """
+    big = np.iinfo(np.int32).max
+    ordered = np.sort(np.where(keep, cand, big), axis=1)
+    out = ordered[:, :max(1, int(keep.sum(axis=1).max(initial=1)))]
+    return np.where(out == big, out[:, :1], out).astype(np.int32)
+
+
+def nearest_among(y: np.ndarray, codebook: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """The nearest of each row's listed codewords: float64 ||y - c||^2, first minimum.
+
+    y (m, k) float; codebook (N, k) float64; cand (m, W) ascending indices. Returns (m,) int.
+    """
+    out = np.empty(len(cand), dtype=np.int64)
+    rows = max(1, BUDGET_BYTES // (24 * cand.shape[1]))
+    for a in range(0, len(cand), rows):
+        ids = cand[a:a + rows]
+        dist = np.zeros(ids.shape, dtype=np.float64)
+        for j in range(codebook.shape[1]):
+            diff = codebook[:, j][ids] - y[a:a + rows, j:j + 1].astype(np.float64)
+            dist += diff * diff
+        pick = np.argmin(dist, axis=1)
+        out[a:a + rows] = ids[np.arange(len(ids)), pick]
+    return out
+
+
+# Vertices of a cell split in four, on the 3 x 3 lattice of half steps; its children's corners.
+SPLIT_VERTICES = [(1, 0), (0, 1), (1, 1), (2, 1), (1, 2)]
+CORNERS = [(0, 0), (1, 0), (0, 1), (1, 1)]
+
+
+class GridSearcher:
+    """Exact search of a k = 2 codebook by table lookup (see the module docstring).
+
+    The grid is refined as a quadtree from one square: a square whose four corners share
+    their nearest codeword is final; the others are split in four, down to ``side`` cells per
+    side, and each child keeps the codewords of its parent's list that can still be nearest in
+    it. So codewords are tested only near Voronoi edges: the build takes 0.03-0.15 s for
+    N = 16..256.
+
+    Parameters
+    ----------
+    codebook : (N, 2) float array
+    side : int, keyword-only; cells per side of the finest grid, a power of two.
+    lazy : bool, keyword-only; build the table only once enough blocks have been searched.
+    """
+
+    method = "grid"
+
+    def __init__(self, codebook: np.ndarray, *, side: int = GRID_SIDE, lazy: bool = False):
+        cb = np.ascontiguousarray(codebook, dtype=np.float64)
+        if cb.ndim != 2 or cb.shape[1] != 2:
+            raise ValueError(f"GridSearcher needs a (N, 2) codebook, got shape {cb.shape}")
+        if side < 2 or side & (side - 1):
+            raise ValueError(f"side must be a power of two >= 2, got {side}")
+        self.codebook = cb
+        self.side = side
+        self.fallback = MatmulSearcher(cb, exact=True)
+        self.table = None
+        # Lazy: the exact fallback serves until the blocks seen would have paid for the table,
+        # so a small input never waits for it; the codes are the same either way.
+        self._blocks_left = max(LAZY_GRID_WORK // len(cb), LAZY_GRID_BLOCKS) if lazy else 0
+        reach = float(np.clip(GRID_REACH * np.sqrt(np.einsum("ij,ij->i", cb, cb).max()),
+                              MIN_GRID_REACH, 1.0))
+        # A power-of-two cell width and corners on whole cells make y / h - lo / h exact in
+        # float64 for float32 y (|y| >= 2^-29), so a block lands in the cell that holds it.
+        self.cell = 2.0 ** math.ceil(math.log2(2.0 * reach / side))
+        self.lo = -self.cell * (side // 2)
+        if not lazy:
+            self.build()
+
+    def __reduce__(self):
+        return (rebuild, (GridSearcher, self.codebook, {"side": self.side, "lazy": True}))
+
+    def build(self) -> None:
+        """Build the lookup table (a lazy searcher does it on its first large ``nearest``)."""
+        if self.table is not None:
+            return
+        side = self.side
+        table, lists = self._refine()
+        self.pure_fraction = float(np.mean(table >= 0))
+        self.mixed_cand = lists
+        self.mixed_x = self.codebook[lists, 0]
+        self.mixed_y = self.codebook[lists, 1]
+        # Entries: 0 .. L-1 a mixed cell's list, L off the grid, L + 1 + code a pure cell. A
+        # ring of off-grid cells catches every block beyond the square after a clip, so the
+        # lookup needs no separate range test.
+        self.outside = len(lists)
+        self.code_offset = len(lists) + 1
+        entry = np.where(table >= 0, table + self.code_offset, -1 - table)
+        padded = np.full((side + 2, side + 2), self.outside, dtype=np.int32)
+        padded[1:-1, 1:-1] = entry.reshape(side, side)
+        self.table = padded.ravel()
+
+    def _vertex_codes(self, ij: np.ndarray, size: float, cand: np.ndarray,
+                      points: list[tuple[int, int]], step: float) -> list[np.ndarray]:
+        """Nearest codeword of lattice points (a, b) * step of each square, among its list."""
+        base = self.lo + size * ij.astype(np.float64)
+        return [nearest_among(base + step * np.array(point, dtype=np.float64), self.codebook,
+                              cand) for point in points]
+
+    def _refine(self) -> tuple[np.ndarray, np.ndarray]:
+        """table (side * side,) code or -1 - list; lists (L, W) int32 ascending indices."""
+        cb, side = self.codebook, self.side
+        s, size = 1, self.cell * side
+        ij = np.zeros((1, 2), dtype=np.int64)
+        cand = np.arange(len(cb), dtype=np.int32)[None, :]
+        corners = self._vertex_codes(ij, size, cand, CORNERS, size)
+        table = np.full((1, 1), -1, dtype=np.int64)
+        while True:
+            c00, c10, c01, c11 = corners
+            pure = (c00 == c10) & (c00 == c01) & (c00 == c11)
+            table[ij[pure, 0], ij[pure, 1]] = c00[pure]
+            ij, cand = ij[~pure], cand[~pure]
+            if s == side:
+                break
+            # Split every mixed square in four; its list stays valid for the new vertices.
+            vertex = dict(zip([(0, 0), (2, 0), (0, 2), (2, 2)], (c[~pure] for c in corners)))
+            vertex.update(zip(SPLIT_VERTICES,
+                              self._vertex_codes(ij, size, cand, SPLIT_VERTICES, size / 2)))
+            s, size = 2 * s, size / 2
+            table = np.repeat(np.repeat(table, 2, axis=0), 2, axis=1)
+            kids_ij, kids_cand, kids_corners = [], [], [[] for _ in CORNERS]
+            for a, b in CORNERS:
+                kid = 2 * ij + np.array([a, b])
+                keep = box_candidates(cb, self.lo + size * kid.astype(np.float64), size, cand)
+                keep[:, 1:] &= cand[:, 1:] != cand[:, :1]  # padding repeats entry 0
+                kids_ij.append(kid)
+                kids_cand.append(np.where(keep, cand, -1))
+                for slot, (da, db) in enumerate(CORNERS):
+                    kids_corners[slot].append(vertex[(a + da, b + db)])
+            ij = np.concatenate(kids_ij)
+            merged = np.concatenate(kids_cand)
+            cand = pad_rows(merged >= 0, merged)
+            corners = [np.concatenate(c) for c in kids_corners]
+        table[ij[:, 0], ij[:, 1]] = -1 - np.arange(len(ij))
+        return table.ravel(), cand
+
+    def nearest(self, y: np.ndarray) -> np.ndarray:
+        """codes (m,) uint32 of y (m, 2) float32."""
+        y = np.asarray(y)
+        m = y.shape[0]
+        if self.table is None:
+            self._blocks_left -= m
+            if self._blocks_left > 0:
+                return self.fallback.nearest(y)
+            self.build()
+        codes = np.empty(m, dtype=np.uint32)
+        inv = 1.0 / self.cell
+        shift = self.lo * inv - 1.0  # the off-grid ring shifts every index by one
+        top = float(self.side + 1)
+        for start in range(0, m, GRID_ROWS):
+            block = y[start:start + GRID_ROWS]
+            index = []
+            for axis in (0, 1):
+                t = np.multiply(block[:, axis], inv, dtype=np.float64)
+                t -= shift
+                np.clip(t, 0.0, top, out=t)
+                index.append(t.astype(np.int32))
+            cell = index[0]
+            cell *= self.side + 2
+            cell += index[1]
+            entry = np.take(self.table, cell)
+            out = codes[start:start + len(block)]
+            np.subtract(entry, self.code_offset, out=out, casting="unsafe")
+            special = np.flatnonzero(entry < self.code_offset)
+            if special.size:
+                kind = entry[special]
+                mixed = kind < self.outside
+                if mixed.any():
+                    out[special[mixed]] = self._nearest_mixed(block[special[mixed]], kind[mixed])
+                if not mixed.all():
+                    off = special[~mixed]
+                    out[off] = self.fallback.nearest(block[off])
+        return codes
+
+    def _nearest_mixed(self, y: np.ndarray, lists: np.ndarray) -> np.ndarray:
+        """Exact search among the lists of mixed cells; float64, first minimum."""
+        dx = self.mixed_x[lists] - y[:, :1].astype(np.float64)
+        dy = self.mixed_y[lists] - y[:, 1:].astype(np.float64)
+        dx *= dx
+        dy *= dy
+        dx += dy
+        pick = np.argmin(dx, axis=1)
+        return self.mixed_cand[lists, pick]
+
+
+# --- large codebooks: pivots and sorted prefixes ------------------------------------------------
+def choose_pivots(codebook: np.ndarray, count: int) -> np.ndarray:
+    """Indices of about ``count`` codewords spread like the codebook: Lloyd on the codewords,
+    snapped to their nearest codeword. Deterministic; (M,) int64 unique, M <= count."""
+    n, k = codebook.shape
+    if count >= n:
+        return np.arange(n)
+    centers = codebook[np.linspace(0, n - 1, count).astype(np.int64)].copy()
+    words = codebook.astype(np.float32)
+    for _ in range(PIVOT_LLOYD_STEPS):
+        owner = MatmulSearcher(centers).nearest(words)
+        counts = np.bincount(owner, minlength=count)
+        filled = counts > 0
+        for j in range(k):
+            sums = np.bincount(owner, weights=codebook[:, j], minlength=count)
+            centers[filled, j] = sums[filled] / counts[filled]
+    return np.unique(brute_nearest_f64(centers, codebook)).astype(np.int64)
+
+
+class PivotSearcher:
+    """Search of a large codebook, pruned without loss by the triangle inequality.
+
+    The pivots are M of the codewords. If g is a block's nearest pivot, at distance r, the
+    block's nearest codeword lies in the ball B(y, r) (g itself is a codeword), hence in
+    B(g, 2r): among the codewords sorted by distance from g, a prefix. Blocks are grouped by
+    pivot and by prefix length (rounded up to 16, 32, ...) and each group is scored by one
+    float32 matmul against its prefix, in coordinates centred on the pivot. Near-exact (float32
+    scores, ties in prefix order), and more precise than MatmulSearcher on dense codebooks.
+
+    Parameters
+    ----------
+    codebook : (N, k) float array
+    pivots : int, keyword-only; M, default about 4 sqrt(N), capped by PIVOT_TABLE_BYTES.
+    """
+
+    method = "pivot"
+
+    def __init__(self, codebook: np.ndarray, *, pivots: int | None = None):
+        cb = np.ascontiguousarray(codebook, dtype=np.float64)
+        n = cb.shape[0]
+        self.codebook = cb
+        self._requested_pivots = pivots
+        if pivots is None:
+            pivots = int(round(PIVOTS_PER_ROOT * math.sqrt(n)))
+        pivots = max(1, min(pivots, n, PIVOT_TABLE_BYTES // (4 * n)))
+        self.pivot_index = choose_pivots(cb, pivots)
+        self.pivots = cb[self.pivot_index]
+        self.pivot_search = MatmulSearcher(self.pivots)
+        m = len(self.pivot_index)
+        sizes = [s for s in (PIVOT_MIN_PREFIX << i for i in range(32)) if s < n] + [n]
+        self.sizes = np.array(sizes, dtype=np.int64)
+        # edge[j, b]: distance from pivot j of the first codeword beyond prefix b (inf past
+        # the end), shrunk by PIVOT_SLACK for the rounding of the matmul form below, so that
+        # a codeword on the boundary is never cut off.
+        self.order = np.empty((m, n), dtype=np.int32)
+        edge = np.full((m, len(sizes)), np.inf)
+        inner = self.sizes < n
+        sq = np.einsum("nk,nk->n", cb, cb)
+        step = max(1, BUDGET_BYTES // (24 * n))
+        for a in range(0, m, step):
+            g = self.pivots[a:a + step]
+            dist = np.sqrt(np.maximum(0.0, np.einsum("mk,mk->m", g, g)[:, None]
+                                      - 2.0 * g @ cb.T + sq[None, :]))
+            order = np.argsort(dist, axis=1, kind="stable")
+            self.order[a:a + step] = order
+            edge[a:a + step, inner] = np.take_along_axis(dist, order[:, self.sizes[inner]], 1)
+        self.edge = edge * (1.0 - PIVOT_SLACK) - PIVOT_SLACK * math.sqrt(float(sq.max()))
+        self._key_dtype = np.uint16 if m * len(sizes) <= 2**16 else np.int64
+        self._local: list[np.ndarray | None] = [None] * m
+        self._local_bytes = 0
+
+    def __reduce__(self):
+        return (rebuild, (PivotSearcher, self.codebook, {"pivots": self._requested_pivots}))
+
+    def _columns(self, j: int, size: int) -> np.ndarray:
+        """(k + 1, size) float32 [c - g; -||c - g||^2 / 2] of pivot j's first ``size`` words.
+
+        Scores relative to the pivot have the size of the local distances, not of the norms,
+        so float32 keeps ~7 digits of the gaps between nearby codewords. Each pivot keeps its
+        longest prefix so far, within PIVOT_COLUMNS_BYTES for all pivots together.
+        """
+        have = self._local[j]
+        if have is not None and have.shape[1] >= size:
+            return have[:, :size]
+        local = self.codebook[self.order[j, :size]] - self.pivots[j]
+        cols = np.empty((local.shape[1] + 1, size), dtype=np.float32)
+        cols[:-1] = local.T
+        cols[-1] = -0.5 * np.einsum("nk,nk->n", local, local)
+        grow = cols.nbytes - (0 if have is None else have.nbytes)
+        if self._local_bytes + grow <= PIVOT_COLUMNS_BYTES:
+            self._local[j] = cols
+            self._local_bytes += grow
+        return cols
+
+    def nearest(self, y: np.ndarray) -> np.ndarray:
+        """codes (m,) uint32 of y (m, k) float32."""
+        y = np.asarray(y)
+        codes = np.empty(len(y), dtype=np.uint32)
+        rows = max(PIVOT_MIN_ROWS, BUDGET_BYTES // (PIVOT_BYTES_PER_ROW * (y.shape[1] + 1)))
+        for start in range(0, len(y), rows):
+            block = y[start:start + rows]
+            codes[start:start + len(block)] = self._nearest_chunk(block)
+        return codes
+
+    def _nearest_chunk(self, y: np.ndarray) -> np.ndarray:
+        m, k = y.shape
+        pivot = self.pivot_search.nearest(y).astype(np.int64)
+        y_sorted = y.astype(np.float64)
+        diff = y_sorted - self.pivots[pivot]
+        reach = 2.0 * np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        # The prefix index: how many edges (non-decreasing, the last inf) lie within reach.
+        prefix = np.zeros(m, dtype=np.int64)
+        for b in range(len(self.sizes) - 1):
+            prefix += self.edge[pivot, b] <= reach
+        key = (pivot * len(self.sizes) + prefix).astype(self._key_dtype)
+        rows = np.argsort(key, kind="stable")  # a radix sort for 16-bit keys
+        key = key[rows]
+        cuts = np.flatnonzero(key[1:] != key[:-1]) + 1
+        y_sorted = y_sorted[rows]
+        y_aug = np.empty((m, k + 1), dtype=np.float32)
+        y_aug[:, k] = 1.0
+        found = np.empty(m, dtype=np.uint32)
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), m]):
+            j, size_index = divmod(int(key[a]), len(self.sizes))
+            cand = self.order[j, :self.sizes[size_index]]
+            cols = self._columns(j, len(cand))
+            y_aug[a:b, :k] = y_sorted[a:b] - self.pivots[j]
+            step = max(1, CHUNK_BYTES // (4 * len(cand)))
+            for lo in range(a, b, step):
+                hi = min(b, lo + step)
+                found[lo:hi] = cand[np.argmax(y_aug[lo:hi] @ cols, axis=1)]
+        codes = np.empty(m, dtype=np.uint32)
+        codes[rows] = found
+        return codes
+
+
+# --- choosing and caching a searcher -------------------------------------------------------------
+def make_searcher(codebook: np.ndarray) -> Searcher:
+    """The fastest searcher for a codebook (N, k); see the module docstring for the methods.
+
+    Example
+    -------
+    >>> searcher = make_searcher(codebook)          # once per codebook
+    >>> codes = searcher.nearest(y.reshape(-1, k))  # y float32 -> codes (m,) uint32
+    """
+    cb = np.asarray(codebook)
+    if cb.ndim != 2 or cb.shape[0] < 1 or cb.shape[1] < 1:
+        raise ValueError(f"expected a (N, k) codebook, got shape {cb.shape}")
+    n, k = cb.shape
+    if k == 2 and n <= GRID_MAX_SIZE:
+        return GridSearcher(cb, lazy=True)
+    if n >= PIVOT_MIN_SIZE:
+        return PivotSearcher(cb)
+    return MatmulSearcher(cb, exact=not float32_is_safe(cb))
+
+
+def float32_is_safe(codebook: np.ndarray) -> bool:
+    """Whether float32 scores of the origin-centred matmul swap codes on < 0.1% of blocks.
+
+    A block at distance t from the bisector of two codewords delta apart has a score gap
+    t * delta; with rounding error e ~ (k + 3) u ||c||^2 the gap is unresolved for t < e/delta,
+    a fraction about e / delta^2 of the blocks. FibQuant codebooks are 1e-4 or less; a
+    codebook with near-duplicate codewords is not, and gets the exact search.
+    """
+    cb = np.asarray(codebook, dtype=np.float64)
+    n, k = cb.shape
+    if n < 2:
+        return True
+    sq = np.einsum("ij,ij->i", cb, cb)
+    closest = np.inf
+    rows = max(1, BUDGET_BYTES // (8 * n))
+    for a in range(0, n, rows):
+        d2 = sq[a:a + rows, None] - 2.0 * cb[a:a + rows] @ cb.T + sq[None, :]
+        d2[np.arange(len(d2)), np.arange(a, a + len(d2))] = np.inf
+        closest = min(closest, float(d2.min()))
+    rounding = 2.0 * (k + 3) * UNIT_ROUNDOFF_F32 * 1.5 * float(sq.max())
+    return closest > 0 and rounding / closest < F32_SAFE_FRACTION
+
+
+def searcher_for(quantizer) -> Searcher:
+    """The searcher of ``quantizer.codebook``, built on first use and kept on the quantizer.
+
+    The quantizer may be a frozen dataclass: the searcher is stored with object.__setattr__
+    beside the codebook it was built from, and rebuilt if that is no longer the codebook.
+    """
+    cached = quantizer.__dict__.get("_searcher")
+    if cached is None or cached[0] is not quantizer.codebook:
+        cached = (quantizer.codebook, make_searcher(quantizer.codebook))
+        object.__setattr__(quantizer, "_searcher", cached)
+    return cached[1]
