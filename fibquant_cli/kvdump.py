@@ -62,8 +62,12 @@ def check_finite(header: stfile.Header, name: str, arr: np.ndarray, origin=None)
                                 path=str(header.path), tensor=name)
 
 
-def read_layer(dump: Dump, entry: ManifestEntry, layer: int) -> np.ndarray:
-    """Layer ``layer`` of ``entry`` as [batch, kv_heads, tokens, head_dim] in the source dtype."""
+def read_layer(dump: Dump, entry: ManifestEntry, layer: int, *, check: bool = True) -> np.ndarray:
+    """Layer ``layer`` of ``entry`` as [batch, kv_heads, tokens, head_dim] in the source dtype.
+
+    ``check`` refuses NaN/Inf (naming the tensor and position); pass False only for data
+    already checked.
+    """
     name, index = entry_layer_views(entry)[layer]
     if index is None:
         arr = stfile.read_tensor(dump.header, name)
@@ -71,7 +75,8 @@ def read_layer(dump: Dump, entry: ManifestEntry, layer: int) -> np.ndarray:
     else:
         arr = stfile.read_tensor(dump.header, name, index=(slice(None), slice(index, index + 1)))
         origin = (0, index, 0, 0, 0)
-    check_finite(dump.header, name, arr, origin)
+    if check:
+        check_finite(dump.header, name, arr, origin)
     if arr.ndim == 5:  # the canonical [batch, layers, kv_heads, tokens, head_dim] form
         return arr[:, 0]
     return arr.transpose(vectors_axes(entry.layout, 4))

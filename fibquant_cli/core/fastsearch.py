@@ -36,6 +36,7 @@ tables are a 4 MiB grid for k = 2, and at most 64 + 32 MiB of pivot lists and co
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Protocol
 
@@ -64,8 +65,8 @@ GRID_ROWS = 65536
 # A lazy grid searches max(LAZY_GRID_WORK / N, LAZY_GRID_BLOCKS) blocks by brute force before
 # it builds its table: the table of a 256-word codebook costs about as much as 2^18 blocks of
 # brute force, and the build time grows with N, about as N^0.7.
-LAZY_GRID_WORK = 2**26
-LAZY_GRID_BLOCKS = 2**18
+LAZY_GRID_WORK = 2**24
+LAZY_GRID_BLOCKS = 2**16
 
 # Pivots (large codebooks): about 4 sqrt(N) pivots (measured best for N = 1024 .. 4096),
 # prefixes of 16, 32, ... codewords, chunks of blocks as large as the budget allows (bigger
@@ -581,13 +582,26 @@ def float32_is_safe(codebook: np.ndarray) -> bool:
 
 
 def searcher_for(quantizer) -> Searcher:
-    """The searcher of ``quantizer.codebook``, built on first use and kept on the quantizer.
+    """The searcher of ``quantizer.codebook``, shared by every quantizer with the same codebook.
 
-    The quantizer may be a frozen dataclass: the searcher is stored with object.__setattr__
-    beside the codebook it was built from, and rebuilt if that is no longer the codebook.
+    Searchers are kept per process, keyed by the codebook's bytes (a sweep or a batch builds
+    many quantizers over a few codebooks, and a grid's table is worth building once), and on the
+    quantizer itself so the key is computed once. The quantizer may be a frozen dataclass: the
+    searcher is stored with object.__setattr__ beside the codebook it was built from.
     """
     cached = quantizer.__dict__.get("_searcher")
     if cached is None or cached[0] is not quantizer.codebook:
-        cached = (quantizer.codebook, make_searcher(quantizer.codebook))
+        cb = np.ascontiguousarray(quantizer.codebook, dtype=np.float32)
+        key = (cb.shape, hashlib.blake2b(cb.tobytes(), digest_size=16).digest())
+        searcher = _SHARED.get(key)
+        if searcher is None:
+            if len(_SHARED) >= SHARED_SEARCHERS:
+                _SHARED.pop(next(iter(_SHARED)))
+            searcher = _SHARED[key] = make_searcher(quantizer.codebook)
+        cached = (quantizer.codebook, searcher)
         object.__setattr__(quantizer, "_searcher", cached)
     return cached[1]
+
+
+SHARED_SEARCHERS = 16
+_SHARED: dict = {}
