@@ -188,7 +188,7 @@ def compress(
     attention: AttentionOpt = True,
     max_queries: MaxQueriesOpt = 2048,
     jobs: Annotated[int, typer.Option(
-        "--jobs", "-j", min=0, help="Encoder processes; 0 = automatic (by dump size).")] = 0,
+        "--jobs", "-j", min=0, help="Encoder threads; 0 = automatic (by dump size).")] = 0,
     target_cosine: Annotated[Optional[float], typer.Option(
         "--target-cosine", help="Pick the cheapest operating point whose attention cosine "
         "(mean) on this dump meets C.")] = None,

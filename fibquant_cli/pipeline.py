@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -327,24 +329,41 @@ def _decompress(path, *, output, force, progress) -> DecompressReport:
 
 
 def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, progress) -> None:
-    """Write every original tensor, in the original order, into the file ``tmp``."""
+    """Write every original tensor, in the original order, into the file ``tmp``.
+
+    KV tensors are decoded by two threads (numpy releases the GIL in the decode), at most two
+    tensors ahead of the writer, so memory stays bounded by a few tensors.
+    """
     path = loaded.comp.path
     infos = loaded.doc["source"]["tensors"]
-    with stfile.StreamWriter(tmp, specs, metadata) as writer:
-        for name, _, _ in specs:
-            if name in where_kv:
-                writer.write(name, restore_tensor(loaded, name, where_kv))
-                kind = "restored"
-            else:
-                raw = stfile.read_raw(loaded.comp.header, raw_name(name))
-                if tensor_digest(infos[name]["dtype"], tuple(infos[name]["shape"]), raw) != infos[name]["digest"]:
-                    raise IntegrityError("pass-through tensor does not match the source digest",
-                                         path=str(path), tensor=name)
-                writer.write(name, raw)
-                kind = "pass-through (bit-exact)"
-            rows.append({"name": name, "dtype": infos[name]["dtype"],
-                         "shape": infos[name]["shape"], "kind": kind})
-            progress.advance(name)
+
+    def produce(name: str):
+        if name in where_kv:
+            return restore_tensor(loaded, name, where_kv), "restored"
+        raw = stfile.read_raw(loaded.comp.header, raw_name(name))
+        if tensor_digest(infos[name]["dtype"], tuple(infos[name]["shape"]), raw) != infos[name]["digest"]:
+            raise IntegrityError("pass-through tensor does not match the source digest",
+                                 path=str(path), tensor=name)
+        return raw, "pass-through (bit-exact)"
+
+    names = [name for name, _, _ in specs]
+    with stfile.StreamWriter(tmp, specs, metadata) as writer, \
+            ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
+        pending: deque = deque()
+        for i, name in enumerate(names):
+            pending.append((name, pool.submit(produce, name)))
+            if len(pending) < DECODE_THREADS and i + 1 < len(names):
+                continue
+            while pending and (len(pending) >= DECODE_THREADS or i + 1 == len(names)):
+                done_name, future = pending.popleft()
+                data, kind = future.result()
+                writer.write(done_name, data)
+                rows.append({"name": done_name, "dtype": infos[done_name]["dtype"],
+                             "shape": infos[done_name]["shape"], "kind": kind})
+                progress.advance(done_name)
+
+
+DECODE_THREADS = 2
 
 
 def verify(path, checks: list | None = None) -> list[tuple[str, bool, str]]:

@@ -1,8 +1,9 @@
-"""Random access: decode a range of layers and tokens, reading only the bytes they occupy.
+"""Random access: decode a range of layers and tokens, reading only the bytes around them.
 
 Codes are fixed-width, so vector (b, h, t) of a layer starts at bit
 ((b * kv_heads + h) * t_mid + t - keep_first) * (d/k) * wire_bits of that layer's stream; the
-stream is memory-mapped and only the bytes of the selected runs are touched. Norms and kept
+stream is memory-mapped and only the decode blocks (``DECODE_ROWS`` vectors, aligned as the
+full decode aligns them, so the values are bit-identical) around the selected runs are touched. Norms and kept
 tokens are read through slices as well. The document, the codebooks and the rotations are
 verified; the code streams cannot be verified without reading them whole (`fibquant validate`
 does that).
@@ -18,6 +19,7 @@ import numpy as np
 from . import stfile
 from .container import codes_name, kept_name, mean_name, norms_name, raw_name
 from .core import bitpack
+from .core.codec import DECODE_ROWS
 from .errors import IntegrityError, UsageError
 from .manifest import (AttentionSpec, Manifest, ManifestEntry, manifest_path_for, save_manifest,
                        vectors_axes)
@@ -45,15 +47,6 @@ def parse_range(text: str | None, n: int, flag: str) -> range:
     return range(start, stop)
 
 
-def _codes_map(loaded: Loaded, name: str) -> np.ndarray:
-    header = loaded.comp.header
-    if name not in header.tensors:
-        raise IntegrityError("missing stored array", path=str(loaded.comp.path), tensor=name)
-    info = header.tensors[name]
-    return np.memmap(header.path, dtype=np.uint8, mode="r", offset=header.data_start + info.begin,
-                     shape=(info.n_bytes,))
-
-
 def decode_slice(loaded: Loaded, i: int, layer: int, t0: int, t1: int) -> np.ndarray:
     """Tokens [t0, t1) of entry i, layer, as [batch, kv_heads, t1 - t0, head_dim] float32."""
     shape = loaded.manifest.entries[i].shape
@@ -75,36 +68,53 @@ def decode_slice(loaded: Loaded, i: int, layer: int, t0: int, t1: int) -> np.nda
     if lo >= hi:
         return out
     cname, nname = codes_name(i, layer), norms_name(i, layer)
-    stream = _codes_map(loaded, cname)
-    expected = bitpack.packed_n_bytes(b * h * t_mid * p.blocks_per_vector, p.wire_bits)
+    stream = _region(loaded, cname, np.uint8)
+    n_vectors = b * h * t_mid
+    expected = bitpack.packed_n_bytes(n_vectors * p.blocks_per_vector, p.wire_bits)
     if stream.size != expected:
         raise IntegrityError(f"packed stream has {stream.size} bytes, expected {expected}",
                              path=str(loaded.comp.path), tensor=cname)
-    if nname not in loaded.comp.header.tensors:
-        raise IntegrityError("missing stored array", path=str(loaded.comp.path), tensor=nname)
-    norms = stfile.read_tensor(loaded.comp.header, nname,
-                               index=(slice(None), slice(None), slice(lo - kf, hi - kf)))
-    if norms.shape != (b, h, hi - lo):
-        raise IntegrityError(f"norms have shape {list(norms.shape)}", path=str(loaded.comp.path),
-                             tensor=nname)
+    norms = _region(loaded, nname, None)
+    if norms.dtype not in (np.float16, np.float32) or norms.size != n_vectors:
+        raise IntegrityError(f"norms have dtype {norms.dtype} and {norms.size} values",
+                             path=str(loaded.comp.path), tensor=nname)
     mean = _stored(loaded, mean_name(i, layer), (b, h, d), np.float32) if loaded.centers[i] else None
     bpv = p.blocks_per_vector
+    rows = DECODE_ROWS
     for bi in range(b):
         for hi_ in range(h):
             v0 = (bi * h + hi_) * t_mid + (lo - kf)
-            codes = bitpack.unpack_range(stream, v0 * bpv, (v0 + hi - lo) * bpv, p.wire_bits)
+            v1 = v0 + hi - lo
+            # Decode the aligned blocks around [v0, v1), as the full decode does, so the
+            # values are bit-identical to it; only those blocks' bytes are read.
+            a0, a1 = v0 // rows * rows, min(-(-v1 // rows) * rows, n_vectors)
+            codes = bitpack.unpack_range(stream, a0 * bpv, a1 * bpv, p.wire_bits)
             if codes.size and int(codes.max()) >= p.size:
                 raise IntegrityError(f"an index is >= N = {p.size}", path=str(loaded.comp.path),
                                      tensor=cname)
-            nrm = norms[bi, hi_].astype(np.float32)
+            nrm = np.asarray(norms[a0:a1], dtype=np.float32)
             if not np.all(np.isfinite(nrm)) or float(nrm.min(initial=0.0)) < 0:
                 raise IntegrityError("norms must be finite and >= 0", path=str(loaded.comp.path),
                                      tensor=nname)
-            x = q.decode(codes.reshape(hi - lo, bpv), nrm)
+            x = q.decode(codes.reshape(a1 - a0, bpv), nrm)[v0 - a0:v1 - a0]
             if mean is not None:
                 x += mean[bi, hi_]
             out[bi, hi_, lo - t0:hi - t0] = x
     return out
+
+
+def _region(loaded: Loaded, name: str, dtype) -> np.ndarray:
+    """A stored array as a flat read-only memory map (only the touched pages are read)."""
+    header = loaded.comp.header
+    if name not in header.tensors:
+        raise IntegrityError("missing stored array", path=str(loaded.comp.path), tensor=name)
+    info = header.tensors[name]
+    dt = np.dtype(dtype) if dtype is not None else stfile.numpy_dtype_for(info.dtype)
+    if info.n_bytes % dt.itemsize:
+        raise IntegrityError(f"{info.n_bytes} bytes is not a whole number of {dt} values",
+                             path=str(loaded.comp.path), tensor=name)
+    return np.memmap(header.path, dtype=dt.newbyteorder("<"), mode="r",
+                     offset=header.data_start + info.begin, shape=(info.n_bytes // dt.itemsize,))
 
 
 def decompress_slice(path, *, layers: str | None, tokens: str | None, output=None,

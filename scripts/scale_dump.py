@@ -1,10 +1,11 @@
-"""Make a bigger KV dump from the sample by repeating its tokens (for memory and speed tests).
+"""Make a bigger KV dump from the sample, for memory and speed measurements.
 
-    python scripts/scale_dump.py SRC.safetensors OUT.safetensors --times 4
+    python scripts/scale_dump.py SRC.safetensors OUT.safetensors --times 4 [--axis layers|tokens]
 
-Every KV and query tensor gets ``times`` x the tokens (the sample's tokens repeated, each copy
-perturbed by a little seeded noise so no two copies are identical); other tensors are copied.
-The manifest is rewritten to match.
+``--axis layers`` (default) repeats the layers: the dump grows, its largest tensor does not,
+which is what a flat-memory claim is about. ``--axis tokens`` repeats the tokens of every KV
+and query tensor instead. Each copy gets a little seeded noise, so no two are identical; other
+tensors are copied. The manifest is rewritten to match.
 """
 
 from __future__ import annotations
@@ -17,30 +18,56 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 
+def manifest_path(p: Path) -> Path:
+    return p.with_name(p.name.removesuffix(".safetensors") + ".manifest.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("src", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--times", type=int, default=4)
+    ap.add_argument("--axis", choices=("layers", "tokens"), default="layers")
     args = ap.parse_args()
-    manifest = json.loads(args.src.with_suffix("").with_suffix(".manifest.json").read_text()
-                          if args.src.name.endswith(".safetensors") else "")
-    names = {n for e in manifest["entries"] for n in e["tensors"]}
-    names |= set(manifest.get("attention", {}).get("query_tensors", []))
+    manifest = json.loads(manifest_path(args.src).read_text())
+    arrays = load_file(args.src)
     rng = np.random.default_rng(0)
+
+    def noisy(arr: np.ndarray) -> np.ndarray:
+        noise = rng.standard_normal(arr.shape).astype(np.float32) * 0.01 * float(np.abs(arr).mean())
+        return (arr.astype(np.float32) + noise).astype(arr.dtype)
+
+    kv = {n for e in manifest["entries"] for n in e["tensors"]}
+    queries = list(manifest.get("attention", {}).get("query_tensors", []))
     tensors = {}
-    for name, arr in load_file(args.src).items():
-        if name in names:  # [b, h, t, d]: repeat along tokens
-            reps = [arr]
-            for _ in range(args.times - 1):
-                noise = rng.standard_normal(arr.shape).astype(np.float32) * 0.01 * np.abs(arr).mean()
-                reps.append((arr.astype(np.float32) + noise).astype(arr.dtype))
-            arr = np.concatenate(reps, axis=2)
-        tensors[name] = np.ascontiguousarray(arr)
-    for entry in manifest["entries"]:
-        entry["shape"]["tokens"] *= args.times
+    if args.axis == "tokens":
+        for name, arr in arrays.items():
+            if name in kv or name in queries:  # [b, h, t, d]
+                arr = np.concatenate([arr] + [noisy(arr) for _ in range(args.times - 1)], axis=2)
+            tensors[name] = np.ascontiguousarray(arr)
+        for entry in manifest["entries"]:
+            entry["shape"]["tokens"] *= args.times
+    else:
+        groups = [list(e["tensors"]) for e in manifest["entries"]] + ([queries] if queries else [])
+        for name, arr in arrays.items():
+            if name not in kv and name not in queries:
+                tensors[name] = arr
+        new_groups = []
+        for names in groups:
+            out = []
+            for copy in range(args.times):
+                for name in names:
+                    new = name if copy == 0 else f"{name}.copy{copy}"
+                    tensors[new] = arrays[name] if copy == 0 else noisy(arrays[name])
+                    out.append(new)
+            new_groups.append(out)
+        for entry, names in zip(manifest["entries"], new_groups):
+            entry["tensors"] = names
+            entry["shape"]["layers"] *= args.times
+        if queries:
+            manifest["attention"]["query_tensors"] = new_groups[-1]
     save_file(tensors, str(args.out))
-    args.out.with_suffix("").with_suffix(".manifest.json").write_text(json.dumps(manifest, indent=2))
+    manifest_path(args.out).write_text(json.dumps(manifest, indent=2))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from typing import Protocol
 
 import numpy as np
@@ -274,6 +275,7 @@ class GridSearcher:
         self.side = side
         self.fallback = MatmulSearcher(cb, exact=True)
         self.table = None
+        self._lock = threading.Lock()
         # Lazy: the exact fallback serves until the blocks seen would have paid for the table,
         # so a small input never waits for it; the codes are the same either way.
         self._blocks_left = max(LAZY_GRID_WORK // len(cb), LAZY_GRID_BLOCKS) if lazy else 0
@@ -358,10 +360,12 @@ class GridSearcher:
         y = np.asarray(y)
         m = y.shape[0]
         if self.table is None:
-            self._blocks_left -= m
-            if self._blocks_left > 0:
-                return self.fallback.nearest(y)
-            self.build()
+            with self._lock:  # encoder threads share searchers: build the table once
+                self._blocks_left -= m
+                if self._blocks_left > 0:
+                    return self.fallback.nearest(y)
+                if self.table is None:
+                    self.build()
         codes = np.empty(m, dtype=np.uint32)
         inv = 1.0 / self.cell
         shift = self.lo * inv - 1.0  # the off-grid ring shifts every index by one
