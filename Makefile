@@ -26,8 +26,14 @@ demo: install
 	$(BIN)/fibquant decompress $(DEMO)/kv_sample.fq.safetensors --force \
 		-o $(DEMO)/kv_sample.restored.safetensors
 
-bench: install
+# The benchmark compares against llama.cpp's Q4_0 (the gguf package) and plots: extras.
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,peers,plot]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
 	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench_pipeline.py
 
 # Batch: compress every dump X.safetensors (with X.manifest.json) of DIR into OUT, in parallel
 # with make's -j, skipping outputs newer than their dump and manifest:
