@@ -178,3 +178,29 @@ def read_st_header(path: Path) -> tuple[dict, int]:
 
 def header_order(path: Path) -> list[str]:
     return [k for k in read_st_header(path)[0] if k != "__metadata__"]
+
+
+@pytest.fixture(scope="module")
+def module_cache_dir(tmp_path_factory):
+    """Anything a module's tests would write to the codebook cache goes to a throwaway folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("fq-cache")
+        mp.setenv("FIBQUANT_CACHE_DIR", str(path))
+        yield path
+
+
+def invoke(*args):
+    """Run the CLI in this process, as a user would (all arguments as strings)."""
+    from typer.testing import CliRunner
+
+    from fibquant_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(result):
+    """Assert a CLI result succeeded; return it."""
+    detail = f"exit={result.exit_code} exc={result.exception!r}\n{result.output}"
+    assert result.exit_code == 0, detail
+    assert result.exception is None, detail
+    return result

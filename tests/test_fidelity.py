@@ -14,76 +14,15 @@ import os
 import numpy as np
 import pytest
 import safetensors.numpy
-from typer.testing import CliRunner
 
-from conftest import SAMPLE_DUMP, SAMPLE_MANIFEST, make_dump
+from conftest import invoke, ok, SAMPLE_DUMP, SAMPLE_MANIFEST, make_dump
 from fibquant_cli.fidelity import kv_entries, measure
 from fibquant_cli.kvdump import open_dump
 
+pytestmark = pytest.mark.usefixtures("module_cache_dir")
+
 OVERALL_KEYS = {"rel_mse", "key_rel_mse", "value_rel_mse", "rows", "cosine_mean", "cosine_p1",
                 "cosine_min", "tv_mean", "tv_max", "top8_agreement", "proxy"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _private_codebook_cache(tmp_path_factory):
-    """Anything a test would write to the codebook cache goes to a throwaway folder."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FIBQUANT_CACHE_DIR", str(tmp_path_factory.mktemp("fq-cache")))
-        yield
-
-
-def _openblas_threads():
-    """(get, set) of the loaded OpenBLAS thread count, or None (not Linux, other BLAS...)."""
-    import ctypes
-    import re
-
-    try:
-        with open("/proc/self/maps") as fh:
-            libs = sorted(set(re.findall(r"/\S*openblas\S*\.so\S*", fh.read())))
-        for path in libs:
-            lib = ctypes.CDLL(path)
-            for prefix in ("scipy_openblas", "openblas"):
-                for suffix in ("64_", "_64_", ""):
-                    get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                    put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                    if get is not None and put is not None:
-                        return get, put
-    except OSError:
-        pass
-    return None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_blas_thread():
-    """One BLAS thread while this module runs (restored after).
-
-    Attention fidelity multiplies small matrices; on a busy 2-core machine OpenBLAS threads
-    only contend (measured: --target-cosine on the sample 17 s -> 2.4 s, same result).
-    """
-    threads = _openblas_threads()
-    if threads is None:
-        yield
-        return
-    get, put = threads
-    before = get()
-    put(1)
-    try:
-        yield
-    finally:
-        put(before)
-
-
-def invoke(*args):
-    from fibquant_cli.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    detail = f"exit={result.exit_code} exc={result.exception!r}\n{result.output}"
-    assert result.exit_code == 0, detail
-    assert result.exception is None, detail
-    return result
 
 
 def ok_json(*args) -> dict:

@@ -14,9 +14,8 @@ import os
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import SAMPLE_DUMP, make_dump
+from conftest import invoke, ok, SAMPLE_DUMP, make_dump
 from fibquant_cli.kvdump import open_dump
 from fibquant_cli.spec import BITS_PRESETS, CompressSpec
 from fibquant_cli.sweep import (Point, estimated_bits_per_value, fibquant_specs, mark_pareto,
@@ -27,6 +26,8 @@ try:  # compress lives in compressor.py (it used to live in pipeline.py)
 except ImportError:  # pragma: no cover
     from fibquant_cli.pipeline import compress as _compress
 
+pytestmark = pytest.mark.usefixtures("module_cache_dir")
+
 
 def compress(source, **kwargs):
     """The library compress, in this process (no worker pool)."""
@@ -36,68 +37,6 @@ def compress(source, **kwargs):
 
 
 SCALAR_LABELS = {f"scalar {b}-bit" for b in (4, 3, 2, 1)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _private_codebook_cache(tmp_path_factory):
-    """Anything a test would write to the codebook cache goes to a throwaway folder."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FIBQUANT_CACHE_DIR", str(tmp_path_factory.mktemp("fq-cache")))
-        yield
-
-
-def _openblas_threads():
-    """(get, set) of the loaded OpenBLAS thread count, or None (not Linux, other BLAS...)."""
-    import ctypes
-    import re
-
-    try:
-        with open("/proc/self/maps") as fh:
-            libs = sorted(set(re.findall(r"/\S*openblas\S*\.so\S*", fh.read())))
-        for path in libs:
-            lib = ctypes.CDLL(path)
-            for prefix in ("scipy_openblas", "openblas"):
-                for suffix in ("64_", "_64_", ""):
-                    get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                    put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                    if get is not None and put is not None:
-                        return get, put
-    except OSError:
-        pass
-    return None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_blas_thread():
-    """One BLAS thread while this module runs (restored after).
-
-    Attention fidelity multiplies small matrices; on a busy 2-core machine OpenBLAS threads
-    only contend (measured: --target-cosine on the sample 17 s -> 2.4 s, same result).
-    """
-    threads = _openblas_threads()
-    if threads is None:
-        yield
-        return
-    get, put = threads
-    before = get()
-    put(1)
-    try:
-        yield
-    finally:
-        put(before)
-
-
-def invoke(*args):
-    from fibquant_cli.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    detail = f"exit={result.exit_code} exc={result.exception!r}\n{result.output}"
-    assert result.exit_code == 0, detail
-    assert result.exception is None, detail
-    return result
 
 
 def usage_error(result, *fragments: str) -> str:
