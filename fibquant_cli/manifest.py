@@ -67,11 +67,11 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fibquant_cli.atomic import atomic_path
 from fibquant_cli.digest import json_digest
 from fibquant_cli.errors import FibQuantError, InvalidInputError, ResourceError
 
@@ -487,19 +487,9 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
 
 def save_manifest(manifest: Manifest, path: str | os.PathLike) -> None:
     """Write ``manifest`` as indented JSON (temporary file, then ``os.replace``)."""
-    target = Path(path)
     text = json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a sidecar is an ordinary file
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def manifest_path_for(dump_path: str | os.PathLike) -> Path:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from .atomic import atomic_path
 from .errors import UsageError
 
 MARKERS = {"fibquant": ("o", "tab:blue"), "scalar": ("s", "tab:gray")}
@@ -40,16 +39,8 @@ def plot_frontier(rep, path) -> None:
     ax.set_title(f"memory-fidelity frontier: {Path(rep.source).name}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a plot is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
