@@ -36,6 +36,7 @@ from .core.scalar import ScalarQuantizer
 from .digest import file_digest, tensor_digest
 from .errors import InvalidInputError, UsageError
 from .kvdump import Dump, check_finite, open_dump, read_layer
+from .manifest import entry_layer_views
 from .pipeline import (FP16_MAX, SOURCE_DTYPES, Progress, check_output_paths, commit_outputs,
                        default_compressed_path, from_float32, load_verified, reconstructor,
                        rotation_digest, stored_codebook_digest, temp_sibling)
@@ -195,30 +196,63 @@ def encoder_input(arr: np.ndarray, plan_center: bool, keep_first: int, keep_last
 
 
 def prepass(dump: Dump, spec: CompressSpec, progress: Progress):
-    """Plans per layer, and the digest of every source tensor (KV ones read here)."""
+    """One read of every KV tensor: its digest, a NaN/Inf check, and a plan per layer.
+
+    Returns (plans, KV source digests). Nothing is written before this has passed, so bad
+    values never leave a partial output. A layer's norms are stored in f32 only when one
+    would overflow fp16; a cheap bound from the tensor's largest value usually settles it.
+    """
+    digests, amax = {}, {}
+    progress.start(len(dump.kv_names), "checking")
+    for name in dump.header.tensors:
+        if name not in dump.kv_names:
+            continue
+        info = dump.header.tensors[name]
+        raw = stfile.read_raw(dump.header, name)
+        digests[name] = tensor_digest(info.dtype, info.shape, raw)
+        top = largest_magnitude(raw, info.dtype)
+        if not np.isfinite(top):
+            arr = np.frombuffer(raw, dtype=info.numpy_dtype.newbyteorder("<"))
+            check_finite(dump.header, name, arr.reshape(info.shape))  # names the position
+        amax[name] = top
+        progress.advance(name)
     plans = []
-    progress.start(sum(e.shape.layers for e in dump.manifest.entries), "checking")
     for i, entry in enumerate(dump.manifest.entries):
         center = spec.center_keys and entry.shape.role == "key"
+        views = entry_layer_views(entry)
         for layer in range(entry.shape.layers):
-            arr = read_layer(dump, entry, layer)  # raises on NaN/Inf, naming tensor and position
-            wide = needs_wide_norms(arr, center, spec)
+            bound = amax[views[layer][0]] * np.sqrt(entry.shape.head_dim) * (2.0 if center else 1.0)
+            wide = bound > FP16_MAX and needs_wide_norms(read_layer(dump, entry, layer), center,
+                                                         spec)
             kf = min(spec.keep_first, entry.shape.tokens)
             kl = min(spec.keep_last, entry.shape.tokens - kf)
             plans.append(LayerPlan(i, layer, kf, kl, center, "F32" if wide else "F16"))
-            progress.advance(f"{entry.shape.role} layer {layer}")
-    return plans
+    return plans, digests
+
+
+# IEEE layouts: (unsigned view, mask without the sign bit) per float dtype.
+_MAGNITUDE_BITS = {"F16": (np.dtype("<u2"), 0x7FFF), "BF16": (np.dtype("<u2"), 0x7FFF),
+                   "F32": (np.dtype("<u4"), 0x7FFFFFFF)}
+
+
+def largest_magnitude(raw: bytes, st_dtype: str) -> float:
+    """max |x| of a float tensor's bytes (inf or nan when any value is not finite).
+
+    For IEEE floats |x| orders like the bit pattern without its sign, so this is one integer
+    max instead of float16 arithmetic, which numpy emulates slowly.
+    """
+    if not raw:
+        return 0.0
+    view, mask = _MAGNITUDE_BITS[st_dtype]
+    bits = np.frombuffer(raw, dtype=view)
+    top = int(np.bitwise_and(bits, mask).max())
+    value = np.array([top], dtype=view).view(stfile.numpy_dtype_for(st_dtype).newbyteorder("<"))
+    return float(value[0])
 
 
 def needs_wide_norms(arr: np.ndarray, center: bool, spec: CompressSpec) -> bool:
-    """Would a vector norm to encode overflow fp16? A cheap bound first, exact norms if needed.
-
-    ||x - mean|| <= 2 sqrt(d) max|x|, so typical KV values (|x| < 1000) never need the norms.
-    """
+    """Would a norm to encode of this layer overflow fp16? (Exact: computes the norms.)"""
     if arr.size == 0:
-        return False
-    bound = float(np.abs(arr).max()) * np.sqrt(arr.shape[-1]) * (2.0 if center else 1.0)
-    if bound <= FP16_MAX:
         return False
     _, _, x_in, _, _ = encoder_input(arr, center, spec.keep_first, spec.keep_last)
     return bool(x_in.size) and float(row_norms(x_in).max()) > FP16_MAX
@@ -368,9 +402,9 @@ def _compress(source, *, manifest, output, spec, compare, force, attention, max_
         check_queries_finite(dump)
     profiles = entry_profiles(dump, spec)
     quantizers = make_quantizers(profiles, progress)
-    plans = prepass(dump, spec, progress)
+    plans, kv_digests = prepass(dump, spec, progress)
     specs = layout(dump, profiles, quantizers, plans)
-    doc = document(dump, quantizers, plans, spec)
+    doc = document(dump, quantizers, kv_digests, spec)
     digests = {name: PLACEHOLDER_DIGEST for name, _, _ in specs}
     tmp = temp_sibling(out)
     runs: dict[int, list[LayerResult]] = {}
@@ -425,14 +459,12 @@ def _array_digest(arr: np.ndarray) -> str:
     return tensor_digest(stfile.st_dtype_for(arr.dtype), arr.shape, arr)
 
 
-def document(dump: Dump, quantizers, plans, spec: CompressSpec) -> dict:
-    """The metadata document; KV source digests computed here, the rest filled in later."""
+def document(dump: Dump, quantizers, kv_digests: dict, spec: CompressSpec) -> dict:
+    """The metadata document; pass-through digests and array digests are filled in later."""
     source_tensors = {}
     for name, info in dump.header.tensors.items():
-        digest = PLACEHOLDER_DIGEST
-        if name in dump.kv_names:
-            digest = tensor_digest(info.dtype, info.shape, stfile.read_raw(dump.header, name))
-        source_tensors[name] = {"dtype": info.dtype, "shape": list(info.shape), "digest": digest}
+        source_tensors[name] = {"dtype": info.dtype, "shape": list(info.shape),
+                                "digest": kv_digests.get(name, PLACEHOLDER_DIGEST)}
     entries = []
     distinct = list(quantizers)
     for i, entry in enumerate(dump.manifest.entries):

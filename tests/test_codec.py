@@ -133,3 +133,44 @@ def test_core_never_imports_cli_libraries():
             "bad = {'typer', 'rich', 'safetensors', 'scipy'} & set(sys.modules); print(sorted(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_normalize_fast_path_and_float64_fallbacks():
+    from fibquant_cli.core.codec import normalize
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 16)).astype(np.float32)
+    x[1] *= 1e30   # squares overflow float32
+    x[2] *= 1e-25  # squares underflow float32
+    x[3] = 0.0
+    nu, u = normalize(x)
+    ref = np.linalg.norm(x.astype(np.float64), axis=1)
+    np.testing.assert_allclose(nu, ref, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(u[[0, 1, 2, 4, 5]], axis=1), 1.0, rtol=1e-6)
+    assert np.all(u[3] == 0)
+
+
+def test_normalize_refuses_norms_beyond_float32():
+    from fibquant_cli.core.codec import normalize
+
+    x = np.full((3, 16), 3e38, dtype=np.float32)
+    x[0] = 1.0
+    with pytest.raises(InvalidInputError, match=r"row 1: vector norm beyond the float32 range"):
+        normalize(x)
+
+
+@pytest.mark.parametrize("dtype,st", [(np.float16, "F16"), ("bfloat16", "BF16"), (np.float32, "F32")])
+def test_largest_magnitude_matches_numpy(dtype, st):
+    import ml_dtypes
+
+    from fibquant_cli.compressor import largest_magnitude
+
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
+    x = (np.random.default_rng(5).standard_normal(999) * 300).astype(dt)
+    x[17] = -float(np.abs(x.astype(np.float32)).max()) * 1.5  # the largest is negative
+    assert largest_magnitude(x.tobytes(), st) == float(np.abs(x.astype(np.float32)).max())
+    assert largest_magnitude(b"", st) == 0.0
+    x[3] = np.nan
+    assert np.isnan(largest_magnitude(x.tobytes(), st))
+    x[3] = -np.inf
+    assert largest_magnitude(x.tobytes(), st) == np.inf

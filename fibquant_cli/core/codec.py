@@ -37,6 +37,35 @@ def check_finite(x: np.ndarray, row_offset: int = 0) -> None:
         )
 
 
+# Below this a float32 sum of squares may have underflowed: such rows go through float64.
+TINY_NORM = 1e-15
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def normalize(chunk: np.ndarray, row_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(norms (n,) float32, unit rows (n, d) float32) of a chunk; zero rows stay zero.
+
+    Computed in float32 (the fast path); rows whose squared norm could have overflowed or
+    underflowed there are redone in float64. NaN/Inf, or a norm beyond float32, raise.
+    """
+    x = chunk.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        check_finite(chunk, row_offset)
+    nu = np.sqrt(np.einsum("ij,ij->i", x, x))
+    odd = ~np.isfinite(nu) | (nu < TINY_NORM)
+    safe = np.where(odd | (nu == 0), 1.0, nu).astype(np.float32)
+    u = x / safe[:, None]
+    if odd.any():
+        rows = np.flatnonzero(odd)
+        nu64 = row_norms(chunk[rows])
+        if (nu64 > F32_MAX).any():
+            bad = int(rows[np.argmax(nu64 > F32_MAX)]) + row_offset
+            raise InvalidInputError(f"row {bad}: vector norm beyond the float32 range")
+        nu[rows] = nu64
+        u[rows] = (chunk[rows].astype(np.float64) / np.where(nu64 > 0, nu64, 1.0)[:, None])
+    return nu.astype(np.float32, copy=False), u
+
+
 def row_norms(x: np.ndarray) -> np.ndarray:
     """||x||_2 per row, computed in float64 so f32 input cannot overflow; (n,) float64."""
     x64 = x.astype(np.float64, copy=False)
@@ -82,10 +111,7 @@ class FibQuantizer:
         searcher = searcher_for(self)  # built once per quantizer (core/fastsearch.py)
         for start in range(0, n, ROW_CHUNK):
             chunk = x[start:start + ROW_CHUNK]
-            check_finite(chunk, start)
-            nu = row_norms(chunk)
-            safe = np.where(nu > 0, nu, 1.0)
-            u = (chunk.astype(np.float64) / safe[:, None]).astype(np.float32)
+            nu, u = normalize(chunk, start)
             y = u @ rot_t
             block_codes = searcher.nearest(y.reshape(-1, k))
             codes[start:start + len(chunk)] = block_codes.reshape(-1, d // k)
