@@ -49,8 +49,10 @@ def from_float32(x: np.ndarray, st_dtype: str) -> np.ndarray:
     clamped to the largest finite value rather than turned into inf.
     """
     dtype = stfile.numpy_dtype_for(st_dtype)
-    if dtype != np.float32:
-        top = float(ml_dtypes.finfo(dtype).max)
+    if dtype == np.float32:
+        return x
+    top = float(ml_dtypes.finfo(dtype).max)
+    if float(np.abs(x).max(initial=0.0)) > top:
         x = np.clip(x, -top, top)
     return x.astype(dtype)
 
