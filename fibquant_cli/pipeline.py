@@ -209,7 +209,7 @@ def read_layer_codes(loaded: Loaded, i: int, layer: int) -> tuple[np.ndarray, np
         codes = bitpack.unpack(packed, n * p.blocks_per_vector, p.wire_bits)
     except IntegrityError as err:
         raise IntegrityError(err.reason, path=where, tensor=cname) from None
-    if codes.size and int(codes.max()) >= p.size:
+    if p.size < 2**p.wire_bits and codes.size and int(codes.max()) >= p.size:
         bad = int(np.argmax(codes >= p.size))
         raise IntegrityError(f"index {int(codes[bad])} at position {bad} is >= N = {p.size}",
                              path=where, tensor=cname)
@@ -279,13 +279,16 @@ def restore_tensor(loaded: Loaded, name: str, where_kv: dict) -> np.ndarray:
     entry = loaded.manifest.entries[i]
     info = loaded.doc["source"]["tensors"][name]
     st_dtype = info["dtype"]
+    perm = _inverse(vectors_axes(entry.layout, 4))
+    if len(views) == 1 and views[0][1] is None and len(info["shape"]) == 4 and perm == (0, 1, 2, 3):
+        return from_float32(decode_layer(loaded, i, views[0][0]), st_dtype)  # no copy needed
     out = np.empty(tuple(info["shape"]), dtype=stfile.numpy_dtype_for(st_dtype))
     for layer, index in views:
         x = from_float32(decode_layer(loaded, i, layer), st_dtype)
         if index is None and out.ndim == 5:
             out[:, 0] = x
         elif index is None:
-            out[...] = x.transpose(_inverse(vectors_axes(entry.layout, 4)))
+            out[...] = x.transpose(perm)
         else:
             out[:, index] = x
     return out
