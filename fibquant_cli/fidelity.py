@@ -16,6 +16,7 @@ from threadpoolctl import threadpool_limits
 
 from . import stfile
 from .core.attention import FidelityStats, attention_fidelity
+from .errors import InvalidInputError
 from .kvdump import Dump, read_layer
 from .manifest import vectors_axes
 
@@ -51,6 +52,15 @@ def kv_entries(dump: Dump) -> tuple[int, int] | None:
     if any(getattr(k, f) != getattr(v, f) for f in same):
         return None
     return keys[0], values[0]
+
+
+def require_kv_pair(dump: Dump, what: str) -> tuple[int, int]:
+    """``kv_entries`` or an error saying that ``what`` needs one key and one value entry."""
+    pair = kv_entries(dump)
+    if pair is None:
+        raise InvalidInputError(f"{what} needs exactly one key and one value entry of the same "
+                                "geometry", path=str(dump.manifest_path))
+    return pair
 
 
 def read_query_layer(dump: Dump, layer: int, positions: slice) -> np.ndarray:

@@ -204,9 +204,10 @@ def digest(path) -> DigestReport:
 
 def evaluate(original, other, *, manifest=None, max_queries: int = 2048):
     """Attention fidelity of ``other`` (compressed file or restored dump) against ``original``."""
-    from .fidelity import measure
+    from .fidelity import measure, require_kv_pair
 
     dump = open_dump(original, manifest)
+    require_kv_pair(dump, "attention fidelity")
     header = stfile.read_header(other)
     if container.is_compressed(header):
         loaded = pipeline.load_verified(other)
@@ -220,8 +221,4 @@ def evaluate(original, other, *, manifest=None, max_queries: int = 2048):
         def reconstruct(i: int, layer: int) -> np.ndarray:
             return read_layer(restored, restored.manifest.entries[i], layer).astype(np.float32)
 
-    rep = measure(dump, reconstruct, max_queries=max_queries)
-    if rep is None:
-        raise InvalidInputError("attention fidelity needs exactly one key and one value entry "
-                                "of the same geometry", path=str(dump.manifest_path))
-    return rep
+    return measure(dump, reconstruct, max_queries=max_queries)

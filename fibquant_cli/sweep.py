@@ -23,7 +23,7 @@ from .core.params import Profile
 from .core.peers import available_peers
 from .core.scalar import ScalarQuantizer
 from .errors import InvalidInputError
-from .fidelity import DEFAULT_MAX_QUERIES, kv_entries, measure
+from .fidelity import DEFAULT_MAX_QUERIES, kv_entries, measure, require_kv_pair
 from .kvdump import Dump, open_dump, read_layer
 from .spec import BITS_PRESETS, CompressSpec
 
@@ -164,10 +164,7 @@ def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
           progress: pipeline.Progress | None = None) -> SweepReport:
     progress = progress or pipeline.Progress()
     dump = open_dump(source, manifest)
-    pair = kv_entries(dump)
-    if pair is None:
-        raise InvalidInputError("the sweep needs exactly one key and one value entry of the same "
-                                "geometry", path=str(dump.manifest_path))
+    pair = require_kv_pair(dump, "the sweep")
     d = dump.manifest.entries[pair[0]].shape.head_dim
     specs = fibquant_specs() if specs is None else specs
     avail = available_peers() if peers else None
@@ -237,10 +234,7 @@ def choose_for_target(source, target: float, *, manifest=None, seed: int = 0,
         raise UsageError(f"--target-cosine must be in (0, 1], got {target}")
     progress = progress or pipeline.Progress()
     dump = open_dump(source, manifest)
-    pair = kv_entries(dump)
-    if pair is None:
-        raise InvalidInputError("--target-cosine needs exactly one key and one value entry of the "
-                                "same geometry", path=str(dump.manifest_path))
+    pair = require_kv_pair(dump, "--target-cosine")
     shape = dump.manifest.entries[pair[0]].shape
     specs = sorted(fibquant_specs(seed),
                    key=lambda s: estimated_bits_per_value(s, shape.head_dim, shape.tokens))
