@@ -336,8 +336,8 @@ def _decompress(path, *, output, force, progress) -> DecompressReport:
 def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, progress) -> None:
     """Write every original tensor, in the original order, into the file ``tmp``.
 
-    KV tensors are decoded by two threads (numpy releases the GIL in the decode), at most two
-    tensors ahead of the writer, so memory stays bounded by a few tensors.
+    KV tensors are decoded by ``DECODE_THREADS`` threads (numpy releases the GIL in the decode),
+    at most ``2 * DECODE_THREADS`` tensors ahead of the writer, so memory stays bounded.
     """
     path = loaded.comp.path
     infos = loaded.doc["source"]["tensors"]
@@ -355,17 +355,21 @@ def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, pr
     with stfile.StreamWriter(tmp, specs, metadata) as writer, \
             ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
         pending: deque = deque()
-        for i, name in enumerate(names):
+
+        def write_oldest() -> None:
+            done_name, future = pending.popleft()
+            data, kind = future.result()
+            writer.write(done_name, data)
+            rows.append({"name": done_name, "dtype": infos[done_name]["dtype"],
+                         "shape": infos[done_name]["shape"], "kind": kind})
+            progress.advance(done_name)
+
+        for name in names:
             pending.append((name, pool.submit(produce, name)))
-            if len(pending) < DECODE_THREADS and i + 1 < len(names):
-                continue
-            while pending and (len(pending) >= DECODE_THREADS or i + 1 == len(names)):
-                done_name, future = pending.popleft()
-                data, kind = future.result()
-                writer.write(done_name, data)
-                rows.append({"name": done_name, "dtype": infos[done_name]["dtype"],
-                             "shape": infos[done_name]["shape"], "kind": kind})
-                progress.advance(done_name)
+            if len(pending) > 2 * DECODE_THREADS:  # bounded look-ahead
+                write_oldest()
+        while pending:
+            write_oldest()
 
 
 DECODE_THREADS = 2
