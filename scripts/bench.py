@@ -44,8 +44,9 @@ SEED = 0  # profile seed of the shipped codebooks
 REFERENCE_D_UNIT = {
     (2, 4): 0.358, (2, 16): 0.105, (2, 64): 0.0292, (2, 256): 0.0076,
     (4, 256): 0.0956, (8, 256): 0.318, (8, 16): 0.599, (32, 128): 0.801,
+    (2, 1024): None, (4, 4096): None,  # shipped beyond the spec's table (no reference value)
 }
-THROUGHPUT_POINTS = [(2, 64), (4, 256), (8, 256)]  # b = 3, 2, 1
+THROUGHPUT_POINTS = [(2, 64), (4, 256), (8, 256), (4, 4096)]  # b = 3, 2, 1, 3
 INPUT_STREAM = 100  # purpose id of the throughput input, distinct from the core's streams 1..4
 FP16_BYTES = 2
 REPEATS = 3

@@ -161,6 +161,7 @@ def main(argv=None) -> int:
         dumps = {t: scaled_dump(t, tmp) for t in sizes}
         speed_dump = dumps[sizes[2]]
         points = [(f"--bits {b:g}", *BITS_PRESETS[b]) for b in (4, 3, 2, 1, 0.5)]
+        points.append(("3 bits, k=4", 4, 4096))  # the large codebook the fast search allows
         speed = throughput(speed_dump, tmp, points)
         t = Table(title=f"compress / decompress throughput, MB/s of fp16 KV input "
                         f"({speed_dump.name}: {kv_vectors(speed_dump)[1] / 1e6:.1f} MB of KV), "

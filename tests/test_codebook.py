@@ -133,3 +133,17 @@ def test_d_unit_of_trained_codebook_small_point():
     zero = cbm.d_unit(np.zeros((1, 2)), 16, 2_000, np.random.default_rng(9))
     assert zero == pytest.approx(1.0)
     assert 0.2 < value < 0.45
+
+
+def test_large_codebooks_train_with_the_fast_search(monkeypatch):
+    """assign() switches to the pruned search at FAST_ASSIGN_MIN_SIZE and agrees with brute force."""
+    rng = np.random.default_rng(7)
+    cb = cbm.initial_codebook(64, 4, 2048)
+    y = sample_canonical(64, 4, 4000, rng)
+    codes, dist = cbm.assign(y, cb)
+    ref = cbm.nearest_bruteforce(y, cb)
+    assert np.mean(codes == ref) > 0.999
+    np.testing.assert_allclose(dist, ((y - cb[codes]) ** 2).sum(1), rtol=1e-12)
+    # Below the threshold the brute-force assignment (and its exact codes) is kept.
+    small = cb[:1024]
+    np.testing.assert_array_equal(cbm.assign(y, small)[0], cbm.nearest_bruteforce(y, small))
