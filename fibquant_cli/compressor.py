@@ -331,9 +331,7 @@ def encode_layer(dump: Dump, q: FibQuantizer, plan: LayerPlan, compare: bool) ->
 
 
 def _scalar_for(p: Profile, rotation: np.ndarray):
-    b = p.rate_bits
-    whole = abs(b - round(b)) < 1e-12 and 1 <= b <= 8
-    return ScalarQuantizer(p.head_dim, round(b), rotation) if whole else None
+    return None if p.whole_bits is None else ScalarQuantizer(p.head_dim, p.whole_bits, rotation)
 
 
 def encoded_layers(dump: Dump, quantizers, profiles, plans, compare: bool, jobs: int):
@@ -438,7 +436,10 @@ def _compress(source, *, manifest, output, spec, compare, force, attention, max_
             from .fidelity import DEFAULT_MAX_QUERIES, measure
 
             progress.start(1, "attention fidelity")
-            rep.attention = measure(dump, reconstructor(load_verified(tmp)),
+            # Decoded from the file just written; its array digests were computed moments ago
+            # from the same bytes, so hashing them again would only repeat that work.
+            written = load_verified(tmp, verify_arrays=False)
+            rep.attention = measure(dump, reconstructor(written),
                                     max_queries=max_queries or DEFAULT_MAX_QUERIES)
         commit_outputs([(tmp, out)], force)
     finally:

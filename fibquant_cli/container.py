@@ -155,7 +155,7 @@ def _check_canonical_header(header: stfile.Header) -> None:
     """The header bytes must equal our serialization of what they parse to."""
     with open(header.path, "rb") as fh:
         raw = fh.read(header.data_start)
-    expected = stfile._header_bytes(list(header.tensors.values()), header.metadata,
+    expected = stfile.header_bytes(list(header.tensors.values()), header.metadata,
                                     str(header.path))
     if raw != expected:
         raise IntegrityError("header bytes are not in canonical form (altered header)",

@@ -38,10 +38,6 @@ class Progress:
         pass
 
 
-def to_float32(arr: np.ndarray) -> np.ndarray:
-    return arr.astype(np.float32)
-
-
 def from_float32(x: np.ndarray, st_dtype: str) -> np.ndarray:
     """Cast a reconstruction back to the source dtype (F16, BF16 or F32).
 
@@ -77,9 +73,9 @@ def check_output_paths(source: Path, outputs: list[Path], force: bool) -> None:
             raise UsageError("output path is a directory", path=str(out))
         if not out.parent.is_dir():
             raise UsageError(f"output directory {out.parent} does not exist", path=str(out))
-        if out.exists() and source.exists() and os.path.samefile(out, source):
-            raise UsageError("output is the input file", path=str(out))
-        if out.resolve() == source.resolve():
+        same = out.resolve() == source.resolve() or (
+            out.exists() and source.exists() and os.path.samefile(out, source))  # hard links
+        if same:
             raise UsageError("output is the input file", path=str(out))
         if out.exists() and not force:
             raise UsageError("output exists (use --force to overwrite)", path=str(out))
@@ -223,7 +219,7 @@ def read_layer_codes(loaded: Loaded, i: int, layer: int) -> tuple[np.ndarray, np
     return codes.reshape(n, p.blocks_per_vector), norms
 
 
-def _stored(loaded: Loaded, name: str, shape: tuple, dtype) -> np.ndarray:
+def stored_array(loaded: Loaded, name: str, shape: tuple, dtype) -> np.ndarray:
     """A stored side array (kept tokens, key means), checked for presence and shape."""
     where = str(loaded.comp.path)
     if name not in loaded.comp.header.tensors:
@@ -245,10 +241,10 @@ def decode_layer(loaded: Loaded, i: int, layer: int) -> np.ndarray:
     codes, norms = read_layer_codes(loaded, i, layer)
     middle = loaded.quantizers[i].decode(codes, norms).reshape(b, h, t - kf - kl, d)
     if loaded.centers[i]:
-        middle += _stored(loaded, mean_name(i, layer), (b, h, d), np.float32)[:, :, None, :]
+        middle += stored_array(loaded, mean_name(i, layer), (b, h, d), np.float32)[:, :, None, :]
     if not kf + kl:
         return middle
-    kept = _stored(loaded, kept_name(i, layer), (b, h, kf + kl, d), None)
+    kept = stored_array(loaded, kept_name(i, layer), (b, h, kf + kl, d), None)
     out = np.empty((b, h, t, d), dtype=np.float32)
     out[:, :, :kf] = kept[:, :, :kf]
     out[:, :, kf:t - kl] = middle
@@ -267,7 +263,7 @@ class DecompressReport:
         return asdict(self)
 
 
-def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+def inverse_permutation(perm: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(i) for i in np.argsort(perm))
 
 
@@ -279,7 +275,7 @@ def restore_tensor(loaded: Loaded, name: str, where_kv: dict) -> np.ndarray:
     entry = loaded.manifest.entries[i]
     info = loaded.doc["source"]["tensors"][name]
     st_dtype = info["dtype"]
-    perm = _inverse(vectors_axes(entry.layout, 4))
+    perm = inverse_permutation(vectors_axes(entry.layout, 4))
     if len(views) == 1 and views[0][1] is None and len(info["shape"]) == 4 and perm == (0, 1, 2, 3):
         return from_float32(decode_layer(loaded, i, views[0][0]), st_dtype)  # no copy needed
     out = np.empty(tuple(info["shape"]), dtype=stfile.numpy_dtype_for(st_dtype))

@@ -47,19 +47,13 @@ class CodebookReport:
         return asdict(self)
 
 
-def whole_bits(rate_bits: float) -> int | None:
-    """The integer rate if b is a whole number in the scalar baseline's range, else None."""
-    b = round(rate_bits)
-    return b if abs(rate_bits - b) < 1e-12 and 1 <= b <= 8 else None
-
-
 def codebook_report(profile: Profile, eval_vectors: int = EVAL_VECTORS) -> CodebookReport:
     """Build or load the codebook of ``profile`` and measure it on fresh unit vectors."""
     codebook, origin = load_or_build(profile)
     d, b = profile.head_dim, profile.rate_bits
     fib = d_unit(codebook, d, eval_vectors, stream(profile.seed, STREAM_EVALUATION))
     scalar = None
-    bits = whole_bits(b)
+    bits = profile.whole_bits
     if bits is not None:
         rng = stream(profile.seed, STREAM_EVALUATION)
         sq = ScalarQuantizer(d, bits, default_rotation(profile))

@@ -23,9 +23,9 @@ from .core.codec import DECODE_ROWS
 from .errors import IntegrityError, UsageError
 from .manifest import (AttentionSpec, Manifest, ManifestEntry, manifest_path_for, save_manifest,
                        vectors_axes)
-from .pipeline import (SOURCE_DTYPES, DecompressReport, Loaded, Progress, _inverse, _stored,
-                       check_output_paths, commit_outputs, default_restored_path, from_float32,
-                       load_verified, temp_sibling)
+from .pipeline import (SOURCE_DTYPES, DecompressReport, Loaded, Progress, check_output_paths,
+                       commit_outputs, default_restored_path, from_float32, inverse_permutation,
+                       load_verified, stored_array, temp_sibling)
 
 
 def parse_range(text: str | None, n: int, flag: str) -> range:
@@ -57,7 +57,7 @@ def decode_slice(loaded: Loaded, i: int, layer: int, t0: int, t1: int) -> np.nda
     t_mid = t - kf - kl
     out = np.empty((b, h, t1 - t0, d), dtype=np.float32)
     if kf + kl:
-        kept = _stored(loaded, kept_name(i, layer), (b, h, kf + kl, d), None)
+        kept = stored_array(loaded, kept_name(i, layer), (b, h, kf + kl, d), None)
         lo, hi = t0, min(t1, kf)
         if lo < hi:
             out[:, :, lo - t0:hi - t0] = kept[:, :, lo:hi]
@@ -78,7 +78,7 @@ def decode_slice(loaded: Loaded, i: int, layer: int, t0: int, t1: int) -> np.nda
     if norms.dtype not in (np.float16, np.float32) or norms.size != n_vectors:
         raise IntegrityError(f"norms have dtype {norms.dtype} and {norms.size} values",
                              path=str(loaded.comp.path), tensor=nname)
-    mean = _stored(loaded, mean_name(i, layer), (b, h, d), np.float32) if loaded.centers[i] else None
+    mean = stored_array(loaded, mean_name(i, layer), (b, h, d), np.float32) if loaded.centers[i] else None
     bpv = p.blocks_per_vector
     rows = DECODE_ROWS
     for bi in range(b):
@@ -144,7 +144,7 @@ def decompress_slice(path, *, layers: str | None, tokens: str | None, output=Non
             names = (name,)
         else:
             names = tuple(entry.tensors[layer] for layer in lsel)
-            perm = _inverse(vectors_axes(entry.layout, 4))
+            perm = inverse_permutation(vectors_axes(entry.layout, 4))
             for layer, name in zip(lsel, names):
                 dims = tuple(np.empty((shape.batch, shape.kv_heads, len(tsel), shape.head_dim),
                                       dtype=np.bool_).transpose(perm).shape)

@@ -492,7 +492,8 @@ def _is_dim(value: Any) -> bool:
         return False
 
 
-def _header_bytes(layout: list[TensorInfo], metadata: Mapping[str, str] | None, path: str) -> bytes:
+def header_bytes(layout: list[TensorInfo], metadata: Mapping[str, str] | None, path: str) -> bytes:
+    """The canonical header (length prefix, compact JSON, space padding) of a layout."""
     obj: dict[str, Any] = {}
     if metadata is not None:
         for key, value in metadata.items():
@@ -549,7 +550,7 @@ class StreamWriter:
         self.path = Path(path)
         self.force = force
         self.layout = _plan(specs, str(self.path))
-        self._header = _header_bytes(self.layout, metadata, str(self.path))
+        self._header = header_bytes(self.layout, metadata, str(self.path))
         _check_output(self.path, force)
         self._positions = {info.name: i for i, info in enumerate(self.layout)}
         self._written = [0] * len(self.layout)
@@ -599,7 +600,7 @@ class StreamWriter:
         """
         if self._file is None:
             raise RuntimeError("StreamWriter.replace_metadata called outside its with-block")
-        header = _header_bytes(self.layout, metadata, str(self.path))
+        header = header_bytes(self.layout, metadata, str(self.path))
         if len(header) != len(self._header):
             raise ValueError(f"new header is {len(header)} bytes, the placeholder {len(self._header)}")
         try:

@@ -18,9 +18,10 @@ import numpy as np
 
 from . import pipeline
 from .compressor import compress
-from .core.codec import default_rotation
+from .core.codebook import STREAM_ROTATION, stream
 from .core.params import Profile
 from .core.peers import available_peers
+from .core.rotation import haar_rotation
 from .core.scalar import ScalarQuantizer
 from .errors import InvalidInputError
 from .fidelity import DEFAULT_MAX_QUERIES, kv_entries, measure, require_kv_pair
@@ -136,7 +137,7 @@ def run_codec(dump: Dump, name: str, roundtrip, bits_per_value, max_queries: int
 
 def scalar_codec(d: int, bits: int, seed: int = 0):
     """The scalar baseline: same norm (fp16) and rotation, Lloyd-Max per coordinate."""
-    rotation = default_rotation(Profile(d, 2, 4, seed)).astype(np.float32)
+    rotation = haar_rotation(d, stream(seed, STREAM_ROTATION)).astype(np.float32)
     sq = ScalarQuantizer(d, bits, rotation)
 
     def roundtrip(x: np.ndarray, role: str) -> np.ndarray:

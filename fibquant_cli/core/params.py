@@ -106,6 +106,12 @@ class Profile:
         return math.log2(self.size) / self.block_dim
 
     @property
+    def whole_bits(self) -> int | None:
+        """b when it is a whole number of bits the scalar baseline supports (1..8), else None."""
+        b = round(self.rate_bits)
+        return b if abs(self.rate_bits - b) < 1e-12 and 1 <= b <= 8 else None
+
+    @property
     def wire_bits(self) -> int:
         """Stored width of one index: ceil(log2 N)."""
         return max(1, (self.size - 1).bit_length())
