@@ -48,7 +48,7 @@ def from_float32(x: np.ndarray, st_dtype: str) -> np.ndarray:
     if dtype == np.float32:
         return x
     top = float(ml_dtypes.finfo(dtype).max)
-    if float(np.abs(x).max(initial=0.0)) > top:
+    if x.size and max(float(x.max()), -float(x.min())) > top:  # no |x| temporary
         x = np.clip(x, -top, top)
     return x.astype(dtype)
 

@@ -1,11 +1,14 @@
 """Make a bigger KV dump from the sample, for memory and speed measurements.
 
     python scripts/scale_dump.py SRC.safetensors OUT.safetensors --times 4 [--axis layers|tokens]
+        [--kv-only]
 
 ``--axis layers`` (default) repeats the layers: the dump grows, its largest tensor does not,
 which is what a flat-memory claim is about. ``--axis tokens`` repeats the tokens of every KV
 and query tensor instead. Each copy gets a little seeded noise, so no two are identical; other
-tensors are copied. The manifest is rewritten to match.
+tensors are copied, or with ``--kv-only`` dropped along with the queries (a dump of K and V
+alone, so a speed test sees exactly the bytes a bare quantizer would). The manifest is
+rewritten to match.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--times", type=int, default=4)
     ap.add_argument("--axis", choices=("layers", "tokens"), default="layers")
+    ap.add_argument("--kv-only", action="store_true", help="drop queries and other tensors")
     args = ap.parse_args()
     manifest = json.loads(manifest_path(args.src).read_text())
     arrays = load_file(args.src)
@@ -39,6 +43,10 @@ def main() -> None:
 
     kv = {n for e in manifest["entries"] for n in e["tensors"]}
     queries = list(manifest.get("attention", {}).get("query_tensors", []))
+    if args.kv_only:
+        arrays = {n: a for n, a in arrays.items() if n in kv}
+        manifest.pop("attention", None)
+        queries = []
     tensors = {}
     if args.axis == "tokens":
         for name, arr in arrays.items():

@@ -397,13 +397,17 @@ class GridSearcher:
 
     def _nearest_mixed(self, y: np.ndarray, lists: np.ndarray) -> np.ndarray:
         """Exact search among the lists of mixed cells; float64, first minimum."""
-        dx = self.mixed_x[lists] - y[:, :1].astype(np.float64)
-        dy = self.mixed_y[lists] - y[:, 1:].astype(np.float64)
+        # np.take along axis 0 and a flat take: about 2x faster than fancy indexing.
+        dx = np.take(self.mixed_x, lists, axis=0)
+        dx -= y[:, :1].astype(np.float64)
+        dy = np.take(self.mixed_y, lists, axis=0)
+        dy -= y[:, 1:].astype(np.float64)
         dx *= dx
         dy *= dy
         dx += dy
         pick = np.argmin(dx, axis=1)
-        return self.mixed_cand[lists, pick]
+        pick += lists.astype(np.intp) * self.mixed_cand.shape[1]
+        return np.take(self.mixed_cand, pick)
 
 
 # --- large codebooks: pivots and sorted prefixes ------------------------------------------------
