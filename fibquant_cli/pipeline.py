@@ -6,7 +6,7 @@ import os
 import secrets
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ml_dtypes
@@ -111,13 +111,20 @@ def stored_codebook_digest(codebook: np.ndarray) -> str:
 
 @dataclass(frozen=True)
 class Loaded:
-    """A compressed file whose header, document and every stored array verified."""
+    """A compressed file whose header, document, codebooks and rotations verified.
+
+    The other stored arrays verified too, unless ``verify_on_read``: then ``read_stored``
+    checks each against its digest as it reads it (one read instead of two), records it in
+    ``verified``, and ``verify_unread`` checks whatever was never read.
+    """
 
     comp: container.Compressed
     manifest: object
     quantizers: list  # one FibQuantizer per entry
     keeps: list  # (keep_first, keep_last) per entry, clamped to the token count
     centers: list  # per entry: were the vectors centered (a stored per-head token mean)?
+    verify_on_read: bool = False
+    verified: set = field(default_factory=set)
 
     @property
     def doc(self) -> dict:
@@ -125,11 +132,12 @@ class Loaded:
 
 
 def load_verified(path, progress: Progress | None = None, checks: list | None = None,
-                  *, verify_arrays: bool = True) -> Loaded:
+                  *, verify_arrays: bool = True, verify_on_read: bool = False) -> Loaded:
     """Open a compressed file and verify every digest; raise on the first failure.
 
     ``verify_arrays=False`` (random access) still verifies the header, the document and the
     codebooks and rotations, but not the other arrays, which it would have to read whole.
+    ``verify_on_read=True`` defers those to ``read_stored`` (see ``Loaded``).
     """
     progress = progress or Progress()
     note = (lambda name, detail: checks.append((name, True, detail))) if checks is not None \
@@ -140,7 +148,7 @@ def load_verified(path, progress: Progress | None = None, checks: list | None = 
     note("metadata digest", "fibquant document verified")
     where = str(comp.path)
     names = [n for n in comp.header.tensors
-             if verify_arrays or n.endswith(("/codebook", "/rotation"))]
+             if (verify_arrays and not verify_on_read) or _is_profile_array(n)]
     progress.start(len(names), "verifying digests")
     for name in names:
         container.verify_array(comp, name)
@@ -160,7 +168,37 @@ def load_verified(path, progress: Progress | None = None, checks: list | None = 
     except InvalidInputError as err:
         raise IntegrityError(err.reason, path=where) from None
     note("codebooks and rotations", f"{len(comp.doc['profiles'])} profile(s) match their digests")
-    return Loaded(comp, manifest, quantizers, keeps, centers)
+    return Loaded(comp, manifest, quantizers, keeps, centers, verify_on_read,
+                  set(names) if verify_on_read else set())
+
+
+def _is_profile_array(name: str) -> bool:
+    return name.endswith(("/codebook", "/rotation"))
+
+
+def read_stored(loaded: Loaded, name: str, arrays: dict | None = None) -> np.ndarray:
+    """Stored array ``name``, checked against its digest first if ``loaded.verify_on_read``.
+
+    ``arrays``: arrays already read (``stfile.read_tensors``); ``name`` is taken from it.
+    """
+    arr = arrays.pop(name) if arrays and name in arrays else stfile.read_tensor(
+        loaded.comp.header, name)
+    if loaded.verify_on_read and name not in loaded.verified:
+        info = loaded.comp.header.tensors[name]
+        if tensor_digest(info.dtype, info.shape, arr) != loaded.doc["arrays"][name]:
+            raise IntegrityError("digest mismatch (stored bytes were altered)",
+                                 path=str(loaded.comp.path), tensor=name)
+        loaded.verified.add(name)  # set.add is atomic: decode threads share it
+    return arr
+
+
+def verify_unread(loaded: Loaded) -> None:
+    """With ``verify_on_read``: check every stored array that was never read."""
+    if loaded.verify_on_read:
+        for name in loaded.comp.header.tensors:
+            if name not in loaded.verified:
+                container.verify_array(loaded.comp, name)
+                loaded.verified.add(name)
 
 
 def _keep_for(entry_doc: dict, tokens: int, where: str) -> tuple[int, int]:
@@ -188,7 +226,8 @@ def _quantizer_for(comp: container.Compressed, entry_doc: dict) -> FibQuantizer:
     return FibQuantizer(profile, codebook, rotation)
 
 
-def read_layer_codes(loaded: Loaded, i: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+def read_layer_codes(loaded: Loaded, i: int, layer: int,
+                     arrays: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Unpacked codes (n, d/k) and norms (n,) float32 of entry i, layer; checks ranges."""
     comp, q = loaded.comp, loaded.quantizers[i]
     shape = loaded.manifest.entries[i].shape
@@ -200,16 +239,16 @@ def read_layer_codes(loaded: Loaded, i: int, layer: int) -> tuple[np.ndarray, np
     cname, nname = codes_name(i, layer), norms_name(i, layer)
     if cname not in comp.header.tensors or nname not in comp.header.tensors:
         raise IntegrityError(f"missing stored arrays for entry {i} layer {layer}", path=where)
-    packed = stfile.read_tensor(comp.header, cname)
+    packed = read_stored(loaded, cname, arrays)
     try:
-        codes = bitpack.unpack(packed, n * p.blocks_per_vector, p.wire_bits)
+        codes = bitpack.unpack(packed, n * p.blocks_per_vector, p.wire_bits, np.intp)
     except IntegrityError as err:
         raise IntegrityError(err.reason, path=where, tensor=cname) from None
     if p.size < 2**p.wire_bits and codes.size and int(codes.max()) >= p.size:
         bad = int(np.argmax(codes >= p.size))
         raise IntegrityError(f"index {int(codes[bad])} at position {bad} is >= N = {p.size}",
                              path=where, tensor=cname)
-    norms = stfile.read_tensor(comp.header, nname)
+    norms = read_stored(loaded, nname, arrays)
     if norms.dtype not in (np.float16, np.float32) or norms.shape != (shape.batch, shape.kv_heads, t_mid):
         raise IntegrityError(f"norms have dtype {norms.dtype} and shape {list(norms.shape)}",
                              path=where, tensor=nname)
@@ -219,12 +258,13 @@ def read_layer_codes(loaded: Loaded, i: int, layer: int) -> tuple[np.ndarray, np
     return codes.reshape(n, p.blocks_per_vector), norms
 
 
-def stored_array(loaded: Loaded, name: str, shape: tuple, dtype) -> np.ndarray:
+def stored_array(loaded: Loaded, name: str, shape: tuple, dtype,
+                 arrays: dict | None = None) -> np.ndarray:
     """A stored side array (kept tokens, key means), checked for presence and shape."""
     where = str(loaded.comp.path)
     if name not in loaded.comp.header.tensors:
         raise IntegrityError("missing stored array", path=where, tensor=name)
-    arr = stfile.read_tensor(loaded.comp.header, name)
+    arr = read_stored(loaded, name, arrays)
     if arr.shape != shape or (dtype is not None and arr.dtype != dtype):
         raise IntegrityError(f"has shape {list(arr.shape)} and dtype {arr.dtype}, expected "
                              f"{list(shape)}", path=where, tensor=name)
@@ -233,22 +273,59 @@ def stored_array(loaded: Loaded, name: str, shape: tuple, dtype) -> np.ndarray:
     return arr
 
 
-def decode_layer(loaded: Loaded, i: int, layer: int) -> np.ndarray:
-    """Entry i, layer as [batch, kv_heads, tokens, head_dim] float32 (kept tokens exact)."""
+def restore_into(q: FibQuantizer, codes: np.ndarray, norms: np.ndarray, mean, kept,
+                 keep: tuple[int, int], out: np.ndarray, visit=None) -> None:
+    """Write one layer, as restored, into ``out`` [b, h, t, d] (C-contiguous, source dtype).
+
+    Kept tokens are copied as stored; the others are decoded block by block (the blocks of
+    ``FibQuantizer.decode``, so every path gets the same values), plus the head's mean key,
+    clamped to the dtype's finite range (a reconstruction may overshoot a value near the
+    maximum), and cast while the block is still in cache. ``visit(r0, r1, rows)`` sees the
+    restored rows r0:r1 of ``codes`` (grouped by head) as they are written.
+    """
+    b, h, t, d = out.shape
+    kf, kl = keep
+    t_mid = t - kf - kl
+    out3 = out.reshape(b * h, t, d)
+    if kf + kl:
+        out3[:, :kf] = kept[:, :, :kf].reshape(b * h, kf, d)
+        out3[:, t - kl:] = kept[:, :, kf:].reshape(b * h, kl, d)
+    mean2 = None if mean is None else mean.reshape(b * h, d)
+    top = None if out.dtype == np.float32 else float(ml_dtypes.finfo(out.dtype).max)
+    if top is not None and codes.shape[0]:
+        # |x_hat_i| <= nu * ||y_hat|| + |mean_i|: clamp only when that bound could reach top.
+        bound = float(norms.max()) * q.max_decoded_norm * (1 + 1e-3)
+        bound += 0.0 if mean2 is None else float(np.abs(mean2).max())
+        top = top if bound >= top else None
+    for start, stop, block in q.decode_blocks(codes, norms):
+        for g in range(start // t_mid, (stop - 1) // t_mid + 1):
+            r0, r1 = max(start, g * t_mid), min(stop, (g + 1) * t_mid)
+            seg = block[r0 - start:r1 - start]
+            if mean2 is not None:
+                seg += mean2[g]
+            if top is not None:
+                np.clip(seg, -top, top, out=seg)
+            dst = out3[g, kf + r0 - g * t_mid:kf + r1 - g * t_mid]
+            np.copyto(dst, seg, casting="unsafe")
+            if visit is not None:
+                visit(r0, r1, dst)
+
+
+def restore_layer(loaded: Loaded, i: int, layer: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Entry i, layer as restored: [batch, kv_heads, tokens, head_dim] in the source dtype."""
     shape = loaded.manifest.entries[i].shape
     b, h, t, d = shape.batch, shape.kv_heads, shape.tokens, shape.head_dim
     kf, kl = loaded.keeps[i]
-    codes, norms = read_layer_codes(loaded, i, layer)
-    middle = loaded.quantizers[i].decode(codes, norms).reshape(b, h, t - kf - kl, d)
-    if loaded.centers[i]:
-        middle += stored_array(loaded, mean_name(i, layer), (b, h, d), np.float32)[:, :, None, :]
-    if not kf + kl:
-        return middle
-    kept = stored_array(loaded, kept_name(i, layer), (b, h, kf + kl, d), None)
-    out = np.empty((b, h, t, d), dtype=np.float32)
-    out[:, :, :kf] = kept[:, :, :kf]
-    out[:, :, kf:t - kl] = middle
-    out[:, :, t - kl:] = kept[:, :, kf:]
+    if out is None:
+        out = np.empty((b, h, t, d), dtype=stfile.numpy_dtype_for(SOURCE_DTYPES[shape.dtype]))
+    names = [codes_name(i, layer), norms_name(i, layer), mean_name(i, layer), kept_name(i, layer)]
+    arrays = stfile.read_tensors(loaded.comp.header,
+                                 [n for n in names if n in loaded.comp.header.tensors])
+    codes, norms = read_layer_codes(loaded, i, layer, arrays)
+    mean = (stored_array(loaded, names[2], (b, h, d), np.float32, arrays)
+            if loaded.centers[i] else None)
+    kept = stored_array(loaded, names[3], (b, h, kf + kl, d), None, arrays) if kf + kl else None
+    restore_into(loaded.quantizers[i], codes, norms, mean, kept, (kf, kl), out)
     return out
 
 
@@ -274,13 +351,12 @@ def restore_tensor(loaded: Loaded, name: str, where_kv: dict) -> np.ndarray:
     i, views = where_kv[name]
     entry = loaded.manifest.entries[i]
     info = loaded.doc["source"]["tensors"][name]
-    st_dtype = info["dtype"]
     perm = inverse_permutation(vectors_axes(entry.layout, 4))
     if len(views) == 1 and views[0][1] is None and len(info["shape"]) == 4 and perm == (0, 1, 2, 3):
-        return from_float32(decode_layer(loaded, i, views[0][0]), st_dtype)  # no copy needed
-    out = np.empty(tuple(info["shape"]), dtype=stfile.numpy_dtype_for(st_dtype))
+        return restore_layer(loaded, i, views[0][0])  # written in place, no copy
+    out = np.empty(tuple(info["shape"]), dtype=stfile.numpy_dtype_for(info["dtype"]))
     for layer, index in views:
-        x = from_float32(decode_layer(loaded, i, layer), st_dtype)
+        x = restore_layer(loaded, i, layer)
         if index is None and out.ndim == 5:
             out[:, 0] = x
         elif index is None:
@@ -303,7 +379,8 @@ def _decompress(path, *, output, force, progress) -> DecompressReport:
     out = Path(output) if output is not None else default_restored_path(path)
     out_manifest = manifest_path_for(out)
     check_output_paths(path, [out, out_manifest], force)
-    loaded = load_verified(path, progress)
+    # Arrays are verified as the decode threads read them: each is read once, not twice.
+    loaded = load_verified(path, progress, verify_on_read=True)
     doc = loaded.doc
     where_kv: dict[str, tuple[int, list]] = {}
     for i, entry in enumerate(loaded.manifest.entries):
@@ -343,32 +420,62 @@ def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, pr
             return restore_tensor(loaded, name, where_kv), "restored"
         raw = stfile.read_raw(loaded.comp.header, raw_name(name))
         if tensor_digest(infos[name]["dtype"], tuple(infos[name]["shape"]), raw) != infos[name]["digest"]:
-            raise IntegrityError("pass-through tensor does not match the source digest",
-                                 path=str(path), tensor=name)
+            raise IntegrityError("digest mismatch (stored bytes were altered)",
+                                 path=str(path), tensor=raw_name(name))
+        if infos[name]["digest"] != loaded.doc["arrays"].get(raw_name(name)):
+            container.verify_array(loaded.comp, raw_name(name))  # the two digests disagree
+        loaded.verified.add(raw_name(name))
         return raw, "pass-through (bit-exact)"
 
-    names = [name for name, _, _ in specs]
     with stfile.StreamWriter(tmp, specs, metadata) as writer, \
             ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
         pending: deque = deque()
 
         def write_oldest() -> None:
-            done_name, future = pending.popleft()
-            data, kind = future.result()
-            writer.write(done_name, data)
-            rows.append({"name": done_name, "dtype": infos[done_name]["dtype"],
-                         "shape": infos[done_name]["shape"], "kind": kind})
-            progress.advance(done_name)
+            for done_name, (data, kind) in zip(*pending.popleft()):
+                writer.write(done_name, data)
+                rows.append({"name": done_name, "dtype": infos[done_name]["dtype"],
+                             "shape": infos[done_name]["shape"], "kind": kind})
+                progress.advance(done_name)
 
-        for name in names:
-            pending.append((name, pool.submit(produce, name)))
+        for batch in batches(specs, DECODE_BATCH_BYTES):
+            names = [name for name, _, _ in batch]
+            future = pool.submit(lambda names: [produce(name) for name in names], names)
+            pending.append((names, _Deferred(future)))
             if len(pending) > 2 * DECODE_THREADS:  # bounded look-ahead
                 write_oldest()
         while pending:
             write_oldest()
+        verify_unread(loaded)
 
 
 DECODE_THREADS = 2
+# Small tensors go to the decode threads in batches of about this many output bytes: one
+# hand-off per batch instead of per tensor (a dump of many small layers scaled poorly).
+DECODE_BATCH_BYTES = 1 << 20
+
+
+class _Deferred:
+    """Iterates over a future's result list (waiting for it on first use)."""
+
+    def __init__(self, future) -> None:
+        self.future = future
+
+    def __iter__(self):
+        return iter(self.future.result())
+
+
+def batches(specs, min_bytes: int):
+    """Split (name, dtype, shape) specs, in order, into runs of at least ``min_bytes``."""
+    run, size = [], 0
+    for spec in specs:
+        run.append(spec)
+        size += stfile.tensor_n_bytes(spec[1], spec[2])
+        if size >= min_bytes:
+            yield run
+            run, size = [], 0
+    if run:
+        yield run
 
 
 def verify(path, checks: list | None = None) -> list[tuple[str, bool, str]]:
@@ -388,7 +495,6 @@ def reconstructor(loaded: Loaded):
     """(entry, layer) -> the restored layer exactly as decompress writes it, as float32."""
 
     def reconstruct(i: int, layer: int) -> np.ndarray:
-        st_dtype = SOURCE_DTYPES[loaded.manifest.entries[i].shape.dtype]
-        return from_float32(decode_layer(loaded, i, layer), st_dtype).astype(np.float32)
+        return restore_layer(loaded, i, layer).astype(np.float32)
 
     return reconstruct

@@ -209,6 +209,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def tensor_n_bytes(dtype: str, shape: Sequence[int]) -> int:
+    """Byte size of a tensor of safetensors dtype `dtype` and `shape` (any dtype, F8 too)."""
+    return _shape_n_bytes(dtype, tuple(shape))
+
+
 def _shape_n_bytes(dtype: str, shape: tuple[int, ...], limit: int | None = None) -> int | None:
     """Byte size of `shape` elements of `dtype`, or None once it exceeds `limit` bytes.
 
@@ -442,6 +447,34 @@ def read_tensor(header: Header, name: str, *, index: tuple[slice, ...] | None = 
     if not index and region.dtype == dtype:
         return region
     return np.array(region[rebased], dtype=dtype, copy=True)
+
+
+def read_tensors(header: Header, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Tensors `names` as new arrays, like read_tensor, with one read when they are adjacent.
+
+    A compressed layer's arrays (codes, norms, mean, ...) sit next to each other: one read
+    instead of one per array saves the per-read costs that dominate small layers.
+    """
+    infos = sorted((_lookup(header, name) for name in names), key=lambda info: info.begin)
+    if not infos:
+        return {}
+    b0, b1 = infos[0].begin, infos[-1].end
+    if sum(info.n_bytes for info in infos) != b1 - b0 or not all(
+            info.dtype in NUMPY_DTYPES for info in infos):
+        return {info.name: read_tensor(header, info.name) for info in infos}
+    raw = np.empty(b1 - b0, dtype=np.uint8)
+    with _open_input(header.path) as f:
+        f.seek(header.data_start + b0)
+        got = f.readinto(raw)
+    if got != raw.size:
+        raise InvalidInputError("file shrank while reading", path=str(header.path),
+                                tensor=_label(infos[0].name))
+    out = {}
+    for info in infos:
+        arr = raw[info.begin - b0:info.end - b0].view(_le(info.dtype)).reshape(info.shape)
+        dtype = numpy_dtype_for(info.dtype)
+        out[info.name] = arr if arr.dtype == dtype else arr.astype(dtype)
+    return out
 
 
 def read_raw(header: Header, name: str) -> bytes:

@@ -280,7 +280,8 @@ def _decode_small(buf: np.ndarray, first: int, m: int, width: int, dst: np.ndarr
     dst[...] = np.array(values, dtype=_U32).reshape(m, 8)
 
 
-def _decode_span(buf: np.ndarray, start: int, stop: int, width: int) -> np.ndarray:
+def _decode_span(buf: np.ndarray, start: int, stop: int, width: int,
+                 dtype: np.dtype = _U32) -> np.ndarray:
     """Indices [start, stop) of the stream whose bytes are ``buf``; reads only their bytes.
 
     ``buf`` must hold at least ``ceil(stop * width / 8)`` bytes (checked by the callers).
@@ -290,12 +291,12 @@ def _decode_span(buf: np.ndarray, start: int, stop: int, width: int) -> np.ndarr
     b1 = (stop * width + 7) // 8
     if width in _LE:
         size = width // 8
-        return buf[start * size : stop * size].view(_LE[width]).astype(_U32)
+        return buf[start * size : stop * size].view(_LE[width]).astype(dtype)
 
-    out = np.empty(n, dtype=_U32)
+    out = np.empty(n, dtype=dtype)
     if n == 0:
         return out
-    group = np.empty((1, 8), dtype=_U32)
+    group = np.empty((1, 8), dtype=dtype)
     pos = 0
     i = start
     if start % 8:  # head: part of a group; bytes of the group before b0 are not read (zeroed)
@@ -319,8 +320,11 @@ def _decode_span(buf: np.ndarray, start: int, stop: int, width: int) -> np.ndarr
     return out
 
 
-def unpack(data, count: int, width: int) -> np.ndarray:
+def unpack(data, count: int, width: int, dtype=_U32) -> np.ndarray:
     """Decode ``count`` indices of ``width`` bits from a packed stream; returns uint32 (count,).
+
+    ``dtype`` (uint32 by default) may be any integer type that holds ``width`` bits, e.g.
+    ``np.intp``: the indices a gather (``np.take``) would otherwise convert first.
 
     ``data`` is bytes-like or a uint8 array of exactly ``packed_n_bytes(count, width)`` bytes.
     Raises ``IntegrityError`` on a length mismatch or non-zero padding bits in the last byte.
@@ -339,10 +343,17 @@ def unpack(data, count: int, width: int) -> np.ndarray:
             f"packed stream has non-zero padding bits in its last byte (0x{int(buf[-1]):02x}; "
             f"only the low {used} bits may be set for {n} indices of {w} bits)"
         )
-    return _decode_span(buf, 0, n, w)
+    return _decode_span(buf, 0, n, w, _out_dtype(dtype, w))
 
 
-def unpack_range(data, start: int, stop: int, width: int) -> np.ndarray:
+def _out_dtype(dtype, width: int) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt.kind not in "ui" or 8 * dt.itemsize - (dt.kind == "i") < width:
+        raise InvalidInputError(f"dtype {dt} cannot hold indices of {width} bits")
+    return dt
+
+
+def unpack_range(data, start: int, stop: int, width: int, dtype=_U32) -> np.ndarray:
     """Decode indices ``[start, stop)`` of a packed stream without touching the rest of it.
 
     Only bytes ``start * width // 8`` up to ``ceil(stop * width / 8)`` of ``data`` are read, so
@@ -362,4 +373,4 @@ def unpack_range(data, start: int, stop: int, width: int) -> np.ndarray:
             f"packed stream has {buf.size} bytes, need at least {need} to decode indices "
             f"[{a}, {b}) of {w} bits"
         )
-    return _decode_span(buf, a, b, w)
+    return _decode_span(buf, a, b, w, _out_dtype(dtype, w))

@@ -130,18 +130,37 @@ class FibQuantizer:
         dot product differently for another matrix size). Random access decodes the aligned
         blocks around a range and gets exactly the values of a full decode.
         """
+        out = np.empty((codes.shape[0], self.profile.head_dim), dtype=np.float32)
+        for start, stop, block in self.decode_blocks(codes, norms):
+            out[start:stop] = block
+        return out
+
+    def decode_blocks(self, codes: np.ndarray, norms: np.ndarray):
+        """Yield (start, stop, x_hat rows start:stop as float32) for each ``DECODE_ROWS`` block.
+
+        The block is one scratch array reused for every block (a cache-sized working set for
+        the caller's next steps): use or copy it before asking for the next one.
+        """
         d = self.profile.head_dim
         n = codes.shape[0]
-        out = np.empty((n, d), dtype=np.float32)
-        rot = self.rotation.astype(np.float32)
-        cb = self.codebook.astype(np.float32)
+        rot = self.rotation.astype(np.float32, copy=False)
+        cb = self.codebook.astype(np.float32, copy=False)
+        norms = norms.astype(np.float32, copy=False)
+        scratch = np.empty((min(n, DECODE_ROWS), d), dtype=np.float32)
         for start in range(0, n, DECODE_ROWS):
             stop = min(n, start + DECODE_ROWS)
+            block = scratch[:stop - start]
             # take along axis 0 is about 3x faster than cb[codes] (fancy indexing).
             y_hat = np.take(cb, codes[start:stop], axis=0).reshape(stop - start, d)
-            np.matmul(y_hat, rot, out=out[start:stop])
-            out[start:stop] *= norms[start:stop, None].astype(np.float32)
-        return out
+            np.matmul(y_hat, rot, out=block)
+            block *= norms[start:stop, None]
+            yield start, stop, block
+
+    @property
+    def max_decoded_norm(self) -> float:
+        """An upper bound on ||y_hat|| (so on every |x_hat_i| / nu): sqrt(d/k) max ||c||."""
+        cb = self.codebook.astype(np.float64)
+        return float(np.sqrt(self.profile.blocks_per_vector * np.einsum("ij,ij->i", cb, cb).max()))
 
 
 DECODE_ROWS = 4096
