@@ -250,6 +250,8 @@ def decompress(
     tokens: Annotated[Optional[str], typer.Option(
         "--tokens", help="Only tokens START:STOP of each selected layer.")] = None,
     force: ForceOpt = False,
+    jobs: Annotated[int, typer.Option(
+        "--jobs", "-j", min=0, help="Decoder threads; 0 = automatic (2 on 2+ cores).")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Verify every digest, then restore the dump (every tensor) and its manifest.
@@ -260,7 +262,7 @@ def decompress(
         if layers is None and tokens is None:
             from .pipeline import decompress as run
 
-            rep = run(path, output=output, force=force, progress=progress)
+            rep = run(path, output=output, force=force, progress=progress, jobs=jobs)
         else:
             from .slicing import decompress_slice
 

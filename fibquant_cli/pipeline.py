@@ -366,14 +366,20 @@ def restore_tensor(loaded: Loaded, name: str, where_kv: dict) -> np.ndarray:
     return out
 
 
-def decompress(path, *, output=None, force: bool = False,
-               progress: Progress | None = None) -> DecompressReport:
-    """Verify every digest, then restore every tensor (name, shape, dtype) and the manifest."""
+def decompress(path, *, output=None, force: bool = False, progress: Progress | None = None,
+               jobs: int = 0) -> DecompressReport:
+    """Verify every digest, then restore every tensor (name, shape, dtype) and the manifest.
+
+    ``jobs`` decode threads; 0 picks ``DECODE_THREADS`` (fewer on a one-core machine).
+    """
+    if jobs < 0:
+        raise UsageError(f"--jobs must be >= 0, got {jobs}")
+    jobs = jobs or min(DECODE_THREADS, os.cpu_count() or 1)
     with threadpool_limits(1):  # small matmuls: BLAS threads only add hand-off cost
-        return _decompress(path, output=output, force=force, progress=progress)
+        return _decompress(path, output=output, force=force, progress=progress, jobs=jobs)
 
 
-def _decompress(path, *, output, force, progress) -> DecompressReport:
+def _decompress(path, *, output, force, progress, jobs) -> DecompressReport:
     progress = progress or Progress()
     path = Path(path)
     out = Path(output) if output is not None else default_restored_path(path)
@@ -397,7 +403,7 @@ def _decompress(path, *, output, force, progress) -> DecompressReport:
     rows = []
     tmp, tmp_manifest = temp_sibling(out), temp_sibling(out_manifest)
     try:
-        _restore_into(tmp, loaded, specs, metadata, where_kv, rows, progress)
+        _restore_into(tmp, loaded, specs, metadata, where_kv, rows, progress, jobs)
         save_manifest(loaded.manifest, tmp_manifest)
         commit_outputs([(tmp, out), (tmp_manifest, out_manifest)], force)
     finally:
@@ -406,11 +412,12 @@ def _decompress(path, *, output, force, progress) -> DecompressReport:
     return DecompressReport(str(path), str(out), str(out_manifest), rows)
 
 
-def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, progress) -> None:
+def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, progress,
+                  jobs: int) -> None:
     """Write every original tensor, in the original order, into the file ``tmp``.
 
-    KV tensors are decoded by ``DECODE_THREADS`` threads (numpy releases the GIL in the decode),
-    at most ``2 * DECODE_THREADS`` tensors ahead of the writer, so memory stays bounded.
+    KV tensors are decoded by ``jobs`` threads (numpy releases the GIL in the decode), at most
+    ``2 * jobs`` batches ahead of the writer, so memory stays bounded.
     """
     path = loaded.comp.path
     infos = loaded.doc["source"]["tensors"]
@@ -428,7 +435,7 @@ def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, pr
         return raw, "pass-through (bit-exact)"
 
     with stfile.StreamWriter(tmp, specs, metadata) as writer, \
-            ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:
+            ThreadPoolExecutor(max_workers=jobs) as pool:
         pending: deque = deque()
 
         def write_oldest() -> None:
@@ -442,7 +449,7 @@ def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, pr
             names = [name for name, _, _ in batch]
             future = pool.submit(lambda names: [produce(name) for name in names], names)
             pending.append((names, _Deferred(future)))
-            if len(pending) > 2 * DECODE_THREADS:  # bounded look-ahead
+            if len(pending) > 2 * jobs:  # bounded look-ahead
                 write_oldest()
         while pending:
             write_oldest()

@@ -2,12 +2,19 @@
 
     .venv/bin/python scripts/bench_pipeline.py [--quick] [--json PATH]
 
-Prints, in one run and on the same data (the sample dump with its layers repeated):
-1. compress / decompress throughput in MB/s of fp16 KV input for every --bits preset, through
-   the whole pipeline (pre-pass, encode, digests, file write / verify, decode, write), next to
-   the core encoder alone, the scalar baseline (same norm + rotation, Lloyd-Max per coordinate)
-   and the gguf package's Q4_0 quantizer (quantize / dequantize of the same K and V);
-   the figure that counts is the ratio to Q4_0, since this machine is shared and noisy;
+Prints, in one run:
+1. compress / decompress throughput in MB/s of fp16 KV input for every --bits preset and the
+   large (4, 4096) codebook, through the whole pipeline (pre-pass, encode, error statistics,
+   digests, file write and fsync; decompress: verify, decode, write), with 1 encoder thread
+   and with the automatic choice (2 threads for dumps of 16 MB of KV or more), next to the
+   core encoder alone, the scalar baseline (same norm + rotation, Lloyd-Max per coordinate)
+   and the gguf package's Q4_0 quantizer (quantize / dequantize of the same K and V).
+   Two dumps, both K and V only, so every codec sees the same bytes: the sample with its
+   tokens repeated 16x (long context: 8 tensors of 2.4 MB) and with its layers repeated 16x
+   (128 tensors of 147 KB, where per-tensor costs show).
+   The machine is shared and noisy (a burst of load can halve a timing), so the timings are
+   interleaved: every round times Q4_0 and each fibquant variant once, in turn, and each
+   figure is the best of its rounds; the ratios, not the MB/s, are the figures to read.
 2. peak RSS of compress and decompress for dumps of 1x, 4x, 16x and 64x the sample (more
    layers; fresh processes), to show that memory stays flat as the dump grows.
 """
@@ -37,18 +44,20 @@ from fibquant_cli.pipeline import decompress  # noqa: E402
 from fibquant_cli.spec import BITS_PRESETS, CompressSpec  # noqa: E402
 
 SAMPLE = ROOT / "sample_data" / "kv_sample.safetensors"
-REPEATS = 3
+ROUNDS = 5
+SLOW_ROUNDS = 2  # (4, 4096) encodes at a few MB/s: fewer rounds keep the run short
 
 
-def scaled_dump(times: int, directory: Path) -> Path:
-    out = directory / f"kv_x{times}.safetensors"
-    if times == 1:
+def scaled_dump(times: int, directory: Path, axis: str = "layers", kv_only: bool = False) -> Path:
+    out = directory / f"kv_{axis}_x{times}{'_kv' if kv_only else ''}.safetensors"
+    if times == 1 and not kv_only:
         out.write_bytes(SAMPLE.read_bytes())
         out.with_suffix("").with_suffix(".manifest.json").write_bytes(
             SAMPLE.with_suffix("").with_suffix(".manifest.json").read_bytes())
     else:
         subprocess.run([sys.executable, str(ROOT / "scripts" / "scale_dump.py"), str(SAMPLE),
-                        str(out), "--times", str(times)], check=True)
+                        str(out), "--times", str(times), "--axis", axis]
+                       + (["--kv-only"] if kv_only else []), check=True)
     return out
 
 
@@ -64,59 +73,88 @@ def kv_vectors(path: Path) -> tuple[np.ndarray, int]:
     return x, x.nbytes
 
 
-def best(fn):
-    times, result = [], None
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), result
+def interleaved(tasks: dict, rounds: int) -> dict:
+    """Best time of each task over ``rounds`` rounds, the tasks taking turns in every round."""
+    best = {}
+    for _ in range(rounds):
+        for key, fn in tasks.items():
+            start = time.perf_counter()
+            fn()
+            best[key] = min(best.get(key, float("inf")), time.perf_counter() - start)
+    return best
 
 
-def throughput(dump: Path, workdir: Path, points) -> list[dict]:
+def throughput(dump: Path, workdir: Path, points, rounds: int) -> list[dict]:
+    """One row per codec; fibquant rows carry ratios to the Q4_0 timed in the same rounds."""
     x16, mb = kv_vectors(dump)
     mb /= 1e6
     x = x16.astype(np.float32)
-    rows = []
     try:
         import gguf
-
-        q4 = gguf.GGMLQuantizationType.Q4_0
-        enc, packed = best(lambda: gguf.quants.quantize(x, q4))
-        dec, _ = best(lambda: gguf.quants.dequantize(packed, q4))
-        q4_row = {"codec": "gguf Q4_0", "compress_MBps": mb / enc,
-                  "decompress_MBps": mb / dec}
     except ImportError:
-        q4_row = None
+        gguf = None
+    rows = []
+    out, restored = workdir / "b.fq.safetensors", workdir / "b.restored.safetensors"
     for label, k, n in points:
         spec = CompressSpec(key=(k, n), value=(k, n))
-        out = workdir / "b.fq.safetensors"
-        c_s, _ = best(lambda: compress(dump, output=out, spec=spec, force=True, attention=False,
-                                       jobs=1))
-        c2_s, _ = best(lambda: compress(dump, output=out, spec=spec, force=True,
-                                        attention=False, jobs=2))
-        d_s, _ = best(lambda: decompress(out, output=workdir / "b.restored.safetensors",
-                                         force=True))
         q = FibQuantizer.from_profile(Profile(64, k, n))
-        e_s, (codes, norms) = best(lambda: q.encode(x16))
-        rows.append({"codec": f"fibquant {label} ({k},{n})", "compress_MBps": mb / c_s,
-                     "compress_2jobs_MBps": mb / c2_s,
-                     "decompress_MBps": mb / d_s, "core_encode_MBps": mb / e_s,
-                     "file_bytes": out.stat().st_size})
+        tasks = {
+            "c1": lambda: compress(dump, output=out, spec=spec, force=True, attention=False,
+                                   jobs=1),
+            "c_auto": lambda: compress(dump, output=out, spec=spec, force=True,
+                                       attention=False, jobs=0),
+            "d": lambda: decompress(out, output=restored, force=True),
+            "core": lambda: q.encode(x16),
+        }
+        if gguf is not None:
+            q4 = gguf.GGMLQuantizationType.Q4_0
+            tasks = {"q4": lambda: gguf.quants.quantize(x, q4), **tasks}
+        t = interleaved(tasks, SLOW_ROUNDS if n > 1024 else rounds)
+        jobs = compress(dump, output=out, spec=spec, force=True, attention=False, jobs=0).jobs
+        row = {"codec": f"fibquant {label} ({k},{n})", "compress_MBps": mb / t["c1"],
+               "compress_auto_MBps": mb / t["c_auto"], "auto_jobs": jobs,
+               "decompress_MBps": mb / t["d"], "core_encode_MBps": mb / t["core"],
+               "decompress_vs_compress_auto": t["c_auto"] / t["d"],
+               "decompress_vs_compress_1job": t["c1"] / t["d"],
+               "file_bytes": out.stat().st_size}
+        if "q4" in t:
+            row["q4_0_MBps"] = mb / t["q4"]
+            row["compress_vs_q4_0"] = t["q4"] / t["c1"]
+            row["compress_auto_vs_q4_0"] = t["q4"] / t["c_auto"]
+            row["core_vs_q4_0"] = t["q4"] / t["core"]
+        rows.append(row)
     for bits in (4, 3, 2, 1):
         sq = ScalarQuantizer(64, bits, default_rotation(Profile(64, 2, 4)).astype(np.float32))
-        e_s, (codes, norms) = best(lambda: sq.encode(x16))
-        d_s, _ = best(lambda: sq.decode(codes, norms))
-        rows.append({"codec": f"scalar {bits}-bit (core)",
-                     "compress_MBps": mb / e_s, "decompress_MBps": mb / d_s})
-    if q4_row:
-        rows.append(q4_row)
-        for r in rows:
-            r["compress_vs_q4_0"] = r["compress_MBps"] / q4_row["compress_MBps"]
-            if "compress_2jobs_MBps" in r:
-                r["compress_2jobs_vs_q4_0"] = r["compress_2jobs_MBps"] / q4_row["compress_MBps"]
-            r["decompress_vs_q4_0"] = r["decompress_MBps"] / q4_row["decompress_MBps"]
+        codes, norms = sq.encode(x16)
+        t = interleaved({"e": lambda: sq.encode(x16), "d": lambda: sq.decode(codes, norms)},
+                        rounds)
+        rows.append({"codec": f"scalar {bits}-bit (core)", "core_encode_MBps": mb / t["e"],
+                     "decompress_MBps": mb / t["d"]})
+    if gguf is not None:
+        packed = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0)
+        t = interleaved({"e": lambda: gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q4_0),
+                         "d": lambda: gguf.quants.dequantize(packed,
+                                                             gguf.GGMLQuantizationType.Q4_0)},
+                        rounds)
+        rows.append({"codec": "gguf Q4_0 (quantize / dequantize)", "core_encode_MBps": mb / t["e"],
+                     "decompress_MBps": mb / t["d"]})
     return rows
+
+
+def speed_table(title: str, rows: list[dict]) -> Table:
+    t = Table(title=title)
+    cols = [("codec", "codec", ""), ("1 job", "compress_MBps", ""),
+            ("auto jobs", "compress_auto_MBps", ""), ("decompress", "decompress_MBps", ""),
+            ("core encode", "core_encode_MBps", ""), ("Q4_0 same rounds", "q4_0_MBps", ""),
+            ("1 job / Q4_0", "compress_vs_q4_0", "x"), ("auto / Q4_0", "compress_auto_vs_q4_0", "x"),
+            ("decompress / auto", "decompress_vs_compress_auto", "x"),
+            ("decompress / 1 job", "decompress_vs_compress_1job", "x")]
+    for head, _, _ in cols:
+        t.add_column(head, justify="left" if head == "codec" else "right")
+    for r in rows:
+        t.add_row(*[r["codec"]] + [f"{r[key]:.2f}{unit}" if key in r else ""
+                                   for _, key, unit in cols[1:]])
+    return t
 
 
 RSS_SNIPPET = """
@@ -149,34 +187,28 @@ def peak_rss(dumps: dict[int, Path], workdir: Path) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller dumps (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="smaller dumps, fewer rounds (smoke test)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else 170)
+    console = Console(width=None if sys.stdout.isatty() else 200)
     start = time.perf_counter()
+    times, rounds = (2, 2) if args.quick else (16, ROUNDS)
     with tempfile.TemporaryDirectory(prefix="fibquant-bench-") as tmp:
         tmp = Path(tmp)
-        sizes = (1, 2, 4) if args.quick else (1, 4, 16, 64)
-        dumps = {t: scaled_dump(t, tmp) for t in sizes}
-        speed_dump = dumps[sizes[2]]
+        long_dump = scaled_dump(times, tmp, "tokens", kv_only=True)
+        many_dump = scaled_dump(times, tmp, "layers", kv_only=True)
         points = [(f"--bits {b:g}", *BITS_PRESETS[b]) for b in (4, 3, 2, 1, 0.5)]
         points.append(("3 bits, k=4", 4, 4096))  # the large codebook the fast search allows
-        speed = throughput(speed_dump, tmp, points)
-        t = Table(title=f"compress / decompress throughput, MB/s of fp16 KV input "
-                        f"({speed_dump.name}: {kv_vectors(speed_dump)[1] / 1e6:.1f} MB of KV), "
-                        f"best of {REPEATS}")
-        for col in ("codec", "compress MB/s", "compress 2 jobs", "decompress MB/s",
-                    "core encode MB/s", "compress / Q4_0", "2 jobs / Q4_0", "decompress / Q4_0",
-                    "decompress / compress"):
-            t.add_column(col, justify="left" if col == "codec" else "right")
-        for r in speed:
-            fmt = lambda key, unit="": f"{r[key]:.2f}{unit}" if key in r else ""  # noqa: E731
-            t.add_row(r["codec"], fmt("compress_MBps"), fmt("compress_2jobs_MBps"),
-                      fmt("decompress_MBps"), fmt("core_encode_MBps"),
-                      fmt("compress_vs_q4_0", "x"), fmt("compress_2jobs_vs_q4_0", "x"),
-                      fmt("decompress_vs_q4_0", "x"),
-                      f"{r['decompress_MBps'] / r['compress_MBps']:.1f}x")
-        console.print(t)
+        speed = throughput(long_dump, tmp, points, rounds)
+        mb = kv_vectors(long_dump)[1] / 1e6
+        console.print(speed_table(
+            f"long context ({long_dump.name}: sample tokens x{times}, {mb:.1f} MB of K and V in "
+            f"8 tensors): MB/s of fp16 KV input, best of {rounds} interleaved rounds", speed))
+        many = throughput(many_dump, tmp, [("--bits 3", *BITS_PRESETS[3])], rounds)
+        console.print(speed_table(
+            f"many small tensors ({many_dump.name}: sample layers x{times}, {mb:.1f} MB of K "
+            f"and V in {8 * times} tensors), --bits 3", many[:1] + many[-1:]))
+        dumps = {t: scaled_dump(t, tmp) for t in ((1, 2, 4) if args.quick else (1, 4, 16, 64))}
         rss = peak_rss(dumps, tmp)
         t = Table(title="peak RSS (fresh process each) against dump size")
         for col in ("dump", "size MB", "compress peak MB", "decompress peak MB"):
@@ -188,8 +220,8 @@ def main(argv=None) -> int:
     total = time.perf_counter() - start
     console.print(f"total run time {total:.1f} s")
     if args.json:
-        args.json.write_text(json.dumps({"throughput": speed, "rss": rss, "seconds": total},
-                                        indent=2))
+        args.json.write_text(json.dumps({"long_context": speed, "many_tensors": many, "rss": rss,
+                                         "seconds": total}, indent=2))
     return 0
 
 

@@ -1,0 +1,95 @@
+"""Threads change nothing but speed: compress and decompress write the same bytes for any
+--jobs, and decoding in cache-sized blocks (straight into the output dtype) matches the plain
+float32 decode followed by a cast."""
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fibquant_cli import pipeline
+from fibquant_cli.compressor import compress
+from fibquant_cli.core.codec import DECODE_ROWS, FibQuantizer
+from fibquant_cli.core.params import Profile
+from fibquant_cli.pipeline import decompress, restore_into
+from fibquant_cli.spec import CompressSpec
+
+from conftest import make_dump
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FIBQUANT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_jobs_do_not_change_the_files(tmp_path, monkeypatch, dtype):
+    d = make_dump(tmp_path, dtype=dtype, layers=5, tokens=48)
+    spec = CompressSpec(keep_first=1)
+    one, two = tmp_path / "one.fq.safetensors", tmp_path / "two.fq.safetensors"
+    compress(d.path, output=one, spec=spec, attention=False, jobs=1)
+    compress(d.path, output=two, spec=spec, attention=False, jobs=2)
+    assert one.read_bytes() == two.read_bytes()
+    monkeypatch.setattr(pipeline, "DECODE_BATCH_BYTES", 1)  # one tensor per hand-off
+    decompress(one, output=tmp_path / "r1.safetensors", jobs=1)
+    decompress(one, output=tmp_path / "r2.safetensors", jobs=2)
+    monkeypatch.setattr(pipeline, "DECODE_BATCH_BYTES", 1 << 30)  # everything in one batch
+    decompress(one, output=tmp_path / "r3.safetensors", jobs=2)
+    first = (tmp_path / "r1.safetensors").read_bytes()
+    assert (tmp_path / "r2.safetensors").read_bytes() == first
+    assert (tmp_path / "r3.safetensors").read_bytes() == first
+    restored = load_file(tmp_path / "r1.safetensors")
+    assert set(restored) == set(load_file(d.path))
+
+
+@pytest.mark.parametrize("heads,t_mid,keep", [(3, 2000, (0, 0)), (2, 4097, (1, 2)), (1, 5, (0, 0)),
+                                              (2, 0, (3, 1))])
+def test_restore_into_matches_decode_then_cast(heads, t_mid, keep):
+    """Blocks that straddle heads, kept tokens around them, the mean added, fp16 rounding."""
+    q = FibQuantizer.from_profile(Profile(64, 2, 64))
+    rng = np.random.default_rng(1)
+    n = heads * t_mid
+    x = rng.standard_normal((n, 64)).astype(np.float32) * 3.0
+    codes, norms = q.encode(x)
+    norms = norms.astype(np.float16).astype(np.float32)
+    mean = rng.standard_normal((1, heads, 64)).astype(np.float32)
+    kf, kl = keep
+    kept = rng.standard_normal((1, heads, kf + kl, 64)).astype(np.float16)
+    out = np.empty((1, heads, kf + t_mid + kl, 64), dtype=np.float16)
+    seen = []
+    restore_into(q, codes, norms, mean, kept, keep, out,
+                 visit=lambda r0, r1, rows: seen.append((r0, r1, rows.copy())))
+    ref = (q.decode(codes, norms).reshape(1, heads, t_mid, 64) + mean[:, :, None, :])
+    np.testing.assert_array_equal(out[:, :, kf:kf + t_mid], ref.astype(np.float16))
+    np.testing.assert_array_equal(out[:, :, :kf], kept[:, :, :kf])
+    np.testing.assert_array_equal(out[:, :, kf + t_mid:], kept[:, :, kf:])
+    # visit saw every decoded row once, in order, as written, and no run crosses a block
+    assert [r for r0, r1, _ in seen for r in range(r0, r1)] == list(range(n))
+    assert all(r0 // DECODE_ROWS == (r1 - 1) // DECODE_ROWS for r0, r1, _ in seen)
+    flat = out[:, :, kf:kf + t_mid].reshape(n, 64)
+    for r0, r1, rows in seen:
+        np.testing.assert_array_equal(rows, flat[r0:r1])
+
+
+def test_restore_into_clamps_only_past_the_dtype_range():
+    q = FibQuantizer.from_profile(Profile(64, 2, 64))
+    x = np.zeros((4, 64), dtype=np.float32)
+    x[:, 0] = [60000.0, -60000.0, 1.0, 65000.0]
+    codes, norms = q.encode(x)
+    out = np.empty((1, 1, 4, 64), dtype=np.float16)
+    restore_into(q, codes, norms * 1.2, None, None, (0, 0), out)  # overshoots fp16's max
+    assert np.isfinite(out).all()
+    big = np.abs(q.decode(codes, norms * 1.2)) > 65504
+    assert big.any()
+    np.testing.assert_array_equal(np.abs(out[0, 0])[big], np.float16(65504))
+
+
+def test_decompress_jobs_option(tmp_path, cli):
+    d = make_dump(tmp_path)
+    comp = tmp_path / "kv.fq.safetensors"
+    compress(d.path, output=comp, attention=False, jobs=1)
+    res = cli("decompress", comp, "--jobs", "2", "-o", tmp_path / "r.safetensors")
+    assert res.exit_code == 0, res.output
+    assert set(load_file(tmp_path / "r.safetensors")) == set(load_file(d.path))
+    res = cli("decompress", comp, "--jobs", "-1", "-o", tmp_path / "bad.safetensors")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert not (tmp_path / "bad.safetensors").exists()
