@@ -383,3 +383,25 @@ def test_memory_is_bounded(width):
     assert peak < out_bytes + slack
     assert peak_unpack < out_bytes + 4 * n + slack
     np.testing.assert_array_equal(values, x)
+
+
+@pytest.mark.parametrize("width", [3, 6, 8, 13, 16, 31, 32])
+def test_unpack_into_other_integer_types(width):
+    rng = np.random.default_rng(width)
+    values = rng.integers(0, 2**width, size=203, dtype=np.uint64)
+    data = pack(values, width)
+    for dtype in (np.intp, np.int64, np.uint64):
+        got = unpack(data, values.size, width, dtype)
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(got, values)
+        np.testing.assert_array_equal(unpack_range(data, 5, 150, width, dtype), values[5:150])
+
+
+def test_unpack_refuses_a_type_too_narrow():
+    data = pack(np.arange(10), 9)
+    with pytest.raises(InvalidInputError, match="cannot hold"):
+        unpack(data, 10, 9, np.uint8)
+    with pytest.raises(InvalidInputError, match="cannot hold"):
+        unpack(pack(np.arange(10), 32), 10, 32, np.int32)
+    with pytest.raises(InvalidInputError, match="cannot hold"):
+        unpack(data, 10, 9, np.float64)

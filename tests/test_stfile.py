@@ -26,6 +26,7 @@ from fibquant_cli.stfile import (
     read_header,
     read_raw,
     read_tensor,
+    read_tensors,
     st_dtype_for,
     write_file,
 )
@@ -87,6 +88,24 @@ def test_reference_writer_reads_in_ours(tmp_path):
     for name, array in tensors.items():
         assert header.tensors[name].dtype == name
         assert _same(read_tensor(header, name), array)
+
+
+def test_read_tensors_equals_read_tensor(tmp_path):
+    """One read for adjacent tensors, a read each otherwise: the same arrays either way."""
+    rng = np.random.default_rng(2)
+    tensors = {name: _random(rng, name, (3, 5)) for name in ["F16", "BF16", "F32", "U8", "I64"]}
+    path = tmp_path / "ref.safetensors"
+    safetensors.numpy.save_file(tensors, path)
+    header = read_header(path)
+    order = sorted(header.tensors, key=lambda n: header.tensors[n].begin)
+    for names in (order[1:4], [order[0], order[2]], order, []):
+        got = read_tensors(header, names)
+        assert set(got) == set(names)
+        for name in names:
+            assert got[name].dtype == read_tensor(header, name).dtype
+            assert _same(got[name], tensors[name])
+            got[name][...] = 0  # a fresh, writable array (the file is not touched)
+    assert _same(read_tensor(header, order[0]), tensors[order[0]])
 
 
 def test_golden_bytes_match_reference(tmp_path):
