@@ -39,7 +39,8 @@ from .kvdump import Dump, check_finite, open_dump, read_layer
 from .manifest import entry_layer_views
 from .pipeline import (FP16_MAX, SOURCE_DTYPES, Progress, check_output_paths, commit_outputs,
                        default_compressed_path, from_float32, load_verified, reconstructor,
-                       restore_into, rotation_digest, stored_codebook_digest, temp_sibling)
+                       decoded_segments, rotation_digest, round_to_dtype,
+                       stored_codebook_digest, temp_sibling)
 from .spec import CompressSpec
 
 PLACEHOLDER_DIGEST = "blake3:" + "0" * 64
@@ -308,13 +309,12 @@ def encode_layer(dump: Dump, q: FibQuantizer, plan: LayerPlan, compare: bool) ->
                                                       plan.keep_last)
     codes, norms = q.encode(x_in)
     stored_norms = norms.astype(np.float16 if plan.norms_dtype == "F16" else np.float32)
-    # The statistics are those of the restored layer, decoded exactly as decompress does.
+    # The statistics are those of the restored values, decoded exactly as decompress does.
     acc = ErrorAccumulator()
-    restored = np.empty((b, h, t + plan.keep_first + plan.keep_last, d),
-                        dtype=stfile.numpy_dtype_for(st_dtype))
-    restore_into(q, codes, stored_norms.astype(np.float32), mean, kept,
-                 (plan.keep_first, plan.keep_last), restored,
-                 visit=lambda r0, r1, rows: acc.add(x[r0:r1], rows))
+    out_dtype = stfile.numpy_dtype_for(st_dtype)
+    for _, r0, r1, rows in decoded_segments(q, codes, stored_norms.astype(np.float32), mean, t,
+                                            out_dtype):
+        acc.add(x[r0:r1], round_to_dtype(rows, out_dtype))
     scalar_acc = None
     scalar = _scalar_for(q.profile, q.rotation) if compare else None
     if scalar is not None:

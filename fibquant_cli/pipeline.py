@@ -274,24 +274,36 @@ def stored_array(loaded: Loaded, name: str, shape: tuple, dtype,
 
 
 def restore_into(q: FibQuantizer, codes: np.ndarray, norms: np.ndarray, mean, kept,
-                 keep: tuple[int, int], out: np.ndarray, visit=None) -> None:
+                 keep: tuple[int, int], out: np.ndarray) -> None:
     """Write one layer, as restored, into ``out`` [b, h, t, d] (C-contiguous, source dtype).
 
-    Kept tokens are copied as stored; the others are decoded block by block (the blocks of
-    ``FibQuantizer.decode``, so every path gets the same values), plus the head's mean key,
-    clamped to the dtype's finite range (a reconstruction may overshoot a value near the
-    maximum), and cast while the block is still in cache. ``visit(r0, r1, rows)`` sees the
-    restored rows r0:r1 of ``codes`` (grouped by head) as they are written.
+    Kept tokens are copied as stored; the others come from ``decoded_segments`` and are cast
+    while the block is still in cache.
     """
     b, h, t, d = out.shape
     kf, kl = keep
-    t_mid = t - kf - kl
     out3 = out.reshape(b * h, t, d)
     if kf + kl:
         out3[:, :kf] = kept[:, :, :kf].reshape(b * h, kf, d)
         out3[:, t - kl:] = kept[:, :, kf:].reshape(b * h, kl, d)
-    mean2 = None if mean is None else mean.reshape(b * h, d)
-    top = None if out.dtype == np.float32 else float(ml_dtypes.finfo(out.dtype).max)
+    t_mid = t - kf - kl
+    for g, r0, r1, seg in decoded_segments(q, codes, norms, mean, t_mid, out.dtype):
+        np.copyto(out3[g, kf + r0 - g * t_mid:kf + r1 - g * t_mid], seg, casting="unsafe")
+
+
+def decoded_segments(q: FibQuantizer, codes: np.ndarray, norms: np.ndarray, mean, t_mid: int,
+                     dtype):
+    """Yield (head g, r0, r1, rows r0:r1 of ``codes`` decoded, float32) for one layer.
+
+    Rows are decoded in the blocks of ``FibQuantizer.decode`` (so every path gets the same
+    values) and split at head boundaries (``t_mid`` rows per head); each head's mean key
+    (``mean`` [b, h, d] or None) is added and the values are clamped to the finite range of
+    ``dtype``, the output dtype (a reconstruction may overshoot a value near its maximum).
+    The rows are a view of a scratch block: use them before asking for the next segment.
+    """
+    d = q.profile.head_dim
+    mean2 = None if mean is None else mean.reshape(-1, d)
+    top = None if np.dtype(dtype) == np.float32 else float(ml_dtypes.finfo(dtype).max)
     if top is not None and codes.shape[0]:
         # |x_hat_i| <= nu * ||y_hat|| + |mean_i|: clamp only when that bound could reach top.
         bound = float(norms.max()) * q.max_decoded_norm * (1 + 1e-3)
@@ -305,10 +317,32 @@ def restore_into(q: FibQuantizer, codes: np.ndarray, norms: np.ndarray, mean, ke
                 seg += mean2[g]
             if top is not None:
                 np.clip(seg, -top, top, out=seg)
-            dst = out3[g, kf + r0 - g * t_mid:kf + r1 - g * t_mid]
-            np.copyto(dst, seg, casting="unsafe")
-            if visit is not None:
-                visit(r0, r1, dst)
+            yield g, r0, r1, seg
+
+
+_F32_EXPONENT = np.uint32(0x7F800000)
+
+
+def round_to_dtype(x: np.ndarray, dtype) -> np.ndarray:
+    """float32 ``x`` rounded as a cast to ``dtype`` (F16, BF16, F32) and back would round it.
+
+    ``x`` must be finite and within the dtype's range (``decoded_segments`` clamps). For fp16,
+    3x faster than numpy's two casts and bit-identical to them (tested): round-to-nearest-even
+    at the spacing of fp16 around each value, 2^(e - 10) in [2^e, 2^(e+1)) and 2^-24 below
+    2^-14 (the subnormals); every step is exact in float32 (powers of two, rint).
+    """
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return x
+    if dtype != np.float16:
+        return x.astype(dtype).astype(np.float32)
+    ulp = np.bitwise_and(x.view(np.uint32), _F32_EXPONENT).view(np.float32)
+    ulp *= np.float32(2.0 ** -10)
+    np.maximum(ulp, np.float32(2.0 ** -24), out=ulp)
+    out = np.divide(x, ulp)
+    np.rint(out, out=out)
+    out *= ulp
+    return out
 
 
 def restore_layer(loaded: Loaded, i: int, layer: int, out: np.ndarray | None = None) -> np.ndarray:

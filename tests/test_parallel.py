@@ -2,6 +2,7 @@
 --jobs, and decoding in cache-sized blocks (straight into the output dtype) matches the plain
 float32 decode followed by a cast."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -10,7 +11,7 @@ from fibquant_cli import pipeline
 from fibquant_cli.compressor import compress
 from fibquant_cli.core.codec import DECODE_ROWS, FibQuantizer
 from fibquant_cli.core.params import Profile
-from fibquant_cli.pipeline import decompress, restore_into
+from fibquant_cli.pipeline import decoded_segments, decompress, restore_into, round_to_dtype
 from fibquant_cli.spec import CompressSpec
 
 from conftest import make_dump
@@ -55,19 +56,44 @@ def test_restore_into_matches_decode_then_cast(heads, t_mid, keep):
     kf, kl = keep
     kept = rng.standard_normal((1, heads, kf + kl, 64)).astype(np.float16)
     out = np.empty((1, heads, kf + t_mid + kl, 64), dtype=np.float16)
-    seen = []
-    restore_into(q, codes, norms, mean, kept, keep, out,
-                 visit=lambda r0, r1, rows: seen.append((r0, r1, rows.copy())))
+    restore_into(q, codes, norms, mean, kept, keep, out)
     ref = (q.decode(codes, norms).reshape(1, heads, t_mid, 64) + mean[:, :, None, :])
     np.testing.assert_array_equal(out[:, :, kf:kf + t_mid], ref.astype(np.float16))
     np.testing.assert_array_equal(out[:, :, :kf], kept[:, :, :kf])
     np.testing.assert_array_equal(out[:, :, kf + t_mid:], kept[:, :, kf:])
-    # visit saw every decoded row once, in order, as written, and no run crosses a block
-    assert [r for r0, r1, _ in seen for r in range(r0, r1)] == list(range(n))
-    assert all(r0 // DECODE_ROWS == (r1 - 1) // DECODE_ROWS for r0, r1, _ in seen)
+    # The segments cover every row once, in order, never across a decode block, and rounded
+    # as compress rounds them for its statistics they are exactly the restored values.
+    seen = [(g, r0, r1, round_to_dtype(seg, np.float16))
+            for g, r0, r1, seg in decoded_segments(q, codes, norms, mean, t_mid, np.float16)]
+    assert [r for _, r0, r1, _ in seen for r in range(r0, r1)] == list(range(n))
+    assert all(r0 // DECODE_ROWS == (r1 - 1) // DECODE_ROWS for _, r0, r1, _ in seen)
+    assert all(r0 // t_mid == g == (r1 - 1) // t_mid for g, r0, r1, _ in seen)
     flat = out[:, :, kf:kf + t_mid].reshape(n, 64)
-    for r0, r1, rows in seen:
-        np.testing.assert_array_equal(rows, flat[r0:r1])
+    for _, r0, r1, rows in seen:
+        np.testing.assert_array_equal(rows, flat[r0:r1].astype(np.float32))
+
+
+def _finite_f32(rng, n, top):
+    """Random float32 bit patterns (every exponent, subnormals, signed zeros) within +-top."""
+    x = rng.integers(0, 2**32, size=n, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = x[np.isfinite(x) & (np.abs(x) <= top)]
+    ties = (np.arange(1, 2049, dtype=np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)
+    special = np.array([0.0, -0.0, 2.0 ** -25, 2.0 ** -24, 3 * 2.0 ** -26, 2.0 ** -14,
+                        65504.0, -65504.0, 1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11],
+                       dtype=np.float32)
+    return np.concatenate([x, ties, ties * np.float32(2.0 ** 20), special])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32])
+def test_round_to_dtype_equals_the_casts(dtype):
+    rng = np.random.default_rng(7)
+    top = float(ml_dtypes.finfo(dtype).max)
+    x = _finite_f32(rng, 200_000, top)
+    # uniform bits are mostly huge or tiny: add values at the scale of real KV too
+    x = np.concatenate([x, rng.standard_normal(50_000).astype(np.float32) * 4])
+    got = round_to_dtype(x.copy(), dtype)
+    expected = x.astype(dtype).astype(np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
 def test_restore_into_clamps_only_past_the_dtype_range():
