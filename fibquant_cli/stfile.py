@@ -634,8 +634,11 @@ class StreamWriter:
                 # Start the kernel's write-back now, in the background, so the final fsync
                 # finds most pages on disk already instead of waiting for all of them.
                 self._file.flush()
-                os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
                 self._unsynced = 0
+                try:
+                    os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                except OSError:
+                    pass  # only a hint: a file system without it just syncs later
         except OSError as err:
             raise _os_failure(err, self.path) from None
         self._written[i] += data.nbytes
