@@ -582,3 +582,29 @@ def test_stream_writer_replace_metadata_in_place(tmp_path):
         w.replace_metadata({"d": "abcdef12"})
     assert read_header(out).metadata == {"d": "abcdef12"}
     np.testing.assert_array_equal(stn.load_file(out)["x"], x)
+
+
+@pytest.mark.parametrize("hint_fails", [False, True])
+def test_write_back_hints_change_nothing(tmp_path, monkeypatch, hint_fails):
+    """StreamWriter asks the kernel to start write-back every WRITEBACK_BYTES; a file system
+    that refuses the hint still gets every byte."""
+    from fibquant_cli import stfile
+
+    monkeypatch.setattr(stfile, "WRITEBACK_BYTES", 1000)
+    calls = []
+    if hint_fails:
+        def refuse(*args):
+            calls.append(args)
+            raise OSError(95, "Operation not supported")
+        monkeypatch.setattr(os, "posix_fadvise", refuse, raising=False)
+    rng = np.random.default_rng(3)
+    arrays = {f"t{i}": rng.standard_normal((50, 16)).astype(np.float32) for i in range(4)}
+    path = tmp_path / "w.safetensors"
+    with StreamWriter(path, [(n, "F32", a.shape) for n, a in arrays.items()]) as w:
+        for name, arr in arrays.items():
+            for rows in (arr[:20], arr[20:]):
+                w.write(name, rows)
+    loaded = safetensors.numpy.load_file(path)
+    for name, arr in arrays.items():
+        np.testing.assert_array_equal(loaded[name], arr)
+    assert not hint_fails or calls  # the hint was tried
