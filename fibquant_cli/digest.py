@@ -41,6 +41,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -152,6 +153,12 @@ def _converted_chunks(arr: np.ndarray, target: np.dtype):
         yield from _converted_chunks(row, target)
 
 
+@functools.lru_cache(maxsize=1024)
+def _tensor_prefix(dtype: str, dims: tuple[int, ...]) -> bytes:
+    """The compact JSON of dtype and shape, then NUL: the same for every layer of a dump."""
+    return compact_json({"dtype": dtype, "shape": list(dims)}) + b"\x00"
+
+
 def tensor_digest(dtype: str, shape: tuple[int, ...], data: Any) -> str:
     """Digest of one tensor: dtype string, shape and raw little-endian bytes.
 
@@ -186,8 +193,7 @@ def tensor_digest(dtype: str, shape: tuple[int, ...], data: Any) -> str:
             f"for {dtype} {dims}"
         )
     hasher = _hasher(TENSOR_SCHEMA)
-    hasher.update(compact_json({"dtype": dtype, "shape": dims}))
-    hasher.update(b"\x00")
+    hasher.update(_tensor_prefix(dtype, tuple(dims)))
     if is_array:
         for chunk in _little_endian_chunks(data):
             hasher.update(chunk)
