@@ -296,6 +296,7 @@ def layout(dump: Dump, profiles, quantizers, plans) -> list[tuple[str, str, tupl
 class LayerResult:
     plan: LayerPlan
     arrays: dict  # stored name -> array
+    digests: dict  # stored name -> digest (computed by the encoder thread, not the writer)
     acc: ErrorAccumulator
     scalar_acc: ErrorAccumulator | None
     payload: int
@@ -331,7 +332,8 @@ def encode_layer(dump: Dump, q: FibQuantizer, plan: LayerPlan, compare: bool) ->
             scalar_acc.add(kept_x, kept_x)
         arrays[kept_name(plan.entry, plan.layer)] = np.ascontiguousarray(kept)
     payload = sum(a.nbytes for a in arrays.values())
-    return LayerResult(plan, arrays, acc, scalar_acc, payload)
+    digests = {name: _array_digest(a) for name, a in arrays.items()}
+    return LayerResult(plan, arrays, digests, acc, scalar_acc, payload)
 
 
 def _scalar_for(p: Profile, rotation: np.ndarray):
@@ -420,7 +422,8 @@ def _compress(source, *, manifest, output, spec, compare, force, attention, max_
             for result in encoded_layers(dump, quantizers, profiles, plans, compare, jobs):
                 for name, arr in result.arrays.items():
                     w.write(name, arr)
-                    digests[name] = _array_digest(arr)
+                digests.update(result.digests)
+                result.arrays = result.digests = {}  # written: keep only the statistics
                 runs.setdefault(result.plan.entry, []).append(result)
                 progress.advance(f"entry {result.plan.entry} layer {result.plan.layer}")
             source_digests = doc["source"]["tensors"]
