@@ -15,8 +15,10 @@ Prints, in one run:
    The machine is shared and noisy (a burst of load can halve a timing), so the timings are
    interleaved: every round times Q4_0 and each fibquant variant once, in turn, and each
    figure is the best of its rounds; the ratios, not the MB/s, are the figures to read.
-2. peak RSS of compress and decompress for dumps of 1x, 4x, 16x and 64x the sample (more
-   layers; fresh processes), to show that memory stays flat as the dump grows.
+2. peak RSS of compress and decompress (fresh processes, default jobs) for the sample grown
+   1x to 256x by layers (more tensors of the same size: memory should stay flat, but for a
+   little per-tensor metadata) and 4x and 16x by tokens (larger tensors: memory may grow with
+   the largest tensor, about twice it at most).
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ from fibquant_cli.compressor import compress
 from fibquant_cli.pipeline import decompress
 src, out, rest, what = sys.argv[1:5]
 if what == "compress":
-    compress(src, output=out, force=True, attention=False, jobs=1)
+    compress(src, output=out, force=True, attention=False)  # default jobs, as a user runs it
 else:
     decompress(out, output=rest, force=True)
 # ru_maxrss survives exec on Linux (it would report the bench's own peak): read VmHWM.
@@ -172,11 +174,15 @@ print(int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF
 """
 
 
-def peak_rss(dumps: dict[int, Path], workdir: Path) -> list[dict]:
+def peak_rss(dumps: list[tuple[str, Path]], workdir: Path) -> list[dict]:
+    from fibquant_cli.stfile import read_header
+
     rows = []
-    for times, dump in dumps.items():
-        out, rest = workdir / f"r{times}.fq.safetensors", workdir / f"r{times}.restored.safetensors"
-        row = {"times": times, "dump_MB": dump.stat().st_size / 1e6}
+    for label, dump in dumps:
+        out, rest = workdir / "r.fq.safetensors", workdir / "r.restored.safetensors"
+        tensors = read_header(dump).tensors.values()
+        row = {"dump": label, "dump_MB": dump.stat().st_size / 1e6, "tensors": len(tensors),
+               "largest_tensor_MB": max(t.n_bytes for t in tensors) / 1e6}
         for what in ("compress", "decompress"):
             res = subprocess.run([sys.executable, "-c", RSS_SNIPPET, str(dump), str(out),
                                   str(rest), what], check=True, capture_output=True, text=True)
@@ -208,13 +214,19 @@ def main(argv=None) -> int:
         console.print(speed_table(
             f"many small tensors ({many_dump.name}: sample layers x{times}, {mb:.1f} MB of K "
             f"and V in {8 * times} tensors), --bits 3", many[:1] + many[-1:]))
-        dumps = {t: scaled_dump(t, tmp) for t in ((1, 2, 4) if args.quick else (1, 4, 16, 64))}
+        layer_sizes, token_sizes = ((1, 2, 4), (2,)) if args.quick else ((1, 4, 16, 64, 256),
+                                                                           (4, 16))
+        dumps = [(f"layers x{t}", scaled_dump(t, tmp)) for t in layer_sizes]
+        dumps += [(f"tokens x{t}", scaled_dump(t, tmp, "tokens")) for t in token_sizes]
         rss = peak_rss(dumps, tmp)
-        t = Table(title="peak RSS (fresh process each) against dump size")
-        for col in ("dump", "size MB", "compress peak MB", "decompress peak MB"):
+        t = Table(title="peak RSS (fresh process each, default jobs) against dump size: the sample "
+                        "grown by layers (more tensors) and by tokens (larger tensors)")
+        for col in ("dump", "size MB", "tensors", "largest tensor MB", "compress peak MB",
+                    "decompress peak MB"):
             t.add_column(col, justify="right")
         for r in rss:
-            t.add_row(f"{r['times']}x sample", f"{r['dump_MB']:.1f}", f"{r['compress_peak_MB']:.0f}",
+            t.add_row(r["dump"], f"{r['dump_MB']:.1f}", str(r["tensors"]),
+                      f"{r['largest_tensor_MB']:.2f}", f"{r['compress_peak_MB']:.0f}",
                       f"{r['decompress_peak_MB']:.0f}")
         console.print(t)
     total = time.perf_counter() - start
