@@ -30,10 +30,10 @@ from .container import (codebook_name, codes_name, kept_name, mean_name, norms_n
                         rotation_name)
 from .core import bitpack
 from .core.cache import load_or_build
-from .core.codec import FibQuantizer, default_rotation, row_norms
+from .core.codec import DECODE_ROWS, FibQuantizer, default_rotation, row_norms
 from .core.params import Profile
 from .core.scalar import ScalarQuantizer
-from .digest import file_digest, tensor_digest
+from .digest import file_digest, tensor_digest, tensor_digest_of_chunks
 from .errors import InvalidInputError, UsageError
 from .kvdump import Dump, check_finite, open_dump, read_layer
 from .manifest import entry_layer_views
@@ -188,14 +188,47 @@ class LayerPlan:
     norms_dtype: str  # "F16" or "F32"
 
 
-def encoder_input(arr: np.ndarray, plan_center: bool, keep_first: int, keep_last: int):
-    """Split a layer into kept tokens and the (centered) vectors to encode."""
-    kept, middle, kf, kl = split_kept(arr, keep_first, keep_last)
-    b, h, t, d = middle.shape
-    x = middle.astype(np.float32)
-    mean = token_mean(x) if plan_center else None
-    x_in = x - mean[:, :, None, :] if mean is not None else x
-    return kept, x.reshape(-1, d), x_in.reshape(-1, d), mean, (b, h, t, d)
+class LayerRows:
+    """The vectors of one layer to encode, handed out in row chunks (bounded memory).
+
+    Rows are the layer's vectors over the tokens not kept, in (batch, head, token) order; the
+    source array is never copied whole: a chunk is converted to float32 on its own. ``mean``
+    [b, h, d] float32 is each head's mean over those tokens (key centering) or None.
+    """
+
+    def __init__(self, arr: np.ndarray, center: bool, keep_first: int, keep_last: int):
+        self.kept, middle, _, _ = split_kept(arr, keep_first, keep_last)
+        b, h, t, d = middle.shape
+        self.shape = (b, h, t, d)
+        self.n = b * h * t
+        self.heads = middle.reshape(b * h, t, d)  # a view: b and h merge without a copy
+        self.mean = token_mean(middle) if center else None
+        self._mean2 = None if self.mean is None else self.mean.reshape(b * h, d)
+
+    def segments(self, r0: int, r1: int):
+        """(head g, first row, stop row) of the pieces of rows r0:r1 within one head each."""
+        t = self.shape[2]
+        for g in range(r0 // t, (r1 - 1) // t + 1):
+            yield g, max(r0, g * t), min(r1, (g + 1) * t)
+
+    def chunk(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, x_in): rows r0:r1 as float32, and minus their head's mean when centering."""
+        t, d = self.shape[2], self.shape[3]
+        x = np.empty((r1 - r0, d), dtype=np.float32)
+        for g, a, z in self.segments(r0, r1):
+            x[a - r0:z - r0] = self.heads[g, a - g * t:z - g * t]
+        if self._mean2 is None:
+            return x, x
+        x_in = x.copy()
+        for g, a, z in self.segments(r0, r1):
+            x_in[a - r0:z - r0] -= self._mean2[g]
+        return x, x_in
+
+
+# Vectors encoded at once: a multiple of the decode block, so a chunk's statistics decode
+# exactly as decompress does, and of 8, so packed chunks join on byte boundaries. About 2 MB of
+# float32 per array: together with the source layer this bounds compress's memory.
+ENCODE_ROWS = 2 * DECODE_ROWS
 
 
 def prepass(dump: Dump, spec: CompressSpec, progress: Progress):
@@ -255,10 +288,12 @@ def largest_magnitude(raw: bytes, st_dtype: str) -> float:
 
 def needs_wide_norms(arr: np.ndarray, center: bool, spec: CompressSpec) -> bool:
     """Would a norm to encode of this layer overflow fp16? (Exact: computes the norms.)"""
-    if arr.size == 0:
-        return False
-    _, _, x_in, _, _ = encoder_input(arr, center, spec.keep_first, spec.keep_last)
-    return bool(x_in.size) and float(row_norms(x_in).max()) > FP16_MAX
+    rows = LayerRows(arr, center, spec.keep_first, spec.keep_last)
+    for c0 in range(0, rows.n, ENCODE_ROWS):
+        _, x_in = rows.chunk(c0, min(rows.n, c0 + ENCODE_ROWS))
+        if float(row_norms(x_in).max()) > FP16_MAX:
+            return True
+    return False
 
 
 def layout(dump: Dump, profiles, quantizers, plans) -> list[tuple[str, str, tuple]]:
@@ -303,34 +338,44 @@ class LayerResult:
 
 
 def encode_layer(dump: Dump, q: FibQuantizer, plan: LayerPlan, compare: bool) -> LayerResult:
+    """Encode one layer, ``ENCODE_ROWS`` vectors at a time, with its error statistics."""
     entry = dump.manifest.entries[plan.entry]
     st_dtype = SOURCE_DTYPES[entry.shape.dtype]
-    arr = read_layer(dump, entry, plan.layer, check=False)  # the pre-pass checked it
-    kept, x, x_in, mean, (b, h, t, d) = encoder_input(arr, plan.center, plan.keep_first,
-                                                      plan.keep_last)
-    codes, norms = q.encode(x_in)
-    stored_norms = norms.astype(np.float16 if plan.norms_dtype == "F16" else np.float32)
-    # The statistics are those of the restored values, decoded exactly as decompress does.
-    acc = ErrorAccumulator()
     out_dtype = stfile.numpy_dtype_for(st_dtype)
-    for _, r0, r1, rows in decoded_segments(q, codes, stored_norms.astype(np.float32), mean, t,
-                                            out_dtype):
-        acc.add(x[r0:r1], round_to_dtype(rows, out_dtype))
-    scalar_acc = None
-    scalar = _scalar_for(q.profile, q.rotation) if compare else None
-    if scalar is not None:
-        scalar_acc = ErrorAccumulator()
-        scalar_acc.add(x, from_float32(scalar.decode(*scalar.encode(x)), st_dtype))
-    arrays = {codes_name(plan.entry, plan.layer): bitpack.pack(codes, q.profile.wire_bits),
+    arr = read_layer(dump, entry, plan.layer, check=False)  # the pre-pass checked it
+    rows = LayerRows(arr, plan.center, plan.keep_first, plan.keep_last)
+    b, h, t, d = rows.shape
+    p = q.profile
+    bpv, width = p.blocks_per_vector, p.wire_bits
+    packed = np.empty(bitpack.packed_n_bytes(rows.n * bpv, width), dtype=np.uint8)
+    stored_norms = np.empty(rows.n, dtype=np.float16 if plan.norms_dtype == "F16" else np.float32)
+    acc = ErrorAccumulator()
+    scalar = _scalar_for(p, q.rotation) if compare else None
+    scalar_acc = None if scalar is None else ErrorAccumulator()
+    for c0 in range(0, rows.n, ENCODE_ROWS):
+        c1 = min(rows.n, c0 + ENCODE_ROWS)
+        x, x_in = rows.chunk(c0, c1)
+        codes, norms = q.encode(x_in)
+        stored = stored_norms[c0:c1]
+        stored[...] = norms
+        chunk = bitpack.pack(codes, width)
+        packed[c0 * bpv * width // 8:][:chunk.size] = chunk
+        # The statistics are those of the restored values, decoded exactly as decompress does.
+        for _, r0, r1, seg in decoded_segments(q, codes, stored.astype(np.float32), rows.mean, t,
+                                                out_dtype, offset=c0):
+            acc.add(x[r0 - c0:r1 - c0], round_to_dtype(seg, out_dtype))
+        if scalar is not None:
+            scalar_acc.add(x, from_float32(scalar.decode(*scalar.encode(x)), st_dtype))
+    arrays = {codes_name(plan.entry, plan.layer): packed,
               norms_name(plan.entry, plan.layer): stored_norms.reshape(b, h, t)}
-    if mean is not None:
-        arrays[mean_name(plan.entry, plan.layer)] = mean
+    if rows.mean is not None:
+        arrays[mean_name(plan.entry, plan.layer)] = rows.mean
     if plan.keep_first + plan.keep_last:
-        kept_x = kept.reshape(-1, d).astype(np.float32)
+        kept_x = rows.kept.reshape(-1, d).astype(np.float32)
         acc.add(kept_x, kept_x)  # stored exactly: counted, with zero error
         if scalar_acc is not None:
             scalar_acc.add(kept_x, kept_x)
-        arrays[kept_name(plan.entry, plan.layer)] = np.ascontiguousarray(kept)
+        arrays[kept_name(plan.entry, plan.layer)] = np.ascontiguousarray(rows.kept)
     payload = sum(a.nbytes for a in arrays.values())
     digests = {name: _array_digest(a) for name, a in arrays.items()}
     return LayerResult(plan, arrays, digests, acc, scalar_acc, payload)
@@ -429,9 +474,14 @@ def _compress(source, *, manifest, output, spec, compare, force, attention, max_
             source_digests = doc["source"]["tensors"]
             for name in dump.passthrough_names:
                 info = dump.header.tensors[name]
-                raw = stfile.read_raw(dump.header, name)
-                w.write(raw_name(name), raw)
-                digests[raw_name(name)] = tensor_digest(info.dtype, info.shape, raw)
+
+                def copied(name=name):  # streamed, and hashed as it is written
+                    for piece in stfile.iter_raw(dump.header, name):
+                        w.write(raw_name(name), piece)
+                        yield piece
+
+                digests[raw_name(name)] = tensor_digest_of_chunks(info.dtype, info.shape,
+                                                                  copied())
                 source_digests[name]["digest"] = digests[raw_name(name)]
             doc["source"]["file_digest"] = file_digest(
                 {n: v["digest"] for n, v in source_digests.items()})

@@ -159,6 +159,35 @@ def _tensor_prefix(dtype: str, dims: tuple[int, ...]) -> bytes:
     return compact_json({"dtype": dtype, "shape": list(dims)}) + b"\x00"
 
 
+def tensor_digest_of_chunks(dtype: str, shape: tuple[int, ...], chunks) -> str:
+    """``tensor_digest`` of raw C-order bytes given as an iterable of bytes-like pieces.
+
+    Lets a copy hash what it streams, without holding the tensor whole. Raises
+    InvalidInputError when the pieces do not add up to the size of ``dtype`` and ``shape``.
+    """
+    if not isinstance(dtype, str) or not dtype:
+        raise ValueError(f"tensor dtype must be a non-empty string, got {dtype!r}")
+    dims = _check_shape(shape)
+    hasher = _hasher(TENSOR_SCHEMA)
+    hasher.update(_tensor_prefix(dtype, tuple(dims)))
+    n_bytes = 0
+    for piece in chunks:
+        view = memoryview(piece).cast("B")
+        hasher.update(view)
+        n_bytes += len(view)
+    _check_n_bytes(dtype, dims, n_bytes)
+    return _finish(hasher)
+
+
+def _check_n_bytes(dtype: str, dims: list[int], n_bytes: int) -> None:
+    item_bytes = _ITEM_BYTES.get(dtype.upper())
+    if item_bytes is not None and n_bytes != math.prod(dims) * item_bytes:
+        raise InvalidInputError(
+            f"tensor data is {n_bytes} bytes, expected {math.prod(dims) * item_bytes} "
+            f"for {dtype} {dims}"
+        )
+
+
 def tensor_digest(dtype: str, shape: tuple[int, ...], data: Any) -> str:
     """Digest of one tensor: dtype string, shape and raw little-endian bytes.
 
@@ -186,12 +215,7 @@ def tensor_digest(dtype: str, shape: tuple[int, ...], data: Any) -> str:
     else:
         data = memoryview(data).cast("B")
         n_bytes = len(data)
-    item_bytes = _ITEM_BYTES.get(dtype.upper())
-    if item_bytes is not None and n_bytes != math.prod(dims) * item_bytes:
-        raise InvalidInputError(
-            f"tensor data is {n_bytes} bytes, expected {math.prod(dims) * item_bytes} "
-            f"for {dtype} {dims}"
-        )
+    _check_n_bytes(dtype, dims, n_bytes)
     hasher = _hasher(TENSOR_SCHEMA)
     hasher.update(_tensor_prefix(dtype, tuple(dims)))
     if is_array:

@@ -18,7 +18,7 @@ from .container import (codebook_name, codes_name, kept_name, mean_name, norms_n
                         rotation_name)
 from .core import bitpack
 from .core.cache import CODEBOOK_SCHEMA
-from .core.codec import FibQuantizer
+from .core.codec import DECODE_ROWS, FibQuantizer
 from .core.params import Profile
 from .digest import bytes_digest, tensor_digest
 from .errors import IntegrityError, InvalidInputError, UsageError
@@ -227,8 +227,8 @@ def _quantizer_for(comp: container.Compressed, entry_doc: dict) -> FibQuantizer:
 
 
 def read_layer_codes(loaded: Loaded, i: int, layer: int,
-                     arrays: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Unpacked codes (n, d/k) and norms (n,) float32 of entry i, layer; checks ranges."""
+                     arrays: dict | None = None) -> tuple["PackedCodes", np.ndarray]:
+    """Codes (a checked ``PackedCodes`` stream) and norms (n,) float32 of entry i, layer."""
     comp, q = loaded.comp, loaded.quantizers[i]
     shape = loaded.manifest.entries[i].shape
     p = q.profile
@@ -241,13 +241,10 @@ def read_layer_codes(loaded: Loaded, i: int, layer: int,
         raise IntegrityError(f"missing stored arrays for entry {i} layer {layer}", path=where)
     packed = read_stored(loaded, cname, arrays)
     try:
-        codes = bitpack.unpack(packed, n * p.blocks_per_vector, p.wire_bits, np.intp)
+        packed = bitpack.check_stream(packed, n * p.blocks_per_vector, p.wire_bits)
     except IntegrityError as err:
         raise IntegrityError(err.reason, path=where, tensor=cname) from None
-    if p.size < 2**p.wire_bits and codes.size and int(codes.max()) >= p.size:
-        bad = int(np.argmax(codes >= p.size))
-        raise IntegrityError(f"index {int(codes[bad])} at position {bad} is >= N = {p.size}",
-                             path=where, tensor=cname)
+    codes = PackedCodes(packed, n, p, where, cname)
     norms = read_stored(loaded, nname, arrays)
     if norms.dtype not in (np.float16, np.float32) or norms.shape != (shape.batch, shape.kv_heads, t_mid):
         raise IntegrityError(f"norms have dtype {norms.dtype} and shape {list(norms.shape)}",
@@ -255,7 +252,35 @@ def read_layer_codes(loaded: Loaded, i: int, layer: int,
     norms = norms.reshape(-1).astype(np.float32)
     if not np.all(np.isfinite(norms)) or float(norms.min(initial=0.0)) < 0:
         raise IntegrityError("norms must be finite and >= 0", path=where, tensor=nname)
-    return codes.reshape(n, p.blocks_per_vector), norms
+    return codes, norms
+
+
+class PackedCodes:
+    """A layer's code stream (length and padding checked), unpacked rows at a time.
+
+    ``FibQuantizer.decode_blocks`` asks for one decode block of rows at a time, so a layer's
+    indices never exist whole (as intp, the gather's fastest index type, they would take 8
+    bytes per block: more than the restored layer itself). An index >= N raises.
+    """
+
+    def __init__(self, packed: np.ndarray, n: int, profile: Profile, where: str, tensor: str):
+        self.packed, self.profile, self.where, self.tensor = packed, profile, where, tensor
+        self.shape = (n, profile.blocks_per_vector)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Codes of vectors start:stop, (stop - start, d/k) intp."""
+        p, bpv = self.profile, self.shape[1]
+        codes = bitpack.unpack_range(self.packed, start * bpv, stop * bpv, p.wire_bits, np.intp)
+        if p.size < 2**p.wire_bits and codes.size and int(codes.max()) >= p.size:
+            bad = int(np.argmax(codes >= p.size))
+            raise IntegrityError(f"index {int(codes[bad])} at position {start * bpv + bad} is "
+                                 f">= N = {p.size}", path=self.where, tensor=self.tensor)
+        return codes.reshape(stop - start, bpv)
+
+    def check_all(self) -> None:
+        """Every index < N (what decoding would find), without decoding."""
+        for start in range(0, self.shape[0], DECODE_ROWS):
+            self.rows(start, min(self.shape[0], start + DECODE_ROWS))
 
 
 def stored_array(loaded: Loaded, name: str, shape: tuple, dtype,
@@ -292,8 +317,11 @@ def restore_into(q: FibQuantizer, codes: np.ndarray, norms: np.ndarray, mean, ke
 
 
 def decoded_segments(q: FibQuantizer, codes: np.ndarray, norms: np.ndarray, mean, t_mid: int,
-                     dtype):
-    """Yield (head g, r0, r1, rows r0:r1 of ``codes`` decoded, float32) for one layer.
+                     dtype, offset: int = 0):
+    """Yield (head g, r0, r1, rows r0:r1 decoded, float32) for one layer's ``codes``.
+
+    ``codes`` may be the rows from ``offset`` on (a multiple of ``DECODE_ROWS``), r0 and r1
+    count from the layer's first row.
 
     Rows are decoded in the blocks of ``FibQuantizer.decode`` (so every path gets the same
     values) and split at head boundaries (``t_mid`` rows per head); each head's mean key
@@ -310,6 +338,7 @@ def decoded_segments(q: FibQuantizer, codes: np.ndarray, norms: np.ndarray, mean
         bound += 0.0 if mean2 is None else float(np.abs(mean2).max())
         top = top if bound >= top else None
     for start, stop, block in q.decode_blocks(codes, norms):
+        start, stop = start + offset, stop + offset
         for g in range(start // t_mid, (stop - 1) // t_mid + 1):
             r0, r1 = max(start, g * t_mid), min(stop, (g + 1) * t_mid)
             seg = block[r0 - start:r1 - start]
@@ -472,19 +501,26 @@ def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, pr
             ThreadPoolExecutor(max_workers=jobs) as pool:
         pending: deque = deque()
 
-        def write_oldest() -> None:
-            for done_name, (data, kind) in zip(*pending.popleft()):
+        def write_oldest() -> int:
+            names, results, size = pending.popleft()
+            for done_name, (data, kind) in zip(names, results):
                 writer.write(done_name, data)
                 rows.append({"name": done_name, "dtype": infos[done_name]["dtype"],
                              "shape": infos[done_name]["shape"], "kind": kind})
                 progress.advance(done_name)
+            return size
 
-        for batch in batches(specs, DECODE_BATCH_BYTES):
+        in_flight = 0  # output bytes of the batches submitted and not yet written
+        for batch, size in batches(specs, DECODE_BATCH_BYTES):
+            # Bounded look-ahead: at most 2 * jobs batches, and past LOOKAHEAD_BYTES only one
+            # per thread, so large tensors cost about jobs x the largest one in memory.
+            while pending and (len(pending) >= 2 * jobs or
+                               (len(pending) >= jobs and in_flight + size > LOOKAHEAD_BYTES)):
+                in_flight -= write_oldest()
             names = [name for name, _, _ in batch]
             future = pool.submit(lambda names: [produce(name) for name in names], names)
-            pending.append((names, _Deferred(future)))
-            if len(pending) > 2 * jobs:  # bounded look-ahead
-                write_oldest()
+            pending.append((names, _Deferred(future), size))
+            in_flight += size
         while pending:
             write_oldest()
         verify_unread(loaded)
@@ -494,6 +530,7 @@ DECODE_THREADS = 2
 # Small tensors go to the decode threads in batches of about this many output bytes: one
 # hand-off per batch instead of per tensor (a dump of many small layers scaled poorly).
 DECODE_BATCH_BYTES = 1 << 20
+LOOKAHEAD_BYTES = 16 << 20
 
 
 class _Deferred:
@@ -507,16 +544,16 @@ class _Deferred:
 
 
 def batches(specs, min_bytes: int):
-    """Split (name, dtype, shape) specs, in order, into runs of at least ``min_bytes``."""
+    """Split (name, dtype, shape) specs, in order, into (run, its bytes) of >= ``min_bytes``."""
     run, size = [], 0
     for spec in specs:
         run.append(spec)
         size += stfile.tensor_n_bytes(spec[1], spec[2])
         if size >= min_bytes:
-            yield run
+            yield run, size
             run, size = [], 0
     if run:
-        yield run
+        yield run, size
 
 
 def verify(path, checks: list | None = None) -> list[tuple[str, bool, str]]:
@@ -526,7 +563,7 @@ def verify(path, checks: list | None = None) -> list[tuple[str, bool, str]]:
     n = 0
     for i, entry in enumerate(loaded.manifest.entries):
         for layer in range(entry.shape.layers):
-            read_layer_codes(loaded, i, layer)
+            read_layer_codes(loaded, i, layer)[0].check_all()
             n += 1
     checks.append(("indices < N, norms finite", True, f"{n} layer streams checked"))
     return checks

@@ -477,6 +477,22 @@ def read_tensors(header: Header, names: Sequence[str]) -> dict[str, np.ndarray]:
     return out
 
 
+def iter_raw(header: Header, name: str, chunk_bytes: int = 8 << 20):
+    """Yield the stored bytes of tensor `name` in pieces of at most `chunk_bytes` (a copy of a
+    large tensor then never holds it whole)."""
+    info = _lookup(header, name)
+    with _open_input(header.path) as f:
+        f.seek(header.data_start + info.begin)
+        left = info.n_bytes
+        while left:
+            data = f.read(min(left, chunk_bytes))
+            if not data:
+                raise InvalidInputError("file shrank while reading", path=str(header.path),
+                                        tensor=_label(name))
+            left -= len(data)
+            yield data
+
+
 def read_raw(header: Header, name: str) -> bytes:
     """Return the exact stored bytes of tensor `name` (any dtype)."""
     info = _lookup(header, name)

@@ -119,3 +119,56 @@ def test_decompress_jobs_option(tmp_path, cli):
     res = cli("decompress", comp, "--jobs", "-1", "-o", tmp_path / "bad.safetensors")
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.mark.parametrize("bits,dtype", [(3, "f16"), (2, "bf16")])
+def test_chunked_encoder_statistics_are_those_of_the_restored_file(tmp_path, bits, dtype):
+    """Layers longer than ENCODE_ROWS vectors, chunk boundaries inside a head, a kept token and
+    key centering: the reported errors are still exactly those of the restored file."""
+    from fibquant_cli.compressor import ENCODE_ROWS
+    from fibquant_cli.spec import resolve_spec
+
+    tokens, heads = 3001, 3  # 3 x 3000 middle vectors: 2 chunks, the boundary inside head 2
+    assert heads * (tokens - 1) > ENCODE_ROWS > tokens - 1
+    d = make_dump(tmp_path, dtype=dtype, layers=1, kv_heads=heads, query_heads=6, tokens=tokens)
+    comp = tmp_path / "kv.fq.safetensors"
+    spec = resolve_spec(bits=bits, keep_first=1)
+    rep = compress(d.path, output=comp, spec=spec, attention=False, jobs=1).to_json()
+    decompress(comp, output=tmp_path / "r.safetensors")
+    original, restored = load_file(d.path), load_file(tmp_path / "r.safetensors")
+    for entry, role in zip(rep["entries"], ("key", "value")):
+        name = next(n for n in original if n.endswith(role) or f".{role}" in n)
+        x = original[name].astype(np.float64).reshape(-1, 64)
+        y = restored[name].astype(np.float64).reshape(-1, 64)
+        err, energy = float(((x - y) ** 2).sum()), float((x * x).sum())
+        cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+        assert entry["rel_mse"] == pytest.approx(err / energy, rel=1e-6)
+        assert entry["cosine_mean"] == pytest.approx(cos.mean(), rel=1e-6)
+        assert entry["cosine_min"] == pytest.approx(cos.min(), rel=1e-6)
+        assert 0 < entry["rel_mse"] < 0.2
+
+
+def test_packed_codes_unpack_rows_and_refuse_indices_past_n():
+    from fibquant_cli.core import bitpack
+    from fibquant_cli.errors import IntegrityError
+    from fibquant_cli.pipeline import PackedCodes
+
+    p = Profile(64, 2, 48)  # N = 48 on 6-bit wires: 48..63 are not codewords
+    n, bpv = 2 * DECODE_ROWS + 5, p.blocks_per_vector
+    codes = np.random.default_rng(0).integers(0, 48, size=(n, bpv))
+    packed = bitpack.check_stream(bitpack.pack(codes, p.wire_bits), n * bpv, p.wire_bits)
+    stream = PackedCodes(packed, n, p, "f.fq.safetensors", "fq/e0/l0/codes")
+    assert stream.shape == (n, bpv)
+    for a, b in [(0, DECODE_ROWS), (DECODE_ROWS, 2 * DECODE_ROWS), (2 * DECODE_ROWS, n), (3, 11)]:
+        got = stream.rows(a, b)
+        assert got.dtype == np.intp
+        np.testing.assert_array_equal(got, codes[a:b])
+    stream.check_all()
+    bad = codes.copy()
+    bad[DECODE_ROWS + 7, 3] = 63
+    packed = bitpack.pack(bad, p.wire_bits)
+    stream = PackedCodes(packed, n, p, "f.fq.safetensors", "fq/e0/l0/codes")
+    stream.rows(0, DECODE_ROWS)  # the block without it decodes
+    position = (DECODE_ROWS + 7) * bpv + 3
+    with pytest.raises(IntegrityError, match=f"index 63 at position {position} is >= N = 48"):
+        stream.check_all()

@@ -329,6 +329,15 @@ def unpack(data, count: int, width: int, dtype=_U32) -> np.ndarray:
     ``data`` is bytes-like or a uint8 array of exactly ``packed_n_bytes(count, width)`` bytes.
     Raises ``IntegrityError`` on a length mismatch or non-zero padding bits in the last byte.
     """
+    buf = check_stream(data, count, width)
+    return _decode_span(buf, 0, count, width, _out_dtype(dtype, width))
+
+
+def check_stream(data, count: int, width: int) -> np.ndarray:
+    """The checks of ``unpack`` without the decode: exact length, zero padding bits.
+
+    Returns the stream as a uint8 array, ready for ``unpack_range`` on parts of it.
+    """
     w = _check_width(width)
     n = _check_count(count, "count")
     buf = _as_byte_array(data)
@@ -343,7 +352,7 @@ def unpack(data, count: int, width: int, dtype=_U32) -> np.ndarray:
             f"packed stream has non-zero padding bits in its last byte (0x{int(buf[-1]):02x}; "
             f"only the low {used} bits may be set for {n} indices of {w} bits)"
         )
-    return _decode_span(buf, 0, n, w, _out_dtype(dtype, w))
+    return buf
 
 
 def _out_dtype(dtype, width: int) -> np.dtype:

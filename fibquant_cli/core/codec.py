@@ -143,6 +143,9 @@ class FibQuantizer:
         """
         d = self.profile.head_dim
         n = codes.shape[0]
+        # codes: an array (n, d/k), or an object whose rows(start, stop) unpacks those rows
+        # on demand (a packed stream decoded block by block: no whole layer of indices).
+        rows = codes.rows if hasattr(codes, "rows") else (lambda a, b: codes[a:b])
         rot = self.rotation.astype(np.float32, copy=False)
         cb = self.codebook.astype(np.float32, copy=False)
         norms = norms.astype(np.float32, copy=False)
@@ -151,7 +154,7 @@ class FibQuantizer:
             stop = min(n, start + DECODE_ROWS)
             block = scratch[:stop - start]
             # take along axis 0 is about 3x faster than cb[codes] (fancy indexing).
-            y_hat = np.take(cb, codes[start:stop], axis=0).reshape(stop - start, d)
+            y_hat = np.take(cb, rows(start, stop), axis=0).reshape(stop - start, d)
             np.matmul(y_hat, rot, out=block)
             block *= norms[start:stop, None]
             yield start, stop, block
