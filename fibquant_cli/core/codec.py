@@ -13,6 +13,7 @@ Decode: y_hat = gathered codewords; x_hat = nu * Pi.T y_hat (rows: nu * (y_hat @
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,13 +28,16 @@ from .rotation import haar_rotation
 ROW_CHUNK = 16384
 
 
-def check_finite(x: np.ndarray, row_offset: int = 0) -> None:
-    """Raise InvalidInputError naming the first row (and column) holding NaN or Inf."""
+def check_finite(x: np.ndarray, rows: np.ndarray, row_offset: int = 0) -> None:
+    """Raise InvalidInputError naming the first row (and column) of x holding NaN or Inf.
+
+    ``rows`` are the row numbers of x's rows (x may be a selection of a chunk's rows).
+    """
     bad = ~np.isfinite(x)
     if bad.any():
-        row, col = np.argwhere(bad)[0]
+        r, col = np.argwhere(bad)[0]
         raise InvalidInputError(
-            f"row {row + row_offset} is not finite ({x[row, col]} at column {col})"
+            f"row {rows[r] + row_offset} is not finite ({x[r, col]} at column {col})"
         )
 
 
@@ -56,11 +60,7 @@ def normalize(chunk: np.ndarray, row_offset: int = 0) -> tuple[np.ndarray, np.nd
     if odd.any():
         rows = np.flatnonzero(odd)
         # NaN/Inf anywhere in a row makes its norm non-finite: only these rows need a look.
-        bad = ~np.isfinite(chunk[rows])
-        if bad.any():
-            r, col = np.argwhere(bad)[0]
-            raise InvalidInputError(f"row {rows[r] + row_offset} is not finite "
-                                    f"({chunk[rows[r], col]} at column {col})")
+        check_finite(chunk[rows], rows, row_offset)
         nu64 = row_norms(chunk[rows])
         if (nu64 > F32_MAX).any():
             bad = int(rows[np.argmax(nu64 > F32_MAX)]) + row_offset
@@ -159,7 +159,7 @@ class FibQuantizer:
             block *= norms[start:stop, None]
             yield start, stop, block
 
-    @property
+    @functools.cached_property  # a frozen dataclass still has a __dict__ to cache in
     def max_decoded_norm(self) -> float:
         """An upper bound on ||y_hat|| (so on every |x_hat_i| / nu): sqrt(d/k) max ||c||."""
         cb = self.codebook.astype(np.float64)
