@@ -374,13 +374,12 @@ def round_to_dtype(x: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
-def restore_layer(loaded: Loaded, i: int, layer: int, out: np.ndarray | None = None) -> np.ndarray:
+def restore_layer(loaded: Loaded, i: int, layer: int) -> np.ndarray:
     """Entry i, layer as restored: [batch, kv_heads, tokens, head_dim] in the source dtype."""
     shape = loaded.manifest.entries[i].shape
     b, h, t, d = shape.batch, shape.kv_heads, shape.tokens, shape.head_dim
     kf, kl = loaded.keeps[i]
-    if out is None:
-        out = np.empty((b, h, t, d), dtype=stfile.numpy_dtype_for(SOURCE_DTYPES[shape.dtype]))
+    out = np.empty((b, h, t, d), dtype=stfile.numpy_dtype_for(SOURCE_DTYPES[shape.dtype]))
     names = [codes_name(i, layer), norms_name(i, layer), mean_name(i, layer), kept_name(i, layer)]
     arrays = stfile.read_tensors(loaded.comp.header,
                                  [n for n in names if n in loaded.comp.header.tensors])
@@ -489,11 +488,11 @@ def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, pr
         if name in where_kv:
             return restore_tensor(loaded, name, where_kv), "restored"
         raw = stfile.read_raw(loaded.comp.header, raw_name(name))
-        if tensor_digest(infos[name]["dtype"], tuple(infos[name]["shape"]), raw) != infos[name]["digest"]:
+        found = tensor_digest(infos[name]["dtype"], tuple(infos[name]["shape"]), raw)
+        # The copy must match both its stored-array digest and the source tensor's digest.
+        if found != loaded.doc["arrays"].get(raw_name(name)) or found != infos[name]["digest"]:
             raise IntegrityError("digest mismatch (stored bytes were altered)",
                                  path=str(path), tensor=raw_name(name))
-        if infos[name]["digest"] != loaded.doc["arrays"].get(raw_name(name)):
-            container.verify_array(loaded.comp, raw_name(name))  # the two digests disagree
         loaded.verified.add(raw_name(name))
         return raw, "pass-through (bit-exact)"
 
@@ -502,8 +501,8 @@ def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, pr
         pending: deque = deque()
 
         def write_oldest() -> int:
-            names, results, size = pending.popleft()
-            for done_name, (data, kind) in zip(names, results):
+            names, future, size = pending.popleft()
+            for done_name, (data, kind) in zip(names, future.result()):
                 writer.write(done_name, data)
                 rows.append({"name": done_name, "dtype": infos[done_name]["dtype"],
                              "shape": infos[done_name]["shape"], "kind": kind})
@@ -519,7 +518,7 @@ def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, pr
                 in_flight -= write_oldest()
             names = [name for name, _, _ in batch]
             future = pool.submit(lambda names: [produce(name) for name in names], names)
-            pending.append((names, _Deferred(future), size))
+            pending.append((names, future, size))
             in_flight += size
         while pending:
             write_oldest()
@@ -531,16 +530,6 @@ DECODE_THREADS = 2
 # hand-off per batch instead of per tensor (a dump of many small layers scaled poorly).
 DECODE_BATCH_BYTES = 1 << 20
 LOOKAHEAD_BYTES = 16 << 20
-
-
-class _Deferred:
-    """Iterates over a future's result list (waiting for it on first use)."""
-
-    def __init__(self, future) -> None:
-        self.future = future
-
-    def __iter__(self):
-        return iter(self.future.result())
 
 
 def batches(specs, min_bytes: int):
