@@ -175,17 +175,13 @@ def tensor_digest_of_chunks(dtype: str, shape: tuple[int, ...], chunks) -> str:
         view = memoryview(piece).cast("B")
         hasher.update(view)
         n_bytes += len(view)
-    _check_n_bytes(dtype, dims, n_bytes)
-    return _finish(hasher)
-
-
-def _check_n_bytes(dtype: str, dims: list[int], n_bytes: int) -> None:
     item_bytes = _ITEM_BYTES.get(dtype.upper())
     if item_bytes is not None and n_bytes != math.prod(dims) * item_bytes:
         raise InvalidInputError(
             f"tensor data is {n_bytes} bytes, expected {math.prod(dims) * item_bytes} "
             f"for {dtype} {dims}"
         )
+    return _finish(hasher)
 
 
 def tensor_digest(dtype: str, shape: tuple[int, ...], data: Any) -> str:
@@ -204,27 +200,14 @@ def tensor_digest(dtype: str, shape: tuple[int, ...], data: Any) -> str:
         >>> tensor_digest("F32", (2,), np.zeros(2, np.float32))[:7]
         'blake3:'
     """
-    if not isinstance(dtype, str) or not dtype:
-        raise ValueError(f"tensor dtype must be a non-empty string, got {dtype!r}")
-    dims = _check_shape(shape)
-    is_array = isinstance(data, np.ndarray)
-    if is_array:
+    if isinstance(data, np.ndarray):
         if data.dtype.hasobject:
             raise ValueError("cannot digest an object array")
-        n_bytes = data.nbytes
+        pieces = _little_endian_chunks(data)
     else:
-        data = memoryview(data).cast("B")
-        n_bytes = len(data)
-    _check_n_bytes(dtype, dims, n_bytes)
-    hasher = _hasher(TENSOR_SCHEMA)
-    hasher.update(_tensor_prefix(dtype, tuple(dims)))
-    if is_array:
-        for chunk in _little_endian_chunks(data):
-            hasher.update(chunk)
-    else:
-        for start in range(0, n_bytes, _CHUNK_BYTES):
-            hasher.update(data[start:start + _CHUNK_BYTES])
-    return _finish(hasher)
+        view = memoryview(data).cast("B")
+        pieces = (view[start:start + _CHUNK_BYTES] for start in range(0, len(view), _CHUNK_BYTES))
+    return tensor_digest_of_chunks(dtype, shape, pieces)
 
 
 def file_digest(tensor_digests: Mapping[str, str]) -> str:
