@@ -436,17 +436,25 @@ def read_tensor(header: Header, name: str, *, index: tuple[slice, ...] | None = 
     row_n_bytes = dtype.itemsize * math.prod(info.shape[1:])
     if math.prod(region_shape) == 0:
         return np.empty(region_shape, dtype)[rebased].copy()
-    # One positioned read into a fresh array: a memory map costs ~0.2 ms to set up, which
-    # dominated decompress on dumps of many small tensors.
     region = np.empty(region_shape, dtype=_le(info.dtype))
-    with _open_input(header.path) as f:
-        f.seek(header.data_start + info.begin + lo * row_n_bytes)
-        got = f.readinto(region.reshape(-1).view(np.uint8))  # bf16 has no buffer protocol
-    if got != region.nbytes:
-        raise InvalidInputError("file shrank while reading", **where)
+    _read_into(header, info.begin + lo * row_n_bytes, region, name)
     if not index and region.dtype == dtype:
         return region
     return np.array(region[rebased], dtype=dtype, copy=True)
+
+
+def _read_into(header: Header, offset: int, out: np.ndarray, name: str) -> None:
+    """Fill the C-contiguous array ``out`` from data-buffer byte ``offset`` with one read.
+
+    A positioned read into a fresh array: a memory map costs ~0.2 ms to set up, which
+    dominated decompress on dumps of many small tensors.
+    """
+    with _open_input(header.path) as f:
+        f.seek(header.data_start + offset)
+        got = f.readinto(out.reshape(-1).view(np.uint8))  # bf16 has no buffer protocol
+    if got != out.nbytes:
+        raise InvalidInputError("file shrank while reading", path=str(header.path),
+                                tensor=_label(name))
 
 
 def read_tensors(header: Header, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -463,12 +471,7 @@ def read_tensors(header: Header, names: Sequence[str]) -> dict[str, np.ndarray]:
             info.dtype in NUMPY_DTYPES for info in infos):
         return {info.name: read_tensor(header, info.name) for info in infos}
     raw = np.empty(b1 - b0, dtype=np.uint8)
-    with _open_input(header.path) as f:
-        f.seek(header.data_start + b0)
-        got = f.readinto(raw)
-    if got != raw.size:
-        raise InvalidInputError("file shrank while reading", path=str(header.path),
-                                tensor=_label(infos[0].name))
+    _read_into(header, b0, raw, infos[0].name)
     out = {}
     for info in infos:
         arr = raw[info.begin - b0:info.end - b0].view(_le(info.dtype)).reshape(info.shape)
@@ -646,18 +649,22 @@ class StreamWriter:
         try:
             self._file.write(data)
             self._unsynced += data.nbytes
-            if self._unsynced >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
-                # Start the kernel's write-back now, in the background, so the final fsync
-                # finds most pages on disk already instead of waiting for all of them.
-                self._file.flush()
-                self._unsynced = 0
-                try:
-                    os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-                except OSError:
-                    pass  # only a hint: a file system without it just syncs later
+            if self._unsynced >= WRITEBACK_BYTES:
+                self._start_writeback()
         except OSError as err:
             raise _os_failure(err, self.path) from None
         self._written[i] += data.nbytes
+
+    def _start_writeback(self) -> None:
+        """Start the kernel's write-back now, in the background, so the final fsync finds
+        most pages on disk already instead of waiting for all of them."""
+        self._file.flush()
+        self._unsynced = 0
+        if hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass  # only a hint: a file system without it just syncs later
 
     def replace_metadata(self, metadata: Mapping[str, str] | None) -> None:
         """Rewrite the header's metadata in place; the new header must have the same length.
