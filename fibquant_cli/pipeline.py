@@ -441,12 +441,18 @@ def decompress(path, *, output=None, force: bool = False, progress: Progress | N
         return _decompress(path, output=output, force=force, progress=progress, jobs=jobs)
 
 
-def _decompress(path, *, output, force, progress, jobs) -> DecompressReport:
-    progress = progress or Progress()
+def restore_targets(path, output, force: bool) -> tuple[Path, Path, Path]:
+    """(compressed file, output dump, its manifest) of a decompress, the outputs checked."""
     path = Path(path)
     out = Path(output) if output is not None else default_restored_path(path)
     out_manifest = manifest_path_for(out)
     check_output_paths(path, [out, out_manifest], force)
+    return path, out, out_manifest
+
+
+def _decompress(path, *, output, force, progress, jobs) -> DecompressReport:
+    progress = progress or Progress()
+    path, out, out_manifest = restore_targets(path, output, force)
     # Arrays are verified as the decode threads read them: each is read once, not twice.
     loaded = load_verified(path, progress, verify_on_read=True)
     doc = loaded.doc

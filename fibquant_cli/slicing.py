@@ -12,7 +12,6 @@ does that).
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
@@ -21,11 +20,10 @@ from .container import codes_name, kept_name, mean_name, norms_name, raw_name
 from .core import bitpack
 from .core.codec import DECODE_ROWS
 from .errors import IntegrityError, UsageError
-from .manifest import (AttentionSpec, Manifest, ManifestEntry, manifest_path_for, save_manifest,
-                       vectors_axes)
-from .pipeline import (SOURCE_DTYPES, DecompressReport, Loaded, Progress, check_output_paths,
-                       commit_outputs, default_restored_path, from_float32, inverse_permutation,
-                       load_verified, stored_array, temp_sibling)
+from .manifest import AttentionSpec, Manifest, ManifestEntry, save_manifest, vectors_axes
+from .pipeline import (SOURCE_DTYPES, DecompressReport, Loaded, Progress, commit_outputs,
+                       from_float32, inverse_permutation, load_verified, restore_targets,
+                       stored_array, temp_sibling)
 
 
 def parse_range(text: str | None, n: int, flag: str) -> range:
@@ -121,10 +119,7 @@ def decompress_slice(path, *, layers: str | None, tokens: str | None, output=Non
                      force: bool = False, progress: Progress | None = None) -> DecompressReport:
     """Write layers x tokens of every KV entry (and the matching queries) with a manifest."""
     progress = progress or Progress()
-    path = Path(path)
-    out = Path(output) if output is not None else default_restored_path(path)
-    out_manifest = manifest_path_for(out)
-    check_output_paths(path, [out, out_manifest], force)
+    path, out, out_manifest = restore_targets(path, output, force)
     loaded = load_verified(path, progress, verify_arrays=False)
     entries = loaded.manifest.entries
     n_layers = min(e.shape.layers for e in entries)
