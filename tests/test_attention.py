@@ -2,8 +2,6 @@
 computed cases, GQA mapping, the key proxy, merging, and bounded memory."""
 
 import math
-import subprocess
-import sys
 import tracemalloc
 
 import numpy as np
@@ -242,11 +240,3 @@ def test_rejects_bad_inputs():
     bad[1, 1, 3, 2] = np.nan
     with pytest.raises(InvalidInputError, match="v_hat: holds NaN"):
         at.attention_fidelity(q, k, v, k_hat, bad, causal=False)
-
-
-def test_core_attention_imports_numpy_only():
-    code = ("import sys, fibquant_cli.core.attention; "
-            "bad = {'typer', 'rich', 'safetensors', 'scipy', 'torch'} & set(sys.modules); "
-            "print(sorted(bad))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

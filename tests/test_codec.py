@@ -129,8 +129,9 @@ def test_shipped_codebooks_exist_and_verify(d, k, n):
 
 def test_core_never_imports_cli_libraries():
     code = ("import sys, fibquant_cli.core.codec, fibquant_cli.core.cache, "
-            "fibquant_cli.core.scalar, fibquant_cli.core.bitpack;"
-            "bad = {'typer', 'rich', 'safetensors', 'scipy'} & set(sys.modules); print(sorted(bad))")
+            "fibquant_cli.core.scalar, fibquant_cli.core.bitpack, fibquant_cli.core.attention;"
+            "bad = {'typer', 'rich', 'safetensors', 'scipy', 'torch'} & set(sys.modules); "
+            "print(sorted(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
