@@ -468,27 +468,37 @@ def _decompress(path, *, output, force, progress, jobs) -> DecompressReport:
     except (KeyError, TypeError) as err:
         raise IntegrityError(f"malformed fibquant document ({err})", path=str(path)) from None
     progress.start(len(order), "restoring")
-    rows = []
+    rows = commit_restored(
+        out, out_manifest, loaded.manifest, force,
+        lambda tmp: _restore_into(tmp, loaded, specs, metadata, where_kv, progress, jobs))
+    return DecompressReport(str(path), str(out), str(out_manifest), rows)
+
+
+def commit_restored(out: Path, out_manifest: Path, manifest, force: bool, write_dump) -> list:
+    """Write a dump (``write_dump(tmp)``, which returns its report rows) and ``manifest`` to
+    temporary siblings, then rename both over ``out`` and ``out_manifest``; on any failure
+    neither output is touched and the temporary files are removed. Returns the rows."""
     tmp, tmp_manifest = temp_sibling(out), temp_sibling(out_manifest)
     try:
-        _restore_into(tmp, loaded, specs, metadata, where_kv, rows, progress, jobs)
-        save_manifest(loaded.manifest, tmp_manifest)
+        rows = write_dump(tmp)
+        save_manifest(manifest, tmp_manifest)
         commit_outputs([(tmp, out), (tmp_manifest, out_manifest)], force)
     finally:
         tmp.unlink(missing_ok=True)
         tmp_manifest.unlink(missing_ok=True)
-    return DecompressReport(str(path), str(out), str(out_manifest), rows)
+    return rows
 
 
-def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, progress,
-                  jobs: int) -> None:
-    """Write every original tensor, in the original order, into the file ``tmp``.
+def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, progress,
+                  jobs: int) -> list[dict]:
+    """Write every original tensor, in the original order, into the file ``tmp``; its rows.
 
     KV tensors are decoded by ``jobs`` threads (numpy releases the GIL in the decode), at most
     ``2 * jobs`` batches ahead of the writer, so memory stays bounded.
     """
     path = loaded.comp.path
     infos = loaded.doc["source"]["tensors"]
+    rows: list[dict] = []
 
     def produce(name: str):
         if name in where_kv:
@@ -529,6 +539,7 @@ def _restore_into(tmp: Path, loaded: Loaded, specs, metadata, where_kv, rows, pr
         while pending:
             write_oldest()
         verify_unread(loaded)
+    return rows
 
 
 DECODE_THREADS = 2

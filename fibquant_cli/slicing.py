@@ -20,10 +20,10 @@ from .container import codes_name, kept_name, mean_name, norms_name, raw_name
 from .core import bitpack
 from .core.codec import DECODE_ROWS
 from .errors import IntegrityError, UsageError
-from .manifest import AttentionSpec, Manifest, ManifestEntry, save_manifest, vectors_axes
-from .pipeline import (SOURCE_DTYPES, DecompressReport, Loaded, Progress, commit_outputs,
+from .manifest import AttentionSpec, Manifest, ManifestEntry, vectors_axes
+from .pipeline import (SOURCE_DTYPES, DecompressReport, Loaded, Progress, commit_restored,
                        from_float32, inverse_permutation, load_verified, restore_targets,
-                       stored_array, temp_sibling)
+                       stored_array)
 
 
 def parse_range(text: str | None, n: int, flag: str) -> range:
@@ -151,10 +151,10 @@ def decompress_slice(path, *, layers: str | None, tokens: str | None, output=Non
         plan += query_plan
     manifest = Manifest(entries=tuple(new_entries), attention=attention)
     specs = [(n, dt, dims) for n, dt, dims, _ in plan]
-    tmp, tmp_manifest = temp_sibling(out), temp_sibling(out_manifest)
-    rows = []
     progress.start(len(plan), "decoding the slice")
-    try:
+
+    def write_dump(tmp) -> list[dict]:
+        rows = []
         with stfile.StreamWriter(tmp, specs, loaded.doc["source"]["metadata"]) as writer:
             for name, dt, dims, produce in plan:
                 writer.write(name, produce())
@@ -162,11 +162,9 @@ def decompress_slice(path, *, layers: str | None, tokens: str | None, output=Non
                              "kind": f"layers {lsel.start}:{lsel.stop}, tokens "
                                      f"{tsel.start}:{tsel.stop}"})
                 progress.advance(name)
-        save_manifest(manifest, tmp_manifest)
-        commit_outputs([(tmp, out), (tmp_manifest, out_manifest)], force)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_manifest.unlink(missing_ok=True)
+        return rows
+
+    rows = commit_restored(out, out_manifest, manifest, force, write_dump)
     return DecompressReport(str(path), str(out), str(out_manifest), rows)
 
 
