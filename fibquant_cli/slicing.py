@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import stfile
 from .container import codes_name, kept_name, mean_name, norms_name, raw_name
@@ -117,7 +118,17 @@ def _region(loaded: Loaded, name: str, dtype) -> np.ndarray:
 
 def decompress_slice(path, *, layers: str | None, tokens: str | None, output=None,
                      force: bool = False, progress: Progress | None = None) -> DecompressReport:
-    """Write layers x tokens of every KV entry (and the matching queries) with a manifest."""
+    """Write layers x tokens of every KV entry (and the matching queries) with a manifest.
+
+    BLAS runs single-threaded, as in the full decode: a multi-threaded sgemm splits the rows
+    differently and rounds differently, and the slice must equal the full decode bit for bit.
+    """
+    with threadpool_limits(1):
+        return _decompress_slice(path, layers=layers, tokens=tokens, output=output,
+                                 force=force, progress=progress)
+
+
+def _decompress_slice(path, *, layers, tokens, output, force, progress) -> DecompressReport:
     progress = progress or Progress()
     path, out, out_manifest = restore_targets(path, output, force)
     loaded = load_verified(path, progress, verify_arrays=False)

@@ -168,7 +168,7 @@ def test_proxy_is_attention_with_keys_as_queries(causal):
     proxy = at.key_self_attention_proxy(k, v, k_hat, v_hat, causal=causal, budget_bytes=5000)
     plain = at.attention_fidelity(k, k, v, k_hat, v_hat, causal=causal)
     assert proxy.proxy and not plain.proxy
-    _assert_close(proxy, plain, tol=1e-12)
+    _assert_close(proxy, plain, tol=1e-7)  # float32 scores, other block shapes: rounding differs
     assert proxy.rows == 2 * 2 * 40
 
 
