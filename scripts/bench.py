@@ -32,7 +32,8 @@ try:
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fibquant_cli.core import cache, codebook
+from fibquant_cli.storage import codebook_cache as cache
+from fibquant_cli.core import codebook
 from fibquant_cli.core.codec import FibQuantizer, default_rotation
 from fibquant_cli.core.params import Profile
 from fibquant_cli.core.scalar import ScalarQuantizer, scalar_d_unit_theory

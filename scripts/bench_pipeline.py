@@ -38,12 +38,12 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fibquant_cli.compressor import compress  # noqa: E402
+from fibquant_cli.ops.compress import compress  # noqa: E402
 from fibquant_cli.core.codec import FibQuantizer, default_rotation  # noqa: E402
 from fibquant_cli.core.params import Profile  # noqa: E402
 from fibquant_cli.core.scalar import ScalarQuantizer  # noqa: E402
-from fibquant_cli.pipeline import decompress  # noqa: E402
-from fibquant_cli.spec import BITS_PRESETS, CompressSpec  # noqa: E402
+from fibquant_cli.ops.decompress import decompress  # noqa: E402
+from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec  # noqa: E402
 
 SAMPLE = ROOT / "sample_data" / "kv_sample.safetensors"
 ROUNDS = 5
@@ -161,8 +161,8 @@ def speed_table(title: str, rows: list[dict]) -> Table:
 
 RSS_SNIPPET = """
 import resource, sys
-from fibquant_cli.compressor import compress
-from fibquant_cli.pipeline import decompress
+from fibquant_cli.ops.compress import compress
+from fibquant_cli.ops.decompress import decompress
 src, out, rest, what = sys.argv[1:5]
 if what == "compress":
     compress(src, output=out, force=True, attention=False)  # default jobs, as a user runs it
@@ -175,7 +175,7 @@ print(int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF
 
 
 def peak_rss(dumps: list[tuple[str, Path]], workdir: Path) -> list[dict]:
-    from fibquant_cli.stfile import read_header
+    from fibquant_cli.formats.stfile import read_header
 
     rows = []
     for label, dump in dumps:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from fibquant_cli.core.cache import SHIPPED_DIR, entry_name, save_entry
+from fibquant_cli.storage.codebook_cache import SHIPPED_DIR, entry_name, save_entry
 from fibquant_cli.core.codebook import train_codebook
 from fibquant_cli.core.params import Profile
 

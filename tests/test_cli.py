@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from conftest import (SAMPLE_DUMP, SAMPLE_MANIFEST, header_order, listing, make_dump,
                       read_st_header, write_safetensors)
-from fibquant_cli import stfile
+from fibquant_cli.formats import stfile
 from fibquant_cli.errors import InvalidInputError
 
 

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from fibquant_cli.core import cache
+from fibquant_cli.storage import codebook_cache as cache
 from fibquant_cli.core.codebook import initial_codebook, nearest_bruteforce
 from fibquant_cli.core.codec import FibQuantizer, default_rotation
 from fibquant_cli.core.params import Profile
@@ -128,7 +128,7 @@ def test_shipped_codebooks_exist_and_verify(d, k, n):
 
 
 def test_core_never_imports_cli_libraries():
-    code = ("import sys, fibquant_cli.core.codec, fibquant_cli.core.cache, "
+    code = ("import sys, fibquant_cli.core.codec, fibquant_cli.storage.codebook_cache, "
             "fibquant_cli.core.scalar, fibquant_cli.core.bitpack, fibquant_cli.core.attention;"
             "bad = {'typer', 'rich', 'safetensors', 'scipy', 'torch'} & set(sys.modules); "
             "print(sorted(bad))")
@@ -164,7 +164,7 @@ def test_normalize_refuses_norms_beyond_float32():
 def test_largest_magnitude_matches_numpy(dtype, st):
     import ml_dtypes
 
-    from fibquant_cli.compressor import largest_magnitude
+    from fibquant_cli.ops.compress import largest_magnitude
 
     dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
     x = (np.random.default_rng(5).standard_normal(999) * 300).astype(dt)

@@ -1,4 +1,4 @@
-"""Tests for fibquant_cli.digest: every expected value is rebuilt here by hand with blake3."""
+"""Tests for fibquant_cli.formats.digest: every expected value is rebuilt here by hand with blake3."""
 
 from __future__ import annotations
 
@@ -7,17 +7,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fibquant_cli import digest as digest_mod
-from fibquant_cli.digest import (
-    bytes_digest,
-    file_digest,
-    format_digest,
-    json_digest,
-    parse_digest,
-    tensor_digest,
-)
+from fibquant_cli.formats import digest as digest_mod
+from fibquant_cli.formats.digest import (bytes_digest, file_digest, format_digest, json_digest, parse_digest, tensor_digest)
 from fibquant_cli.errors import InvalidInputError
-from fibquant_cli.manifest import KvShape
+from fibquant_cli.formats.manifest import KvShape
 
 # The contract's compact JSON for this shape, typed out by hand (keys in contract order).
 SHAPE_JSON = (

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fibquant_cli.core import fastsearch as fs
-from fibquant_cli.core.cache import load_or_build
+from fibquant_cli.storage.codebook_cache import load_or_build
 from fibquant_cli.core.codebook import initial_codebook, nearest_bruteforce
 from fibquant_cli.core.codec import FibQuantizer, default_rotation, row_norms
 from fibquant_cli.core.params import Profile

@@ -16,8 +16,8 @@ import pytest
 import safetensors.numpy
 
 from conftest import invoke, ok, SAMPLE_DUMP, SAMPLE_MANIFEST, make_dump
-from fibquant_cli.fidelity import kv_entries, measure
-from fibquant_cli.kvdump import open_dump
+from fibquant_cli.ops.fidelity import kv_entries, measure
+from fibquant_cli.formats.kvdump import open_dump
 
 pytestmark = pytest.mark.usefixtures("module_cache_dir")
 

@@ -1,4 +1,4 @@
-"""Tests for fibquant_cli.manifest: the shape contract, the strict parser and the dump check."""
+"""Tests for fibquant_cli.formats.manifest: the shape contract, the strict parser and the dump check."""
 
 from __future__ import annotations
 
@@ -12,21 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fibquant_cli.errors import InvalidInputError, ResourceError
-from fibquant_cli.manifest import (
-    AttentionSpec,
-    KvShape,
-    Manifest,
-    ManifestEntry,
-    check_manifest_against_dump,
-    entry_layer_views,
-    expected_tensor_shape,
-    load_manifest,
-    manifest_path_for,
-    parse_manifest,
-    save_manifest,
-    validate_manifest,
-    vectors_axes,
-)
+from fibquant_cli.formats.manifest import (AttentionSpec, KvShape, Manifest, ManifestEntry, check_manifest_against_dump, entry_layer_views, expected_tensor_shape, load_manifest, manifest_path_for, parse_manifest, save_manifest, validate_manifest, vectors_axes)
 
 CONTRACT_ORDER = [
     "schema_version", "role", "attention_kind", "batch", "layers", "kv_heads",

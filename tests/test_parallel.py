@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fibquant_cli import pipeline
-from fibquant_cli.compressor import compress
+from fibquant_cli.ops import decompress as pipeline
+from fibquant_cli.ops.compress import compress
 from fibquant_cli.core.codec import DECODE_ROWS, FibQuantizer
 from fibquant_cli.core.params import Profile
-from fibquant_cli.pipeline import decoded_segments, decompress, restore_into, round_to_dtype
-from fibquant_cli.spec import CompressSpec
+from fibquant_cli.ops.decompress import decoded_segments, decompress, restore_into, round_to_dtype
+from fibquant_cli.ops.spec import CompressSpec
 
 from conftest import make_dump
 
@@ -125,8 +125,8 @@ def test_decompress_jobs_option(tmp_path, cli):
 def test_chunked_encoder_statistics_are_those_of_the_restored_file(tmp_path, bits, dtype):
     """Layers longer than ENCODE_ROWS vectors, chunk boundaries inside a head, a kept token and
     key centering: the reported errors are still exactly those of the restored file."""
-    from fibquant_cli.compressor import ENCODE_ROWS
-    from fibquant_cli.spec import resolve_spec
+    from fibquant_cli.ops.compress import ENCODE_ROWS
+    from fibquant_cli.ops.spec import resolve_spec
 
     tokens, heads = 3001, 3  # 3 x 3000 middle vectors: 2 chunks, the boundary inside head 2
     assert heads * (tokens - 1) > ENCODE_ROWS > tokens - 1
@@ -151,7 +151,7 @@ def test_chunked_encoder_statistics_are_those_of_the_restored_file(tmp_path, bit
 def test_packed_codes_unpack_rows_and_refuse_indices_past_n():
     from fibquant_cli.core import bitpack
     from fibquant_cli.errors import IntegrityError
-    from fibquant_cli.pipeline import PackedCodes
+    from fibquant_cli.ops.decompress import PackedCodes
 
     p = Profile(64, 2, 48)  # N = 48 on 6-bit wires: 48..63 are not codewords
     n, bpv = 2 * DECODE_ROWS + 5, p.blocks_per_vector

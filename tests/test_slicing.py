@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fibquant_cli.compressor import compress
+from fibquant_cli.ops.compress import compress
 from fibquant_cli.errors import UsageError
-from fibquant_cli.pipeline import decompress
-from fibquant_cli.slicing import decompress_slice, parse_range
-from fibquant_cli.spec import CompressSpec
-from fibquant_cli.stfile import read_header
+from fibquant_cli.ops.decompress import decompress
+from fibquant_cli.ops.slice import decompress_slice, parse_range
+from fibquant_cli.ops.spec import CompressSpec
+from fibquant_cli.formats.stfile import read_header
 
 from conftest import make_dump
 

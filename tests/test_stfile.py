@@ -1,4 +1,4 @@
-"""Tests for fibquant_cli.stfile: interop with the reference bindings, hostile files, atomicity."""
+"""Tests for fibquant_cli.formats.stfile: interop with the reference bindings, hostile files, atomicity."""
 
 from __future__ import annotations
 
@@ -16,20 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fibquant_cli.errors import InvalidInputError, ResourceError, UsageError
-from fibquant_cli.stfile import (
-    MAX_HEADER_BYTES,
-    NUMPY_DTYPES,
-    RawTensor,
-    StreamWriter,
-    TensorInfo,
-    numpy_dtype_for,
-    read_header,
-    read_raw,
-    read_tensor,
-    read_tensors,
-    st_dtype_for,
-    write_file,
-)
+from fibquant_cli.formats.stfile import (MAX_HEADER_BYTES, NUMPY_DTYPES, RawTensor, StreamWriter, TensorInfo, numpy_dtype_for, read_header, read_raw, read_tensor, read_tensors, st_dtype_for, write_file)
 
 
 def _random(rng: np.random.Generator, st_dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -571,7 +558,7 @@ def test_round_trip_property(specs, seed):
 def test_stream_writer_replace_metadata_in_place(tmp_path):
     import safetensors.numpy as stn
 
-    from fibquant_cli.stfile import StreamWriter, read_header
+    from fibquant_cli.formats.stfile import StreamWriter, read_header
 
     out = tmp_path / "m.safetensors"
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -588,7 +575,7 @@ def test_stream_writer_replace_metadata_in_place(tmp_path):
 def test_write_back_hints_change_nothing(tmp_path, monkeypatch, hint_fails):
     """StreamWriter asks the kernel to start write-back every WRITEBACK_BYTES; a file system
     that refuses the hint still gets every byte."""
-    from fibquant_cli import stfile
+    from fibquant_cli.formats import stfile
 
     monkeypatch.setattr(stfile, "WRITEBACK_BYTES", 1000)
     calls = []

@@ -16,15 +16,14 @@ import sys
 import pytest
 
 from conftest import invoke, ok, SAMPLE_DUMP, make_dump
-from fibquant_cli.kvdump import open_dump
-from fibquant_cli.spec import BITS_PRESETS, CompressSpec
-from fibquant_cli.sweep import (Point, estimated_bits_per_value, fibquant_specs, mark_pareto,
-                                run_codec, run_fibquant, scalar_codec, sweep)
+from fibquant_cli.formats.kvdump import open_dump
+from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec
+from fibquant_cli.ops.sweep import (Point, estimated_bits_per_value, fibquant_specs, mark_pareto, run_codec, run_fibquant, scalar_codec, sweep)
 
 try:  # compress lives in compressor.py (it used to live in pipeline.py)
-    from fibquant_cli.compressor import compress as _compress
+    from fibquant_cli.ops.compress import compress as _compress
 except ImportError:  # pragma: no cover
-    from fibquant_cli.pipeline import compress as _compress
+    from fibquant_cli.ops.decompress import compress as _compress
 
 pytestmark = pytest.mark.usefixtures("module_cache_dir")
 
@@ -332,7 +331,7 @@ def test_target_cosine_searches_with_the_given_seed(tiny, tmp_path, monkeypatch)
     (Spied, not run end to end: a seed other than 0 has no shipped codebooks, and training
     them takes seconds each.)
     """
-    import fibquant_cli.sweep as sweep_module
+    import fibquant_cli.ops.sweep as sweep_module
 
     seeds = []
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InvalidInputError, ResourceError, UsageError
+from fibquant_cli.errors import InvalidInputError, ResourceError, UsageError
 
 TOP_K = 8
 COSINE_PERCENTILE = 1.0

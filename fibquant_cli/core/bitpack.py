@@ -36,7 +36,7 @@ import operator
 
 import numpy as np
 
-from ..errors import IntegrityError, InvalidInputError
+from fibquant_cli.errors import IntegrityError, InvalidInputError
 
 MIN_WIDTH = 1
 MAX_WIDTH = 32

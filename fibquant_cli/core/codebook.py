@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-from .params import Profile
-from .source import sample_canonical
-from .special import betaincinv, kronecker_phi, ndtri
+from fibquant_cli.core.params import Profile
+from fibquant_cli.core.source import sample_canonical
+from fibquant_cli.core.special import betaincinv, kronecker_phi, ndtri
 
 GOLDEN = (1.0 + math.sqrt(5.0)) / 2.0
 XI_CLAMP = 1e-12
@@ -148,7 +148,7 @@ def assign(samples: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.nd
     """codes (m,) and squared distances (m,) float64 of samples to their nearest codeword."""
     if codebook.shape[0] < FAST_ASSIGN_MIN_SIZE:
         return nearest(samples, codebook, want_distance=True)
-    from .fastsearch import make_searcher
+    from fibquant_cli.core.fastsearch import make_searcher
 
     codes = make_searcher(codebook).nearest(samples.astype(np.float32))
     diff = samples - codebook[codes]

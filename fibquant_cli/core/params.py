@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..errors import ProfileError, ResourceError
+from fibquant_cli.errors import ProfileError, ResourceError
 
 MAX_SIZE = 2**20
 MAX_HEAD_DIM = 8192
@@ -138,6 +138,6 @@ class Profile:
 
     @property
     def digest(self) -> str:
-        from ..digest import json_digest
+        from fibquant_cli.formats.digest import json_digest
 
         return json_digest(PROFILE_SCHEMA, self.to_json())

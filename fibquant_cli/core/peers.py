@@ -41,7 +41,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import ml_dtypes
 import numpy as np
 
-from ..errors import FibQuantError, InvalidInputError, UsageError
+from fibquant_cli.errors import FibQuantError, InvalidInputError, UsageError
 
 ROLES = ("key", "value")
 GROUP_SIZE = 32

@@ -28,9 +28,9 @@ from numbers import Integral
 
 import numpy as np
 
-from ..errors import InvalidInputError, ProfileError, ResourceError
-from .params import MAX_HEAD_DIM
-from .special import betainc, betaincinv
+from fibquant_cli.errors import InvalidInputError, ProfileError, ResourceError
+from fibquant_cli.core.params import MAX_HEAD_DIM
+from fibquant_cli.core.special import betainc, betaincinv
 
 MIN_HEAD_DIM = 2  # d = 2 is the arcsine law; still a valid (log-convex) marginal
 MAX_BITS = 8

@@ -8,16 +8,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import container, pipeline, stfile
-from .core.cache import load_or_build
-from .core.codebook import STREAM_EVALUATION, d_unit, stream
-from .core.codec import default_rotation
-from .core.params import Profile
-from .core.scalar import ScalarQuantizer
-from .digest import file_digest, tensor_digest
-from .errors import FibQuantError, InvalidInputError
-from .kvdump import check_finite, open_dump, read_layer
-from .manifest import load_manifest
+from fibquant_cli.formats import container, stfile
+from fibquant_cli.ops import decompress as pipeline
+from fibquant_cli.storage.codebook_cache import load_or_build
+from fibquant_cli.core.codebook import STREAM_EVALUATION, d_unit, stream
+from fibquant_cli.core.codec import default_rotation
+from fibquant_cli.core.params import Profile
+from fibquant_cli.core.scalar import ScalarQuantizer
+from fibquant_cli.formats.digest import file_digest, tensor_digest
+from fibquant_cli.errors import FibQuantError, InvalidInputError
+from fibquant_cli.formats.kvdump import check_finite, open_dump, read_layer
+from fibquant_cli.formats.manifest import load_manifest
 
 EVAL_VECTORS = 100_000
 
@@ -198,7 +199,7 @@ def digest(path) -> DigestReport:
 
 def evaluate(original, other, *, manifest=None, max_queries: int = 2048):
     """Attention fidelity of ``other`` (compressed file or restored dump) against ``original``."""
-    from .fidelity import measure, require_kv_pair
+    from fibquant_cli.ops.fidelity import measure, require_kv_pair
 
     dump = open_dump(original, manifest)
     require_kv_pair(dump, "attention fidelity")

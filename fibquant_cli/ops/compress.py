@@ -25,23 +25,20 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import __version__, container, stfile
-from .container import (codebook_name, codes_name, kept_name, mean_name, norms_name, raw_name,
-                        rotation_name)
-from .core import bitpack
-from .core.cache import load_or_build
-from .core.codec import DECODE_ROWS, FibQuantizer, default_rotation, row_norms
-from .core.params import Profile
-from .core.scalar import ScalarQuantizer
-from .digest import file_digest, tensor_digest, tensor_digest_of_chunks
-from .errors import InvalidInputError, UsageError
-from .kvdump import Dump, check_finite, open_dump, read_layer
-from .manifest import entry_layer_views
-from .pipeline import (FP16_MAX, SOURCE_DTYPES, Progress, check_output_paths, commit_outputs,
-                       default_compressed_path, from_float32, load_verified, reconstructor,
-                       decoded_segments, rotation_digest, round_to_dtype,
-                       stored_codebook_digest, temp_sibling)
-from .spec import CompressSpec
+from fibquant_cli import __version__
+from fibquant_cli.formats import container, stfile
+from fibquant_cli.formats.container import (codebook_name, codes_name, kept_name, mean_name, norms_name, raw_name, rotation_name)
+from fibquant_cli.core import bitpack
+from fibquant_cli.storage.codebook_cache import load_or_build
+from fibquant_cli.core.codec import DECODE_ROWS, FibQuantizer, default_rotation, row_norms
+from fibquant_cli.core.params import Profile
+from fibquant_cli.core.scalar import ScalarQuantizer
+from fibquant_cli.formats.digest import file_digest, tensor_digest, tensor_digest_of_chunks
+from fibquant_cli.errors import InvalidInputError, UsageError
+from fibquant_cli.formats.kvdump import Dump, check_finite, open_dump, read_layer
+from fibquant_cli.formats.manifest import entry_layer_views
+from fibquant_cli.ops.decompress import (FP16_MAX, SOURCE_DTYPES, Progress, check_output_paths, commit_outputs, default_compressed_path, from_float32, load_verified, reconstructor, decoded_segments, rotation_digest, round_to_dtype, stored_codebook_digest, temp_sibling)
+from fibquant_cli.ops.spec import CompressSpec
 
 PLACEHOLDER_DIGEST = "blake3:" + "0" * 64
 # Below this much KV data the encoder threads cost more than they save.
@@ -490,7 +487,7 @@ def _compress(source, *, manifest, output, spec, compare, force, attention, max_
         rep = _report(dump, out, tmp.stat().st_size, n_bytes, quantizers, profiles, runs)
         rep.spec, rep.jobs = spec.to_json(), jobs
         if attention:
-            from .fidelity import DEFAULT_MAX_QUERIES, measure
+            from fibquant_cli.ops.fidelity import DEFAULT_MAX_QUERIES, measure
 
             progress.start(1, "attention fidelity")
             # Decoded from the file just written; its array digests were computed moments ago

@@ -71,8 +71,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fibquant_cli.atomic import atomic_path
-from fibquant_cli.digest import json_digest
+from fibquant_cli.storage.publish import atomic_path
+from fibquant_cli.formats.digest import json_digest
 from fibquant_cli.errors import FibQuantError, InvalidInputError, ResourceError
 
 KV_SHAPE_SCHEMA = "fib_quant_kv_tensor_shape_v1"

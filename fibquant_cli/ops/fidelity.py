@@ -14,11 +14,11 @@ from typing import Callable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import stfile
-from .core.attention import FidelityStats, attention_fidelity
-from .errors import InvalidInputError
-from .kvdump import Dump, read_layer
-from .manifest import vectors_axes
+from fibquant_cli.formats import stfile
+from fibquant_cli.core.attention import FidelityStats, attention_fidelity
+from fibquant_cli.errors import InvalidInputError
+from fibquant_cli.formats.kvdump import Dump, read_layer
+from fibquant_cli.formats.manifest import vectors_axes
 
 DEFAULT_MAX_QUERIES = 2048
 

@@ -13,16 +13,15 @@ import ml_dtypes
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import container, stfile
-from .container import (codebook_name, codes_name, kept_name, mean_name, norms_name, raw_name,
-                        rotation_name)
-from .core import bitpack
-from .core.cache import CODEBOOK_SCHEMA
-from .core.codec import DECODE_ROWS, FibQuantizer
-from .core.params import Profile
-from .digest import bytes_digest, tensor_digest
-from .errors import IntegrityError, InvalidInputError, UsageError
-from .manifest import entry_layer_views, manifest_path_for, parse_manifest, save_manifest
+from fibquant_cli.formats import container, stfile
+from fibquant_cli.formats.container import (codebook_name, codes_name, kept_name, mean_name, norms_name, raw_name, rotation_name)
+from fibquant_cli.core import bitpack
+from fibquant_cli.storage.codebook_cache import CODEBOOK_SCHEMA
+from fibquant_cli.core.codec import DECODE_ROWS, FibQuantizer
+from fibquant_cli.core.params import Profile
+from fibquant_cli.formats.digest import bytes_digest, tensor_digest
+from fibquant_cli.errors import IntegrityError, InvalidInputError, UsageError
+from fibquant_cli.formats.manifest import (entry_layer_views, manifest_path_for, parse_manifest, save_manifest)
 
 FP16_MAX = float(np.finfo(np.float16).max)
 ROTATION_SCHEMA = "fibquant_rotation_v1"
@@ -408,7 +407,7 @@ def inverse_permutation(perm: tuple[int, ...]) -> tuple[int, ...]:
 
 def restore_tensor(loaded: Loaded, name: str, where_kv: dict) -> np.ndarray:
     """Rebuild KV tensor ``name`` in its stored layout and dtype."""
-    from .manifest import vectors_axes
+    from fibquant_cli.formats.manifest import vectors_axes
 
     i, views = where_kv[name]
     entry = loaded.manifest.entries[i]

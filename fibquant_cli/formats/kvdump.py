@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import stfile
-from .container import is_compressed
-from .errors import InvalidInputError
-from .manifest import (Manifest, ManifestEntry, check_manifest_against_dump, entry_layer_views,
-                       load_manifest, manifest_path_for, vectors_axes)
+from fibquant_cli.formats import stfile
+from fibquant_cli.formats.container import is_compressed
+from fibquant_cli.errors import InvalidInputError
+from fibquant_cli.formats.manifest import (Manifest, ManifestEntry, check_manifest_against_dump, entry_layer_views, load_manifest, manifest_path_for, vectors_axes)
 
 
 @dataclass(frozen=True)

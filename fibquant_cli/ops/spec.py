@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .errors import UsageError
+from fibquant_cli.errors import UsageError
 
 # --bits presets (spec section 1; the compress issue's table): rate -> (k, N).
 BITS_PRESETS: dict[float, tuple[int, int]] = {

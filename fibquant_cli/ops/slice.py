@@ -16,15 +16,13 @@ from dataclasses import replace
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import stfile
-from .container import codes_name, kept_name, mean_name, norms_name, raw_name
-from .core import bitpack
-from .core.codec import DECODE_ROWS
-from .errors import IntegrityError, UsageError
-from .manifest import AttentionSpec, Manifest, ManifestEntry, vectors_axes
-from .pipeline import (SOURCE_DTYPES, DecompressReport, Loaded, Progress, commit_restored,
-                       from_float32, inverse_permutation, load_verified, restore_targets,
-                       stored_array)
+from fibquant_cli.formats import stfile
+from fibquant_cli.formats.container import codes_name, kept_name, mean_name, norms_name, raw_name
+from fibquant_cli.core import bitpack
+from fibquant_cli.core.codec import DECODE_ROWS
+from fibquant_cli.errors import IntegrityError, UsageError
+from fibquant_cli.formats.manifest import AttentionSpec, Manifest, ManifestEntry, vectors_axes
+from fibquant_cli.ops.decompress import (SOURCE_DTYPES, DecompressReport, Loaded, Progress, commit_restored, from_float32, inverse_permutation, load_verified, restore_targets, stored_array)
 
 
 def parse_range(text: str | None, n: int, flag: str) -> range:

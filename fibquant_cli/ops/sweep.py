@@ -16,17 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import pipeline
-from .compressor import compress
-from .core.codebook import STREAM_ROTATION, stream
-from .core.params import Profile
-from .core.peers import available_peers
-from .core.rotation import haar_rotation
-from .core.scalar import ScalarQuantizer
-from .errors import InvalidInputError
-from .fidelity import DEFAULT_MAX_QUERIES, kv_entries, measure, require_kv_pair
-from .kvdump import Dump, open_dump, read_layer
-from .spec import BITS_PRESETS, CompressSpec
+from fibquant_cli.ops import decompress as pipeline
+from fibquant_cli.ops.compress import compress
+from fibquant_cli.core.codebook import STREAM_ROTATION, stream
+from fibquant_cli.core.params import Profile
+from fibquant_cli.core.peers import available_peers
+from fibquant_cli.core.rotation import haar_rotation
+from fibquant_cli.core.scalar import ScalarQuantizer
+from fibquant_cli.errors import InvalidInputError
+from fibquant_cli.ops.fidelity import DEFAULT_MAX_QUERIES, kv_entries, measure, require_kv_pair
+from fibquant_cli.formats.kvdump import Dump, open_dump, read_layer
+from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec
 
 PEER_ORDER = ("fp8_e4m3", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "kivi_int4", "kivi_int2")
 
@@ -229,7 +229,7 @@ def choose_for_target(source, target: float, *, manifest=None, seed: int = 0,
                       max_queries: int = DEFAULT_MAX_QUERIES,
                       progress: pipeline.Progress | None = None) -> tuple[CompressSpec, TargetChoice]:
     """The cheapest FibQuant operating point whose attention cosine (mean) meets ``target``."""
-    from .errors import UsageError
+    from fibquant_cli.errors import UsageError
 
     if not 0.0 < target <= 1.0:
         raise UsageError(f"--target-cosine must be in (0, 1], got {target}")

@@ -11,9 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import report
-from .errors import FibQuantError, UsageError
-from .pipeline import Progress
+from fibquant_cli.cli import tables as report
+from fibquant_cli.errors import FibQuantError, UsageError
+from fibquant_cli.ops.decompress import Progress
 
 app = typer.Typer(
     add_completion=False,
@@ -71,8 +71,8 @@ def codebook(
     as_json: JsonOpt = False,
 ) -> None:
     """Build or load a codebook and measure its distortion against scalar and Shannon."""
-    from .core.params import Profile
-    from .service import codebook_report
+    from fibquant_cli.core.params import Profile
+    from fibquant_cli.ops.inspect import codebook_report
 
     rep = codebook_report(Profile(head_dim, block_dim, size, seed), eval_vectors)
     if as_json:
@@ -120,7 +120,7 @@ class RichProgress(Progress):
 @handle_errors
 def validate(path: PathArg, manifest: ManifestOpt = None, as_json: JsonOpt = False) -> None:
     """Check a dump against its manifest, or a compressed file completely."""
-    from .service import validate as run
+    from fibquant_cli.ops.inspect import validate as run
 
     rep = run(path, manifest)
     if as_json:
@@ -138,7 +138,7 @@ def digest(
     as_json: JsonOpt = False,
 ) -> None:
     """BLAKE3 digests: manifest entry shapes, dump tensors, or a compressed file's records."""
-    from .service import digest as run
+    from fibquant_cli.ops.inspect import digest as run
 
     rep = run(path)
     if as_json:
@@ -196,8 +196,8 @@ def compress(
     as_json: JsonOpt = False,
 ) -> None:
     """Compress a KV dump into one self-contained .fq.safetensors file."""
-    from .compressor import compress as run
-    from .spec import resolve_spec
+    from fibquant_cli.ops.compress import compress as run
+    from fibquant_cli.ops.spec import resolve_spec
 
     rate_flags = (bits, block_dim, size, key_bits, value_bits, key_block_dim, key_size,
                   value_block_dim, value_size)
@@ -206,7 +206,7 @@ def compress(
             raise UsageError("--target-cosine picks the rates itself: drop --bits, --block-dim, "
                              "--size, the --key-*/--value-* flags, --keep-* and "
                              "--no-center-keys")
-        from .sweep import choose_for_target
+        from fibquant_cli.ops.sweep import choose_for_target
 
         with RichProgress() as progress:
             spec, choice = choose_for_target(path, target_cosine, manifest=manifest, seed=seed,
@@ -260,11 +260,11 @@ def decompress(
     """
     with RichProgress() as progress:
         if layers is None and tokens is None:
-            from .pipeline import decompress as run
+            from fibquant_cli.ops.decompress import decompress as run
 
             rep = run(path, output=output, force=force, progress=progress, jobs=jobs)
         else:
-            from .slicing import decompress_slice
+            from fibquant_cli.ops.slice import decompress_slice
 
             rep = decompress_slice(path, layers=layers, tokens=tokens, output=output,
                                    force=force, progress=progress)
@@ -284,7 +284,7 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Attention fidelity of a compressed file or a restored dump against the original."""
-    from .service import evaluate as run
+    from fibquant_cli.ops.inspect import evaluate as run
 
     rep = run(original, other, manifest=manifest, max_queries=max_queries)
     if as_json:
@@ -306,7 +306,7 @@ def sweep(
     as_json: JsonOpt = False,
 ) -> None:
     """Run many operating points and print the memory-fidelity frontier."""
-    from .sweep import sweep as run
+    from fibquant_cli.ops.sweep import sweep as run
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise UsageError("--plot writes a PNG: give a path ending in .png", path=str(plot))
@@ -314,7 +314,7 @@ def sweep(
         rep = run(path, manifest=manifest, max_queries=max_queries, peers=peers,
                   progress=progress)
     if plot is not None:
-        from .plot import plot_frontier
+        from fibquant_cli.cli.plot import plot_frontier
 
         plot_frontier(rep, plot)
     if as_json:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..digest import bytes_digest
-from ..errors import IntegrityError
-from .codebook import train_codebook
-from .params import Profile
+from fibquant_cli.formats.digest import bytes_digest
+from fibquant_cli.errors import IntegrityError
+from fibquant_cli.core.codebook import train_codebook
+from fibquant_cli.core.params import Profile
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "codebooks"
 CODEBOOK_SCHEMA = "fibquant_codebook_v1"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .atomic import atomic_path
-from .errors import UsageError
+from fibquant_cli.storage.publish import atomic_path
+from fibquant_cli.errors import UsageError
 
 MARKERS = {"fibquant": ("o", "tab:blue"), "scalar": ("s", "tab:gray")}
 

@@ -51,9 +51,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import stfile
-from .digest import bytes_digest, tensor_digest
-from .errors import IntegrityError, InvalidInputError
+from fibquant_cli.formats import stfile
+from fibquant_cli.formats.digest import bytes_digest, tensor_digest
+from fibquant_cli.errors import IntegrityError, InvalidInputError
 
 FORMAT_VERSION = 1
 DOC_SCHEMA = "fibquant_container_v1"
