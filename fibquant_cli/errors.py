@@ -2,15 +2,24 @@
 
 Exit codes by class (documented in the README):
 
-* 2 ``UsageError``      -- bad flags or arguments, output path conflicts.
+* 2 ``UsageError``        -- the request is wrong: options, option combinations, output paths.
 * 3 ``InvalidInputError`` -- malformed safetensors / JSON, contract violations, NaN/Inf, shapes.
-* 4 ``IntegrityError``  -- a compressed file whose digests or structure do not verify.
-* 5 ``ResourceError``   -- a request beyond the memory / size bounds.
+* 4 ``IntegrityError``    -- a compressed file whose digests or structure do not verify.
+* 5 ``ResourceError``     -- a request beyond the memory / size bounds.
 
-Messages are one line: where (file, tensor), then what was expected and what was found.
+Every error carries where it happened -- ``path`` (a file), ``tensor``, ``field`` (a place
+inside a document, e.g. ``entries[1].keep_first``) -- and ``reason``. Messages are one line:
+where, then what was expected and what was found.
+
+Library code names options by their Python parameter names (``jobs``, ``block_dim``), never by
+command-line flags: a ``UsageError`` reason may hold ``{option}`` placeholders listed in
+``options``. ``str(err)`` fills them with the parameter names; the CLI fills them with its flags
+(``err.render(flag)``) and adds the flag advice.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 
 class FibQuantError(Exception):
@@ -18,35 +27,50 @@ class FibQuantError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, *, path: str | None = None, tensor: str | None = None):
-        self.reason = message
-        self.path = path
+    def __init__(self, reason: str, *, path: str | None = None, tensor: str | None = None,
+                 field: str | None = None, options: Sequence[str] = ()):
+        self.reason = reason
+        self.path = None if path is None else str(path)
         self.tensor = tensor
-        super().__init__(self._format())
+        self.field = field
+        self.options = tuple(options)
+        super().__init__(self.render())
 
-    def _format(self) -> str:
+    def render(self, name_option: Callable[[str], str] = str) -> str:
+        """The one-line message, with ``{option}`` placeholders named by ``name_option``."""
         parts = []
         if self.path:
-            parts.append(str(self.path))
+            parts.append(self.path)
         if self.tensor:
             parts.append(f"tensor '{self.tensor}'")
-        parts.append(self.reason)
+        if self.field:
+            parts.append(self.field)
+        reason = self.reason
+        if self.options:
+            reason = reason.format(**{o: name_option(o) for o in self.options})
+        parts.append(reason)
         return ": ".join(parts)
 
-    def at(self, *, path: str | None = None, tensor: str | None = None) -> "FibQuantError":
-        """Return the same error with a file and/or tensor location filled in (if not set)."""
-        err = type(self)(
-            self.reason,
-            path=self.path or (str(path) if path is not None else None),
-            tensor=self.tensor or tensor,
-        )
-        return err
+    def at(self, *, path: str | None = None, tensor: str | None = None,
+           field: str | None = None) -> FibQuantError:
+        """The same error with a file, tensor and/or field filled in (where not yet set)."""
+        return type(self)(self.reason, path=self.path or (None if path is None else str(path)),
+                          tensor=self.tensor or tensor, field=self.field or field,
+                          options=self.options)
 
 
 class UsageError(FibQuantError):
-    """The request itself is wrong: flags, option combinations, output paths."""
+    """The request itself is wrong: options, option combinations, output paths."""
 
     exit_code = 2
+
+
+class OutputExistsError(UsageError):
+    """An output exists and overwriting was not asked for (the CLI adds: use --force)."""
+
+    def __init__(self, reason: str = "output exists (use {force} to overwrite)", **where):
+        where.setdefault("options", ("force",))
+        super().__init__(reason, **where)
 
 
 class InvalidInputError(FibQuantError):
@@ -69,3 +93,20 @@ class ResourceError(FibQuantError):
     """A request that would exceed a memory or size bound."""
 
     exit_code = 5
+
+
+def output_failure(err: OSError, path) -> FibQuantError:
+    """An OS error while writing an output: out of space is a resource bound, the rest usage."""
+    import errno
+
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ResourceError(f"cannot write output: {err.strerror}", path=str(path))
+    return UsageError(f"cannot write output: {err.strerror or err}", path=str(path))
+
+
+class Interrupted(BaseException):  # noqa: N818 -- like KeyboardInterrupt, not an error
+    """SIGTERM or SIGHUP arrived: unwinds like KeyboardInterrupt, so outputs are cleaned up."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"signal {signum}")

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from conftest import (SAMPLE_DUMP, SAMPLE_MANIFEST, header_order, listing, make_dump,
                       read_st_header, write_safetensors)
 from fibquant_cli.formats import stfile
+from fibquant_cli.storage.stwriter import write_file
 from fibquant_cli.errors import InvalidInputError
 
 
@@ -721,7 +722,7 @@ REGIONS = {
     "header-shape": lambda p: _after(p, b'"fq/e1/l0/norms":{"dtype":"F16","shape":[1,'),
     "header-offsets": lambda p: _after(p, b'"fq/e0/l1/codes":', b'"data_offsets":['),
     "tensor-name": lambda p: _header_offset(p, b'"fq/e0/l1/codes":', 12),
-    "format-version": lambda p: _header_offset(p, b'"fibquant_format":"1"', 19),
+    "format-version": lambda p: _header_offset(p, b'"fibquant_format":"2"', 19),
 }
 def _flip_cases():
     for region in REGIONS:
@@ -751,19 +752,38 @@ def test_one_flipped_byte_is_detected(cli, compressed, region, mask):
         assert "tensor 'fq/" in dec.stderr
 
 
-def test_newer_format_version_is_refused(cli, compressed):
+def _rewritten(compressed, name, edit_doc, version=None):
+    """A copy of ``compressed`` whose document ``edit_doc`` changed, digest recomputed."""
+    from fibquant_cli.formats.container import metadata_for
+
     header = stfile.read_header(compressed)
     tensors = {n: stfile.RawTensor(i.dtype, i.shape, stfile.read_raw(header, n))
                for n, i in header.tensors.items()}
-    metadata = dict(header.metadata)
-    metadata["fibquant_format"] = "2"
-    newer = compressed.parent / "newer.fq.safetensors"
-    stfile.write_file(newer, tensors, metadata)
+    doc = json.loads(header.metadata["fibquant"])
+    edit_doc(doc)
+    metadata = metadata_for(doc)
+    if version is not None:
+        metadata["fibquant_format"] = version
+    out = compressed.parent / name
+    write_file(out, tensors, metadata)
+    return out
+
+
+def test_newer_format_version_is_refused(cli, compressed):
+    newer = _rewritten(compressed, "newer.fq.safetensors",
+                       lambda doc: doc.update(format_version=99))
     before = listing(compressed.parent)
     for command in ("decompress", "validate"):
         assert_error(cli(command, newer), 3, str(newer), "written by a newer fibquant",
-                     "format version 2")
+                     "format version 99")
     assert listing(compressed.parent) == before
+
+
+def test_a_version_that_disagrees_with_the_document_is_corruption_not_newer(cli, compressed):
+    odd = _rewritten(compressed, "odd.fq.safetensors", lambda doc: None, version="3")
+    for command in ("decompress", "validate"):
+        assert_error(cli(command, odd), 4, str(odd), "format version 3 differs from the "
+                     "document's 2")
 
 
 def test_decompress_plain_dump_is_refused(cli, dump):
@@ -833,7 +853,8 @@ def test_output_is_the_input(cli, dump, tmp_path, force):
 
 def test_compress_output_is_the_manifest(cli, dump, tmp_path):
     before = listing(tmp_path)
-    assert_error(cli("compress", dump.path, "-o", dump.manifest_path), 2, "output exists")
+    assert_error(cli("compress", dump.path, "-o", dump.manifest_path), 2,
+                 "output is the manifest file")
     assert_error(cli("compress", dump.path, "-o", dump.manifest_path, "--force"), 2,
                  "output is the manifest file")
     assert listing(tmp_path) == before

@@ -11,7 +11,8 @@ from fibquant_cli.ops import decompress as pipeline
 from fibquant_cli.ops.compress import compress
 from fibquant_cli.core.codec import DECODE_ROWS, FibQuantizer
 from fibquant_cli.core.params import Profile
-from fibquant_cli.ops.decompress import decoded_segments, decompress, restore_into, round_to_dtype
+from fibquant_cli.core.layer import decoded_segments, restore_into, round_to_dtype
+from fibquant_cli.ops.decompress import decompress
 from fibquant_cli.ops.spec import CompressSpec
 
 from conftest import make_dump
@@ -125,7 +126,7 @@ def test_decompress_jobs_option(tmp_path, cli):
 def test_chunked_encoder_statistics_are_those_of_the_restored_file(tmp_path, bits, dtype):
     """Layers longer than ENCODE_ROWS vectors, chunk boundaries inside a head, a kept token and
     key centering: the reported errors are still exactly those of the restored file."""
-    from fibquant_cli.ops.compress import ENCODE_ROWS
+    from fibquant_cli.codecs.fibquant import ENCODE_ROWS
     from fibquant_cli.ops.spec import resolve_spec
 
     tokens, heads = 3001, 3  # 3 x 3000 middle vectors: 2 chunks, the boundary inside head 2
@@ -151,13 +152,13 @@ def test_chunked_encoder_statistics_are_those_of_the_restored_file(tmp_path, bit
 def test_packed_codes_unpack_rows_and_refuse_indices_past_n():
     from fibquant_cli.core import bitpack
     from fibquant_cli.errors import IntegrityError
-    from fibquant_cli.ops.decompress import PackedCodes
+    from fibquant_cli.codecs.fibquant import PackedCodes
 
     p = Profile(64, 2, 48)  # N = 48 on 6-bit wires: 48..63 are not codewords
     n, bpv = 2 * DECODE_ROWS + 5, p.blocks_per_vector
     codes = np.random.default_rng(0).integers(0, 48, size=(n, bpv))
     packed = bitpack.check_stream(bitpack.pack(codes, p.wire_bits), n * bpv, p.wire_bits)
-    stream = PackedCodes(packed, n, p, "f.fq.safetensors", "fq/e0/l0/codes")
+    stream = PackedCodes(packed, n, p, "fq/e0/l0/codes")
     assert stream.shape == (n, bpv)
     for a, b in [(0, DECODE_ROWS), (DECODE_ROWS, 2 * DECODE_ROWS), (2 * DECODE_ROWS, n), (3, 11)]:
         got = stream.rows(a, b)
@@ -167,7 +168,7 @@ def test_packed_codes_unpack_rows_and_refuse_indices_past_n():
     bad = codes.copy()
     bad[DECODE_ROWS + 7, 3] = 63
     packed = bitpack.pack(bad, p.wire_bits)
-    stream = PackedCodes(packed, n, p, "f.fq.safetensors", "fq/e0/l0/codes")
+    stream = PackedCodes(packed, n, p, "fq/e0/l0/codes")
     stream.rows(0, DECODE_ROWS)  # the block without it decodes
     position = (DECODE_ROWS + 7) * bpv + 3
     with pytest.raises(IntegrityError, match=f"index 63 at position {position} is >= N = 48"):

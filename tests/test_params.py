@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from fibquant_cli.formats.digest import profile_digest
 from fibquant_cli.core.params import Profile
 from fibquant_cli.errors import ProfileError, ResourceError
 
@@ -65,8 +66,8 @@ def test_default_training_set_is_recorded_and_digest_covers_it():
     p = Profile(64, 2, 64)
     assert p.train_samples == 64_000
     assert Profile.from_json(p.to_json()) == p
-    assert Profile(64, 2, 64, train_samples=64_001).digest != p.digest
-    assert Profile(64, 2, 64, seed=1).digest != p.digest
+    assert profile_digest(Profile(64, 2, 64, train_samples=64_001)) != profile_digest(p)
+    assert profile_digest(Profile(64, 2, 64, seed=1)) != profile_digest(p)
 
 
 def test_from_json_rejects_unknown_and_missing_keys():

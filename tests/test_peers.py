@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from fibquant_cli.core import peers
-from fibquant_cli.core.peers import (Fp8Codec, Fp16Codec, KiviCodec, PeerCodec, available_peers, get_peer, peer_names)
+from fibquant_cli.formats import peers
+from fibquant_cli.formats.peers import (Fp8Codec, Fp16Codec, KiviCodec, PeerCodec, available_peers, get_peer, peer_names)
 from fibquant_cli.errors import InvalidInputError, UsageError
 
 GGML_BITS = {"q8_0": 8.5, "q5_1": 6.0, "q5_0": 5.5, "q4_1": 5.0, "q4_0": 4.5}

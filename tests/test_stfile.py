@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fibquant_cli.errors import InvalidInputError, ResourceError, UsageError
-from fibquant_cli.formats.stfile import (MAX_HEADER_BYTES, NUMPY_DTYPES, RawTensor, StreamWriter, TensorInfo, numpy_dtype_for, read_header, read_raw, read_tensor, read_tensors, st_dtype_for, write_file)
+from fibquant_cli.storage.stwriter import StreamWriter, write_file
+from fibquant_cli.formats.stfile import (MAX_HEADER_BYTES, NUMPY_DTYPES, RawTensor, TensorInfo, numpy_dtype_for, read_header, read_raw, read_tensor, read_tensors, st_dtype_for)
 
 
 def _random(rng: np.random.Generator, st_dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -416,7 +417,7 @@ def test_zero_size_tensors_may_share_offsets(tmp_path):
 def test_refuses_existing_output_without_force(tmp_path):
     path = tmp_path / "out.safetensors"
     path.write_bytes(b"precious")
-    with pytest.raises(UsageError, match=r"out.safetensors: output exists \(use --force to overwrite\)"):
+    with pytest.raises(UsageError, match=r"out.safetensors: output exists \(use force to overwrite\)"):
         write_file(path, {"x": np.zeros(2)})
     assert path.read_bytes() == b"precious"
     write_file(path, {"x": np.zeros(2)}, force=True)
@@ -558,7 +559,8 @@ def test_round_trip_property(specs, seed):
 def test_stream_writer_replace_metadata_in_place(tmp_path):
     import safetensors.numpy as stn
 
-    from fibquant_cli.formats.stfile import StreamWriter, read_header
+    from fibquant_cli.formats.stfile import read_header
+    from fibquant_cli.storage.stwriter import StreamWriter
 
     out = tmp_path / "m.safetensors"
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -575,9 +577,9 @@ def test_stream_writer_replace_metadata_in_place(tmp_path):
 def test_write_back_hints_change_nothing(tmp_path, monkeypatch, hint_fails):
     """StreamWriter asks the kernel to start write-back every WRITEBACK_BYTES; a file system
     that refuses the hint still gets every byte."""
-    from fibquant_cli.formats import stfile
+    from fibquant_cli.storage import stwriter
 
-    monkeypatch.setattr(stfile, "WRITEBACK_BYTES", 1000)
+    monkeypatch.setattr(stwriter, "WRITEBACK_BYTES", 1000)
     calls = []
     if hint_fails:
         def refuse(*args):

@@ -18,12 +18,10 @@ import pytest
 from conftest import invoke, ok, SAMPLE_DUMP, make_dump
 from fibquant_cli.formats.kvdump import open_dump
 from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec
-from fibquant_cli.ops.sweep import (Point, estimated_bits_per_value, fibquant_specs, mark_pareto, run_codec, run_fibquant, scalar_codec, sweep)
+from fibquant_cli.ops.sweep import (Point, fibquant_specs, mark_pareto, run_codec, run_fibquant, scalar_codec, sweep)
+from fibquant_cli.ops.target import estimated_bits_per_value
 
-try:  # compress lives in compressor.py (it used to live in pipeline.py)
-    from fibquant_cli.ops.compress import compress as _compress
-except ImportError:  # pragma: no cover
-    from fibquant_cli.ops.decompress import compress as _compress
+from fibquant_cli.ops.compress import compress as _compress
 
 pytestmark = pytest.mark.usefixtures("module_cache_dir")
 
@@ -331,7 +329,7 @@ def test_target_cosine_searches_with_the_given_seed(tiny, tmp_path, monkeypatch)
     (Spied, not run end to end: a seed other than 0 has no shipped codebooks, and training
     them takes seconds each.)
     """
-    import fibquant_cli.ops.sweep as sweep_module
+    import fibquant_cli.ops.target as target_module
 
     seeds = []
 
@@ -342,7 +340,7 @@ def test_target_cosine_searches_with_the_given_seed(tiny, tmp_path, monkeypatch)
         seeds.append(spec.seed)
         raise Stop  # enough: the first point scored shows the seed of the search
 
-    monkeypatch.setattr(sweep_module, "run_fibquant", spy)
+    monkeypatch.setattr(target_module, "run_fibquant", spy)
     invoke("compress", tiny.path, "--target-cosine", 0.5, "--seed", 3, "-o",
            tmp_path / "t.fq.safetensors")
     assert seeds and set(seeds) == {3}, seeds

@@ -1,21 +1,64 @@
-"""The Typer app: thin commands that check flags, call one service function, print a result.
+"""The Typer app: thin commands that check flags, call one operation, print its result.
 
-Errors are mapped to exit codes here, inside the app, so tests see what users see.
+Errors are turned into one line and an exit code here, inside the app, so tests see what users
+see: library errors (``fibquant_cli.errors``) name options by parameter name and the app
+renders them as flags (``flag``); Typer's own usage errors become one line too
+(``OneLineErrors``).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from fibquant_cli.cli import tables as report
-from fibquant_cli.errors import FibQuantError, UsageError
-from fibquant_cli.ops.decompress import Progress
+from fibquant_cli.cli.progress import RichProgress
+from fibquant_cli.errors import FibQuantError, Interrupted, UsageError
+
+
+def flag(option: str) -> str:
+    """The command-line flag of a library option name: ``key_block_dim`` -> ``--key-block-dim``."""
+    return "--" + option.replace("_", "-")
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (unknown flags, bad values, missing arguments) as one line, exit 2.
+
+    Click's exceptions are matched by what they carry (``format_message``, ``exit_code``):
+    Typer vendors its own copy of click, so their classes depend on the Typer version.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except Exception as err:
+            if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
+                if type(err).__name__ != "Abort":
+                    raise
+                report.stderr.print("fibquant: aborted")
+                code = 1
+            elif type(err).__name__ == "NoArgsIsHelpError":
+                print(err.ctx.get_help())
+                code = err.exit_code
+            else:
+                ctx = getattr(err, "ctx", None)
+                path = ctx.command_path if ctx is not None else "fibquant"
+                report.print_error(f"{path}: {err.format_message()} (see '{path} --help')")
+                code = err.exit_code
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     help="Compress transformer KV-cache safetensors dumps with FibQuant vector quantization.",
@@ -36,11 +79,14 @@ def handle_errors(func):
         except FibQuantError as err:
             if _state["debug"]:
                 raise
-            report.print_error(str(err))
+            report.print_error(err.render(flag))
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             report.stderr.print("fibquant: interrupted")
             raise typer.Exit(130) from None
+        except Interrupted as sig:
+            report.stderr.print(f"fibquant: stopped by signal {sig.signum}")
+            raise typer.Exit(128 + sig.signum) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as err:  # a bug: say so in one line, keep the traceback for --debug
@@ -72,7 +118,7 @@ def codebook(
 ) -> None:
     """Build or load a codebook and measure its distortion against scalar and Shannon."""
     from fibquant_cli.core.params import Profile
-    from fibquant_cli.ops.inspect import codebook_report
+    from fibquant_cli.ops.codebook import codebook_report
 
     rep = codebook_report(Profile(head_dim, block_dim, size, seed), eval_vectors)
     if as_json:
@@ -86,34 +132,6 @@ ManifestOpt = Annotated[Optional[Path], typer.Option(
     "--manifest", "-m", help="Shape manifest (default: X.manifest.json beside X.safetensors).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
-
-
-class RichProgress(Progress):
-    """Progress on stderr, drawn only when stderr is a terminal."""
-
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn
-
-        self.bar = Bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TimeElapsedColumn(), console=report.stderr, transient=True,
-                       disable=not report.stderr.is_terminal)
-        self.task = None
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
-
-    def start(self, total: int, label: str) -> None:
-        if self.task is not None:
-            self.bar.remove_task(self.task)
-        self.task = self.bar.add_task(label, total=total)
-
-    def advance(self, label: str) -> None:
-        if self.task is not None:
-            self.bar.update(self.task, advance=1)
 
 
 @app.command()
@@ -203,10 +221,10 @@ def compress(
                   value_block_dim, value_size)
     if target_cosine is not None:
         if any(f is not None for f in rate_flags) or keep_first or keep_last or not center_keys:
-            raise UsageError("--target-cosine picks the rates itself: drop --bits, --block-dim, "
+            raise UsageError("{target_cosine} picks the rates itself: drop --bits, --block-dim, "
                              "--size, the --key-*/--value-* flags, --keep-* and "
-                             "--no-center-keys")
-        from fibquant_cli.ops.sweep import choose_for_target
+                             "--no-center-keys", options=("target_cosine",))
+        from fibquant_cli.ops.target import choose_for_target
 
         with RichProgress() as progress:
             spec, choice = choose_for_target(path, target_cosine, manifest=manifest, seed=seed,
@@ -284,7 +302,7 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Attention fidelity of a compressed file or a restored dump against the original."""
-    from fibquant_cli.ops.inspect import evaluate as run
+    from fibquant_cli.ops.evaluate import evaluate as run
 
     rep = run(original, other, manifest=manifest, max_queries=max_queries)
     if as_json:
@@ -309,7 +327,8 @@ def sweep(
     from fibquant_cli.ops.sweep import sweep as run
 
     if plot is not None and plot.suffix.lower() != ".png":
-        raise UsageError("--plot writes a PNG: give a path ending in .png", path=str(plot))
+        raise UsageError("{plot} writes a PNG: give a path ending in .png", path=str(plot),
+                         options=("plot",))
     with RichProgress() as progress:
         rep = run(path, manifest=manifest, max_queries=max_queries, peers=peers,
                   progress=progress)
@@ -326,4 +345,7 @@ def sweep(
 
 
 def main() -> None:
+    from fibquant_cli.storage.publish import install_signal_handlers
+
+    install_signal_handlers()
     app(prog_name="fibquant")

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fibquant_cli.storage.publish import atomic_path
 from fibquant_cli.errors import UsageError
+from fibquant_cli.storage.publish import publishing
 
 MARKERS = {"fibquant": ("o", "tab:blue"), "scalar": ("s", "tab:gray")}
 
 
-def plot_frontier(rep, path) -> None:
+def plot_frontier(rep, path, *, force: bool = True) -> None:
+    """Write the sweep's frontier as a PNG at ``path``."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'fibquant[plot]'") from None
+        raise UsageError("{plot} needs matplotlib: pip install 'fibquant[plot]'",
+                         options=("plot",)) from None
     path = Path(path)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     groups: dict[str, list] = {}
@@ -40,7 +42,7 @@ def plot_frontier(rep, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     try:
-        with atomic_path(path) as tmp:
+        with publishing([path], force=force) as (tmp,):
             fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)

@@ -1,8 +1,8 @@
 """The quantizer profile: every number that determines a FibQuant codebook and rotation.
 
 A ``Profile`` is validated once, at construction, before anything large is allocated; the
-rest of the core assumes a valid profile. Its ``digest`` keys the codebook cache and is
-recorded in every compressed file.
+rest of the core assumes a valid profile. Its digest (``formats.digest.profile_digest``) keys
+the codebook cache and is recorded in every compressed file.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ MAX_DEFAULT_SAMPLES = 2**20
 DEFAULT_RESTARTS = 4
 DEFAULT_ITERATIONS = 25
 ALGORITHM = "fibquant_lloyd_v1"
-PROFILE_SCHEMA = "fibquant_profile_v1"
 
 
 def default_train_samples(size: int) -> int:
@@ -135,9 +134,3 @@ class Profile:
             found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
             raise ProfileError(f"profile keys must be {sorted(expected)}, found {found}")
         return cls(**obj)
-
-    @property
-    def digest(self) -> str:
-        from fibquant_cli.formats.digest import json_digest
-
-        return json_digest(PROFILE_SCHEMA, self.to_json())

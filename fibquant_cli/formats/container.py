@@ -1,48 +1,40 @@
-"""The compressed file (``*.fq.safetensors``), format version 1.
+"""The compressed file (``*.fq.safetensors``): byte layout, typed document, opening checks.
 
 A compressed file is an ordinary safetensors file (any safetensors loader opens it) that holds
 everything needed to restore the dump, so decoding never retrains and never depends on a
-random generator:
+random generator. ``docs/container.md`` is the byte-level specification; in brief:
 
 =================================  =====  ===============================================
 tensor                             dtype  content
 =================================  =====  ===============================================
 ``fq/p{j}/codebook``               F32    (N, k) codebook of profile j
-``fq/p{j}/rotation``               F32    (d, d) rotation Pi of profile j (the codec
-                                          computes in f32, so this is exactly what it used)
-``fq/e{i}/l{l}/codes``             U8     packed indices of entry i, layer l: the vectors in
-                                          [batch, kv_head, token] order, d/k indices each,
-                                          ``wire_bits`` bits per index, LSB-first (vector v
-                                          starts at bit v * (d/k) * wire_bits: random access)
-``fq/e{i}/l{l}/norms``             F16    [batch, kv_heads, tokens] vector norms; F32 when a
-                                   /F32   norm would overflow fp16 (f32 sources)
-``fq/e{i}/l{l}/kept``              src    [batch, kv_heads, keep_first + keep_last,
-                                          head_dim]: the protected token positions, stored
-                                          uncompressed in the source dtype (only when kept)
-``fq/e{i}/l{l}/mean``              F32    [batch, kv_heads, head_dim] per-head mean over the
-                                          compressed tokens, subtracted before encoding and
-                                          added back after decoding (only when ``center``)
+``fq/p{j}/rotation``               F32    (d, d) rotation of profile j
+``fq/e{i}/l{l}/{part}``            ...    the parts of entry i, layer l, as its codec
+                                          (``entries[i].codec``) lays them out; for
+                                          ``fibquant``: codes U8, norms F16|F32, mean F32
+                                          (when centered), kept (protected tokens, source
+                                          dtype), see ``codecs.fibquant``
 ``fq/raw/{name}``                  any    a tensor of the dump no entry names, bit-exact
 =================================  =====  ===============================================
 
-``__metadata__`` has three keys:
+Arrays are stored in exactly this order: profiles, then entries and their layers in order,
+then the raw tensors in the source's order; ``expected_layout`` derives it from the document.
 
-* ``fibquant_format``: the format version as a decimal string. A reader refuses a version
-  newer than its own before looking at anything else.
-* ``fibquant``: a JSON document (``doc`` below).
-* ``fibquant_digest``: ``bytes_digest("fibquant_container_v1", <the fibquant string>)``.
+``__metadata__`` has exactly three keys: ``fibquant_format`` (the format version, decimal),
+``fibquant`` (the document, compact JSON) and ``fibquant_digest``
+(``bytes_digest(CONTAINER_SCHEMA, <the document text>)``).
 
-``doc`` = ``{"format_version", "tool", "source", "manifest", "profiles", "entries",
-"arrays"}``: ``source`` has the source file name, its whole-file digest, its tensor order,
-its ``__metadata__`` and per tensor ``{dtype, shape, digest}``; ``profiles`` a list of
-``{profile, profile_digest, codebook_digest, rotation_digest}``; ``entries`` one
-``{profile, layers, vectors_per_layer, keep_first, keep_last, center}`` per manifest entry (codes and
-norms then cover tokens [keep_first, tokens - keep_last) only); ``arrays`` maps every stored
-tensor name to its ``tensor_digest``.
+Versions. 1: the first release. 2: each entry names its ``codec``; a version-1 entry is read
+as codec ``fibquant``. A reader refuses a version newer than it knows -- but only once the
+document's digest verified, so a flipped digit reads as corruption, not as "upgrade".
 
-Integrity: the header must be byte-identical to its canonical serialization (so no byte of it
-can change unnoticed), the document digest must match, and every stored array must match its
-digest; then indices must be < N and norms finite and >= 0.
+Opening (``open_container``) checks, in order, and raises ``IntegrityError`` naming the field:
+the metadata keys, the document digest, the document (``Document.parse``: every key, type and
+cross-reference), the version, the set, order, dtypes and shapes of the stored arrays against
+``expected_layout``, and the header bytes against their canonical serialization. After it, no
+byte of the header can change unnoticed and every array has a recorded digest
+(``verify_array``). Digests detect accidents and edits, not forgeries: whoever rewrites the
+arrays can rewrite their digests too (see docs/container.md, "What the digests protect").
 """
 
 from __future__ import annotations
@@ -50,16 +42,28 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from fibquant_cli import codecs
+from fibquant_cli.core.params import Profile
+from fibquant_cli.errors import FibQuantError, IntegrityError, InvalidInputError
 from fibquant_cli.formats import stfile
-from fibquant_cli.formats.digest import bytes_digest, tensor_digest
-from fibquant_cli.errors import IntegrityError, InvalidInputError
+from fibquant_cli.formats.digest import (CONTAINER_SCHEMA, bytes_digest, parse_digest,
+                                         profile_digest, tensor_digest)
+from fibquant_cli.formats.manifest import (Manifest, check_manifest_against_dump,
+                                           parse_manifest)
 
-FORMAT_VERSION = 1
-DOC_SCHEMA = "fibquant_container_v1"
+FORMAT_VERSION = 2
+OLDEST_VERSION = 1
 KEY_FORMAT, KEY_DOC, KEY_DIGEST = "fibquant_format", "fibquant", "fibquant_digest"
+METADATA_KEYS = (KEY_FORMAT, KEY_DOC, KEY_DIGEST)
 RAW_PREFIX = "fq/raw/"
-DOC_KEYS = {"format_version", "tool", "source", "manifest", "profiles", "entries", "arrays"}
+DOC_KEYS = ("format_version", "tool", "source", "manifest", "profiles", "entries", "arrays")
+SOURCE_KEYS = ("file", "file_digest", "tensor_order", "metadata", "tensors")
+PROFILE_KEYS = ("profile", "profile_digest", "codebook_digest", "rotation_digest")
+ENTRY_KEYS = ("codec", "profile", "layers", "vectors_per_layer", "keep_first", "keep_last",
+              "center")
+MAX_KEEP = 2**32  # protected tokens per layer; far beyond any context, below int overflow
 
 
 def codebook_name(j: int) -> str:
@@ -70,30 +74,277 @@ def rotation_name(j: int) -> str:
     return f"fq/p{j}/rotation"
 
 
-def codes_name(i: int, layer: int) -> str:
-    return f"fq/e{i}/l{layer}/codes"
-
-
-def norms_name(i: int, layer: int) -> str:
-    return f"fq/e{i}/l{layer}/norms"
-
-
-def mean_name(i: int, layer: int) -> str:
-    return f"fq/e{i}/l{layer}/mean"
-
-
-def kept_name(i: int, layer: int) -> str:
-    return f"fq/e{i}/l{layer}/kept"
+def part_name(i: int, layer: int, part: str) -> str:
+    """The stored name of one part (``codes``, ``norms`` ...) of entry i, layer."""
+    return f"fq/e{i}/l{layer}/{part}"
 
 
 def raw_name(name: str) -> str:
     return RAW_PREFIX + name
 
 
-def metadata_for(doc: dict) -> dict[str, str]:
-    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return {KEY_FORMAT: str(FORMAT_VERSION), KEY_DOC: text,
-            KEY_DIGEST: bytes_digest(DOC_SCHEMA, text.encode("utf-8"))}
+# ------------------------------------------------------------------------- typed document
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    dtype: str
+    shape: tuple[int, ...]
+    digest: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """The dump the file was made from: enough to restore every tensor's name, dtype, shape."""
+
+    file: str
+    file_digest: str
+    tensor_order: tuple[str, ...]
+    metadata: dict[str, str] | None
+    tensors: dict[str, SourceTensor]
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "file_digest": self.file_digest,
+                "tensor_order": list(self.tensor_order), "metadata": self.metadata,
+                "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "digest": t.digest}
+                            for n, t in self.tensors.items()}}
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    profile: Profile
+    profile_digest: str
+    codebook_digest: str
+    rotation_digest: str
+
+    def to_json(self) -> dict:
+        return {"profile": self.profile.to_json(), "profile_digest": self.profile_digest,
+                "codebook_digest": self.codebook_digest, "rotation_digest": self.rotation_digest}
+
+
+@dataclass(frozen=True)
+class EntryRecord:
+    """How manifest entry i was coded. ``keep_first``/``keep_last`` are as asked; ``keep``
+    clamps them to the entry's tokens."""
+
+    codec: str
+    profile: int
+    layers: int
+    vectors_per_layer: int
+    keep_first: int
+    keep_last: int
+    center: bool
+
+    def keep(self, tokens: int) -> tuple[int, int]:
+        kf = min(self.keep_first, tokens)
+        return kf, min(self.keep_last, tokens - kf)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in ENTRY_KEYS}
+
+
+@dataclass(frozen=True)
+class Document:
+    """The ``fibquant`` metadata document, parsed and validated once (``parse``)."""
+
+    format_version: int
+    tool: str
+    source: Source
+    manifest: Manifest
+    profiles: tuple[ProfileRecord, ...]
+    entries: tuple[EntryRecord, ...]
+    arrays: dict[str, str]
+
+    def to_json(self) -> dict:
+        return {"format_version": self.format_version, "tool": self.tool,
+                "source": self.source.to_json(), "manifest": self.manifest.to_json(),
+                "profiles": [p.to_json() for p in self.profiles],
+                "entries": [e.to_json() for e in self.entries], "arrays": dict(self.arrays)}
+
+    def passthrough_names(self) -> list[str]:
+        """Source tensors no entry names, in the source's order (stored under ``fq/raw/``)."""
+        kv = {n for e in self.manifest.entries for n in e.tensors}
+        return [n for n in self.source.tensor_order if n not in kv]
+
+    @classmethod
+    def parse(cls, obj: Any) -> Document:
+        """Validate a decoded document; raise ``_Bad`` naming the field and what was found."""
+        top = _object(obj, "document", DOC_KEYS)
+        version = _int(top["format_version"], "format_version", low=OLDEST_VERSION)
+        tool = _str(top["tool"], "tool")
+        source = _parse_source(top["source"])
+        try:
+            manifest = parse_manifest(top["manifest"], source="manifest")
+            check_manifest_against_dump(
+                manifest, {n: (t.dtype, t.shape) for n, t in source.tensors.items()},
+                source="source")
+        except FibQuantError as err:
+            raise _Bad("manifest", err.render()) from None
+        profiles = tuple(_parse_profile(p, f"profiles[{j}]")
+                         for j, p in enumerate(_list(top["profiles"], "profiles", min_len=1)))
+        raw_entries = _list(top["entries"], "entries")
+        if len(raw_entries) != len(manifest.entries):
+            raise _Bad("entries", f"{len(raw_entries)} entries, the manifest has "
+                                  f"{len(manifest.entries)}")
+        entries = tuple(_parse_entry(e, f"entries[{i}]", version, manifest.entries[i].shape,
+                                     profiles)
+                        for i, e in enumerate(raw_entries))
+        arrays = _object(top["arrays"], "arrays")
+        for name, value in arrays.items():
+            _digest(value, f"arrays['{stfile.label(name)}']")
+        return cls(version, tool, source, manifest, profiles, entries, dict(arrays))
+
+    def expected_layout(self, norms_dtypes: dict[str, str]) -> list[tuple[str, str, tuple]]:
+        """(name, dtype, shape) of every stored array, in file order.
+
+        ``norms_dtypes``: the dtype of each parts array whose codec allows a choice (as the
+        header declares it; the codec checks it is one of its choices).
+        """
+        specs = []
+        for j, rec in enumerate(self.profiles):
+            p = rec.profile
+            specs.append((codebook_name(j), "F32", (p.size, p.block_dim)))
+            specs.append((rotation_name(j), "F32", (p.head_dim, p.head_dim)))
+        for i, (entry, rec) in enumerate(zip(self.manifest.entries, self.entries)):
+            codec = codecs.get(rec.codec)
+            profile = self.profiles[rec.profile].profile
+            for layer in range(entry.shape.layers):
+                for part, dtype, dims in codec.layer_parts(entry.shape, profile, rec,
+                                                           lambda part: norms_dtypes.get(
+                                                               part_name(i, layer, part))):
+                    specs.append((part_name(i, layer, part), dtype, dims))
+        for name in self.passthrough_names():
+            t = self.source.tensors[name]
+            specs.append((raw_name(name), t.dtype, t.shape))
+        return specs
+
+
+class _Bad(Exception):
+    """A document field that does not validate: (field, what was found)."""
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    return stfile.label(text)
+
+
+def _object(value: Any, field: str, keys: tuple[str, ...] | None = None) -> dict:
+    if not isinstance(value, dict):
+        raise _Bad(field, f"expected an object, found {_show(value)}")
+    if keys is not None and set(value) != set(keys):
+        missing = sorted(set(keys) - set(value))
+        extra = sorted(set(value) - set(keys))
+        detail = "; ".join(f"{what} {', '.join(stfile.label(k, 30) for k in names)}"
+                           for what, names in (("missing", missing), ("unknown", extra)) if names)
+        raise _Bad(field, f"wrong keys ({detail})")
+    return value
+
+
+def _list(value: Any, field: str, min_len: int = 0) -> list:
+    if not isinstance(value, list) or len(value) < min_len:
+        raise _Bad(field, f"expected an array of at least {min_len} items, found {_show(value)}")
+    return value
+
+
+def _int(value: Any, field: str, low: int = 0, high: int | None = None) -> int:
+    if type(value) is not int or value < low or (high is not None and value > high):
+        bound = f" in [{low}, {high}]" if high is not None else f" >= {low}"
+        raise _Bad(field, f"expected an integer{bound}, found {_show(value)}")
+    return value
+
+
+def _str(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise _Bad(field, f"expected a string, found {_show(value)}")
+    return value
+
+
+def _bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(field, f"expected true or false, found {_show(value)}")
+    return value
+
+
+def _digest(value: Any, field: str) -> str:
+    try:
+        parse_digest(value)
+    except InvalidInputError as err:
+        raise _Bad(field, err.reason) from None
+    return value
+
+
+def _parse_source(obj: Any) -> Source:
+    top = _object(obj, "source", SOURCE_KEYS)
+    order = tuple(_str(n, f"source.tensor_order[{k}]")
+                  for k, n in enumerate(_list(top["tensor_order"], "source.tensor_order")))
+    tensors = {}
+    for name, rec in _object(top["tensors"], "source.tensors").items():
+        where = f"source.tensors['{stfile.label(name)}']"
+        rec = _object(rec, where, ("dtype", "shape", "digest"))
+        dtype = _str(rec["dtype"], f"{where}.dtype")
+        shape = tuple(_int(d, f"{where}.shape") for d in _list(rec["shape"], f"{where}.shape"))
+        try:
+            stfile.tensor_n_bytes(dtype, shape)
+        except FibQuantError as err:
+            raise _Bad(where, err.reason) from None
+        tensors[name] = SourceTensor(dtype, shape, _digest(rec["digest"], f"{where}.digest"))
+    if len(set(order)) != len(order) or set(order) != set(tensors):
+        raise _Bad("source.tensor_order", f"must list each of the {len(tensors)} source tensors "
+                                          f"once, found {len(order)} names")
+    metadata = top["metadata"]
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(v, str) for v in metadata.values())):
+        raise _Bad("source.metadata", f"expected null or a str -> str map, found {_show(metadata)}")
+    return Source(_str(top["file"], "source.file"), _digest(top["file_digest"], "source.file_digest"),
+                  order, metadata, tensors)
+
+
+def _parse_profile(obj: Any, field: str) -> ProfileRecord:
+    rec = _object(obj, field, PROFILE_KEYS)
+    try:
+        profile = Profile.from_json(rec["profile"])
+    except (FibQuantError, TypeError) as err:
+        raise _Bad(f"{field}.profile", getattr(err, "reason", str(err))) from None
+    if profile_digest(profile) != _digest(rec["profile_digest"], f"{field}.profile_digest"):
+        raise _Bad(f"{field}.profile_digest", "does not match the profile")
+    return ProfileRecord(profile, rec["profile_digest"],
+                         _digest(rec["codebook_digest"], f"{field}.codebook_digest"),
+                         _digest(rec["rotation_digest"], f"{field}.rotation_digest"))
+
+
+def _parse_entry(obj: Any, field: str, version: int, shape, profiles) -> EntryRecord:
+    keys = ENTRY_KEYS if version >= 2 else ENTRY_KEYS[1:]
+    rec = _object(obj, field, keys)
+    codec = _str(rec["codec"], f"{field}.codec") if version >= 2 else "fibquant"
+    if codec not in codecs.NAMES:
+        raise _Bad(f"{field}.codec", f"unknown codec {codec!r}; this fibquant knows "
+                                     f"{', '.join(codecs.NAMES)}")
+    j = _int(rec["profile"], f"{field}.profile", high=len(profiles) - 1)
+    if profiles[j].profile.head_dim != shape.head_dim:
+        raise _Bad(f"{field}.profile", f"profile {j} has head_dim "
+                                       f"{profiles[j].profile.head_dim}, the entry {shape.head_dim}")
+    layers = _int(rec["layers"], f"{field}.layers")
+    if layers != shape.layers:
+        raise _Bad(f"{field}.layers", f"found {layers}, the manifest says {shape.layers}")
+    per_layer = _int(rec["vectors_per_layer"], f"{field}.vectors_per_layer")
+    if per_layer != shape.vector_count // shape.layers:
+        raise _Bad(f"{field}.vectors_per_layer", f"found {per_layer}, the manifest's shape "
+                                                 f"has {shape.vector_count // shape.layers}")
+    return EntryRecord(codec, j, layers, per_layer,
+                       _int(rec["keep_first"], f"{field}.keep_first", high=MAX_KEEP),
+                       _int(rec["keep_last"], f"{field}.keep_last", high=MAX_KEEP),
+                       _bool(rec["center"], f"{field}.center"))
+
+
+# ------------------------------------------------------------------------- the file
+
+
+def metadata_for(doc: Document | dict) -> dict[str, str]:
+    """The ``__metadata__`` of a file holding ``doc``."""
+    obj = doc.to_json() if isinstance(doc, Document) else doc
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return {KEY_FORMAT: str(obj["format_version"]), KEY_DOC: text,
+            KEY_DIGEST: bytes_digest(CONTAINER_SCHEMA, text.encode("utf-8"))}
 
 
 def is_compressed(header: stfile.Header) -> bool:
@@ -101,71 +352,94 @@ def is_compressed(header: stfile.Header) -> bool:
 
 
 @dataclass(frozen=True)
-class Compressed:
-    """A compressed file whose header and document verified."""
+class Container:
+    """A compressed file whose header and document verified (its arrays not yet read)."""
 
     header: stfile.Header
-    doc: dict
+    doc: Document
 
     @property
     def path(self) -> Path:
         return self.header.path
 
 
-def open_compressed(path) -> Compressed:
-    """Read and check a compressed file's header and document (not yet its arrays)."""
+def open_container(path) -> Container:
+    """Read and check a compressed file's header and document (see the module docstring)."""
     header = stfile.read_header(path)
     where = str(header.path)
     meta = header.metadata or {}
     if KEY_FORMAT not in meta:
         raise InvalidInputError("not a fibquant compressed file (no fibquant_format metadata)",
                                 path=where)
-    version = meta[KEY_FORMAT]
-    if not version.isdigit():
-        raise IntegrityError(f"format version {version!r} is not a number", path=where)
-    if int(version) > FORMAT_VERSION:
-        raise InvalidInputError(
-            f"written by a newer fibquant (format version {int(version)}); this fibquant reads "
-            f"format version {FORMAT_VERSION} and older: upgrade fibquant", path=where)
-    _check_canonical_header(header)
-    if KEY_DOC not in meta or KEY_DIGEST not in meta:
-        raise IntegrityError("metadata lacks the fibquant document or its digest", path=where)
+    if set(meta) != set(METADATA_KEYS):
+        extra = sorted(set(meta) - set(METADATA_KEYS)) or sorted(set(METADATA_KEYS) - set(meta))
+        raise IntegrityError(f"__metadata__ must hold exactly {', '.join(METADATA_KEYS)}; "
+                             f"differs in {', '.join(stfile.label(k, 30) for k in extra)}",
+                             path=where)
     text = meta[KEY_DOC]
-    if bytes_digest(DOC_SCHEMA, text.encode("utf-8")) != meta[KEY_DIGEST]:
+    if bytes_digest(CONTAINER_SCHEMA, text.encode("utf-8")) != meta[KEY_DIGEST]:
         raise IntegrityError("metadata digest mismatch (the fibquant document was altered)",
                              path=where)
     try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise IntegrityError(f"fibquant document is not JSON ({err.msg})", path=where) from None
-    if not isinstance(doc, dict) or set(doc) != DOC_KEYS:
-        raise IntegrityError("fibquant document has the wrong keys", path=where)
-    if str(doc["format_version"]) != version:
-        raise IntegrityError(f"format version {version} differs from the document's "
-                             f"{doc['format_version']!r} (altered metadata)", path=where)
-    stored = set(header.tensors)
-    recorded = set(doc["arrays"]) if isinstance(doc["arrays"], dict) else set()
-    if stored != recorded:
-        extra = sorted(stored ^ recorded)[:3]
-        raise IntegrityError(f"stored tensors differ from the recorded ones ({extra})", path=where)
-    return Compressed(header, doc)
+        obj = json.loads(text)
+    except ValueError as err:  # JSONDecodeError, and integers past Python's digit limit
+        raise IntegrityError(f"fibquant document is not JSON ({err})", path=where) from None
+    except RecursionError:
+        raise IntegrityError("fibquant document is nested too deeply", path=where) from None
+    version = meta[KEY_FORMAT]
+    found = obj.get("format_version") if isinstance(obj, dict) else None
+    if not (version.isascii() and version.isdigit() and len(version) < 10) or found != int(version):
+        raise IntegrityError(f"format version {stfile.label(version, 20)!s} differs from the "
+                             f"document's {_show(found)} (altered metadata)", path=where)
+    if int(version) > FORMAT_VERSION:
+        raise InvalidInputError(
+            f"written by a newer fibquant (format version {int(version)}); this fibquant reads "
+            f"format versions {OLDEST_VERSION} to {FORMAT_VERSION}: upgrade fibquant", path=where)
+    try:
+        doc = Document.parse(obj)
+    except _Bad as bad:
+        field, reason = bad.args
+        raise IntegrityError(reason, path=where, field=f"document {field}") from None
+    _check_layout(header, doc)
+    return Container(header, doc)
 
 
-def _check_canonical_header(header: stfile.Header) -> None:
-    """The header bytes must equal our serialization of what they parse to."""
+def _check_layout(header: stfile.Header, doc: Document) -> None:
+    """The stored arrays are exactly the expected ones, in order, and the header canonical."""
+    where = str(header.path)
+    stored = list(header.tensors.values())
+    choices = {info.name: info.dtype for info in stored}
+    try:
+        expected = doc.expected_layout(choices)
+    except FibQuantError as err:
+        raise IntegrityError(err.reason, path=where, tensor=err.tensor) from None
+    names = [name for name, _, _ in expected]
+    if [info.name for info in stored] != names:
+        missing = [n for n in names if n not in header.tensors]
+        extra = [n for n in header.tensors if n not in set(names)]
+        detail = (f"missing {stfile.label(missing[0])}" if missing else
+                  f"unexpected {stfile.label(extra[0])}" if extra else "in another order")
+        raise IntegrityError(f"stored arrays differ from the document's layout ({detail})",
+                             path=where)
+    if set(doc.arrays) != set(names):
+        odd = sorted(set(doc.arrays) ^ set(names))[:1]
+        raise IntegrityError(f"document arrays differ from the stored ones ({odd})", path=where)
+    for info, (name, dtype, shape) in zip(stored, expected):
+        if info.dtype != dtype or info.shape != tuple(shape):
+            raise IntegrityError(f"stored as {info.dtype} {list(info.shape)}, the document "
+                                 f"implies {dtype} {list(shape)}", path=where, tensor=name)
     with open(header.path, "rb") as fh:
         raw = fh.read(header.data_start)
-    expected = stfile.header_bytes(list(header.tensors.values()), header.metadata,
-                                    str(header.path))
-    if raw != expected:
+    canonical = stfile.plan_layout([(n, d, tuple(s)) for n, d, s in expected], where)
+    if raw != stfile.header_bytes(canonical, header.metadata, where):
         raise IntegrityError("header bytes are not in canonical form (altered header)",
-                             path=str(header.path))
+                             path=where)
 
 
-def verify_array(comp: Compressed, name: str) -> None:
+def verify_array(comp: Container, name: str) -> None:
     """Check one stored array against its recorded digest."""
     info = comp.header.tensors[name]
     found = tensor_digest(info.dtype, info.shape, stfile.read_raw(comp.header, name))
-    if found != comp.doc["arrays"][name]:
+    if found != comp.doc.arrays[name]:
         raise IntegrityError("digest mismatch (stored bytes were altered)",
                              path=str(comp.path), tensor=name)

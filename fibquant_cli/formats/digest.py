@@ -54,8 +54,15 @@ from fibquant_cli.errors import InvalidInputError
 
 DIGEST_PREFIX = "blake3:"
 DIGEST_HEX_LEN = 64
-TENSOR_SCHEMA = "fibquant_tensor_v1"
-FILE_SCHEMA = "fibquant_file_v1"
+
+# Every schema tag fibquant hashes under, in one table: what the payload is, and where.
+TENSOR_SCHEMA = "fibquant_tensor_v1"          # one tensor: dtype, shape, bytes (tensor_digest)
+FILE_SCHEMA = "fibquant_file_v1"              # a dump: its sorted (name, tensor digest) pairs
+KV_SHAPE_SCHEMA = "fib_quant_kv_tensor_shape_v1"  # a manifest entry's shape (the crate's)
+PROFILE_SCHEMA = "fibquant_profile_v1"        # a quantizer profile's JSON (profile_digest)
+CODEBOOK_SCHEMA = "fibquant_codebook_v1"      # codebook bytes: <f8 in the cache, <f4 in files
+ROTATION_SCHEMA = "fibquant_rotation_v1"      # a rotation's <f4 bytes, as stored in files
+CONTAINER_SCHEMA = "fibquant_container_v1"    # a compressed file's document (UTF-8 JSON text)
 
 # Bytes handed to one hasher.update call; large tensors are hashed in slices of this size
 # so a non-contiguous or byte-swapped array is never copied whole.
@@ -253,3 +260,18 @@ def format_digest(raw: bytes) -> str:
     if len(raw) != 32:
         raise ValueError(f"a BLAKE3 digest is 32 bytes, got {len(raw)}")
     return DIGEST_PREFIX + bytes(raw).hex()
+
+
+def profile_digest(profile: Any) -> str:
+    """Digest of a quantizer profile (keys the codebook cache; recorded in every file)."""
+    return json_digest(PROFILE_SCHEMA, profile.to_json())
+
+
+def codebook_digest(codebook: np.ndarray, dtype: str = "<f4") -> str:
+    """Digest of a codebook's bytes as ``dtype`` (``<f4`` in files, ``<f8`` in the cache)."""
+    return bytes_digest(CODEBOOK_SCHEMA, np.ascontiguousarray(codebook, dtype=dtype).tobytes())
+
+
+def rotation_digest(rotation: np.ndarray) -> str:
+    """Digest of a rotation's bytes as stored in files (``<f4``)."""
+    return bytes_digest(ROTATION_SCHEMA, np.ascontiguousarray(rotation, dtype="<f4").tobytes())

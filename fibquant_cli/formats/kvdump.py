@@ -48,6 +48,12 @@ def open_dump(path, manifest_path=None) -> Dump:
     return Dump(path, header, manifest, mpath)
 
 
+def default_compressed_path(source: Path) -> Path:
+    """``X.safetensors`` -> ``X.fq.safetensors`` beside it."""
+    name = source.name.removesuffix(".safetensors")
+    return source.with_name(name + ".fq.safetensors")
+
+
 def check_finite(header: stfile.Header, name: str, arr: np.ndarray, origin=None) -> None:
     """Raise naming the tensor and the position (in its stored axes) of the first NaN/Inf.
 

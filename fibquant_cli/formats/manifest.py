@@ -71,11 +71,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fibquant_cli.storage.publish import atomic_path
-from fibquant_cli.formats.digest import json_digest
+from fibquant_cli.formats.digest import KV_SHAPE_SCHEMA, json_digest
 from fibquant_cli.errors import FibQuantError, InvalidInputError, ResourceError
 
-KV_SHAPE_SCHEMA = "fib_quant_kv_tensor_shape_v1"
 MANIFEST_SCHEMA = "fibquant_kv_manifest_v1"
 MANIFEST_SUFFIX = ".manifest.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
@@ -486,10 +484,10 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
 
 
 def save_manifest(manifest: Manifest, path: str | os.PathLike) -> None:
-    """Write ``manifest`` as indented JSON (temporary file, then ``os.replace``)."""
+    """Write ``manifest`` as indented JSON to ``path`` (inside ``storage.publish.publishing``,
+    which makes it appear whole or not at all)."""
     text = json.dumps(manifest.to_json(), indent=2, ensure_ascii=False) + "\n"
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def manifest_path_for(dump_path: str | os.PathLike) -> Path:

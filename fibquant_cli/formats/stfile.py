@@ -1,4 +1,4 @@
-"""Low-level safetensors reader and writer: memory-mapped reads, atomic streaming writes.
+"""The safetensors format: validated header parsing, positioned reads, canonical headers.
 
 Byte layout of a safetensors file (all integers little-endian)::
 
@@ -25,21 +25,17 @@ Dtype policy.  `NUMPY_DTYPES` lists the dtypes read and written as numpy arrays 
 F4, C64) are validated and carried bit-exactly as bytes (`read_raw`, `RawTensor`) but
 `read_tensor` refuses them.  A dtype outside both tables is a structural error.
 
-Writing.  `StreamWriter` writes the header up front, then the tensor bytes in header order, to a
-temporary file in the destination directory; on success it fsyncs and `os.replace`s it over the
-destination, on any exception it removes the temporary file.  `write_file` is the one-shot form.
-The header JSON is compact and padded with spaces to a multiple of 8 bytes, as the reference
-implementation does; unlike it, tensors are stored in the order given, not sorted.
+Writing.  This module lays out (`plan_layout`) and serializes (`header_bytes`) a header: compact
+JSON padded with spaces to a multiple of 8 bytes, tensors in the order given, as the reference
+implementation does except that it sorts them. `storage.stwriter` writes the files.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import operator
 import os
-import secrets
 import stat
 import struct
 from collections.abc import Mapping, Sequence
@@ -47,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from fibquant_cli.errors import InvalidInputError, ResourceError, UsageError
@@ -58,14 +53,12 @@ __all__ = [
     "RAW_ONLY_DTYPES",
     "Header",
     "RawTensor",
-    "StreamWriter",
     "TensorInfo",
     "numpy_dtype_for",
     "read_header",
     "read_raw",
     "read_tensor",
     "st_dtype_for",
-    "write_file",
 ]
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -75,21 +68,34 @@ METADATA_KEY = "__metadata__"
 ENTRY_KEYS = ("data_offsets", "dtype", "shape")
 _LEN_PREFIX = struct.Struct("<Q")
 
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype(np.uint8),
-    "I8": np.dtype(np.int8),
-    "U16": np.dtype(np.uint16),
-    "I16": np.dtype(np.int16),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "U32": np.dtype(np.uint32),
-    "I32": np.dtype(np.int32),
-    "F32": np.dtype(np.float32),
-    "U64": np.dtype(np.uint64),
-    "I64": np.dtype(np.int64),
-    "F64": np.dtype(np.float64),
-}
+class _NumpyDtypes(Mapping):
+    """safetensors dtype -> numpy dtype; BF16 comes from ml_dtypes, imported on first use only
+    (it costs more start-up time than the rest of the tool together)."""
+
+    _EAGER = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16,
+              "I16": np.int16, "F16": np.float16, "U32": np.uint32, "I32": np.int32,
+              "F32": np.float32, "U64": np.uint64, "I64": np.int64, "F64": np.float64}
+    _NAMES = ("BOOL", "U8", "I8", "U16", "I16", "F16", "BF16", "U32", "I32", "F32", "U64",
+              "I64", "F64")
+
+    def __getitem__(self, key: str) -> np.dtype:
+        if key == "BF16":
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(self._EAGER[key])
+
+    def __iter__(self):
+        return iter(self._NAMES)
+
+    def __len__(self) -> int:
+        return len(self._NAMES)
+
+    def __contains__(self, key) -> bool:
+        return key in self._NAMES
+
+
+NUMPY_DTYPES: Mapping[str, np.dtype] = _NumpyDtypes()
 # Bits per element of the reference dtypes that have no numpy mapping here.
 RAW_ONLY_DTYPES: dict[str, int] = {
     "F4": 4,
@@ -100,11 +106,13 @@ RAW_ONLY_DTYPES: dict[str, int] = {
     "F8_E8M0": 8,
     "C64": 64,
 }
-_BITS: dict[str, int] = {k: 8 * v.itemsize for k, v in NUMPY_DTYPES.items()} | RAW_ONLY_DTYPES
-_ST_FOR_NUMPY: dict[np.dtype, str] = {v: k for k, v in NUMPY_DTYPES.items()}
+_BITS: dict[str, int] = {"BOOL": 8, "U8": 8, "I8": 8, "U16": 16, "I16": 16, "F16": 16,
+                         "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64,
+                         "F64": 64} | RAW_ONLY_DTYPES
+_ST_FOR_NUMPY: dict[np.dtype, str] = {np.dtype(v): k for k, v in _NumpyDtypes._EAGER.items()}
 
 
-def _label(value: Any, limit: int = 60) -> str:
+def label(value: Any, limit: int = 60) -> str:
     """A one-line, bounded rendering of a value taken from an untrusted header."""
     text = value if isinstance(value, str) and value.isprintable() else repr(value)
     if not text.isprintable():
@@ -121,22 +129,27 @@ def numpy_dtype_for(st_dtype: str) -> np.dtype:
         return NUMPY_DTYPES[st_dtype]
     if st_dtype in RAW_ONLY_DTYPES:
         raise InvalidInputError(f"dtype {st_dtype} has no numpy equivalent; read it with read_raw")
-    raise InvalidInputError(f"unknown dtype {_label(st_dtype)}")
+    raise InvalidInputError(f"unknown dtype {label(st_dtype)}")
 
 
 def st_dtype_for(np_dtype: Any) -> str:
     """Return the safetensors dtype string of a numpy dtype (any byte order)."""
     dtype = np.dtype(np_dtype)
-    if _native(dtype) not in _ST_FOR_NUMPY:
+    found = st_dtype_of_numpy(dtype)
+    if found is None:
         raise InvalidInputError(f"numpy dtype {dtype} has no safetensors equivalent")
-    return _ST_FOR_NUMPY[_native(dtype)]
+    return found
 
 
-def _native(dtype: np.dtype) -> np.dtype:
-    return dtype.newbyteorder("=") if dtype.byteorder in "<>" else dtype
+def st_dtype_of_numpy(dtype: np.dtype) -> str | None:
+    """The safetensors dtype string of a numpy dtype (any byte order), or None."""
+    if dtype.name == "bfloat16":
+        return "BF16"
+    native = dtype.newbyteorder("=") if dtype.byteorder in "<>" else dtype
+    return _ST_FOR_NUMPY.get(native)
 
 
-def _le(st_dtype: str) -> np.dtype:
+def little_endian(st_dtype: str) -> np.dtype:
     """The little-endian (on-disk) numpy dtype of `st_dtype`."""
     dtype = NUMPY_DTYPES[st_dtype]
     return dtype.newbyteorder("<") if dtype.byteorder != "|" else dtype
@@ -233,17 +246,17 @@ def _shape_n_bytes(dtype: str, shape: tuple[int, ...], limit: int | None = None)
 
 def _parse_entry(name: str, entry: Any, data_n_bytes: int, where: dict) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise InvalidInputError(f"entry must be a JSON object, found {_label(entry)}", **where)
+        raise InvalidInputError(f"entry must be a JSON object, found {label(entry)}", **where)
     if sorted(entry) != list(ENTRY_KEYS):
-        found = [_label(k, 20) for k in sorted(entry)]
+        found = [label(k, 20) for k in sorted(entry)]
         raise InvalidInputError(f"entry keys must be {list(ENTRY_KEYS)}, found {found}", **where)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _BITS:
-        raise InvalidInputError(f"unknown dtype {_label(dtype)}", **where)
+        raise InvalidInputError(f"unknown dtype {label(dtype)}", **where)
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise InvalidInputError(f"shape must be a list of non-negative ints, found {_label(shape)}", **where)
+        raise InvalidInputError(f"shape must be a list of non-negative ints, found {label(shape)}", **where)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
-        found = _label(offsets)
+        found = label(offsets)
         raise InvalidInputError(f"data_offsets must be two non-negative ints, found {found}", **where)
     begin, end = offsets
     if begin > end:
@@ -260,7 +273,7 @@ def _parse_entry(name: str, entry: Any, data_n_bytes: int, where: dict) -> Tenso
     if n_bytes != end - begin:
         need = f"more than {_MAX_TENSOR_BYTES}" if n_bytes is None else str(n_bytes)
         raise InvalidInputError(
-            f"shape {_label(shape)} of dtype {dtype} needs {need} bytes, "
+            f"shape {label(shape)} of dtype {dtype} needs {need} bytes, "
             f"but data_offsets [{begin}, {end}] span {end - begin}",
             **where,
         )
@@ -271,10 +284,10 @@ def _check_coverage(tensors: dict[str, TensorInfo], data_n_bytes: int, path: str
     """Safetensors requires the entries to tile the data buffer: no overlaps, holes or tail."""
     cursor, previous = 0, None
     for info in sorted(tensors.values(), key=lambda t: (t.begin, t.end)):
-        where = {"path": path, "tensor": _label(info.name)}
+        where = {"path": path, "tensor": label(info.name)}
         if info.begin < cursor:
             raise InvalidInputError(
-                f"data_offsets [{info.begin}, {info.end}] overlap tensor '{_label(previous.name)}' "
+                f"data_offsets [{info.begin}, {info.end}] overlap tensor '{label(previous.name)}' "
                 f"[{previous.begin}, {previous.end}]",
                 **where,
             )
@@ -297,11 +310,11 @@ def _parse_metadata(value: Any, path: str) -> dict[str, str] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise InvalidInputError(f"{METADATA_KEY} must be a str -> str map, found {_label(value)}", path=path)
+        raise InvalidInputError(f"{METADATA_KEY} must be a str -> str map, found {label(value)}", path=path)
     for key, item in value.items():
         if not isinstance(item, str):
             raise InvalidInputError(
-                f"{METADATA_KEY} must be a str -> str map, key '{_label(key)}' has {_label(item)}", path=path
+                f"{METADATA_KEY} must be a str -> str map, key '{label(key)}' has {label(item)}", path=path
             )
     return dict(value)
 
@@ -361,7 +374,7 @@ def read_header(path: str | os.PathLike) -> Header:
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as err:
-        raise InvalidInputError(f"header has duplicate key '{_label(err.args[0])}'", path=where) from None
+        raise InvalidInputError(f"header has duplicate key '{label(err.args[0])}'", path=where) from None
     except json.JSONDecodeError as err:
         reason = f"header is not valid JSON: {err.msg.removesuffix(' at')} at byte {err.pos}"
         raise InvalidInputError(reason, path=where) from None
@@ -374,7 +387,7 @@ def read_header(path: str | os.PathLike) -> Header:
     data_n_bytes = file_size - data_start
     metadata = _parse_metadata(obj.get(METADATA_KEY), where)
     tensors = {
-        name: _parse_entry(name, entry, data_n_bytes, {"path": where, "tensor": _label(name)})
+        name: _parse_entry(name, entry, data_n_bytes, {"path": where, "tensor": label(name)})
         for name, entry in obj.items()
         if name != METADATA_KEY
     }
@@ -383,7 +396,7 @@ def read_header(path: str | os.PathLike) -> Header:
 
 
 def _lookup(header: Header, name: str) -> TensorInfo:
-    where = {"path": str(header.path), "tensor": _label(name)}
+    where = {"path": str(header.path), "tensor": label(name)}
     if name not in header.tensors:
         raise InvalidInputError(f"no such tensor (file has {len(header.tensors)})", **where)
     try:
@@ -420,14 +433,14 @@ def read_tensor(header: Header, name: str, *, index: tuple[slice, ...] | None = 
         keys = read_tensor(header, "layer.0.key", index=(slice(0, 4),))
     """
     info = _lookup(header, name)
-    where = {"path": str(header.path), "tensor": _label(name)}
+    where = {"path": str(header.path), "tensor": label(name)}
     try:
         dtype = numpy_dtype_for(info.dtype)
     except InvalidInputError as err:
         raise err.at(**where) from None
     index = () if index is None else index
     if not (isinstance(index, tuple) and all(isinstance(s, slice) for s in index)):
-        raise UsageError(f"index must be a tuple of slices, found {_label(index)}", **where)
+        raise UsageError(f"index must be a tuple of slices, found {label(index)}", **where)
     if len(index) > len(info.shape):
         raise UsageError(f"index has {len(index)} axes, tensor has {len(info.shape)}", **where)
 
@@ -436,7 +449,7 @@ def read_tensor(header: Header, name: str, *, index: tuple[slice, ...] | None = 
     row_n_bytes = dtype.itemsize * math.prod(info.shape[1:])
     if math.prod(region_shape) == 0:
         return np.empty(region_shape, dtype)[rebased].copy()
-    region = np.empty(region_shape, dtype=_le(info.dtype))
+    region = np.empty(region_shape, dtype=little_endian(info.dtype))
     _read_into(header, info.begin + lo * row_n_bytes, region, name)
     if not index and region.dtype == dtype:
         return region
@@ -454,7 +467,7 @@ def _read_into(header: Header, offset: int, out: np.ndarray, name: str) -> None:
         got = f.readinto(out.reshape(-1).view(np.uint8))  # bf16 has no buffer protocol
     if got != out.nbytes:
         raise InvalidInputError("file shrank while reading", path=str(header.path),
-                                tensor=_label(name))
+                                tensor=label(name))
 
 
 def read_tensors(header: Header, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -474,7 +487,7 @@ def read_tensors(header: Header, names: Sequence[str]) -> dict[str, np.ndarray]:
     _read_into(header, b0, raw, infos[0].name)
     out = {}
     for info in infos:
-        arr = raw[info.begin - b0:info.end - b0].view(_le(info.dtype)).reshape(info.shape)
+        arr = raw[info.begin - b0:info.end - b0].view(little_endian(info.dtype)).reshape(info.shape)
         dtype = numpy_dtype_for(info.dtype)
         out[info.name] = arr if arr.dtype == dtype else arr.astype(dtype)
     return out
@@ -491,7 +504,7 @@ def iter_raw(header: Header, name: str, chunk_bytes: int = 8 << 20):
             data = f.read(min(left, chunk_bytes))
             if not data:
                 raise InvalidInputError("file shrank while reading", path=str(header.path),
-                                        tensor=_label(name))
+                                        tensor=label(name))
             left -= len(data)
             yield data
 
@@ -503,7 +516,7 @@ def read_raw(header: Header, name: str) -> bytes:
         f.seek(header.data_start + info.begin)
         data = f.read(info.n_bytes)
     if len(data) != info.n_bytes:
-        raise InvalidInputError("file shrank while reading", path=str(header.path), tensor=_label(name))
+        raise InvalidInputError("file shrank while reading", path=str(header.path), tensor=label(name))
     return data
 
 
@@ -511,20 +524,20 @@ def read_raw(header: Header, name: str) -> bytes:
 # Writing
 
 
-def _plan(specs: Sequence[tuple[str, str, Sequence[int]]], path: str) -> list[TensorInfo]:
+def plan_layout(specs: Sequence[tuple[str, str, Sequence[int]]], path: str) -> list[TensorInfo]:
     """Validate (name, dtype, shape) specs and lay them out back to back."""
     layout, seen, cursor = [], set(), 0
     for spec in specs:
         name, dtype, shape = spec
-        where = {"path": path, "tensor": _label(name)}
+        where = {"path": path, "tensor": label(name)}
         if not isinstance(name, str) or name == METADATA_KEY:
-            raise InvalidInputError(f"invalid tensor name {_label(name)}", path=path)
+            raise InvalidInputError(f"invalid tensor name {label(name)}", path=path)
         if name in seen:
             raise InvalidInputError("duplicate tensor name", **where)
         if dtype not in _BITS:
-            raise InvalidInputError(f"unknown dtype {_label(dtype)}", **where)
+            raise InvalidInputError(f"unknown dtype {label(dtype)}", **where)
         if not (isinstance(shape, Sequence) and all(_is_dim(d) for d in shape)):
-            found = _label(shape)
+            found = label(shape)
             raise InvalidInputError(f"shape must be a sequence of non-negative ints, found {found}", **where)
         shape = tuple(operator.index(d) for d in shape)
         try:
@@ -547,10 +560,6 @@ def _is_dim(value: Any) -> bool:
         return False
 
 
-# Bytes written between two write-back hints (see StreamWriter.write).
-WRITEBACK_BYTES = 4 << 20
-
-
 def header_bytes(layout: list[TensorInfo], metadata: Mapping[str, str] | None, path: str) -> bytes:
     """The canonical header (length prefix, compact JSON, space padding) of a layout."""
     obj: dict[str, Any] = {}
@@ -558,7 +567,7 @@ def header_bytes(layout: list[TensorInfo], metadata: Mapping[str, str] | None, p
         for key, value in metadata.items():
             if not (isinstance(key, str) and isinstance(value, str)):
                 raise InvalidInputError(
-                    f"metadata must map str to str, found {_label(key)}: {_label(value)}", path=path
+                    f"metadata must map str to str, found {label(key)}: {label(value)}", path=path
                 )
         obj[METADATA_KEY] = dict(metadata)
     for info in layout:
@@ -567,250 +576,3 @@ def header_bytes(layout: list[TensorInfo], metadata: Mapping[str, str] | None, p
     text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return _LEN_PREFIX.pack(len(text)) + text
-
-
-def _check_output(path: Path, force: bool) -> None:
-    if path.is_dir():
-        raise UsageError("output path is a directory", path=str(path))
-    if not path.parent.is_dir():
-        raise UsageError(f"output directory {path.parent} does not exist", path=str(path))
-    if not force and os.path.lexists(path):
-        raise UsageError("output exists (use --force to overwrite)", path=str(path))
-
-
-def _os_failure(err: OSError, path: Path) -> Exception:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return ResourceError(f"cannot write output: {err.strerror}", path=str(path))
-    return UsageError(f"cannot write output: {err.strerror}", path=str(path))
-
-
-class StreamWriter:
-    """Write a safetensors file tensor by tensor, in chunks along axis 0, with bounded memory.
-
-    Chunks of each tensor must arrive in header order; a tensor is complete when its declared
-    byte count has been written (zero-size tensors need no call).  The file appears at `path`
-    only when the with-block exits cleanly and every tensor is complete.
-
-    Example::
-
-        with StreamWriter("out.safetensors", [("k", "F16", (8, 64))]) as out:
-            for rows in np.split(keys, 4):
-                out.write("k", rows)
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        specs: Sequence[tuple[str, str, Sequence[int]]],
-        metadata: Mapping[str, str] | None = None,
-        *,
-        force: bool = False,
-    ):
-        self.path = Path(path)
-        self.force = force
-        self.layout = _plan(specs, str(self.path))
-        self._header = header_bytes(self.layout, metadata, str(self.path))
-        _check_output(self.path, force)
-        self._positions = {info.name: i for i, info in enumerate(self.layout)}
-        self._written = [0] * len(self.layout)
-        self._current = 0
-        self._unsynced = 0
-        self._file = None
-        self._tmp: Path | None = None
-
-    def __enter__(self) -> StreamWriter:
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        except OSError as err:
-            raise _os_failure(err, self.path) from None
-        self._tmp, self._file = tmp, os.fdopen(fd, "wb")
-        try:
-            self._file.write(self._header)
-        except OSError as err:
-            self._discard()
-            raise _os_failure(err, self.path) from None
-        return self
-
-    def write(self, name: str, chunk: np.ndarray | bytes | bytearray | memoryview) -> None:
-        """Append `chunk` (rows along axis 0, or raw bytes) to tensor `name`."""
-        if self._file is None:
-            raise RuntimeError("StreamWriter.write called outside its with-block")
-        info = self._advance(name)
-        where = {"path": str(self.path), "tensor": _label(name)}
-        data = self._chunk_bytes(info, chunk, where)
-        i = self._positions[name]
-        if self._written[i] + data.nbytes > info.n_bytes:
-            raise InvalidInputError(
-                f"chunk of {data.nbytes} bytes overflows the tensor: {self._written[i]} of "
-                f"{info.n_bytes} bytes already written",
-                **where,
-            )
-        try:
-            self._file.write(data)
-            self._unsynced += data.nbytes
-            if self._unsynced >= WRITEBACK_BYTES:
-                self._start_writeback()
-        except OSError as err:
-            raise _os_failure(err, self.path) from None
-        self._written[i] += data.nbytes
-
-    def _start_writeback(self) -> None:
-        """Start the kernel's write-back now, in the background, so the final fsync finds
-        most pages on disk already instead of waiting for all of them."""
-        self._file.flush()
-        self._unsynced = 0
-        if hasattr(os, "posix_fadvise"):
-            try:
-                os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass  # only a hint: a file system without it just syncs later
-
-    def replace_metadata(self, metadata: Mapping[str, str] | None) -> None:
-        """Rewrite the header's metadata in place; the new header must have the same length.
-
-        Lets a writer put digests of the data into the header after streaming the data: write
-        placeholders of the final length first (e.g. a digest of zeros), then the real values.
-        """
-        if self._file is None:
-            raise RuntimeError("StreamWriter.replace_metadata called outside its with-block")
-        header = header_bytes(self.layout, metadata, str(self.path))
-        if len(header) != len(self._header):
-            raise ValueError(f"new header is {len(header)} bytes, the placeholder {len(self._header)}")
-        try:
-            self._file.flush()
-            end = self._file.tell()
-            self._file.seek(0)
-            self._file.write(header)
-            self._file.seek(end)
-        except OSError as err:
-            raise _os_failure(err, self.path) from None
-        self._header = header
-
-    def _advance(self, name: str) -> TensorInfo:
-        """Move past completed tensors to `name`; refuse to skip an incomplete one."""
-        if name not in self._positions:
-            raise InvalidInputError("not declared in the header", path=str(self.path), tensor=_label(name))
-        target = self._positions[name]
-        if target < self._current:
-            raise InvalidInputError(
-                f"out of order: already moved on to '{_label(self.layout[self._current].name)}'",
-                path=str(self.path), tensor=_label(name),
-            )
-        while self._current < target:
-            info = self.layout[self._current]
-            if self._written[self._current] != info.n_bytes:
-                raise InvalidInputError(
-                    f"out of order: '{_label(info.name)}' is incomplete "
-                    f"({self._written[self._current]} of {info.n_bytes} bytes written)",
-                    path=str(self.path), tensor=_label(name),
-                )
-            self._current += 1
-        return self.layout[target]
-
-    @staticmethod
-    def _chunk_bytes(info: TensorInfo, chunk: Any, where: dict) -> memoryview:
-        if isinstance(chunk, (bytes, bytearray, memoryview)):
-            return memoryview(chunk).cast("B")
-        if not isinstance(chunk, np.ndarray):
-            found = type(chunk).__name__
-            raise InvalidInputError(f"chunk must be a numpy array or bytes, found {found}", **where)
-        if info.dtype not in NUMPY_DTYPES or _ST_FOR_NUMPY.get(_native(chunk.dtype)) != info.dtype:
-            reason = f"chunk dtype {chunk.dtype} does not match declared {info.dtype}"
-            raise InvalidInputError(reason, **where)
-        if chunk.shape[1:] != info.shape[1:] or chunk.ndim != len(info.shape):
-            raise InvalidInputError(
-                f"chunk shape {list(chunk.shape)} does not fit declared shape {list(info.shape)} "
-                "(chunks split axis 0 only)",
-                **where,
-            )
-        flat = np.ascontiguousarray(chunk, dtype=_le(info.dtype)).reshape(-1)
-        return memoryview(flat.view(np.uint8))
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            self._discard()
-            return False
-        try:
-            self._commit()
-        except BaseException:
-            self._discard()
-            raise
-        return False
-
-    def _commit(self) -> None:
-        for info, n_written in zip(self.layout, self._written):
-            if n_written != info.n_bytes:
-                raise InvalidInputError(
-                    f"incomplete: {n_written} of {info.n_bytes} bytes written",
-                    path=str(self.path), tensor=_label(info.name),
-                )
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            if not self.force and os.path.lexists(self.path):
-                raise UsageError("output exists (use --force to overwrite)", path=str(self.path))
-            os.replace(self._tmp, self.path)
-        except OSError as err:
-            raise _os_failure(err, self.path) from None
-        self._tmp = self._file = None
-        _fsync_dir(self.path.parent)
-
-    def _discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-        if self._tmp is not None:
-            try:
-                os.unlink(self._tmp)
-            except FileNotFoundError:
-                pass
-        self._tmp = self._file = None
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename; not every platform lets a directory be opened, hence best effort."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_file(
-    path: str | os.PathLike,
-    tensors: Mapping[str, np.ndarray | RawTensor],
-    metadata: Mapping[str, str] | None = None,
-    *,
-    force: bool = False,
-) -> None:
-    """Atomically write `tensors` (in the given order) to a safetensors file at `path`.
-
-    Values are numpy arrays of a `NUMPY_DTYPES` dtype, or `RawTensor` for bytes of any dtype.
-
-    Example::
-
-        write_file("kv.safetensors", {"layer.0.key": keys}, {"model": "llama"}, force=True)
-    """
-    specs = []
-    for name, value in tensors.items():
-        if isinstance(value, RawTensor):
-            specs.append((name, value.dtype, value.shape))
-        elif isinstance(value, np.ndarray):
-            try:
-                specs.append((name, st_dtype_for(value.dtype), value.shape))
-            except InvalidInputError as err:
-                raise err.at(path=str(path), tensor=_label(name)) from None
-        else:
-            raise InvalidInputError(
-                f"expected a numpy array or RawTensor, found {type(value).__name__}",
-                path=str(path), tensor=_label(name),
-            )
-    with StreamWriter(path, specs, metadata, force=force) as out:
-        for name, value in tensors.items():
-            out.write(name, value.data if isinstance(value, RawTensor) else value)

@@ -14,14 +14,14 @@ from dataclasses import asdict, dataclass
 
 from fibquant_cli.errors import UsageError
 
-# --bits presets (spec section 1; the compress issue's table): rate -> (k, N).
+# --bits presets (docs/method.md §1): rate -> (k, N).
 BITS_PRESETS: dict[float, tuple[int, int]] = {
     4: (2, 256), 3: (2, 64), 2: (4, 256), 1: (8, 256), 0.5: (8, 16),
 }
 DEFAULT_BITS = 3
 
 
-def preset_for(bits: float, flag: str = "--bits") -> tuple[int, int]:
+def preset_for(bits: float, option: str = "bits") -> tuple[int, int]:
     """(k, N) for a --bits value: >= 4 -> (2, 256); otherwise one of the presets exactly."""
     if bits >= 4:
         return BITS_PRESETS[4]
@@ -29,8 +29,8 @@ def preset_for(bits: float, flag: str = "--bits") -> tuple[int, int]:
         if abs(bits - rate) < 1e-9:
             return point
     choices = ", ".join(f"{r:g}" for r in sorted(BITS_PRESETS))
-    raise UsageError(f"{flag} {bits:g} has no preset; choose one of {choices} "
-                     "(or give --block-dim and --size)")
+    raise UsageError(f"{{{option}}} {bits:g} has no preset; choose one of {choices} "
+                     "(or give {block_dim} and {size})", options=(option, "block_dim", "size"))
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,16 @@ class CompressSpec:
 
 
 def _role_point(role: str, bits, block_dim, size, default: tuple[int, int]) -> tuple[int, int]:
+    names = (f"{role}_bits", f"{role}_block_dim", f"{role}_size")
     if (block_dim is None) != (size is None):
-        raise UsageError(f"give --{role}-block-dim and --{role}-size together")
+        raise UsageError(f"give {{{names[1]}}} and {{{names[2]}}} together", options=names[1:])
     if bits is not None and block_dim is not None:
-        raise UsageError(f"give either --{role}-bits or --{role}-block-dim/--{role}-size")
+        raise UsageError(f"give either {{{names[0]}}} or {{{names[1]}}}/{{{names[2]}}}",
+                         options=names)
     if block_dim is not None:
         return (block_dim, size)
     if bits is not None:
-        return preset_for(bits, f"--{role}-bits")
+        return preset_for(bits, names[0])
     return default
 
 
@@ -76,11 +78,13 @@ def resolve_spec(*, bits=None, block_dim=None, size=None, key_bits=None, value_b
                  center_keys: bool = True) -> CompressSpec:
     """Combine the command-line flags into one spec; role flags override the common ones."""
     if (block_dim is None) != (size is None):
-        raise UsageError("give --block-dim and --size together")
+        raise UsageError("give {block_dim} and {size} together", options=("block_dim", "size"))
     if bits is not None and block_dim is not None:
-        raise UsageError("give either --bits or --block-dim/--size, not both")
+        raise UsageError("give either {bits} or {block_dim}/{size}, not both",
+                         options=("bits", "block_dim", "size"))
     if keep_first < 0 or keep_last < 0:
-        raise UsageError("--keep-first and --keep-last must be >= 0")
+        raise UsageError("{keep_first} and {keep_last} must be >= 0",
+                         options=("keep_first", "keep_last"))
     common = (block_dim, size) if block_dim is not None else preset_for(
         DEFAULT_BITS if bits is None else bits)
     return CompressSpec(

@@ -16,11 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fibquant_cli.ops import decompress as pipeline
+from fibquant_cli.core.layer import SOURCE_DTYPES
+from fibquant_cli.formats import stfile
+from fibquant_cli.ops.progress import Progress
+from fibquant_cli.ops.reader import open_verified, reconstructor
 from fibquant_cli.ops.compress import compress
 from fibquant_cli.core.codebook import STREAM_ROTATION, stream
 from fibquant_cli.core.params import Profile
-from fibquant_cli.core.peers import available_peers
+from fibquant_cli.formats.peers import available_peers
 from fibquant_cli.core.rotation import haar_rotation
 from fibquant_cli.core.scalar import ScalarQuantizer
 from fibquant_cli.errors import InvalidInputError
@@ -82,7 +85,7 @@ def kv_values_and_bytes(dump: Dump, pair: tuple[int, int]) -> tuple[int, int]:
         shape = dump.manifest.entries[i].shape
         values += shape.element_count
         source_bytes += shape.element_count * np.dtype(
-            pipeline.stfile.numpy_dtype_for(pipeline.SOURCE_DTYPES[shape.dtype])).itemsize
+            stfile.numpy_dtype_for(SOURCE_DTYPES[shape.dtype])).itemsize
     return values, source_bytes
 
 
@@ -93,7 +96,7 @@ def run_fibquant(dump: Dump, spec: CompressSpec, workdir: Path, max_queries: int
     rep = compress(dump.path, manifest=dump.manifest_path, output=out, spec=spec,
                             force=True, attention=False, jobs=1)
     seconds = time.perf_counter() - start
-    fid = measure(dump, pipeline.reconstructor(pipeline.load_verified(out)),
+    fid = measure(dump, reconstructor(open_verified(out)),
                   max_queries=max_queries)
     pair = kv_entries(dump)
     rows = [rep.entries[i] for i in pair]
@@ -122,8 +125,8 @@ def run_codec(dump: Dump, name: str, roundtrip, bits_per_value, max_queries: int
             x = read_layer(dump, entry, layer).astype(np.float32)
             x_hat = roundtrip(x, entry.shape.role)
             if entry.shape.dtype != "f32":  # stored back in the source dtype, as a restore would
-                x_hat = x_hat.astype(pipeline.stfile.numpy_dtype_for(
-                    pipeline.SOURCE_DTYPES[entry.shape.dtype])).astype(np.float32)
+                x_hat = x_hat.astype(stfile.numpy_dtype_for(
+                    SOURCE_DTYPES[entry.shape.dtype])).astype(np.float32)
             cache[(i, layer)] = x_hat
             total_bits += bits_per_value(x.shape, entry.shape.role) * x.size
     seconds = time.perf_counter() - start
@@ -162,8 +165,8 @@ def mark_pareto(points: list[Point]) -> None:
 
 def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
           specs: list[CompressSpec] | None = None, peers: bool = True, scalar: bool = True,
-          progress: pipeline.Progress | None = None) -> SweepReport:
-    progress = progress or pipeline.Progress()
+          progress: Progress | None = None) -> SweepReport:
+    progress = progress or Progress()
     dump = open_dump(source, manifest)
     pair = require_kv_pair(dump, "the sweep")
     d = dump.manifest.entries[pair[0]].shape.head_dim
@@ -202,58 +205,3 @@ def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
     rep.points.sort(key=lambda p: -p.ratio)
     mark_pareto(rep.points)
     return rep
-
-
-def estimated_bits_per_value(spec: CompressSpec, head_dim: int, tokens: int) -> float:
-    """Payload bits per value of a spec (both roles averaged), to try the cheapest first."""
-    kept = min(tokens, spec.keep_first + spec.keep_last) / tokens
-    total = 0.0
-    for k, n in (spec.key, spec.value):
-        p = Profile(head_dim, k, n)
-        total += (1 - kept) * p.bits_per_vector / head_dim + kept * 16
-    return total / 2
-
-
-@dataclass
-class TargetChoice:
-    target: float
-    chosen: dict | None
-    measured_cosine: float | None
-    tried: list = field(default_factory=list)  # dicts: label, ratio, cosine_mean
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def choose_for_target(source, target: float, *, manifest=None, seed: int = 0,
-                      max_queries: int = DEFAULT_MAX_QUERIES,
-                      progress: pipeline.Progress | None = None) -> tuple[CompressSpec, TargetChoice]:
-    """The cheapest FibQuant operating point whose attention cosine (mean) meets ``target``."""
-    from fibquant_cli.errors import UsageError
-
-    if not 0.0 < target <= 1.0:
-        raise UsageError(f"--target-cosine must be in (0, 1], got {target}")
-    progress = progress or pipeline.Progress()
-    dump = open_dump(source, manifest)
-    pair = require_kv_pair(dump, "--target-cosine")
-    shape = dump.manifest.entries[pair[0]].shape
-    specs = sorted(fibquant_specs(seed),
-                   key=lambda s: estimated_bits_per_value(s, shape.head_dim, shape.tokens))
-    choice = TargetChoice(target, None, None)
-    progress.start(len(specs), f"searching for cosine >= {target}")
-    with tempfile.TemporaryDirectory(prefix="fibquant-target-") as tmp:
-        for spec in specs:
-            try:
-                point, _ = run_fibquant(dump, spec, Path(tmp), max_queries)
-            except InvalidInputError:
-                continue
-            choice.tried.append({"label": spec.label(), "ratio": point.ratio,
-                                 "cosine_mean": point.cosine_mean})
-            progress.advance(spec.label())
-            if point.cosine_mean >= target:
-                choice.chosen, choice.measured_cosine = spec.to_json(), point.cosine_mean
-                return spec, choice
-    best = max(choice.tried, key=lambda t: t["cosine_mean"], default=None)
-    detail = f"; the best is {best['cosine_mean']:.4f} ({best['label']})" if best else ""
-    raise UsageError(f"no FibQuant operating point reaches attention cosine {target}{detail}",
-                     path=str(dump.path))

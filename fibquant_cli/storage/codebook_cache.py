@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fibquant_cli.formats.digest import bytes_digest
-from fibquant_cli.errors import IntegrityError
+from fibquant_cli.formats.digest import codebook_digest as _digest
+from fibquant_cli.formats.digest import profile_digest
+from fibquant_cli.errors import FibQuantError, IntegrityError
+from fibquant_cli.storage.publish import publishing
 from fibquant_cli.core.codebook import train_codebook
 from fibquant_cli.core.params import Profile
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "codebooks"
-CODEBOOK_SCHEMA = "fibquant_codebook_v1"
 
 
 @dataclass(frozen=True)
@@ -50,30 +50,25 @@ def cache_dir() -> Path:
 
 def entry_name(profile: Profile) -> str:
     p = profile
-    return f"d{p.head_dim}_k{p.block_dim}_n{p.size}_s{p.seed}_{p.digest[7:23]}.npz"
+    return f"d{p.head_dim}_k{p.block_dim}_n{p.size}_s{p.seed}_{profile_digest(p)[7:23]}.npz"
 
 
 def codebook_digest(codebook: np.ndarray) -> str:
-    return bytes_digest(CODEBOOK_SCHEMA, np.ascontiguousarray(codebook, dtype="<f8").tobytes())
+    """The cache keeps codebooks in float64 and digests them so."""
+    return _digest(codebook, "<f8")
 
 
 def save_entry(path: Path, profile: Profile, codebook: np.ndarray) -> None:
     """Write an entry atomically (temporary file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps({"profile": profile.digest, "codebook": codebook_digest(codebook)})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh,
-                codebook=np.ascontiguousarray(codebook, dtype="<f8"),
-                profile=np.frombuffer(json.dumps(profile.to_json()).encode(), dtype=np.uint8),
-                digest=np.frombuffer(meta.encode(), dtype=np.uint8),
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    meta = json.dumps({"profile": profile_digest(profile), "codebook": codebook_digest(codebook)})
+    with publishing([path], force=True) as (tmp,), open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            codebook=np.ascontiguousarray(codebook, dtype="<f8"),
+            profile=np.frombuffer(json.dumps(profile.to_json()).encode(), dtype=np.uint8),
+            digest=np.frombuffer(meta.encode(), dtype=np.uint8),
+        )
 
 
 def load_entry(path: Path, profile: Profile) -> np.ndarray:
@@ -85,7 +80,7 @@ def load_entry(path: Path, profile: Profile) -> np.ndarray:
             meta = json.loads(z["digest"].tobytes().decode())
     except (OSError, ValueError, KeyError, UnicodeDecodeError) as err:
         raise IntegrityError(f"unreadable codebook entry ({err})", path=str(path)) from None
-    if stored_profile != profile.to_json() or meta.get("profile") != profile.digest:
+    if stored_profile != profile.to_json() or meta.get("profile") != profile_digest(profile):
         raise IntegrityError("codebook entry belongs to another profile", path=str(path))
     if codebook.shape != (profile.size, profile.block_dim):
         raise IntegrityError(f"codebook shape {codebook.shape} does not match the profile",
@@ -115,7 +110,7 @@ def load_or_build(profile: Profile) -> tuple[np.ndarray, CodebookOrigin]:
     try:
         save_entry(cached, profile, codebook)
         path = cached
-    except OSError as err:  # a read-only cache never stops the work, it only costs time
-        note = f"not cached ({err.strerror or err})"
+    except (OSError, FibQuantError) as err:  # a read-only cache only costs time
+        note = f"not cached ({getattr(err, 'strerror', None) or err})"
         path = None
     return codebook, CodebookOrigin("built", path, time.perf_counter() - start, note)

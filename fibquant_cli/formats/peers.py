@@ -1,4 +1,4 @@
-"""Peer KV-cache codecs, to set beside FibQuant at equal bits (spec section 6).
+"""Peer KV-cache formats, to set beside FibQuant at equal bits (docs/method.md §6).
 
 Every peer takes a KV tensor ``x (batch, kv_heads, tokens, head_dim) float32`` and returns
 its reconstruction, the same shape in float32, through one protocol (``PeerCodec``).

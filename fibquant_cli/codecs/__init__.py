@@ -1,0 +1,31 @@
+"""Stream codecs: how one layer of K or V becomes stored parts, and back.
+
+A compressed file's entries each name their codec (``entries[i].codec``); the container lays
+out and checks each layer's parts as that codec declares them (``layer_parts``) and the
+operations encode and decode through it. A codec is one module of this package exposing:
+
+* ``layer_parts(shape, profile, entry, chosen_dtype) -> [(part, dtype, dims)]``: the stored
+  parts of one layer (``chosen_dtype(part)`` is the dtype the file declares, for parts whose
+  dtype the encoder may choose; the codec refuses a choice it does not allow);
+* ``encode_layer(q, arr, plan, compare) -> EncodedLayer``;
+* ``restore_layer(q, parts, shape, entry, out, name_of)`` and
+  ``decode_tokens(q, parts, shape, entry, t0, t1, name_of)``, which check what they read and
+  raise ``IntegrityError`` naming the stored array (``name_of(part)``).
+
+Adding a codec: write the module, add its name to ``NAMES`` below. Modules are imported only
+when a file or a command uses them. Codecs are numpy only, like ``core``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+NAMES = ("fibquant",)
+
+
+def get(name: str) -> ModuleType:
+    """The codec module registered as ``name`` (the container has checked the name)."""
+    if name not in NAMES:
+        raise KeyError(f"unknown codec {name!r}")
+    return importlib.import_module(f"fibquant_cli.codecs.{name}")

@@ -1,0 +1,168 @@
+"""One layer of K or V around the codec: protected tokens, key centering, rounding, blocks.
+
+A layer is ``[batch, kv_heads, tokens, head_dim]``. The first ``keep_first`` and last
+``keep_last`` tokens of every head are stored exactly (attention sinks, docs/method.md §8);
+the others -- the *middle*, ``t_mid`` tokens per head -- are coded. With centering each head's
+mean over its middle tokens is stored and subtracted first (docs/method.md §7). Rows of the
+middle are counted in (batch, head, token) order, ``t_mid`` rows per head.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fibquant_cli.core.codec import FibQuantizer
+
+# The manifest's dtype names and the safetensors dtype of the tensors they describe.
+SOURCE_DTYPES = {"f16": "F16", "bf16": "BF16", "f32": "F32"}
+# The largest finite bfloat16 (numpy has no finfo for ml_dtypes' bfloat16): (2 - 2^-7) 2^127.
+BF16_MAX = float.fromhex("0x1.fep127")
+
+
+def finite_max(dtype) -> float:
+    """The largest finite value of a float dtype (F16, BF16, F32)."""
+    dtype = np.dtype(dtype)
+    return BF16_MAX if dtype.name == "bfloat16" else float(np.finfo(dtype).max)
+
+
+def cast_clamped(x: np.ndarray, dtype) -> np.ndarray:
+    """float32 ``x`` cast to ``dtype``; values beyond its finite range are clamped, not inf.
+
+    A reconstruction can overshoot a finite source value near the dtype's maximum.
+    """
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return x
+    top = finite_max(dtype)
+    if x.size and max(float(x.max()), -float(x.min())) > top:  # no |x| temporary
+        x = np.clip(x, -top, top)
+    return x.astype(dtype)
+
+
+_F32_EXPONENT = np.uint32(0x7F800000)
+
+
+def round_to_dtype(x: np.ndarray, dtype) -> np.ndarray:
+    """float32 ``x`` rounded as a cast to ``dtype`` (F16, BF16, F32) and back would round it.
+
+    ``x`` must be finite and within the dtype's range (``decoded_segments`` clamps). For fp16,
+    3x faster than numpy's two casts and bit-identical to them (tested): round-to-nearest-even
+    at the spacing of fp16 around each value, 2^(e - 10) in [2^e, 2^(e+1)) and 2^-24 below
+    2^-14 (the subnormals); every step is exact in float32 (powers of two, rint).
+    """
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return x
+    if dtype != np.float16:
+        return x.astype(dtype).astype(np.float32)
+    ulp = np.bitwise_and(x.view(np.uint32), _F32_EXPONENT).view(np.float32)
+    ulp *= np.float32(2.0 ** -10)
+    np.maximum(ulp, np.float32(2.0 ** -24), out=ulp)
+    out = np.divide(x, ulp)
+    np.rint(out, out=out)
+    out *= ulp
+    return out
+
+
+def split_kept(arr: np.ndarray, keep_first: int, keep_last: int):
+    """[b, h, t, d] -> (kept [b, h, kf + kl, d], middle [b, h, t - kf - kl, d], kf, kl)."""
+    t = arr.shape[2]
+    kf = min(keep_first, t)
+    kl = min(keep_last, t - kf)
+    kept = np.concatenate([arr[:, :, :kf], arr[:, :, t - kl:]], axis=2)
+    return kept, arr[:, :, kf:t - kl], kf, kl
+
+
+def token_mean(middle: np.ndarray) -> np.ndarray:
+    """Mean over tokens of [b, h, t, d] -> [b, h, d] float32 (zeros when t == 0)."""
+    if middle.shape[2] == 0:
+        return np.zeros(middle.shape[:2] + middle.shape[3:], dtype=np.float32)
+    return middle.mean(axis=2, dtype=np.float64).astype(np.float32)  # float64 sums, no copy
+
+
+class LayerRows:
+    """The vectors of one layer to encode, handed out in row chunks (bounded memory).
+
+    Rows are the layer's middle vectors in (batch, head, token) order; the source array is
+    never copied whole: a chunk is converted to float32 on its own. ``mean`` [b, h, d]
+    float32 is each head's mean over those tokens (key centering) or None.
+    """
+
+    def __init__(self, arr: np.ndarray, center: bool, keep_first: int, keep_last: int):
+        self.kept, middle, _, _ = split_kept(arr, keep_first, keep_last)
+        b, h, t, d = middle.shape
+        self.shape = (b, h, t, d)
+        self.n = b * h * t
+        self.heads = middle.reshape(b * h, t, d)  # a view: b and h merge without a copy
+        self.mean = token_mean(middle) if center else None
+        self._mean2 = None if self.mean is None else self.mean.reshape(b * h, d)
+
+    def segments(self, r0: int, r1: int):
+        """(head g, first row, stop row) of the pieces of rows r0:r1 within one head each."""
+        t = self.shape[2]
+        for g in range(r0 // t, (r1 - 1) // t + 1):
+            yield g, max(r0, g * t), min(r1, (g + 1) * t)
+
+    def chunk(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, x_in): rows r0:r1 as float32, and minus their head's mean when centering."""
+        t, d = self.shape[2], self.shape[3]
+        x = np.empty((r1 - r0, d), dtype=np.float32)
+        for g, a, z in self.segments(r0, r1):
+            x[a - r0:z - r0] = self.heads[g, a - g * t:z - g * t]
+        if self._mean2 is None:
+            return x, x
+        x_in = x.copy()
+        for g, a, z in self.segments(r0, r1):
+            x_in[a - r0:z - r0] -= self._mean2[g]
+        return x, x_in
+
+
+def decoded_segments(q: FibQuantizer, codes, norms: np.ndarray, mean, t_mid: int, dtype,
+                     offset: int = 0):
+    """Yield (head g, r0, r1, rows r0:r1 decoded, float32) for one layer's ``codes``.
+
+    ``codes`` may be the rows from ``offset`` on (a multiple of ``DECODE_ROWS``); r0 and r1
+    count from the layer's first row.
+
+    Rows are decoded in the blocks of ``FibQuantizer.decode`` (so every path gets the same
+    values) and split at head boundaries (``t_mid`` rows per head); each head's mean
+    (``mean`` [b, h, d] or None) is added and the values are clamped to the finite range of
+    ``dtype``, the output dtype (a reconstruction may overshoot a value near its maximum).
+    The rows are a view of a scratch block: use them before asking for the next segment.
+    """
+    d = q.profile.head_dim
+    mean2 = None if mean is None else mean.reshape(-1, d)
+    top = None if np.dtype(dtype) == np.float32 else finite_max(dtype)
+    if top is not None and codes.shape[0]:
+        # |x_hat_i| <= nu * ||y_hat|| + |mean_i|: clamp only when that bound could reach top.
+        bound = float(norms.max()) * q.max_decoded_norm * (1 + 1e-3)
+        bound += 0.0 if mean2 is None else float(np.abs(mean2).max())
+        top = top if bound >= top else None
+    for start, stop, block in q.decode_blocks(codes, norms):
+        start, stop = start + offset, stop + offset
+        for g in range(start // t_mid, (stop - 1) // t_mid + 1):
+            r0, r1 = max(start, g * t_mid), min(stop, (g + 1) * t_mid)
+            seg = block[r0 - start:r1 - start]
+            if mean2 is not None:
+                seg += mean2[g]
+            if top is not None:
+                np.clip(seg, -top, top, out=seg)
+            yield g, r0, r1, seg
+
+
+def restore_into(q: FibQuantizer, codes, norms: np.ndarray, mean, kept,
+                 keep: tuple[int, int], out: np.ndarray) -> None:
+    """Write one layer, as restored, into ``out`` [b, h, t, d] (C-contiguous, source dtype).
+
+    Kept tokens are copied as stored; the others come from ``decoded_segments`` and are cast
+    while the block is still in cache.
+    """
+    b, h, t, d = out.shape
+    kf, kl = keep
+    out3 = out.reshape(b * h, t, d)
+    if kf + kl:
+        out3[:, :kf] = kept[:, :, :kf].reshape(b * h, kf, d)
+        out3[:, t - kl:] = kept[:, :, kf:].reshape(b * h, kl, d)
+    t_mid = t - kf - kl
+    for g, r0, r1, seg in decoded_segments(q, codes, norms, mean, t_mid, out.dtype):
+        np.copyto(out3[g, kf + r0 - g * t_mid:kf + r1 - g * t_mid], seg, casting="unsafe")

@@ -1,0 +1,75 @@
+"""codebook: build or load a FibQuant codebook and measure its distortion."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from fibquant_cli.core.codebook import STREAM_EVALUATION, d_unit, stream
+from fibquant_cli.core.codec import default_rotation
+from fibquant_cli.core.params import Profile
+from fibquant_cli.core.scalar import ScalarQuantizer
+from fibquant_cli.formats.digest import profile_digest
+from fibquant_cli.storage.codebook_cache import load_or_build
+
+EVAL_VECTORS = 100_000
+
+
+@dataclass(frozen=True)
+class CodebookReport:
+    head_dim: int
+    block_dim: int
+    size: int
+    seed: int
+    rate_bits: float
+    wire_bits: int
+    bits_per_vector: int
+    train_samples: int
+    eval_vectors: int
+    d_unit: float
+    scalar_d_unit: float | None
+    gain_db: float | None
+    shannon_bound: float
+    shannon_gap_db: float
+    origin: str
+    seconds: float
+    cache_path: str | None
+    profile_digest: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def codebook_report(profile: Profile, eval_vectors: int = EVAL_VECTORS) -> CodebookReport:
+    """Build or load the codebook of ``profile`` and measure it on fresh unit vectors."""
+    codebook, origin = load_or_build(profile)
+    d, b = profile.head_dim, profile.rate_bits
+    fib = d_unit(codebook, d, eval_vectors, stream(profile.seed, STREAM_EVALUATION))
+    scalar = None
+    bits = profile.whole_bits
+    if bits is not None:
+        rng = stream(profile.seed, STREAM_EVALUATION)
+        sq = ScalarQuantizer(d, bits, default_rotation(profile))
+        total = 0.0
+        for start in range(0, eval_vectors, 8192):
+            m = min(8192, eval_vectors - start)
+            u = rng.standard_normal((m, d))
+            u /= np.linalg.norm(u, axis=1, keepdims=True)
+            total += float(((u - sq.decode(*sq.encode(u))) ** 2).sum())
+        scalar = total / eval_vectors
+    bound = 2.0 ** (-2.0 * b)
+    return CodebookReport(
+        head_dim=d, block_dim=profile.block_dim, size=profile.size, seed=profile.seed,
+        rate_bits=b, wire_bits=profile.wire_bits, bits_per_vector=profile.bits_per_vector,
+        train_samples=profile.train_samples, eval_vectors=eval_vectors, d_unit=fib,
+        scalar_d_unit=scalar,
+        gain_db=None if scalar is None else 10.0 * math.log10(scalar / fib),
+        shannon_bound=bound, shannon_gap_db=10.0 * math.log10(fib / bound),
+        origin=origin.kind + (f" ({origin.note})" if origin.note else ""),
+        seconds=origin.seconds, cache_path=None if origin.path is None else str(origin.path),
+        profile_digest=profile_digest(profile),
+    )
+
+

@@ -1,0 +1,156 @@
+"""An opened compressed file: verified document and codebooks, and the arrays read from it.
+
+``open_verified`` checks the header and document (``container.open_container``), then the
+codebooks and rotations (every decode needs them), then -- unless told otherwise -- every
+other stored array. Decompress instead verifies each array as it reads it
+(``verify_on_read``: one read instead of two) and the rest at the end (``verify_unread``);
+random access verifies only what it reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fibquant_cli import codecs
+from fibquant_cli.core.codec import FibQuantizer
+from fibquant_cli.core.layer import SOURCE_DTYPES
+from fibquant_cli.errors import IntegrityError
+from fibquant_cli.formats import container, stfile
+from fibquant_cli.formats.container import codebook_name, part_name, rotation_name
+from fibquant_cli.formats.digest import codebook_digest, rotation_digest, tensor_digest
+from fibquant_cli.ops.progress import Progress
+
+
+@dataclass
+class Opened:
+    """A compressed file whose header, document, codebooks and rotations verified."""
+
+    comp: container.Container
+    quantizers: list  # one FibQuantizer per profile
+    verify_on_read: bool = False
+    verified: set = field(default_factory=set)
+
+    @property
+    def doc(self) -> container.Document:
+        return self.comp.doc
+
+    @property
+    def manifest(self):
+        return self.comp.doc.manifest
+
+    @property
+    def path(self):
+        return self.comp.path
+
+    def quantizer(self, i: int) -> FibQuantizer:
+        return self.quantizers[self.doc.entries[i].profile]
+
+    def codec(self, i: int):
+        return codecs.get(self.doc.entries[i].codec)
+
+    def names(self, i: int, layer: int):
+        """part -> stored name, for one layer (what codecs call ``name_of``)."""
+        return lambda part: part_name(i, layer, part)
+
+
+def open_verified(path, progress: Progress | None = None, checks: list | None = None, *,
+                  verify_arrays: bool = True, verify_on_read: bool = False) -> Opened:
+    """Open a compressed file and verify it (see the module docstring); raise on a failure."""
+    progress = progress or Progress()
+    note = (lambda name, detail: checks.append((name, True, detail))) if checks is not None \
+        else (lambda name, detail: None)
+    comp = container.open_container(path)
+    note("structure and format version", f"format {comp.doc.format_version}, "
+         f"{len(comp.header.tensors)} stored arrays")
+    note("metadata digest", "fibquant document verified")
+    names = [n for n in comp.header.tensors
+             if (verify_arrays and not verify_on_read) or n.endswith(("/codebook", "/rotation"))]
+    progress.start(len(names), "verifying digests")
+    for name in names:
+        container.verify_array(comp, name)
+        progress.advance(name)
+    note("array digests", f"{len(names)} arrays match their BLAKE3 digests")
+    quantizers = [_quantizer(comp, j) for j in range(len(comp.doc.profiles))]
+    note("codebooks and rotations", f"{len(quantizers)} profile(s) match their digests")
+    return Opened(comp, quantizers, verify_on_read, set(names) if verify_on_read else set())
+
+
+def _quantizer(comp: container.Container, j: int) -> FibQuantizer:
+    rec = comp.doc.profiles[j]
+    where = str(comp.path)
+    codebook = stfile.read_tensor(comp.header, codebook_name(j))
+    rotation = stfile.read_tensor(comp.header, rotation_name(j))
+    if codebook_digest(codebook) != rec.codebook_digest:
+        raise IntegrityError("codebook does not match its profile", path=where,
+                             tensor=codebook_name(j))
+    if rotation_digest(rotation) != rec.rotation_digest:
+        raise IntegrityError("rotation does not match its profile", path=where,
+                             tensor=rotation_name(j))
+    return FibQuantizer(rec.profile, codebook, rotation)
+
+
+def read_stored(opened: Opened, name: str, arrays: dict | None = None) -> np.ndarray:
+    """Stored array ``name``, checked against its digest first if ``opened.verify_on_read``.
+
+    ``arrays``: arrays already read (``stfile.read_tensors``); ``name`` is taken from it.
+    """
+    arr = arrays.pop(name) if arrays and name in arrays else stfile.read_tensor(
+        opened.comp.header, name)
+    if opened.verify_on_read and name not in opened.verified:
+        info = opened.comp.header.tensors[name]
+        if tensor_digest(info.dtype, info.shape, arr) != opened.doc.arrays[name]:
+            raise IntegrityError("digest mismatch (stored bytes were altered)",
+                                 path=str(opened.path), tensor=name)
+        opened.verified.add(name)  # set.add is atomic: decode threads share it
+    return arr
+
+
+def verify_unread(opened: Opened) -> None:
+    """With ``verify_on_read``: check every stored array that was never read."""
+    if opened.verify_on_read:
+        for name in opened.comp.header.tensors:
+            if name not in opened.verified:
+                container.verify_array(opened.comp, name)
+                opened.verified.add(name)
+
+
+def layer_parts(opened: Opened, i: int, layer: int) -> dict[str, np.ndarray]:
+    """part -> array of entry i, layer (one read for all of them; verified as configured)."""
+    header = opened.comp.header
+    prefix = part_name(i, layer, "")
+    names = [n for n in header.tensors if n.startswith(prefix)]
+    arrays = stfile.read_tensors(header, names)
+    return {n[len(prefix):]: read_stored(opened, n, arrays) for n in names}
+
+
+def restore_layer(opened: Opened, i: int, layer: int) -> np.ndarray:
+    """Entry i, layer as restored: [batch, kv_heads, tokens, head_dim] in the source dtype."""
+    shape = opened.manifest.entries[i].shape
+    out = np.empty((shape.batch, shape.kv_heads, shape.tokens, shape.head_dim),
+                   dtype=stfile.numpy_dtype_for(SOURCE_DTYPES[shape.dtype]))
+    parts = layer_parts(opened, i, layer)
+    try:
+        opened.codec(i).restore_layer(opened.quantizer(i), parts, shape, opened.doc.entries[i],
+                                      out, opened.names(i, layer))
+    except IntegrityError as err:
+        raise err.at(path=str(opened.path)) from None
+    return out
+
+
+def reconstructor(opened: Opened):
+    """(entry, layer) -> the restored layer exactly as decompress writes it, as float32."""
+
+    def reconstruct(i: int, layer: int) -> np.ndarray:
+        return restore_layer(opened, i, layer).astype(np.float32)
+
+    return reconstruct
+
+
+def region(opened: Opened, name: str) -> np.ndarray:
+    """A stored array as a read-only memory map of its shape (only touched pages are read)."""
+    info = opened.comp.header.tensors[name]
+    dt = stfile.numpy_dtype_for(info.dtype).newbyteorder("<")
+    return np.memmap(opened.comp.header.path, dtype=dt, mode="r",
+                     offset=opened.comp.header.data_start + info.begin, shape=info.shape)

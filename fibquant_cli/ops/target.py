@@ -1,0 +1,69 @@
+"""--target-cosine: the cheapest FibQuant operating point whose attention cosine meets a target."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fibquant_cli.core.params import Profile
+from fibquant_cli.errors import InvalidInputError, UsageError
+from fibquant_cli.formats.kvdump import open_dump
+from fibquant_cli.ops.fidelity import DEFAULT_MAX_QUERIES, require_kv_pair
+from fibquant_cli.ops.progress import Progress
+from fibquant_cli.ops.spec import CompressSpec
+from fibquant_cli.ops.sweep import fibquant_specs, run_fibquant
+
+
+def estimated_bits_per_value(spec: CompressSpec, head_dim: int, tokens: int) -> float:
+    """Payload bits per value of a spec (both roles averaged), to try the cheapest first."""
+    kept = min(tokens, spec.keep_first + spec.keep_last) / tokens
+    total = 0.0
+    for k, n in (spec.key, spec.value):
+        p = Profile(head_dim, k, n)
+        total += (1 - kept) * p.bits_per_vector / head_dim + kept * 16
+    return total / 2
+
+
+@dataclass
+class TargetChoice:
+    target: float
+    chosen: dict | None
+    measured_cosine: float | None
+    tried: list = field(default_factory=list)  # dicts: label, ratio, cosine_mean
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def choose_for_target(source, target: float, *, manifest=None, seed: int = 0,
+                      max_queries: int = DEFAULT_MAX_QUERIES,
+                      progress: Progress | None = None) -> tuple[CompressSpec, TargetChoice]:
+    """The cheapest FibQuant operating point whose attention cosine (mean) meets ``target``."""
+    if not 0.0 < target <= 1.0:
+        raise UsageError(f"{{target_cosine}} must be in (0, 1], got {target}",
+                         options=("target_cosine",))
+    progress = progress or Progress()
+    dump = open_dump(source, manifest)
+    pair = require_kv_pair(dump, "a target cosine")
+    shape = dump.manifest.entries[pair[0]].shape
+    specs = sorted(fibquant_specs(seed),
+                   key=lambda s: estimated_bits_per_value(s, shape.head_dim, shape.tokens))
+    choice = TargetChoice(target, None, None)
+    progress.start(len(specs), f"searching for cosine >= {target}")
+    with tempfile.TemporaryDirectory(prefix="fibquant-target-") as tmp:
+        for spec in specs:
+            try:
+                point, _ = run_fibquant(dump, spec, Path(tmp), max_queries)
+            except InvalidInputError:
+                continue
+            choice.tried.append({"label": spec.label(), "ratio": point.ratio,
+                                 "cosine_mean": point.cosine_mean})
+            progress.advance(spec.label())
+            if point.cosine_mean >= target:
+                choice.chosen, choice.measured_cosine = spec.to_json(), point.cosine_mean
+                return spec, choice
+    best = max(choice.tried, key=lambda t: t["cosine_mean"], default=None)
+    detail = f"; the best is {best['cosine_mean']:.4f} ({best['label']})" if best else ""
+    raise UsageError(f"no FibQuant operating point reaches attention cosine {target}{detail}",
+                     path=str(dump.path))
