@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from fibquant_cli.cli import tables as report
+from fibquant_cli.cli import console
 from fibquant_cli.cli.progress import RichProgress
 from fibquant_cli.errors import FibQuantError, Interrupted, UsageError
 
@@ -41,7 +41,7 @@ class OneLineErrors(TyperGroup):
             if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
                 if type(err).__name__ != "Abort":
                     raise
-                report.stderr.print("fibquant: aborted")
+                console.stderr().print("fibquant: aborted")
                 code = 1
             elif type(err).__name__ == "NoArgsIsHelpError":
                 print(err.ctx.get_help())
@@ -49,7 +49,7 @@ class OneLineErrors(TyperGroup):
             else:
                 ctx = getattr(err, "ctx", None)
                 path = ctx.command_path if ctx is not None else "fibquant"
-                report.print_error(f"{path}: {err.format_message()} (see '{path} --help')")
+                console.print_error(f"{path}: {err.format_message()} (see '{path} --help')")
                 code = err.exit_code
         code = code if isinstance(code, int) else 0
         if standalone_mode:
@@ -59,6 +59,7 @@ class OneLineErrors(TyperGroup):
 
 app = typer.Typer(
     cls=OneLineErrors,
+    rich_markup_mode=None,  # plain help: rich's help formatter alone doubled start-up time
     add_completion=False,
     no_args_is_help=True,
     help="Compress transformer KV-cache safetensors dumps with FibQuant vector quantization.",
@@ -79,20 +80,20 @@ def handle_errors(func):
         except FibQuantError as err:
             if _state["debug"]:
                 raise
-            report.print_error(err.render(flag))
+            console.print_error(err.render(flag))
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
-            report.stderr.print("fibquant: interrupted")
+            console.stderr().print("fibquant: interrupted")
             raise typer.Exit(130) from None
         except Interrupted as sig:
-            report.stderr.print(f"fibquant: stopped by signal {sig.signum}")
+            console.stderr().print(f"fibquant: stopped by signal {sig.signum}")
             raise typer.Exit(128 + sig.signum) from None
         except (typer.Exit, typer.Abort):
             raise
         except Exception as err:  # a bug: say so in one line, keep the traceback for --debug
             if _state["debug"]:
                 raise
-            report.print_error(f"internal error: {type(err).__name__}: {err} (rerun with --debug)")
+            console.print_error(f"internal error: {type(err).__name__}: {err} (rerun with --debug)")
             raise typer.Exit(1) from None
 
     return wrapper
@@ -117,14 +118,16 @@ def codebook(
     as_json: JsonOpt = False,
 ) -> None:
     """Build or load a codebook and measure its distortion against scalar and Shannon."""
+    from fibquant_cli.cli import tables
+
     from fibquant_cli.core.params import Profile
     from fibquant_cli.ops.codebook import codebook_report
 
     rep = codebook_report(Profile(head_dim, block_dim, size, seed), eval_vectors)
     if as_json:
-        report.print_json(rep.to_json())
+        console.print_json(rep.to_json())
     else:
-        report.stdout.print(report.codebook_table(rep))
+        console.stdout().print(tables.codebook_table(rep))
 
 
 PathArg = Annotated[Path, typer.Argument(help="A safetensors file.", show_default=False)]
@@ -138,13 +141,15 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outp
 @handle_errors
 def validate(path: PathArg, manifest: ManifestOpt = None, as_json: JsonOpt = False) -> None:
     """Check a dump against its manifest, or a compressed file completely."""
+    from fibquant_cli.cli import tables
+
     from fibquant_cli.ops.inspect import validate as run
 
     rep = run(path, manifest)
     if as_json:
-        report.print_json(rep.to_json())
+        console.print_json(rep.to_json())
     else:
-        report.stdout.print(report.validate_table(rep))
+        console.stdout().print(tables.validate_table(rep))
     if rep.error is not None:
         raise rep.error
 
@@ -156,13 +161,15 @@ def digest(
     as_json: JsonOpt = False,
 ) -> None:
     """BLAKE3 digests: manifest entry shapes, dump tensors, or a compressed file's records."""
+    from fibquant_cli.cli import tables
+
     from fibquant_cli.ops.inspect import digest as run
 
     rep = run(path)
     if as_json:
-        report.print_json(rep.to_json())
+        console.print_json(rep.to_json())
     else:
-        report.print_digests(rep)
+        tables.print_digests(rep)
     if rep.error is not None:
         raise rep.error
 
@@ -214,6 +221,8 @@ def compress(
     as_json: JsonOpt = False,
 ) -> None:
     """Compress a KV dump into one self-contained .fq.safetensors file."""
+    from fibquant_cli.cli import tables
+
     from fibquant_cli.ops.compress import compress as run
     from fibquant_cli.ops.spec import resolve_spec
 
@@ -244,17 +253,17 @@ def compress(
                   force=force, attention=attention, max_queries=max_queries, jobs=jobs,
                   progress=progress)
     if as_json:
-        report.print_json({**rep.to_json(), "target": None if choice is None else choice.to_json()})
+        console.print_json({**rep.to_json(), "target": None if choice is None else choice.to_json()})
         return
     if choice is not None:
-        report.stdout.print(
+        console.stdout().print(
             f"--target-cosine {choice.target}: picked {spec.label()}, attention cosine "
             f"{choice.measured_cosine:.4f} ({len(choice.tried)} points tried, cheapest first)")
-    report.stdout.print(report.compress_table(rep, compare))
+    console.stdout().print(tables.compress_table(rep, compare))
     if rep.attention is not None:
-        report.stdout.print(report.fidelity_table(rep.attention, "fidelity"))
+        console.stdout().print(tables.fidelity_table(rep.attention, "fidelity"))
     elif attention:
-        report.stdout.print("attention fidelity: not measured (needs exactly one key and one "
+        console.stdout().print("attention fidelity: not measured (needs exactly one key and one "
                             "value entry of the same geometry)")
 
 
@@ -276,6 +285,8 @@ def decompress(
 
     With --layers/--tokens, decode just that slice (and its queries) into a smaller dump.
     """
+    from fibquant_cli.cli import tables
+
     with RichProgress() as progress:
         if layers is None and tokens is None:
             from fibquant_cli.ops.decompress import decompress as run
@@ -287,9 +298,9 @@ def decompress(
             rep = decompress_slice(path, layers=layers, tokens=tokens, output=output,
                                    force=force, progress=progress)
     if as_json:
-        report.print_json(rep.to_json())
+        console.print_json(rep.to_json())
     else:
-        report.stdout.print(report.decompress_table(rep))
+        console.stdout().print(tables.decompress_table(rep))
 
 
 @app.command(name="eval")
@@ -302,13 +313,15 @@ def evaluate(
     as_json: JsonOpt = False,
 ) -> None:
     """Attention fidelity of a compressed file or a restored dump against the original."""
+    from fibquant_cli.cli import tables
+
     from fibquant_cli.ops.evaluate import evaluate as run
 
     rep = run(original, other, manifest=manifest, max_queries=max_queries)
     if as_json:
-        report.print_json(rep.to_json())
+        console.print_json(rep.to_json())
     else:
-        report.stdout.print(report.fidelity_table(rep, f"{other} vs {original}"))
+        console.stdout().print(tables.fidelity_table(rep, f"{other} vs {original}"))
 
 
 @app.command()
@@ -324,6 +337,8 @@ def sweep(
     as_json: JsonOpt = False,
 ) -> None:
     """Run many operating points and print the memory-fidelity frontier."""
+    from fibquant_cli.cli import tables
+
     from fibquant_cli.ops.sweep import sweep as run
 
     if plot is not None and plot.suffix.lower() != ".png":
@@ -337,11 +352,11 @@ def sweep(
 
         plot_frontier(rep, plot)
     if as_json:
-        report.print_json(rep.to_json())
+        console.print_json(rep.to_json())
     else:
-        report.stdout.print(report.sweep_table(rep))
+        console.stdout().print(tables.sweep_table(rep))
         if plot is not None:
-            report.stdout.print(f"frontier plot: {plot}")
+            console.stdout().print(f"frontier plot: {plot}")
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fibquant_cli.cli import tables as report
+from fibquant_cli.cli import console
 from fibquant_cli.ops.progress import Progress
 
 
@@ -15,8 +15,8 @@ class RichProgress(Progress):
 
         self.bar = Bar(TextColumn("{task.description}"), BarColumn(),
                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                       console=report.stderr, transient=True,
-                       disable=not report.stderr.is_terminal)
+                       console=console.stderr(), transient=True,
+                       disable=not console.stderr().is_terminal)
         self.task = None
 
     def __enter__(self):

@@ -1,36 +1,12 @@
-"""Result dataclasses -> rich tables or JSON. Formats only; never computes."""
+"""Result records -> rich tables. Formats only; never computes. Imported by the commands that
+print a table, not at start-up."""
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-def _console(**kwargs) -> Console:
-    """Wide tables when piped (rich would squeeze them to 80 columns); COLUMNS still wins."""
-    console = Console(highlight=False, **kwargs)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(highlight=False, width=140, **kwargs)
-    return console
-
-
-stdout = _console()
-stderr = _console(stderr=True)
-
-
-def print_error(message: str) -> None:
-    """``fibquant: error: ...`` on one line of stderr; the message is never read as markup."""
-    text = Text("fibquant: error: ", style="red")
-    text.append(" ".join(message.split()))
-    stderr.print(text, soft_wrap=True)
-
-
-def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+from fibquant_cli.cli import console
 
 
 def fmt_db(value: float | None) -> str:
@@ -80,16 +56,16 @@ def validate_table(rep) -> Table:
 
 def print_digests(rep) -> None:
     """One line per digest (no table: digests are meant to be copied whole)."""
-    stdout.print(f"[bold]digests of {rep.path}[/bold] ({rep.kind})")
+    console.stdout().print(f"[bold]digests of {rep.path}[/bold] ({rep.kind})")
     width = max((len(row["name"]) for row in rep.rows), default=0)
     for row in rep.rows:
         status = ""
         if "status" in row:
             status = "  [green]ok[/green]" if row["status"] == "ok" else "  [red]MISMATCH[/red]"
         extra = f"  {row['dtype']} {row['shape']}" if "dtype" in row else ""
-        stdout.print(f"{row['name']:<{width}}  {row['digest']}{status}{extra}", soft_wrap=True)
+        console.stdout().print(f"{row['name']:<{width}}  {row['digest']}{status}{extra}", soft_wrap=True)
     for key, value in rep.summary.items():
-        stdout.print(f"{key}: {value}", soft_wrap=True)
+        console.stdout().print(f"{key}: {value}", soft_wrap=True)
 
 
 def _size(n_bytes: float) -> str:
