@@ -1,3 +1,7 @@
-"""fibquant: compress transformer KV-cache safetensors dumps with FibQuant vector quantization."""
+"""fibquant: compress transformer KV-cache dumps (safetensors) with FibQuant vector quantization.
 
-__version__ = "0.1.0"
+The package's layers, top to bottom (docs/architecture.md): ``cli`` -> ``ops`` -> ``formats``,
+``storage`` -> ``codecs`` -> ``core`` -> ``errors``.
+"""
+
+__version__ = "0.2.0"

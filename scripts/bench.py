@@ -32,12 +32,13 @@ try:
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fibquant_cli.storage import codebook_cache as cache
 from fibquant_cli.core import codebook
-from fibquant_cli.core.codec import FibQuantizer, default_rotation
+from fibquant_cli.core.codec import default_rotation
 from fibquant_cli.core.params import Profile
 from fibquant_cli.core.scalar import ScalarQuantizer, scalar_d_unit_theory
 from fibquant_cli.core.source import sample_unit_vectors
+from fibquant_cli.storage import codebook_cache as cache
+from fibquant_cli.storage.codebook_cache import quantizer_for
 
 HEAD_DIM = 64
 SEED = 0  # profile seed of the shipped codebooks
@@ -192,7 +193,7 @@ def throughput_rows(k: int, n: int, x: np.ndarray, allow_training: bool) -> list
     bits = whole_bits(profile.rate_bits)
     if not (allow_training or codebook_on_disk(profile)):
         return []
-    fib = measure_codec(f"fib k={k} N={n}", FibQuantizer.from_profile(profile), x)
+    fib = measure_codec(f"fib k={k} N={n}", quantizer_for(profile), x)
     scalar = measure_codec(f"scalar {bits}-bit",
                            ScalarQuantizer(HEAD_DIM, bits, default_rotation(profile)), x)
     for row in (fib, scalar):

@@ -38,12 +38,13 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fibquant_cli.ops.compress import compress  # noqa: E402
-from fibquant_cli.core.codec import FibQuantizer, default_rotation  # noqa: E402
+from fibquant_cli.core.codec import default_rotation  # noqa: E402
 from fibquant_cli.core.params import Profile  # noqa: E402
 from fibquant_cli.core.scalar import ScalarQuantizer  # noqa: E402
+from fibquant_cli.ops.compress import compress  # noqa: E402
 from fibquant_cli.ops.decompress import decompress  # noqa: E402
 from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec  # noqa: E402
+from fibquant_cli.storage.codebook_cache import quantizer_for  # noqa: E402
 
 SAMPLE = ROOT / "sample_data" / "kv_sample.safetensors"
 ROUNDS = 5
@@ -99,7 +100,7 @@ def throughput(dump: Path, workdir: Path, points, rounds: int) -> list[dict]:
     out, restored = workdir / "b.fq.safetensors", workdir / "b.restored.safetensors"
     for label, k, n in points:
         spec = CompressSpec(key=(k, n), value=(k, n))
-        q = FibQuantizer.from_profile(Profile(64, k, n))
+        q = quantizer_for(Profile(64, k, n))
         tasks = {
             "c1": lambda: compress(dump, output=out, spec=spec, force=True, attention=False,
                                    jobs=1),

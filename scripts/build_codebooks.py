@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 import time
 
-from fibquant_cli.storage.codebook_cache import SHIPPED_DIR, entry_name, save_entry
 from fibquant_cli.core.codebook import train_codebook
 from fibquant_cli.core.params import Profile
+from fibquant_cli.storage.codebook_cache import SHIPPED_DIR, entry_name, save_entry
 
 # Spec section 4 table at d = 64, and the common points at d = 128.
 SHIPPED_POINTS = [

@@ -1,6 +1,8 @@
-"""Shared helpers for the CLI tests: a CliRunner and small synthetic KV dumps.
+"""Shared test helpers: the one CLI runner (``invoke`` / the ``cli`` fixture) and its checks
+(``ok``, ``assert_error``), small synthetic KV dumps, and a throwaway codebook cache.
 
-Everything here is opt-in (no autouse fixtures), so the other test modules are unaffected.
+Every test runs with ``FIBQUANT_CACHE_DIR`` pointing at a private folder of the session, so
+codebooks trained by tests never reach the user's cache.
 """
 
 from __future__ import annotations
@@ -29,22 +31,49 @@ _ST_OF_NP = {np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
              np.dtype(np.bool_): "BOOL", np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3"}
 
 
-@pytest.fixture
-def runner() -> CliRunner:
-    # The installed typer vendors click >= 8.2: stdout and stderr are always captured
-    # separately (result.stdout / result.stderr) and result.output is both, interleaved.
-    return CliRunner()
+@pytest.fixture(autouse=True, scope="session")
+def _private_codebook_cache(tmp_path_factory):
+    """Codebooks trained by a test (non-shipped profiles) go to a throwaway cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FIBQUANT_CACHE_DIR", str(tmp_path_factory.mktemp("fq-cache")))
+        yield
 
 
-@pytest.fixture
-def cli(runner):
-    """cli(*args) -> click Result of ``fibquant *args`` (paths converted to str)."""
+def invoke(*args, **kwargs):
+    """Run ``fibquant *args`` in this process as a user would (arguments as strings); the
+    click Result: ``exit_code``, ``stdout``, ``stderr`` (separate), ``output`` (both)."""
     from fibquant_cli.cli import app
 
-    def run(*args, **kwargs):
-        return runner.invoke(app, [str(a) for a in args], **kwargs)
+    return CliRunner().invoke(app, [str(a) for a in args], **kwargs)
 
-    return run
+
+@pytest.fixture
+def cli():
+    """``invoke`` as a fixture."""
+    return invoke
+
+
+def ok(result):
+    """Assert a CLI result succeeded; return it."""
+    detail = f"exit={result.exit_code} exc={result.exception!r}\n{result.output}"
+    assert result.exit_code == 0, detail
+    assert result.exception is None, detail
+    return result
+
+
+def assert_error(result, code: int, *fragments: str) -> str:
+    """Exit ``code``, exactly one 'fibquant: error:' line on stderr, no traceback."""
+    detail = f"exit={result.exit_code} exc={result.exception!r}\n{result.output}"
+    assert result.exit_code == code, detail
+    assert isinstance(result.exception, SystemExit), detail  # nothing escaped the handler
+    assert "Traceback" not in result.output, detail
+    err = result.stderr
+    assert err.endswith("\n") and err.count("\n") == 1, f"not one line: {err!r}"
+    line = err.rstrip("\n")
+    assert line.startswith("fibquant: error: "), line
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    return line
 
 
 def kv_shape(role: str, *, dtype: str = "f16", batch: int = 1, layers: int = 2,
@@ -180,27 +209,18 @@ def header_order(path: Path) -> list[str]:
     return [k for k in read_st_header(path)[0] if k != "__metadata__"]
 
 
-@pytest.fixture(scope="module")
-def module_cache_dir(tmp_path_factory):
-    """Anything a module's tests would write to the codebook cache goes to a throwaway folder."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("fq-cache")
-        mp.setenv("FIBQUANT_CACHE_DIR", str(path))
-        yield path
-
-
-def invoke(*args):
-    """Run the CLI in this process, as a user would (all arguments as strings)."""
-    from typer.testing import CliRunner
-
-    from fibquant_cli.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    """Assert a CLI result succeeded; return it."""
-    detail = f"exit={result.exit_code} exc={result.exception!r}\n{result.output}"
-    assert result.exit_code == 0, detail
-    assert result.exception is None, detail
-    return result
+@pytest.fixture
+def compressed(cli, tmp_path):
+    """A compressed file (in tmp_path/c) whose header ends in padding spaces."""
+    work = tmp_path / "c"
+    work.mkdir()
+    for pad in range(8):  # the source __metadata__ is recorded in the header: vary its length
+        dump = make_dump(tmp_path, metadata={"note": "x" * pad}, extras=True)
+        out = work / "kv.fq.safetensors"
+        if out.exists():
+            out.unlink()
+        ok(cli("compress", dump.path, "-o", out))
+        header, start = read_st_header(out)
+        if out.read_bytes()[start - 1:start] == b" ":
+            return out
+    raise AssertionError("could not produce a padded header")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
@@ -119,7 +119,6 @@ def codebook(
 ) -> None:
     """Build or load a codebook and measure its distortion against scalar and Shannon."""
     from fibquant_cli.cli import tables
-
     from fibquant_cli.core.params import Profile
     from fibquant_cli.ops.codebook import codebook_report
 
@@ -131,9 +130,9 @@ def codebook(
 
 
 PathArg = Annotated[Path, typer.Argument(help="A safetensors file.", show_default=False)]
-ManifestOpt = Annotated[Optional[Path], typer.Option(
+ManifestOpt = Annotated[Path | None, typer.Option(
     "--manifest", "-m", help="Shape manifest (default: X.manifest.json beside X.safetensors).")]
-OutOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file.")]
+OutOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Output file.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
 
 
@@ -142,7 +141,6 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outp
 def validate(path: PathArg, manifest: ManifestOpt = None, as_json: JsonOpt = False) -> None:
     """Check a dump against its manifest, or a compressed file completely."""
     from fibquant_cli.cli import tables
-
     from fibquant_cli.ops.inspect import validate as run
 
     rep = run(path, manifest)
@@ -162,7 +160,6 @@ def digest(
 ) -> None:
     """BLAKE3 digests: manifest entry shapes, dump tensors, or a compressed file's records."""
     from fibquant_cli.cli import tables
-
     from fibquant_cli.ops.inspect import digest as run
 
     rep = run(path)
@@ -178,11 +175,11 @@ AttentionOpt = Annotated[bool, typer.Option(
     "--attention/--no-attention", help="Measure attention fidelity (queries, or a key proxy).")]
 MaxQueriesOpt = Annotated[int, typer.Option(
     "--max-queries", min=1, help="Score attention on the last N query positions.")]
-BitsOpt = Annotated[Optional[float], typer.Option(
+BitsOpt = Annotated[float | None, typer.Option(
     "--bits", help="Rate preset: >=4 -> (k=2,N=256), 3 -> (2,64), 2 -> (4,256), 1 -> (8,256), "
     "0.5 -> (8,16). Default 3.")]
-KOpt = Annotated[Optional[int], typer.Option("--block-dim", help="Block length k.")]
-NOpt = Annotated[Optional[int], typer.Option("--size", help="Codebook size N.")]
+KOpt = Annotated[int | None, typer.Option("--block-dim", help="Block length k.")]
+NOpt = Annotated[int | None, typer.Option("--size", help="Codebook size N.")]
 
 
 @app.command()
@@ -194,12 +191,12 @@ def compress(
     bits: BitsOpt = None,
     block_dim: KOpt = None,
     size: NOpt = None,
-    key_bits: Annotated[Optional[float], typer.Option(help="Preset for keys only.")] = None,
-    value_bits: Annotated[Optional[float], typer.Option(help="Preset for values only.")] = None,
-    key_block_dim: Annotated[Optional[int], typer.Option(help="k for keys only.")] = None,
-    key_size: Annotated[Optional[int], typer.Option(help="N for keys only.")] = None,
-    value_block_dim: Annotated[Optional[int], typer.Option(help="k for values only.")] = None,
-    value_size: Annotated[Optional[int], typer.Option(help="N for values only.")] = None,
+    key_bits: Annotated[float | None, typer.Option(help="Preset for keys only.")] = None,
+    value_bits: Annotated[float | None, typer.Option(help="Preset for values only.")] = None,
+    key_block_dim: Annotated[int | None, typer.Option(help="k for keys only.")] = None,
+    key_size: Annotated[int | None, typer.Option(help="N for keys only.")] = None,
+    value_block_dim: Annotated[int | None, typer.Option(help="k for values only.")] = None,
+    value_size: Annotated[int | None, typer.Option(help="N for values only.")] = None,
     keep_first: Annotated[int, typer.Option(
         help="Store the first T tokens of every layer uncompressed (attention sinks).")] = 0,
     keep_last: Annotated[int, typer.Option(
@@ -214,7 +211,7 @@ def compress(
     max_queries: MaxQueriesOpt = 2048,
     jobs: Annotated[int, typer.Option(
         "--jobs", "-j", min=0, help="Encoder threads; 0 = automatic (by dump size).")] = 0,
-    target_cosine: Annotated[Optional[float], typer.Option(
+    target_cosine: Annotated[float | None, typer.Option(
         "--target-cosine", help="Pick the cheapest operating point whose attention cosine "
         "(mean) on this dump meets C.")] = None,
     force: ForceOpt = False,
@@ -222,7 +219,6 @@ def compress(
 ) -> None:
     """Compress a KV dump into one self-contained .fq.safetensors file."""
     from fibquant_cli.cli import tables
-
     from fibquant_cli.ops.compress import compress as run
     from fibquant_cli.ops.spec import resolve_spec
 
@@ -238,16 +234,12 @@ def compress(
         with RichProgress() as progress:
             spec, choice = choose_for_target(path, target_cosine, manifest=manifest, seed=seed,
                                              max_queries=max_queries, progress=progress)
-        spec = resolve_spec(key_block_dim=spec.key[0], key_size=spec.key[1],
-                            value_block_dim=spec.value[0], value_size=spec.value[1],
-                            seed=seed, keep_first=spec.keep_first, keep_last=spec.keep_last,
-                            center_keys=spec.center_keys)
     else:
         choice = None
-    spec = spec if choice is not None else resolve_spec(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
-                        value_bits=value_bits, key_block_dim=key_block_dim, key_size=key_size,
-                        value_block_dim=value_block_dim, value_size=value_size, seed=seed,
-                        keep_first=keep_first, keep_last=keep_last, center_keys=center_keys)
+        spec = resolve_spec(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
+                            value_bits=value_bits, key_block_dim=key_block_dim, key_size=key_size,
+                            value_block_dim=value_block_dim, value_size=value_size, seed=seed,
+                            keep_first=keep_first, keep_last=keep_last, center_keys=center_keys)
     with RichProgress() as progress:
         rep = run(path, manifest=manifest, output=output, spec=spec, compare=compare,
                   force=force, attention=attention, max_queries=max_queries, jobs=jobs,
@@ -272,9 +264,9 @@ def compress(
 def decompress(
     path: PathArg,
     output: OutOpt = None,
-    layers: Annotated[Optional[str], typer.Option(
+    layers: Annotated[str | None, typer.Option(
         "--layers", help="Only layers START:STOP (random access; reads only their bytes).")] = None,
-    tokens: Annotated[Optional[str], typer.Option(
+    tokens: Annotated[str | None, typer.Option(
         "--tokens", help="Only tokens START:STOP of each selected layer.")] = None,
     force: ForceOpt = False,
     jobs: Annotated[int, typer.Option(
@@ -314,7 +306,6 @@ def evaluate(
 ) -> None:
     """Attention fidelity of a compressed file or a restored dump against the original."""
     from fibquant_cli.cli import tables
-
     from fibquant_cli.ops.evaluate import evaluate as run
 
     rep = run(original, other, manifest=manifest, max_queries=max_queries)
@@ -329,7 +320,7 @@ def evaluate(
 def sweep(
     path: PathArg,
     manifest: ManifestOpt = None,
-    plot: Annotated[Optional[Path], typer.Option(
+    plot: Annotated[Path | None, typer.Option(
         "--plot", help="Write the frontier as a PNG (needs matplotlib).")] = None,
     peers: Annotated[bool, typer.Option(
         "--peers/--no-peers", help="Include llama.cpp (gguf), KIVI and fp8 formats.")] = True,
@@ -338,7 +329,6 @@ def sweep(
 ) -> None:
     """Run many operating points and print the memory-fidelity frontier."""
     from fibquant_cli.cli import tables
-
     from fibquant_cli.ops.sweep import sweep as run
 
     if plot is not None and plot.suffix.lower() != ".png":

@@ -4,7 +4,6 @@ print a table, not at start-up."""
 from __future__ import annotations
 
 from rich.table import Table
-from rich.text import Text
 
 from fibquant_cli.cli import console
 

@@ -25,8 +25,14 @@ import numpy as np
 
 from fibquant_cli.core import bitpack
 from fibquant_cli.core.codec import DECODE_ROWS, FibQuantizer, row_norms
-from fibquant_cli.core.layer import (SOURCE_DTYPES, LayerRows, cast_clamped, decoded_segments, restore_into,
-                                     round_to_dtype)
+from fibquant_cli.core.layer import (
+    SOURCE_DTYPES,
+    LayerRows,
+    cast_clamped,
+    decoded_segments,
+    restore_into,
+    round_to_dtype,
+)
 from fibquant_cli.core.metrics import ErrorAccumulator
 from fibquant_cli.core.params import Profile
 from fibquant_cli.core.scalar import ScalarQuantizer

@@ -73,7 +73,7 @@ class FidelityStats:
 
     @classmethod
     def from_rows(cls, cosines: np.ndarray, tv_sum: float, tv_max: float, top8_sum: float,
-                  *, proxy: bool = False) -> "FidelityStats":
+                  *, proxy: bool = False) -> FidelityStats:
         """Stats from per-row cosines and the float64 sums of TV and top-8 agreement."""
         cosines = np.asarray(cosines, dtype=np.float64).ravel()
         rows = int(cosines.size)
@@ -86,7 +86,7 @@ class FidelityStats:
                    cosines=cosines, proxy=proxy)
 
     @classmethod
-    def merge(cls, parts: list["FidelityStats"]) -> "FidelityStats":
+    def merge(cls, parts: list[FidelityStats]) -> FidelityStats:
         """Combine stats of several layers as if their rows had been measured together."""
         parts = list(parts)
         if not parts:

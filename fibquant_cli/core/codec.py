@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fibquant_cli.errors import InvalidInputError
 from fibquant_cli.core.codebook import STREAM_ROTATION, stream
 from fibquant_cli.core.fastsearch import searcher_for
 from fibquant_cli.core.params import Profile
 from fibquant_cli.core.rotation import haar_rotation
+from fibquant_cli.errors import InvalidInputError
 
 # Rows of x handled at once; together with the search budget this bounds every temporary.
 ROW_CHUNK = 16384
@@ -83,13 +83,6 @@ class FibQuantizer:
     profile: Profile
     codebook: np.ndarray
     rotation: np.ndarray
-
-    @classmethod
-    def from_profile(cls, profile: Profile) -> "FibQuantizer":
-        from fibquant_cli.storage.codebook_cache import load_or_build
-
-        codebook, _ = load_or_build(profile)
-        return cls(profile, codebook, default_rotation(profile))
 
     @property
     def bits_per_vector(self) -> int:

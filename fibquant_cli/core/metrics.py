@@ -33,7 +33,7 @@ class ErrorAccumulator:
             self.cos_count += cos.size
 
     @classmethod
-    def merge(cls, parts) -> "ErrorAccumulator":
+    def merge(cls, parts) -> ErrorAccumulator:
         out = cls()
         for part in parts:
             out.err += part.err

@@ -128,7 +128,7 @@ class Profile:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, obj: dict) -> "Profile":
+    def from_json(cls, obj: dict) -> Profile:
         expected = set(cls.__dataclass_fields__)
         if not isinstance(obj, dict) or set(obj) != expected:
             found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__

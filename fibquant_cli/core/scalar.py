@@ -23,14 +23,14 @@ steps at 8 bits. A Newton step that would break the ordering falls back to a Llo
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from numbers import Integral
 
 import numpy as np
 
-from fibquant_cli.errors import InvalidInputError, ProfileError, ResourceError
 from fibquant_cli.core.params import MAX_HEAD_DIM
 from fibquant_cli.core.special import betainc, betaincinv
+from fibquant_cli.errors import InvalidInputError, ProfileError, ResourceError
 
 MIN_HEAD_DIM = 2  # d = 2 is the arcsine law; still a valid (log-convex) marginal
 MAX_BITS = 8
@@ -215,7 +215,7 @@ def _check_table_args(d, bits) -> tuple[int, int]:
     return d, bits
 
 
-@lru_cache(maxsize=None)
+@cache
 def _table(d: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     pos = _half_table(d, 2 ** (bits - 1))
     levels = np.concatenate((-pos[::-1], pos))

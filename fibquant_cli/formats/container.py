@@ -39,6 +39,7 @@ arrays can rewrite their digests too (see docs/container.md, "What the digests p
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +49,14 @@ from fibquant_cli import codecs
 from fibquant_cli.core.params import Profile
 from fibquant_cli.errors import FibQuantError, IntegrityError, InvalidInputError
 from fibquant_cli.formats import stfile
-from fibquant_cli.formats.digest import (CONTAINER_SCHEMA, bytes_digest, parse_digest,
-                                         profile_digest, tensor_digest)
-from fibquant_cli.formats.manifest import (Manifest, check_manifest_against_dump,
-                                           parse_manifest)
+from fibquant_cli.formats.digest import (
+    CONTAINER_SCHEMA,
+    bytes_digest,
+    parse_digest,
+    profile_digest,
+    tensor_digest,
+)
+from fibquant_cli.formats.manifest import Manifest, check_manifest_against_dump, parse_manifest
 
 FORMAT_VERSION = 2
 OLDEST_VERSION = 1
@@ -209,10 +214,10 @@ class Document:
             codec = codecs.get(rec.codec)
             profile = self.profiles[rec.profile].profile
             for layer in range(entry.shape.layers):
-                for part, dtype, dims in codec.layer_parts(entry.shape, profile, rec,
-                                                           lambda part: norms_dtypes.get(
-                                                               part_name(i, layer, part))):
-                    specs.append((part_name(i, layer, part), dtype, dims))
+                names = functools.partial(part_name, i, layer)
+                chosen = lambda part, names=names: norms_dtypes.get(names(part))  # noqa: E731
+                for part, dtype, dims in codec.layer_parts(entry.shape, profile, rec, chosen):
+                    specs.append((names(part), dtype, dims))
         for name in self.passthrough_names():
             t = self.source.tensors[name]
             specs.append((raw_name(name), t.dtype, t.shape))

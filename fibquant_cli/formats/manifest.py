@@ -71,8 +71,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fibquant_cli.formats.digest import KV_SHAPE_SCHEMA, json_digest
 from fibquant_cli.errors import FibQuantError, InvalidInputError, ResourceError
+from fibquant_cli.formats.digest import KV_SHAPE_SCHEMA, json_digest
 
 MANIFEST_SCHEMA = "fibquant_kv_manifest_v1"
 MANIFEST_SUFFIX = ".manifest.json"

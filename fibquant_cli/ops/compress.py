@@ -27,23 +27,42 @@ from threadpoolctl import threadpool_limits
 
 from fibquant_cli import __version__, codecs
 from fibquant_cli.codecs.fibquant import FP16_MAX, EncodedLayer, LayerPlan, needs_wide_norms
-from fibquant_cli.core.codec import FibQuantizer, default_rotation
+from fibquant_cli.core.codec import FibQuantizer
 from fibquant_cli.core.params import Profile
 from fibquant_cli.errors import InvalidInputError, UsageError
 from fibquant_cli.formats import container, stfile
-from fibquant_cli.formats.container import (Document, EntryRecord, ProfileRecord, Source,
-                                            SourceTensor, codebook_name, part_name, raw_name,
-                                            rotation_name)
-from fibquant_cli.formats.digest import (codebook_digest, file_digest, profile_digest,
-                                         rotation_digest, tensor_digest, tensor_digest_of_chunks)
-from fibquant_cli.formats.kvdump import (Dump, check_finite, default_compressed_path, open_dump,
-                                         read_layer)
+from fibquant_cli.formats.container import (
+    Document,
+    EntryRecord,
+    ProfileRecord,
+    Source,
+    SourceTensor,
+    codebook_name,
+    part_name,
+    raw_name,
+    rotation_name,
+)
+from fibquant_cli.formats.digest import (
+    codebook_digest,
+    file_digest,
+    profile_digest,
+    rotation_digest,
+    tensor_digest,
+    tensor_digest_of_chunks,
+)
+from fibquant_cli.formats.kvdump import (
+    Dump,
+    check_finite,
+    default_compressed_path,
+    open_dump,
+    read_layer,
+)
 from fibquant_cli.formats.manifest import entry_layer_views
 from fibquant_cli.ops.compress_report import CompressReport, compress_report
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import open_verified, reconstructor
 from fibquant_cli.ops.spec import CompressSpec
-from fibquant_cli.storage.codebook_cache import load_or_build
+from fibquant_cli.storage.codebook_cache import quantizer_for
 from fibquant_cli.storage.publish import publishing
 from fibquant_cli.storage.stwriter import StreamWriter
 
@@ -71,7 +90,8 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
     source = Path(source)
     dump = open_dump(source, manifest)
     out = Path(output) if output is not None else default_compressed_path(source)
-    with publishing([out], force=force, inputs={source: "input file", dump.manifest_path: "manifest file"}) as (tmp,), \
+    inputs = {source: "input file", dump.manifest_path: "manifest file"}
+    with publishing([out], force=force, inputs=inputs) as (tmp,), \
             threadpool_limits(1):
         jobs = jobs or auto_jobs(dump)
         if attention:
@@ -159,10 +179,7 @@ def make_quantizers(profiles, progress: Progress) -> dict[Profile, FibQuantizer]
     quantizers = {}
     for p in dict.fromkeys(profiles):
         progress.advance(f"codebook d={p.head_dim} k={p.block_dim} N={p.size}")
-        codebook, _ = load_or_build(p)
-        # Stored as f32: the codec computes in f32, so decode is bit-identical either way.
-        quantizers[p] = FibQuantizer(p, codebook.astype(np.float32),
-                                     default_rotation(p).astype(np.float32))
+        quantizers[p] = quantizer_for(p)
     return quantizers
 
 

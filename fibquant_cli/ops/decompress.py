@@ -20,8 +20,12 @@ from fibquant_cli.errors import IntegrityError, UsageError
 from fibquant_cli.formats import stfile
 from fibquant_cli.formats.container import raw_name
 from fibquant_cli.formats.digest import tensor_digest
-from fibquant_cli.formats.manifest import (entry_layer_views, manifest_path_for, save_manifest,
-                                           vectors_axes)
+from fibquant_cli.formats.manifest import (
+    entry_layer_views,
+    manifest_path_for,
+    save_manifest,
+    vectors_axes,
+)
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import Opened, open_verified, restore_layer, verify_unread
 from fibquant_cli.storage.publish import publishing

@@ -10,6 +10,7 @@ from fibquant_cli.formats.kvdump import open_dump, read_layer
 from fibquant_cli.ops.fidelity import measure, require_kv_pair
 from fibquant_cli.ops.reader import open_verified, reconstructor
 
+
 def evaluate(original, other, *, manifest=None, max_queries: int = 2048):
     """Attention fidelity of ``other`` (compressed file or restored dump) against ``original``."""
     dump = open_dump(original, manifest)

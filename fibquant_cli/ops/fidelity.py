@@ -8,15 +8,15 @@ Long contexts are scored on their last ``max_queries`` query positions (all keys
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from fibquant_cli.formats import stfile
 from fibquant_cli.core.attention import FidelityStats, attention_fidelity
 from fibquant_cli.errors import InvalidInputError
+from fibquant_cli.formats import stfile
 from fibquant_cli.formats.kvdump import Dump, read_layer
 from fibquant_cli.formats.manifest import vectors_axes
 

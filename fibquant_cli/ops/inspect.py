@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from fibquant_cli.errors import FibQuantError
 from fibquant_cli.formats import container, stfile
 from fibquant_cli.formats.digest import file_digest, tensor_digest
-from fibquant_cli.errors import FibQuantError
 from fibquant_cli.formats.kvdump import check_finite, open_dump, read_layer
 from fibquant_cli.formats.manifest import load_manifest
 

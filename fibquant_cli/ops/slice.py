@@ -19,8 +19,13 @@ from fibquant_cli.core.layer import SOURCE_DTYPES, cast_clamped
 from fibquant_cli.errors import IntegrityError, UsageError
 from fibquant_cli.formats import stfile
 from fibquant_cli.formats.container import part_name, raw_name
-from fibquant_cli.formats.manifest import (AttentionSpec, Manifest, ManifestEntry, save_manifest,
-                                           vectors_axes)
+from fibquant_cli.formats.manifest import (
+    AttentionSpec,
+    Manifest,
+    ManifestEntry,
+    save_manifest,
+    vectors_axes,
+)
 from fibquant_cli.ops.decompress import DecompressReport, inverse_permutation, restored_outputs
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import Opened, open_verified, region

@@ -16,19 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from fibquant_cli.core.layer import SOURCE_DTYPES
-from fibquant_cli.formats import stfile
-from fibquant_cli.ops.progress import Progress
-from fibquant_cli.ops.reader import open_verified, reconstructor
-from fibquant_cli.ops.compress import compress
 from fibquant_cli.core.codebook import STREAM_ROTATION, stream
-from fibquant_cli.core.params import Profile
-from fibquant_cli.formats.peers import available_peers
+from fibquant_cli.core.layer import SOURCE_DTYPES
 from fibquant_cli.core.rotation import haar_rotation
 from fibquant_cli.core.scalar import ScalarQuantizer
 from fibquant_cli.errors import InvalidInputError
-from fibquant_cli.ops.fidelity import DEFAULT_MAX_QUERIES, kv_entries, measure, require_kv_pair
+from fibquant_cli.formats import stfile
 from fibquant_cli.formats.kvdump import Dump, open_dump, read_layer
+from fibquant_cli.formats.peers import available_peers
+from fibquant_cli.ops.compress import compress
+from fibquant_cli.ops.fidelity import DEFAULT_MAX_QUERIES, kv_entries, measure, require_kv_pair
+from fibquant_cli.ops.progress import Progress
+from fibquant_cli.ops.reader import open_verified, reconstructor
 from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec
 
 PEER_ORDER = ("fp8_e4m3", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "kivi_int4", "kivi_int2")

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fibquant_cli.formats.digest import codebook_digest as _digest
-from fibquant_cli.formats.digest import profile_digest
-from fibquant_cli.errors import FibQuantError, IntegrityError
-from fibquant_cli.storage.publish import publishing
 from fibquant_cli.core.codebook import train_codebook
 from fibquant_cli.core.params import Profile
+from fibquant_cli.errors import FibQuantError, IntegrityError
+from fibquant_cli.formats.digest import codebook_digest as _digest
+from fibquant_cli.formats.digest import profile_digest
+from fibquant_cli.storage.publish import publishing
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "codebooks"
 
@@ -114,3 +114,16 @@ def load_or_build(profile: Profile) -> tuple[np.ndarray, CodebookOrigin]:
         note = f"not cached ({getattr(err, 'strerror', None) or err})"
         path = None
     return codebook, CodebookOrigin("built", path, time.perf_counter() - start, note)
+
+
+def quantizer_for(profile: Profile):
+    """The FibQuantizer of ``profile``: its trained codebook and its rotation, as float32.
+
+    Stored and used as float32: the codec computes in float32, so encode and decode are the
+    same either way, and a compressed file holds exactly the arrays it was coded with.
+    """
+    from fibquant_cli.core.codec import FibQuantizer, default_rotation
+
+    codebook, _ = load_or_build(profile)
+    return FibQuantizer(profile, codebook.astype(np.float32),
+                        default_rotation(profile).astype(np.float32))

@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from conftest import invoke, ok, SAMPLE_DUMP, SAMPLE_MANIFEST, make_dump
-from fibquant_cli.ops.fidelity import kv_entries, measure
 from fibquant_cli.formats.kvdump import open_dump
+from fibquant_cli.ops.fidelity import kv_entries, measure
 
-pytestmark = pytest.mark.usefixtures("module_cache_dir")
+from conftest import SAMPLE_DUMP, SAMPLE_MANIFEST, invoke, make_dump, ok
 
 OVERALL_KEYS = {"rel_mse", "key_rel_mse", "value_rel_mse", "rows", "cosine_mean", "cosine_p1",
                 "cosine_min", "tv_mean", "tv_max", "top8_agreement", "proxy"}

@@ -15,15 +15,21 @@ import sys
 
 import pytest
 
-from conftest import invoke, ok, SAMPLE_DUMP, make_dump
 from fibquant_cli.formats.kvdump import open_dump
+from fibquant_cli.ops.compress import compress as _compress
 from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec
-from fibquant_cli.ops.sweep import (Point, fibquant_specs, mark_pareto, run_codec, run_fibquant, scalar_codec, sweep)
+from fibquant_cli.ops.sweep import (
+    Point,
+    fibquant_specs,
+    mark_pareto,
+    run_codec,
+    run_fibquant,
+    scalar_codec,
+    sweep,
+)
 from fibquant_cli.ops.target import estimated_bits_per_value
 
-from fibquant_cli.ops.compress import compress as _compress
-
-pytestmark = pytest.mark.usefixtures("module_cache_dir")
+from conftest import SAMPLE_DUMP, invoke, make_dump, ok
 
 
 def compress(source, **kwargs):

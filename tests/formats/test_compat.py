@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import ok
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 # SHA-256 of what fibquant 0.1.0 restored from v1.fq.safetensors (see fixtures/README.md).
 RESTORED_BY_0_1_0 = "3ea47ae0d4a6ff295d7d0a22d0c8998324d58845b3fba783af1947c14970c303"
 

@@ -12,7 +12,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fibquant_cli.errors import InvalidInputError, ResourceError
-from fibquant_cli.formats.manifest import (AttentionSpec, KvShape, Manifest, ManifestEntry, check_manifest_against_dump, entry_layer_views, expected_tensor_shape, load_manifest, manifest_path_for, parse_manifest, save_manifest, validate_manifest, vectors_axes)
+from fibquant_cli.formats.manifest import (
+    AttentionSpec,
+    KvShape,
+    Manifest,
+    ManifestEntry,
+    check_manifest_against_dump,
+    entry_layer_views,
+    expected_tensor_shape,
+    load_manifest,
+    manifest_path_for,
+    parse_manifest,
+    save_manifest,
+    validate_manifest,
+    vectors_axes,
+)
 
 CONTRACT_ORDER = [
     "schema_version", "role", "attention_kind", "batch", "layers", "kv_heads",
@@ -89,7 +103,8 @@ def test_valid_shape_and_counts():
 
 def test_rule1_schema_version():
     message = validate_error(kv_shape(schema_version="fib_quant_kv_tensor_shape_v2"))
-    assert message == "kv shape schema_version fib_quant_kv_tensor_shape_v2, expected fib_quant_kv_tensor_shape_v1"
+    assert message == ("kv shape schema_version fib_quant_kv_tensor_shape_v2, "
+                       "expected fib_quant_kv_tensor_shape_v1")
 
 
 @pytest.mark.parametrize("name", ["batch", "layers", "kv_heads", "query_heads", "tokens", "head_dim"])

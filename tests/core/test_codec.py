@@ -6,12 +6,12 @@ import sys
 import numpy as np
 import pytest
 
-from fibquant_cli.storage import codebook_cache as cache
 from fibquant_cli.core.codebook import initial_codebook, nearest_bruteforce
 from fibquant_cli.core.codec import FibQuantizer, default_rotation
 from fibquant_cli.core.params import Profile
 from fibquant_cli.core.rotation import haar_rotation
 from fibquant_cli.errors import IntegrityError, InvalidInputError
+from fibquant_cli.storage import codebook_cache as cache
 
 
 @pytest.fixture(scope="module")

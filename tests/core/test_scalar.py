@@ -61,12 +61,12 @@ def _mean_abs_coordinate(d):
     return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rotation(d):
     return haar_rotation(d, np.random.default_rng(0))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fresh_unit_vectors(d, n, seed):
     """n uniform points on S^(d-1) (Gaussian -> normalize), independent of the rotation's stream."""
     u = np.random.default_rng(seed).standard_normal((n, d))

@@ -4,16 +4,17 @@ import math
 
 import pytest
 
-from fibquant_cli.formats.digest import profile_digest
 from fibquant_cli.core.params import Profile
 from fibquant_cli.errors import ProfileError, ResourceError
+from fibquant_cli.formats.digest import profile_digest
 
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(head_dim=0, block_dim=2, size=4), "head_dim must be > 0, got 0"),
     (dict(head_dim=-8, block_dim=2, size=4), "head_dim must be > 0, got -8"),
     (dict(head_dim=64, block_dim=1, size=4), "block_dim must satisfy 2 <= block_dim < head_dim (64), got 1"),
-    (dict(head_dim=64, block_dim=64, size=4), "block_dim must satisfy 2 <= block_dim < head_dim (64), got 64"),
+    (dict(head_dim=64, block_dim=64, size=4),
+     "block_dim must satisfy 2 <= block_dim < head_dim (64), got 64"),
     (dict(head_dim=64, block_dim=3, size=64), "head_dim 64 is not divisible by block_dim 3"),
     (dict(head_dim=64, block_dim=2, size=1), "size must satisfy 2 <= size <= 1048576, got 1"),
     (dict(head_dim=64, block_dim=2, size=2**20 + 1), "size must satisfy 2 <= size <= 1048576, got 1048577"),

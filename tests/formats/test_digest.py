@@ -7,9 +7,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fibquant_cli.formats import digest as digest_mod
-from fibquant_cli.formats.digest import (bytes_digest, file_digest, format_digest, json_digest, parse_digest, tensor_digest)
 from fibquant_cli.errors import InvalidInputError
+from fibquant_cli.formats import digest as digest_mod
+from fibquant_cli.formats.digest import (
+    bytes_digest,
+    file_digest,
+    format_digest,
+    json_digest,
+    parse_digest,
+    tensor_digest,
+)
 from fibquant_cli.formats.manifest import KvShape
 
 # The contract's compact JSON for this shape, typed out by hand (keys in contract order).

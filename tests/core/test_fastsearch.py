@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from fibquant_cli.core import fastsearch as fs
-from fibquant_cli.storage.codebook_cache import load_or_build
 from fibquant_cli.core.codebook import initial_codebook, nearest_bruteforce
 from fibquant_cli.core.codec import FibQuantizer, default_rotation, row_norms
 from fibquant_cli.core.params import Profile
 from fibquant_cli.core.source import sample_canonical
+from fibquant_cli.storage.codebook_cache import load_or_build
 
 SHIPPED_K2 = [(64, 16), (64, 64), (64, 256), (128, 256)]  # (d, N) at k = 2
 SHIPPED_GENERAL = [(64, 4, 256), (64, 8, 256), (64, 8, 16), (64, 32, 128)]  # (d, k, N)

@@ -16,8 +16,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fibquant_cli.errors import InvalidInputError, ResourceError, UsageError
+from fibquant_cli.formats.stfile import (
+    MAX_HEADER_BYTES,
+    NUMPY_DTYPES,
+    RawTensor,
+    TensorInfo,
+    numpy_dtype_for,
+    read_header,
+    read_raw,
+    read_tensor,
+    read_tensors,
+    st_dtype_for,
+)
 from fibquant_cli.storage.stwriter import StreamWriter, write_file
-from fibquant_cli.formats.stfile import (MAX_HEADER_BYTES, NUMPY_DTYPES, RawTensor, TensorInfo, numpy_dtype_for, read_header, read_raw, read_tensor, read_tensors, st_dtype_for)
 
 
 def _random(rng: np.random.Generator, st_dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -474,7 +485,8 @@ def test_stream_writer_chunks_match_write_file(tmp_path):
         ([("a", np.zeros((5, 2), np.float32))], "chunk of 40 bytes overflows the tensor: 0 of 32"),
         ([("b", np.zeros(1, np.int64))], "tensor 'b': out of order: 'a' is incomplete (0 of 32 bytes"),
         (
-            [("a", np.zeros((4, 2), np.float32)), ("b", np.zeros(1, np.int64)), ("a", np.zeros((0, 2), np.float32))],
+            [("a", np.zeros((4, 2), np.float32)), ("b", np.zeros(1, np.int64)),
+             ("a", np.zeros((0, 2), np.float32))],
             "tensor 'a': out of order: already moved on to 'b'",
         ),
         ([("c", np.zeros(1))], "tensor 'c': not declared in the header"),

@@ -4,19 +4,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fibquant_cli.ops.compress import compress
 from fibquant_cli.errors import UsageError
+from fibquant_cli.formats.stfile import read_header
+from fibquant_cli.ops.compress import compress
 from fibquant_cli.ops.decompress import decompress
 from fibquant_cli.ops.slice import decompress_slice, parse_range
 from fibquant_cli.ops.spec import CompressSpec
-from fibquant_cli.formats.stfile import read_header
 
 from conftest import make_dump
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FIBQUANT_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.mark.parametrize("layout,five_d,keep", [("bhtd", False, (2, 3)), ("bthd", False, (0, 0)),

@@ -7,20 +7,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fibquant_cli.core.codec import DECODE_ROWS
+from fibquant_cli.core.layer import decoded_segments, restore_into, round_to_dtype
+from fibquant_cli.core.params import Profile
 from fibquant_cli.ops import decompress as pipeline
 from fibquant_cli.ops.compress import compress
-from fibquant_cli.core.codec import DECODE_ROWS, FibQuantizer
-from fibquant_cli.core.params import Profile
-from fibquant_cli.core.layer import decoded_segments, restore_into, round_to_dtype
 from fibquant_cli.ops.decompress import decompress
 from fibquant_cli.ops.spec import CompressSpec
+from fibquant_cli.storage.codebook_cache import quantizer_for
 
 from conftest import make_dump
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FIBQUANT_CACHE_DIR", str(tmp_path / "cache"))
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
@@ -47,7 +43,7 @@ def test_jobs_do_not_change_the_files(tmp_path, monkeypatch, dtype):
                                               (2, 0, (3, 1))])
 def test_restore_into_matches_decode_then_cast(heads, t_mid, keep):
     """Blocks that straddle heads, kept tokens around them, the mean added, fp16 rounding."""
-    q = FibQuantizer.from_profile(Profile(64, 2, 64))
+    q = quantizer_for(Profile(64, 2, 64))
     rng = np.random.default_rng(1)
     n = heads * t_mid
     x = rng.standard_normal((n, 64)).astype(np.float32) * 3.0
@@ -98,7 +94,7 @@ def test_round_to_dtype_equals_the_casts(dtype):
 
 
 def test_restore_into_clamps_only_past_the_dtype_range():
-    q = FibQuantizer.from_profile(Profile(64, 2, 64))
+    q = quantizer_for(Profile(64, 2, 64))
     x = np.zeros((4, 64), dtype=np.float32)
     x[:, 0] = [60000.0, -60000.0, 1.0, 65000.0]
     codes, norms = q.encode(x)
@@ -150,9 +146,9 @@ def test_chunked_encoder_statistics_are_those_of_the_restored_file(tmp_path, bit
 
 
 def test_packed_codes_unpack_rows_and_refuse_indices_past_n():
+    from fibquant_cli.codecs.fibquant import PackedCodes
     from fibquant_cli.core import bitpack
     from fibquant_cli.errors import IntegrityError
-    from fibquant_cli.codecs.fibquant import PackedCodes
 
     p = Profile(64, 2, 48)  # N = 48 on 6-bit wires: 48..63 are not codewords
     n, bpv = 2 * DECODE_ROWS + 5, p.blocks_per_vector

@@ -9,9 +9,17 @@ import sys
 import numpy as np
 import pytest
 
-from fibquant_cli.formats import peers
-from fibquant_cli.formats.peers import (Fp8Codec, Fp16Codec, KiviCodec, PeerCodec, available_peers, get_peer, peer_names)
 from fibquant_cli.errors import InvalidInputError, UsageError
+from fibquant_cli.formats import peers
+from fibquant_cli.formats.peers import (
+    Fp8Codec,
+    Fp16Codec,
+    KiviCodec,
+    PeerCodec,
+    available_peers,
+    get_peer,
+    peer_names,
+)
 
 GGML_BITS = {"q8_0": 8.5, "q5_1": 6.0, "q5_0": 5.5, "q4_1": 5.0, "q4_0": 4.5}
 GGML_PAYLOAD_BITS = {"q8_0": 8.0, "q5_1": 5.0, "q5_0": 5.0, "q4_1": 4.0, "q4_0": 4.0}
