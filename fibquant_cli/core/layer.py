@@ -9,9 +9,12 @@ middle are counted in (batch, head, token) order, ``t_mid`` rows per head.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from fibquant_cli.core.codec import FibQuantizer
+if TYPE_CHECKING:  # annotations only: the manifest's dtype table below must stay light
+    from fibquant_cli.core.codec import FibQuantizer
 
 # The manifest's dtype names and the safetensors dtype of the tensors they describe.
 SOURCE_DTYPES = {"f16": "F16", "bf16": "BF16", "f32": "F32"}

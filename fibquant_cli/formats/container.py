@@ -56,7 +56,8 @@ from fibquant_cli.formats.digest import (
     profile_digest,
     tensor_digest,
 )
-from fibquant_cli.formats.manifest import Manifest, check_manifest_against_dump, parse_manifest
+from fibquant_cli.formats.kvlayout import check_manifest_against_dump
+from fibquant_cli.formats.manifest import Manifest, parse_manifest
 
 FORMAT_VERSION = 2
 OLDEST_VERSION = 1

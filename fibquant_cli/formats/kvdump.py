@@ -10,15 +10,8 @@ import numpy as np
 from fibquant_cli.errors import InvalidInputError
 from fibquant_cli.formats import stfile
 from fibquant_cli.formats.container import is_compressed
-from fibquant_cli.formats.manifest import (
-    Manifest,
-    ManifestEntry,
-    check_manifest_against_dump,
-    entry_layer_views,
-    load_manifest,
-    manifest_path_for,
-    vectors_axes,
-)
+from fibquant_cli.formats.kvlayout import check_manifest_against_dump, entry_layer_views, vectors_axes
+from fibquant_cli.formats.manifest import Manifest, ManifestEntry, load_manifest, manifest_path_for
 
 
 @dataclass(frozen=True)

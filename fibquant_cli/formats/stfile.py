@@ -46,6 +46,14 @@ from typing import Any
 import numpy as np
 
 from fibquant_cli.errors import InvalidInputError, ResourceError, UsageError
+from fibquant_cli.formats.dtypes import (
+    DTYPE_BITS,
+    NUMPY_DTYPES,
+    RAW_ONLY_DTYPES,
+    little_endian,
+    numpy_dtype_for,
+    st_dtype_for,
+)
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -68,50 +76,6 @@ METADATA_KEY = "__metadata__"
 ENTRY_KEYS = ("data_offsets", "dtype", "shape")
 _LEN_PREFIX = struct.Struct("<Q")
 
-class _NumpyDtypes(Mapping):
-    """safetensors dtype -> numpy dtype; BF16 comes from ml_dtypes, imported on first use only
-    (it costs more start-up time than the rest of the tool together)."""
-
-    _EAGER = {"BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "U16": np.uint16,
-              "I16": np.int16, "F16": np.float16, "U32": np.uint32, "I32": np.int32,
-              "F32": np.float32, "U64": np.uint64, "I64": np.int64, "F64": np.float64}
-    _NAMES = ("BOOL", "U8", "I8", "U16", "I16", "F16", "BF16", "U32", "I32", "F32", "U64",
-              "I64", "F64")
-
-    def __getitem__(self, key: str) -> np.dtype:
-        if key == "BF16":
-            import ml_dtypes
-
-            return np.dtype(ml_dtypes.bfloat16)
-        return np.dtype(self._EAGER[key])
-
-    def __iter__(self):
-        return iter(self._NAMES)
-
-    def __len__(self) -> int:
-        return len(self._NAMES)
-
-    def __contains__(self, key) -> bool:
-        return key in self._NAMES
-
-
-NUMPY_DTYPES: Mapping[str, np.dtype] = _NumpyDtypes()
-# Bits per element of the reference dtypes that have no numpy mapping here.
-RAW_ONLY_DTYPES: dict[str, int] = {
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "F8_E4M3": 8,
-    "F8_E5M2": 8,
-    "F8_E8M0": 8,
-    "C64": 64,
-}
-_BITS: dict[str, int] = {"BOOL": 8, "U8": 8, "I8": 8, "U16": 16, "I16": 16, "F16": 16,
-                         "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64,
-                         "F64": 64} | RAW_ONLY_DTYPES
-_ST_FOR_NUMPY: dict[np.dtype, str] = {np.dtype(v): k for k, v in _NumpyDtypes._EAGER.items()}
-
-
 def label(value: Any, limit: int = 60) -> str:
     """A one-line, bounded rendering of a value taken from an untrusted header."""
     text = value if isinstance(value, str) and value.isprintable() else repr(value)
@@ -119,40 +83,6 @@ def label(value: Any, limit: int = 60) -> str:
         text = text.encode("unicode_escape").decode("ascii")
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
-
-def numpy_dtype_for(st_dtype: str) -> np.dtype:
-    """Return the numpy dtype of safetensors dtype `st_dtype` (e.g. ``"BF16"``).
-
-    Raises `InvalidInputError` for raw-only and unknown dtypes.
-    """
-    if st_dtype in NUMPY_DTYPES:
-        return NUMPY_DTYPES[st_dtype]
-    if st_dtype in RAW_ONLY_DTYPES:
-        raise InvalidInputError(f"dtype {st_dtype} has no numpy equivalent; read it with read_raw")
-    raise InvalidInputError(f"unknown dtype {label(st_dtype)}")
-
-
-def st_dtype_for(np_dtype: Any) -> str:
-    """Return the safetensors dtype string of a numpy dtype (any byte order)."""
-    dtype = np.dtype(np_dtype)
-    found = st_dtype_of_numpy(dtype)
-    if found is None:
-        raise InvalidInputError(f"numpy dtype {dtype} has no safetensors equivalent")
-    return found
-
-
-def st_dtype_of_numpy(dtype: np.dtype) -> str | None:
-    """The safetensors dtype string of a numpy dtype (any byte order), or None."""
-    if dtype.name == "bfloat16":
-        return "BF16"
-    native = dtype.newbyteorder("=") if dtype.byteorder in "<>" else dtype
-    return _ST_FOR_NUMPY.get(native)
-
-
-def little_endian(st_dtype: str) -> np.dtype:
-    """The little-endian (on-disk) numpy dtype of `st_dtype`."""
-    dtype = NUMPY_DTYPES[st_dtype]
-    return dtype.newbyteorder("<") if dtype.byteorder != "|" else dtype
 
 
 @dataclass(frozen=True)
@@ -234,7 +164,7 @@ def _shape_n_bytes(dtype: str, shape: tuple[int, ...], limit: int | None = None)
     """
     if 0 in shape:
         return 0
-    n_bits = _BITS[dtype]
+    n_bits = DTYPE_BITS[dtype]
     for dim in shape:
         n_bits *= dim
         if limit is not None and n_bits > 8 * limit:
@@ -251,7 +181,7 @@ def _parse_entry(name: str, entry: Any, data_n_bytes: int, where: dict) -> Tenso
         found = [label(k, 20) for k in sorted(entry)]
         raise InvalidInputError(f"entry keys must be {list(ENTRY_KEYS)}, found {found}", **where)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in _BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise InvalidInputError(f"unknown dtype {label(dtype)}", **where)
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise InvalidInputError(f"shape must be a list of non-negative ints, found {label(shape)}", **where)
@@ -534,7 +464,7 @@ def plan_layout(specs: Sequence[tuple[str, str, Sequence[int]]], path: str) -> l
             raise InvalidInputError(f"invalid tensor name {label(name)}", path=path)
         if name in seen:
             raise InvalidInputError("duplicate tensor name", **where)
-        if dtype not in _BITS:
+        if dtype not in DTYPE_BITS:
             raise InvalidInputError(f"unknown dtype {label(dtype)}", **where)
         if not (isinstance(shape, Sequence) and all(_is_dim(d) for d in shape)):
             found = label(shape)

@@ -30,7 +30,7 @@ from fibquant_cli.codecs.fibquant import FP16_MAX, EncodedLayer, LayerPlan, need
 from fibquant_cli.core.codec import FibQuantizer
 from fibquant_cli.core.params import Profile
 from fibquant_cli.errors import InvalidInputError, UsageError
-from fibquant_cli.formats import container, stfile
+from fibquant_cli.formats import container, dtypes, stfile
 from fibquant_cli.formats.container import (
     Document,
     EntryRecord,
@@ -57,7 +57,7 @@ from fibquant_cli.formats.kvdump import (
     open_dump,
     read_layer,
 )
-from fibquant_cli.formats.manifest import entry_layer_views
+from fibquant_cli.formats.kvlayout import entry_layer_views
 from fibquant_cli.ops.compress_report import CompressReport, compress_report
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import open_verified, reconstructor
@@ -234,7 +234,7 @@ def largest_magnitude(raw: bytes, st_dtype: str) -> float:
     view, mask = _MAGNITUDE_BITS[st_dtype]
     bits = np.frombuffer(raw, dtype=view)
     top = int(np.bitwise_and(bits, mask).max())
-    value = np.array([top], dtype=view).view(stfile.numpy_dtype_for(st_dtype).newbyteorder("<"))
+    value = np.array([top], dtype=view).view(dtypes.numpy_dtype_for(st_dtype).newbyteorder("<"))
     return float(value[0])
 
 
@@ -308,5 +308,5 @@ def check_queries_finite(dump: Dump) -> None:
 
 def _array_digest(arr: np.ndarray) -> str:
     arr = np.ascontiguousarray(arr)
-    return tensor_digest(stfile.st_dtype_for(arr.dtype), arr.shape, arr)
+    return tensor_digest(dtypes.st_dtype_for(arr.dtype), arr.shape, arr)
 

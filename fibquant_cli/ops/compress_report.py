@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fibquant_cli.core.layer import SOURCE_DTYPES
 from fibquant_cli.core.metrics import ErrorAccumulator
-from fibquant_cli.formats import stfile
+from fibquant_cli.formats import dtypes
 from fibquant_cli.formats.container import RAW_PREFIX, codebook_name, rotation_name
 from fibquant_cli.formats.kvdump import Dump
 
@@ -91,7 +91,7 @@ def compress_report(dump: Dump, out: Path, file_bytes: int, n_bytes: dict, quant
 
 
 def _stats(label, shape, payload, total, acc, scalar_acc, p) -> RoleStats:
-    itemsize = stfile.numpy_dtype_for(SOURCE_DTYPES[shape.dtype]).itemsize
+    itemsize = dtypes.numpy_dtype_for(SOURCE_DTYPES[shape.dtype]).itemsize
     values = shape.element_count
     return RoleStats(
         label=label, vectors=shape.vector_count, values=values,

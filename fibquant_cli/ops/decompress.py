@@ -17,15 +17,11 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from fibquant_cli.errors import IntegrityError, UsageError
-from fibquant_cli.formats import stfile
+from fibquant_cli.formats import dtypes, stfile
 from fibquant_cli.formats.container import raw_name
 from fibquant_cli.formats.digest import tensor_digest
-from fibquant_cli.formats.manifest import (
-    entry_layer_views,
-    manifest_path_for,
-    save_manifest,
-    vectors_axes,
-)
+from fibquant_cli.formats.kvlayout import entry_layer_views, vectors_axes
+from fibquant_cli.formats.manifest import manifest_path_for, save_manifest
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import Opened, open_verified, restore_layer, verify_unread
 from fibquant_cli.storage.publish import publishing
@@ -77,7 +73,7 @@ def restore_tensor(opened: Opened, name: str, where_kv: dict) -> np.ndarray:
     perm = inverse_permutation(vectors_axes(entry.layout, 4))
     if len(views) == 1 and views[0][1] is None and len(info.shape) == 4 and perm == (0, 1, 2, 3):
         return restore_layer(opened, i, views[0][0])  # written in place, no copy
-    out = np.empty(info.shape, dtype=stfile.numpy_dtype_for(info.dtype))
+    out = np.empty(info.shape, dtype=dtypes.numpy_dtype_for(info.dtype))
     for layer, index in views:
         x = restore_layer(opened, i, layer)
         if index is None and out.ndim == 5:

@@ -18,7 +18,7 @@ from fibquant_cli.core.attention import FidelityStats, attention_fidelity
 from fibquant_cli.errors import InvalidInputError
 from fibquant_cli.formats import stfile
 from fibquant_cli.formats.kvdump import Dump, read_layer
-from fibquant_cli.formats.manifest import vectors_axes
+from fibquant_cli.formats.kvlayout import vectors_axes
 
 DEFAULT_MAX_QUERIES = 2048
 

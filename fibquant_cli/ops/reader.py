@@ -17,7 +17,7 @@ from fibquant_cli import codecs
 from fibquant_cli.core.codec import FibQuantizer
 from fibquant_cli.core.layer import SOURCE_DTYPES
 from fibquant_cli.errors import IntegrityError
-from fibquant_cli.formats import container, stfile
+from fibquant_cli.formats import container, dtypes, stfile
 from fibquant_cli.formats.container import codebook_name, part_name, rotation_name
 from fibquant_cli.formats.digest import codebook_digest, rotation_digest, tensor_digest
 from fibquant_cli.ops.progress import Progress
@@ -129,7 +129,7 @@ def restore_layer(opened: Opened, i: int, layer: int) -> np.ndarray:
     """Entry i, layer as restored: [batch, kv_heads, tokens, head_dim] in the source dtype."""
     shape = opened.manifest.entries[i].shape
     out = np.empty((shape.batch, shape.kv_heads, shape.tokens, shape.head_dim),
-                   dtype=stfile.numpy_dtype_for(SOURCE_DTYPES[shape.dtype]))
+                   dtype=dtypes.numpy_dtype_for(SOURCE_DTYPES[shape.dtype]))
     parts = layer_parts(opened, i, layer)
     try:
         opened.codec(i).restore_layer(opened.quantizer(i), parts, shape, opened.doc.entries[i],
@@ -151,6 +151,6 @@ def reconstructor(opened: Opened):
 def region(opened: Opened, name: str) -> np.ndarray:
     """A stored array as a read-only memory map of its shape (only touched pages are read)."""
     info = opened.comp.header.tensors[name]
-    dt = stfile.numpy_dtype_for(info.dtype).newbyteorder("<")
+    dt = dtypes.numpy_dtype_for(info.dtype).newbyteorder("<")
     return np.memmap(opened.comp.header.path, dtype=dt, mode="r",
                      offset=opened.comp.header.data_start + info.begin, shape=info.shape)

@@ -17,15 +17,10 @@ from threadpoolctl import threadpool_limits
 
 from fibquant_cli.core.layer import SOURCE_DTYPES, cast_clamped
 from fibquant_cli.errors import IntegrityError, UsageError
-from fibquant_cli.formats import stfile
+from fibquant_cli.formats import dtypes, stfile
 from fibquant_cli.formats.container import part_name, raw_name
-from fibquant_cli.formats.manifest import (
-    AttentionSpec,
-    Manifest,
-    ManifestEntry,
-    save_manifest,
-    vectors_axes,
-)
+from fibquant_cli.formats.kvlayout import vectors_axes
+from fibquant_cli.formats.manifest import AttentionSpec, Manifest, ManifestEntry, save_manifest
 from fibquant_cli.ops.decompress import DecompressReport, inverse_permutation, restored_outputs
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import Opened, open_verified, region
@@ -172,4 +167,4 @@ def _query_slice(loaded: Opened, attention: AttentionSpec, lsel: range, tsel: ra
 
 
 def numpy_dtype(st_dtype: str):
-    return stfile.numpy_dtype_for(st_dtype)
+    return dtypes.numpy_dtype_for(st_dtype)

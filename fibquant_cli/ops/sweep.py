@@ -21,7 +21,7 @@ from fibquant_cli.core.layer import SOURCE_DTYPES
 from fibquant_cli.core.rotation import haar_rotation
 from fibquant_cli.core.scalar import ScalarQuantizer
 from fibquant_cli.errors import InvalidInputError
-from fibquant_cli.formats import stfile
+from fibquant_cli.formats import dtypes
 from fibquant_cli.formats.kvdump import Dump, open_dump, read_layer
 from fibquant_cli.formats.peers import available_peers
 from fibquant_cli.ops.compress import compress
@@ -84,7 +84,7 @@ def kv_values_and_bytes(dump: Dump, pair: tuple[int, int]) -> tuple[int, int]:
         shape = dump.manifest.entries[i].shape
         values += shape.element_count
         source_bytes += shape.element_count * np.dtype(
-            stfile.numpy_dtype_for(SOURCE_DTYPES[shape.dtype])).itemsize
+            dtypes.numpy_dtype_for(SOURCE_DTYPES[shape.dtype])).itemsize
     return values, source_bytes
 
 
@@ -124,7 +124,7 @@ def run_codec(dump: Dump, name: str, roundtrip, bits_per_value, max_queries: int
             x = read_layer(dump, entry, layer).astype(np.float32)
             x_hat = roundtrip(x, entry.shape.role)
             if entry.shape.dtype != "f32":  # stored back in the source dtype, as a restore would
-                x_hat = x_hat.astype(stfile.numpy_dtype_for(
+                x_hat = x_hat.astype(dtypes.numpy_dtype_for(
                     SOURCE_DTYPES[entry.shape.dtype])).astype(np.float32)
             cache[(i, layer)] = x_hat
             total_bits += bits_per_value(x.shape, entry.shape.role) * x.size

@@ -20,17 +20,8 @@ from typing import Any
 import numpy as np
 
 from fibquant_cli.errors import InvalidInputError, output_failure
-from fibquant_cli.formats.stfile import (
-    NUMPY_DTYPES,
-    RawTensor,
-    TensorInfo,
-    header_bytes,
-    label,
-    little_endian,
-    plan_layout,
-    st_dtype_for,
-    st_dtype_of_numpy,
-)
+from fibquant_cli.formats.dtypes import NUMPY_DTYPES, little_endian, st_dtype_for, st_dtype_of_numpy
+from fibquant_cli.formats.stfile import RawTensor, TensorInfo, header_bytes, label, plan_layout
 from fibquant_cli.storage.publish import publishing
 
 # Bytes written between two write-back hints (see StreamWriter.write).

@@ -15,6 +15,7 @@ from fibquant_cli.core import fastsearch as fs
 from fibquant_cli.core.codebook import initial_codebook, nearest_bruteforce
 from fibquant_cli.core.codec import FibQuantizer, default_rotation, row_norms
 from fibquant_cli.core.params import Profile
+from fibquant_cli.core.pivots import PivotSearcher
 from fibquant_cli.core.source import sample_canonical
 from fibquant_cli.storage.codebook_cache import load_or_build
 
@@ -176,7 +177,7 @@ def test_float64_reference_walks_the_codebook_in_slices(monkeypatch):
 def test_pivot_is_near_exact_on_large_codebooks(k, n):
     cb = initial_codebook(64, k, n)
     y = blocks(64, k, 10_000, seed=7)
-    searcher = fs.PivotSearcher(cb)
+    searcher = PivotSearcher(cb)
     assert 1 < len(searcher.pivot_index) < n
     assert_near_exact(y, cb, searcher.nearest(y))
 
@@ -189,7 +190,7 @@ def test_pivot_pruning_loses_no_candidate():
     dist = ((y[:, None, :].astype(np.float64) - cb[None]) ** 2).sum(-1)
     two = np.sort(dist, axis=1)[:, :2]
     clear = two[:, 1] - two[:, 0] > 1e-5
-    codes = fs.PivotSearcher(cb, pivots=64).nearest(y)
+    codes = PivotSearcher(cb, pivots=64).nearest(y)
     np.testing.assert_array_equal(codes[clear], np.argmin(dist, axis=1)[clear])
     assert clear.mean() > 0.99
 
@@ -200,20 +201,20 @@ def test_pivot_scores_stay_precise_on_a_dense_codebook():
     rng = np.random.default_rng(13)
     cb = rng.standard_normal((2000, 1))
     y = rng.standard_normal((20_000, 1)).astype(np.float32)
-    assert_near_exact(y, cb, fs.PivotSearcher(cb).nearest(y))
+    assert_near_exact(y, cb, PivotSearcher(cb).nearest(y))
 
 
 def test_pivot_handles_zero_blocks_and_far_blocks():
     cb = initial_codebook(64, 4, 1024)
     y = np.concatenate([np.zeros((3, 4)), 5.0 * np.eye(4), -np.eye(4)]).astype(np.float32)
-    np.testing.assert_array_equal(fs.PivotSearcher(cb).nearest(y), reference(y, cb))
+    np.testing.assert_array_equal(PivotSearcher(cb).nearest(y), reference(y, cb))
 
 
 # --- choosing, caching, the codec ---------------------------------------------------------------
 def test_make_searcher_picks_by_shape():
     assert isinstance(fs.make_searcher(initial_codebook(64, 2, 64)), fs.GridSearcher)
     assert isinstance(fs.make_searcher(initial_codebook(64, 4, 256)), fs.MatmulSearcher)
-    assert isinstance(fs.make_searcher(initial_codebook(64, 4, 1024)), fs.PivotSearcher)
+    assert isinstance(fs.make_searcher(initial_codebook(64, 4, 1024)), PivotSearcher)
     with pytest.raises(ValueError, match="codebook"):
         fs.make_searcher(np.zeros(4))
 

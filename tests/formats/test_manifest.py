@@ -12,20 +12,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fibquant_cli.errors import InvalidInputError, ResourceError
+from fibquant_cli.formats.kvlayout import (
+    check_manifest_against_dump,
+    entry_layer_views,
+    expected_tensor_shape,
+    vectors_axes,
+)
 from fibquant_cli.formats.manifest import (
     AttentionSpec,
     KvShape,
     Manifest,
     ManifestEntry,
-    check_manifest_against_dump,
-    entry_layer_views,
-    expected_tensor_shape,
     load_manifest,
     manifest_path_for,
     parse_manifest,
     save_manifest,
     validate_manifest,
-    vectors_axes,
 )
 
 CONTRACT_ORDER = [

@@ -16,17 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fibquant_cli.errors import InvalidInputError, ResourceError, UsageError
+from fibquant_cli.formats.dtypes import NUMPY_DTYPES, numpy_dtype_for, st_dtype_for
 from fibquant_cli.formats.stfile import (
     MAX_HEADER_BYTES,
-    NUMPY_DTYPES,
     RawTensor,
     TensorInfo,
-    numpy_dtype_for,
     read_header,
     read_raw,
     read_tensor,
     read_tensors,
-    st_dtype_for,
 )
 from fibquant_cli.storage.stwriter import StreamWriter, write_file
 
