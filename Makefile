@@ -34,9 +34,9 @@ $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,peers,plot]'
 	touch $@
 
+# Runs scripts/bench.py and scripts/bench_pipeline.py and writes their tables to docs/benchmarks.md.
 bench: $(VENV)/.bench-installed
-	$(BIN)/python scripts/bench.py
-	$(BIN)/python scripts/bench_pipeline.py
+	$(BIN)/python scripts/bench_report.py
 
 # Batch: compress every dump X.safetensors (with X.manifest.json) of DIR into OUT, in parallel
 # with make's -j, skipping outputs newer than their dump and manifest:
