@@ -1,4 +1,4 @@
-"""Attention fidelity (spec section 5): attention with the original K, V against the
+"""Attention fidelity (docs/method.md §5): attention with the original K, V against the
 reconstructed K_hat, V_hat, for one layer, in bounded memory.
 
 Glossary

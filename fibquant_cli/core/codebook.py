@@ -1,4 +1,4 @@
-"""The radial-angular FibQuant codebook (spec section 3) and its Lloyd-Max refinement.
+"""The radial-angular FibQuant codebook (docs/method.md §3) and its Lloyd-Max refinement.
 
 Glossary
 --------
@@ -210,7 +210,7 @@ def train_codebook(profile: Profile) -> np.ndarray:
 
 def d_unit(codebook: np.ndarray, d: int, n_vectors: int, rng: np.random.Generator,
            chunk: int = 8192) -> float:
-    """D_unit = E||u - u_hat||^2 over n_vectors fresh uniform unit vectors (spec section 4)."""
+    """D_unit = E||u - u_hat||^2 over n_vectors fresh uniform unit vectors (docs/method.md §4)."""
     k = codebook.shape[1]
     total = 0.0
     for start in range(0, n_vectors, chunk):

@@ -1,4 +1,4 @@
-"""FibQuant encode / decode over arrays of head vectors (spec section 1).
+"""FibQuant encode / decode over arrays of head vectors (docs/method.md §1).
 
 Glossary
 --------

@@ -1,4 +1,4 @@
-"""Fast nearest-codeword search (spec section 1, step 4): the encoder's inner loop.
+"""Fast nearest-codeword search (docs/method.md §1): the encoder's inner loop.
 
 Glossary
 --------

@@ -19,7 +19,7 @@ MAX_ROTATION_BYTES = 256 * 2**20
 MAX_CODEBOOK_BYTES = 256 * 2**20
 MAX_TRAINING_BYTES = 2 * 2**30
 
-# Training-set size (spec section 3): the paper's 30*N overfits for k = 2 and large N; 1000*N
+# Training-set size (docs/method.md §3): the paper's 30*N overfits for k = 2 and large N; 1000*N
 # trains codebooks that beat the initial one on fresh samples at every shipped point. Past
 # 2**20 samples the cost of Lloyd grows faster than the gain, so the default is capped.
 SAMPLES_PER_CODEWORD = 1000

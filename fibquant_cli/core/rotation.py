@@ -1,4 +1,4 @@
-"""The shared Haar rotation (spec section 1, step 2)."""
+"""The shared Haar rotation (docs/method.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The scalar baseline (spec section 4): TurboQuant's MSE quantizer, one Lloyd-Max table per
+"""The scalar baseline (docs/method.md §4): TurboQuant's MSE quantizer, one Lloyd-Max table per
 coordinate.
 
 Glossary

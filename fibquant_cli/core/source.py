@@ -1,4 +1,4 @@
-"""The canonical source (spec section 2): a k-block of a uniform point on S^(d-1).
+"""The canonical source (docs/method.md §2): a k-block of a uniform point on S^(d-1).
 
 X = R * V with R^2 ~ Beta(k/2, (d-k)/2) and V uniform on S^(k-1), independent. Its law depends
 only on (d, k), which is why one codebook per (d, k, N) serves every model.
