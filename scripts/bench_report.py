@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = ap.parse_args(argv)
     # The commit is read before the run: it names the code that was measured.
-    facts = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    facts = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
              "commit": f"`{short_head()}`", "CPU": cpu_description(),
              "load average (1 min) at start": load_average()}
     outputs = {script: run_script(script) for script in SCRIPTS}
