@@ -232,25 +232,18 @@ def decode_tokens(q: FibQuantizer, parts: dict, shape, entry, t0: int, t1: int,
     if lo >= hi:
         return out
     n_vectors = b * h * t_mid
-    stream = parts["codes"]
-    expected = bitpack.packed_n_bytes(n_vectors * p.blocks_per_vector, p.wire_bits)
-    if stream.size != expected:
-        raise IntegrityError(f"packed stream has {stream.size} bytes, expected {expected}",
-                             tensor=name_of("codes"))
+    codes = PackedCodes(parts["codes"], n_vectors, p, name_of("codes"))  # the full decode's checks
     norms = parts["norms"].reshape(-1)
     mean = check_finite_part(parts["mean"], name_of("mean")) if entry.center else None
-    bpv, rows = p.blocks_per_vector, DECODE_ROWS
+    rows = DECODE_ROWS
     for bi in range(b):
         for hi_ in range(h):
             v0 = (bi * h + hi_) * t_mid + (lo - kf)
             v1 = v0 + hi - lo
             # Decode the aligned blocks around [v0, v1), as the full decode does.
             a0, a1 = v0 // rows * rows, min(-(-v1 // rows) * rows, n_vectors)
-            codes = bitpack.unpack_range(stream, a0 * bpv, a1 * bpv, p.wire_bits)
-            if codes.size and int(codes.max()) >= p.size:
-                raise IntegrityError(f"an index is >= N = {p.size}", tensor=name_of("codes"))
             nrm = check_norms(norms[a0:a1], name_of("norms"))
-            x = q.decode(codes.reshape(a1 - a0, bpv), nrm)[v0 - a0:v1 - a0]
+            x = q.decode(codes.rows(a0, a1), nrm)[v0 - a0:v1 - a0]
             if mean is not None:
                 x += mean[bi, hi_]
             out[bi, hi_, lo - t0:hi - t0] = x
