@@ -42,7 +42,8 @@ def open_dump(path, manifest_path=None) -> Dump:
                                 path=str(path))
     mpath = Path(manifest_path) if manifest_path is not None else manifest_path_for(path)
     if not mpath.exists():
-        raise InvalidInputError(f"no manifest at {mpath} (pass --manifest PATH)", path=str(path))
+        raise InvalidInputError(f"no manifest at {mpath} (give one with {{manifest}})", path=str(path),
+                                options=("manifest",))
     manifest = load_manifest(mpath)
     infos = {name: (info.dtype, info.shape) for name, info in header.tensors.items()}
     check_manifest_against_dump(manifest, infos, source=str(path))
