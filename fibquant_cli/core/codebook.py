@@ -148,7 +148,7 @@ def assign(samples: np.ndarray, codebook: np.ndarray) -> tuple[np.ndarray, np.nd
     """codes (m,) and squared distances (m,) float64 of samples to their nearest codeword."""
     if codebook.shape[0] < FAST_ASSIGN_MIN_SIZE:
         return nearest(samples, codebook, want_distance=True)
-    from fibquant_cli.core.fastsearch import make_searcher
+    from fibquant_cli.core.search import make_searcher
 
     codes = make_searcher(codebook).nearest(samples.astype(np.float32))
     diff = samples - codebook[codes]

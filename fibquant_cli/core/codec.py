@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fibquant_cli.core.codebook import STREAM_ROTATION, stream
-from fibquant_cli.core.fastsearch import searcher_for
 from fibquant_cli.core.params import Profile
 from fibquant_cli.core.rotation import haar_rotation
+from fibquant_cli.core.search import searcher_for
 from fibquant_cli.errors import InvalidInputError
 
 # Rows of x handled at once; together with the search budget this bounds every temporary.
@@ -105,7 +105,7 @@ class FibQuantizer:
         codes = np.empty((n, d // k), dtype=np.uint32)
         norms = np.empty(n, dtype=np.float32)
         rot_t = self.rotation.T.astype(np.float32)
-        searcher = searcher_for(self)  # built once per quantizer (core/fastsearch.py)
+        searcher = searcher_for(self)  # built once per quantizer (core/search.py)
         for start in range(0, n, ROW_CHUNK):
             chunk = x[start:start + ROW_CHUNK]
             nu, u = normalize(chunk, start)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fibquant_cli.core import fastsearch as fs
+from fibquant_cli.core import search
 from fibquant_cli.core.codebook import initial_codebook, nearest_bruteforce
 from fibquant_cli.core.codec import FibQuantizer, default_rotation, row_norms
 from fibquant_cli.core.params import Profile
@@ -123,7 +124,7 @@ def test_lazy_grid_gives_the_same_codes_before_and_after_building(shipped, monke
     monkeypatch.setattr(fs, "LAZY_GRID_WORK", 2**20)  # build after 4096 blocks of 256 words
     monkeypatch.setattr(fs, "LAZY_GRID_BLOCKS", 1)
     cb = shipped(64, 2, 256)
-    searcher = fs.make_searcher(cb)
+    searcher = search.make_searcher(cb)
     assert isinstance(searcher, fs.GridSearcher) and searcher.table is None
     y = blocks(64, 2, 20_000, seed=4)
     small = searcher.nearest(y[:1000])
@@ -212,19 +213,19 @@ def test_pivot_handles_zero_blocks_and_far_blocks():
 
 # --- choosing, caching, the codec ---------------------------------------------------------------
 def test_make_searcher_picks_by_shape():
-    assert isinstance(fs.make_searcher(initial_codebook(64, 2, 64)), fs.GridSearcher)
-    assert isinstance(fs.make_searcher(initial_codebook(64, 4, 256)), fs.MatmulSearcher)
-    assert isinstance(fs.make_searcher(initial_codebook(64, 4, 1024)), PivotSearcher)
+    assert isinstance(search.make_searcher(initial_codebook(64, 2, 64)), fs.GridSearcher)
+    assert isinstance(search.make_searcher(initial_codebook(64, 4, 256)), fs.MatmulSearcher)
+    assert isinstance(search.make_searcher(initial_codebook(64, 4, 1024)), PivotSearcher)
     with pytest.raises(ValueError, match="codebook"):
-        fs.make_searcher(np.zeros(4))
+        search.make_searcher(np.zeros(4))
 
 
 def test_make_searcher_keeps_float32_only_where_it_is_safe(shipped):
     for d, k, n in SHIPPED_GENERAL:
-        assert fs.make_searcher(shipped(d, k, n)).exact is False
+        assert search.make_searcher(shipped(d, k, n)).exact is False
     rng = np.random.default_rng(14)
     dense = rng.standard_normal((500, 1))  # neighbours ~1e-5 apart
-    searcher = fs.make_searcher(dense)
+    searcher = search.make_searcher(dense)
     assert searcher.exact is True
     y = rng.standard_normal((20_000, 1)).astype(np.float32)
     np.testing.assert_array_equal(searcher.nearest(y), reference(y, dense))
@@ -243,12 +244,12 @@ def test_codec_caches_one_searcher_and_encodes_exactly(shipped, monkeypatch):
     monkeypatch.setattr(fs, "LAZY_GRID_BLOCKS", 1)
     profile = Profile(64, 2, 64)
     q = FibQuantizer(profile, shipped(64, 2, 64), default_rotation(profile))
-    assert fs.searcher_for(q) is fs.searcher_for(q)
+    assert search.searcher_for(q) is search.searcher_for(q)
     rng = np.random.default_rng(10)
     x = rng.standard_normal((3000, 64)).astype(np.float16)
     x[0] = 0.0
     codes, _ = q.encode(x)
-    assert fs.searcher_for(q).table is not None
+    assert search.searcher_for(q).table is not None
     # The codec's own float32 pipeline (one chunk of rows), then the reference search.
     nu = row_norms(x)
     u = (x.astype(np.float64) / np.where(nu > 0, nu, 1.0)[:, None]).astype(np.float32)
