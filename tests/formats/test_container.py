@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import safetensors.numpy
 
 from fibquant_cli.formats import stfile
 from fibquant_cli.storage.stwriter import write_file
@@ -15,39 +13,8 @@ from fibquant_cli.storage.stwriter import write_file
 from conftest import (
     assert_error,
     listing,
-    read_st_header,
 )
 from conftest import ok as assert_ok
-
-
-def rel_mse(x: np.ndarray, y: np.ndarray) -> float:
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    return float(((x - y) ** 2).sum() / (x * x).sum())
-
-
-def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
-def load(path) -> dict[str, np.ndarray]:
-    return safetensors.numpy.load_file(str(path))
-
-
-def st_dtype_of(path) -> dict[str, tuple[str, list[int]]]:
-    header, _ = read_st_header(path)
-    return {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
-
-
-def roundtrip(cli, dump, tmp_path, *extra: str) -> tuple[dict, dict, dict]:
-    """compress --json + decompress; returns (compress JSON, restored tensors, compressed header)."""
-    comp = tmp_path / "out.fq.safetensors"
-    restored = tmp_path / "out.restored.safetensors"
-    res = assert_ok(cli("compress", dump.path, "-o", comp, "--json", *extra))
-    report = json.loads(res.stdout)
-    assert_ok(cli("decompress", comp, "-o", restored))
-    return report, load(restored), st_dtype_of(comp)
-
 
 # ----------------------------------------------------------------------------- corrupted compressed files
 
