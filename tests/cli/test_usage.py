@@ -387,3 +387,21 @@ def test_huge_manifest_is_resource_error(cli, dump):
 def test_digest_of_bad_manifest(cli, dump, case):
     code, fragments = BAD_MANIFESTS[case](dump)
     assert_error(cli("digest", dump.manifest_path), code, *fragments)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["compress", "x.safetensors", "--bogus"], "No such option: --bogus"),
+    (["compress"], "Missing argument"),
+    (["decompress", "x.fq.safetensors", "--jobs", "many"], "'--jobs'"),
+    (["decompress", "x.fq.safetensors", "--jobs", "-1"], "'--jobs'"),
+    (["frobnicate"], "No such command"),
+])
+def test_typer_usage_errors_are_one_line_exit_2(cli, args, fragment):
+    line = assert_error(cli(*args), 2, fragment)
+    assert "--help" in line  # says where to look
+
+
+def test_library_errors_name_flags_not_parameters(cli, dump):
+    line = assert_error(cli("compress", dump.path, "--key-block-dim", "4"), 2,
+                        "--key-block-dim", "--key-size")
+    assert "key_block_dim" not in line
