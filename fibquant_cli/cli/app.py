@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -129,10 +128,13 @@ def codebook(
         console.stdout().print(tables.codebook_table(rep))
 
 
-PathArg = Annotated[Path, typer.Argument(help="A safetensors file.", show_default=False)]
-ManifestOpt = Annotated[Path | None, typer.Option(
+# Paths are taken as typed (str): ``Path`` would drop a trailing '/', and ``kv.safetensors/``
+# or ``-o newdir/`` name folders, which the library refuses (formats.stfile.input_path,
+# storage.publish.output_path).
+PathArg = Annotated[str, typer.Argument(help="A safetensors file.", show_default=False)]
+ManifestOpt = Annotated[str | None, typer.Option(
     "--manifest", "-m", help="Shape manifest (default: X.manifest.json beside X.safetensors).")]
-OutOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Output file.")]
+OutOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output file.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
 
 
@@ -155,7 +157,7 @@ def validate(path: PathArg, manifest: ManifestOpt = None, as_json: JsonOpt = Fal
 @app.command()
 @handle_errors
 def digest(
-    path: Annotated[Path, typer.Argument(help="A manifest (.json), a dump or a compressed file.")],
+    path: Annotated[str, typer.Argument(help="A manifest (.json), a dump or a compressed file.")],
     as_json: JsonOpt = False,
 ) -> None:
     """BLAKE3 digests: manifest entry shapes, dump tensors, or a compressed file's records."""
@@ -299,7 +301,7 @@ def decompress(
 @handle_errors
 def evaluate(
     original: PathArg,
-    other: Annotated[Path, typer.Argument(help="A compressed file or a restored dump.")],
+    other: Annotated[str, typer.Argument(help="A compressed file or a restored dump.")],
     manifest: ManifestOpt = None,
     max_queries: MaxQueriesOpt = 2048,
     as_json: JsonOpt = False,
@@ -320,7 +322,7 @@ def evaluate(
 def sweep(
     path: PathArg,
     manifest: ManifestOpt = None,
-    plot: Annotated[Path | None, typer.Option(
+    plot: Annotated[str | None, typer.Option(
         "--plot", help="Write the frontier as a PNG (needs matplotlib).")] = None,
     peers: Annotated[bool, typer.Option(
         "--peers/--no-peers", help="Include llama.cpp (gguf), KIVI and fp8 formats.")] = True,
@@ -331,7 +333,7 @@ def sweep(
     from fibquant_cli.cli import tables
     from fibquant_cli.ops.sweep import sweep as run
 
-    if plot is not None and plot.suffix.lower() != ".png":
+    if plot is not None and not plot.lower().endswith(".png"):
         raise UsageError("{plot} writes a PNG: give a path ending in .png", path=str(plot),
                          options=("plot",))
     with RichProgress() as progress:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fibquant_cli.errors import UsageError
-from fibquant_cli.storage.publish import publishing
+from fibquant_cli.storage.publish import output_path, publishing
 
 MARKERS = {"fibquant": ("o", "tab:blue"), "scalar": ("s", "tab:gray")}
 
@@ -20,7 +20,7 @@ def plot_frontier(rep, path, *, force: bool = True) -> None:
     except ImportError:
         raise UsageError("{plot} needs matplotlib: pip install 'fibquant[plot]'",
                          options=("plot",)) from None
-    path = Path(path)
+    path = output_path(path)
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     groups: dict[str, list] = {}
     for p in rep.points:

@@ -387,8 +387,11 @@ def open_container(path) -> Container:
         raise IntegrityError("metadata digest mismatch (the fibquant document was altered)",
                              path=where)
     try:
-        obj = json.loads(text)
-    except ValueError as err:  # JSONDecodeError, and integers past Python's digit limit
+        obj = json.loads(text, parse_int=stfile.parse_json_int)
+    except stfile.LongInteger as err:
+        raise IntegrityError(f"fibquant document has an integer of {err.args[0]} digits",
+                             path=where) from None
+    except ValueError as err:  # JSONDecodeError
         raise IntegrityError(f"fibquant document is not JSON ({err})", path=where) from None
     except RecursionError:
         raise IntegrityError("fibquant document is nested too deeply", path=where) from None

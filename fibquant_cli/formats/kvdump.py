@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +35,17 @@ class Dump:
 
 def open_dump(path, manifest_path=None) -> Dump:
     """Read a dump's header and manifest and check them against each other."""
-    path = Path(path)
+    path = stfile.input_path(path)
     header = stfile.read_header(path)
     if is_compressed(header):
         raise InvalidInputError("this is a compressed fibquant file, not a KV dump "
                                 "(use 'fibquant decompress' or 'fibquant validate')",
                                 path=str(path))
-    mpath = Path(manifest_path) if manifest_path is not None else manifest_path_for(path)
-    if not mpath.exists():
-        raise InvalidInputError(f"no manifest at {mpath} (give one with {{manifest}})", path=str(path),
-                                options=("manifest",))
+    mpath = (stfile.input_path(manifest_path) if manifest_path is not None
+             else manifest_path_for(path))
+    if not os.path.lexists(mpath):  # a dangling link or a FIFO is named by load_manifest
+        raise InvalidInputError(f"no manifest at {mpath} (give one with {{manifest}})",
+                                path=str(path), options=("manifest",))
     manifest = load_manifest(mpath)
     infos = {name: (info.dtype, info.shape) for name, info in header.tensors.items()}
     check_manifest_against_dump(manifest, infos, source=str(path))

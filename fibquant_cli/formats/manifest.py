@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from fibquant_cli.errors import FibQuantError, InvalidInputError, ResourceError
+from fibquant_cli.formats import stfile
 from fibquant_cli.formats.digest import KV_SHAPE_SCHEMA, json_digest
 
 MANIFEST_SCHEMA = "fibquant_kv_manifest_v1"
@@ -450,8 +451,11 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     """
     source = str(path)
     try:
-        with open(path, "rb") as handle:
+        with stfile.open_regular(path, "a JSON file") as handle:
             raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    except InvalidInputError as err:
+        reason = f"cannot read manifest ({err.reason.removeprefix('cannot read: ')})"
+        raise InvalidInputError(reason, path=source) from None
     except OSError as err:
         reason = f"cannot read manifest ({err.strerror or err})"
         raise InvalidInputError(reason, path=source) from None
@@ -462,7 +466,11 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     except UnicodeDecodeError as err:
         raise InvalidInputError(f"invalid UTF-8 at byte {err.start}", path=source) from None
     try:
-        obj = json.loads(text, object_pairs_hook=_object_pairs, parse_constant=_reject_constant)
+        obj = json.loads(text, object_pairs_hook=_object_pairs, parse_constant=_reject_constant,
+                         parse_int=stfile.parse_json_int)
+    except stfile.LongInteger as err:
+        raise InvalidInputError(f"invalid JSON: an integer of {err.args[0]} digits (at most "
+                                f"{stfile.MAX_INT_DIGITS})", path=source) from None
     except json.JSONDecodeError as err:
         raise InvalidInputError(
             f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}", path=source

@@ -139,6 +139,22 @@ class _DuplicateKey(Exception):
     pass
 
 
+# JSON integers longer than this are refused while parsing: no size, offset or count needs
+# more (2**64 has 20 digits), and Python refuses to convert more than 4300 digits anyway.
+MAX_INT_DIGITS = 40
+
+
+class LongInteger(ValueError):
+    """A JSON integer with more than ``MAX_INT_DIGITS`` digits (``args[0]``: its length)."""
+
+
+def parse_json_int(text: str) -> int:
+    """``json.loads``'s ``parse_int`` for untrusted JSON: refuses absurdly long integers."""
+    if len(text) > MAX_INT_DIGITS:
+        raise LongInteger(len(text.lstrip("-")))
+    return int(text)
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
@@ -249,19 +265,46 @@ def _parse_metadata(value: Any, path: str) -> dict[str, str] | None:
     return dict(value)
 
 
-def _open_input(path: Path):
+def input_path(path: str | os.PathLike) -> Path:
+    """An input path as a Path, refusing a name that ends with a separator before ``Path``
+    drops it (``kv.safetensors/`` names a folder, never the file ``kv.safetensors``)."""
+    text = os.fspath(path)
+    if isinstance(text, str) and (text.endswith(os.sep) or (os.altsep and text.endswith(os.altsep))):
+        raise InvalidInputError(f"the path ends with {text[-1]!r}, so it names a directory; "
+                                "expected a file", path=text)
+    return Path(text)
+
+
+def open_regular(path: str | os.PathLike, what: str = "a safetensors file"):
+    """Open an input for binary reading, only if it is a regular file.
+
+    Opened without blocking, then checked: a FIFO would block forever and a device never end.
+    """
+    path = input_path(path)
     where = str(path)
     try:
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            raise InvalidInputError("is a directory, expected a safetensors file", path=where)
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidInputError("not a regular file", path=where)
-        return open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise InvalidInputError("no such file", path=where) from None
     except OSError as err:
         raise InvalidInputError(f"cannot read: {err.strerror}", path=where) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise InvalidInputError(f"is a directory, expected {what}", path=where)
+        if not stat.S_ISREG(mode):
+            raise InvalidInputError(f"not a regular file (a FIFO, device or socket), expected "
+                                    f"{what}", path=where)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_input(path: Path):
+    return open_regular(path)
 
 
 def read_header(path: str | os.PathLike) -> Header:
@@ -273,7 +316,7 @@ def read_header(path: str | os.PathLike) -> Header:
         for info in header.tensors.values():
             print(info.name, info.dtype, info.shape)
     """
-    path = Path(path)
+    path = input_path(path)
     where = str(path)
     with _open_input(path) as f:
         file_size = os.fstat(f.fileno()).st_size
@@ -302,7 +345,10 @@ def read_header(path: str | os.PathLike) -> Header:
     except UnicodeDecodeError as err:
         raise InvalidInputError(f"header is not valid UTF-8 (byte {err.start})", path=where) from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=parse_json_int)
+    except LongInteger as err:
+        raise InvalidInputError(f"header has an integer of {err.args[0]} digits (at most "
+                                f"{MAX_INT_DIGITS})", path=where) from None
     except _DuplicateKey as err:
         raise InvalidInputError(f"header has duplicate key '{label(err.args[0])}'", path=where) from None
     except json.JSONDecodeError as err:

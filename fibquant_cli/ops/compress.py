@@ -63,7 +63,7 @@ from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import open_verified, reconstructor
 from fibquant_cli.ops.spec import CompressSpec
 from fibquant_cli.storage.codebook_cache import quantizer_for
-from fibquant_cli.storage.publish import publishing
+from fibquant_cli.storage.publish import output_path, publishing
 from fibquant_cli.storage.stwriter import StreamWriter
 
 PLACEHOLDER_DIGEST = "blake3:" + "0" * 64
@@ -87,9 +87,10 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
     spec = spec or CompressSpec()
     if jobs < 0:
         raise UsageError(f"{{jobs}} must be >= 0, got {jobs}", options=("jobs",))
-    source = Path(source)
+    source = stfile.input_path(source)
+    out = output_path(output) if output is not None else None
     dump = open_dump(source, manifest)
-    out = Path(output) if output is not None else default_compressed_path(source)
+    out = out or default_compressed_path(source)
     inputs = {source: "input file", dump.manifest_path: "manifest file"}
     with publishing([out], force=force, inputs=inputs) as (tmp,), \
             threadpool_limits(1):

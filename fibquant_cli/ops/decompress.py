@@ -24,7 +24,7 @@ from fibquant_cli.formats.kvlayout import entry_layer_views, vectors_axes
 from fibquant_cli.formats.manifest import manifest_path_for, save_manifest
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import Opened, open_verified, restore_layer, verify_unread
-from fibquant_cli.storage.publish import publishing
+from fibquant_cli.storage.publish import output_path, publishing
 from fibquant_cli.storage.stwriter import StreamWriter
 
 DECODE_THREADS = 2
@@ -56,8 +56,8 @@ def default_restored_path(compressed: Path) -> Path:
 
 def restored_outputs(path, output) -> tuple[Path, Path, Path]:
     """(compressed file, output dump, its manifest) of a decompress or a slice."""
-    path = Path(path)
-    out = Path(output) if output is not None else default_restored_path(path)
+    path = stfile.input_path(path)
+    out = output_path(output) if output is not None else default_restored_path(path)
     return path, out, manifest_path_for(out)
 
 

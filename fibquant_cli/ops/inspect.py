@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from fibquant_cli.errors import FibQuantError
 from fibquant_cli.formats import container, stfile
@@ -33,9 +32,9 @@ class ValidateReport:
 
 def validate(path, manifest=None) -> ValidateReport:
     """Run every check of a dump (against its manifest) or of a compressed file."""
-    path = Path(path)
     rep = ValidateReport(str(path), "dump")
     try:
+        path = stfile.input_path(path)
         header = stfile.read_header(path)
     except FibQuantError as err:
         rep.checks.append(("safetensors header", False, err.reason))
@@ -98,7 +97,7 @@ class DigestReport:
 
 def digest(path) -> DigestReport:
     """Digests of a manifest (per entry shape), a dump (per tensor + file) or a compressed file."""
-    path = Path(path)
+    path = stfile.input_path(path)
     if path.suffix == ".json":
         manifest = load_manifest(path)
         rows = [{"name": f"entries[{i}] ({e.shape.role})", "tensors": list(e.tensors),

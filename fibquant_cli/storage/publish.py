@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from fibquant_cli.errors import Interrupted, OutputExistsError, UsageError, output_failure
+from fibquant_cli.errors import FibQuantError, Interrupted, OutputExistsError, UsageError, output_failure
 
 TEMP_PREFIX = ".fibquant-"
 _TEMP_NAME = re.compile(r"^\.fibquant-(\d+)-[0-9a-f]{12}\.tmp$")
@@ -71,6 +71,16 @@ def check_output(path: str | os.PathLike, *, force: bool,
     if not force:
         raise OutputExistsError(**where)
     return path
+
+
+def output_path(path: str | os.PathLike) -> Path:
+    """An output path as a Path, refusing a name that ends with a separator before ``Path``
+    drops it (``-o newdir/`` names a folder, never a file ``newdir``)."""
+    text = os.fspath(path)
+    if text.endswith(os.sep) or (os.altsep and text.endswith(os.altsep)):
+        raise UsageError("output path ends with a separator, so it names a directory; "
+                         "give a file name", path=text)
+    return Path(text)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -124,7 +134,14 @@ def publishing(outputs: Sequence[str | os.PathLike], *, force: bool,
         remove_stale_temporaries(folder)
     temps = [temp_path_for(t) for t in targets]
     try:
-        yield temps
+        try:
+            yield temps
+        except FibQuantError as err:  # name the output, never its temporary
+            named = {str(tmp): str(target) for tmp, target in zip(temps, targets)}
+            if err.path not in named:
+                raise
+            raise type(err)(err.reason, path=named[err.path], tensor=err.tensor,
+                            field=err.field, options=err.options) from None
         for target in targets:  # late conflicts: someone created an output meanwhile
             check_output(target, force=force, inputs=inputs)
         try:
