@@ -66,7 +66,8 @@ app = typer.Typer(
 _state = {"debug": False}
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, help="Seed of rotation and codebook.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1,
+                                      help="Seed of rotation and codebook.")]
 
 
 def handle_errors(func):
@@ -118,10 +119,9 @@ def codebook(
 ) -> None:
     """Build or load a codebook and measure its distortion against scalar and Shannon."""
     from fibquant_cli.cli import tables
-    from fibquant_cli.core.params import Profile
-    from fibquant_cli.ops.codebook import codebook_report
+    from fibquant_cli.ops.codebook import codebook_report, profile_from_options
 
-    rep = codebook_report(Profile(head_dim, block_dim, size, seed), eval_vectors)
+    rep = codebook_report(profile_from_options(head_dim, block_dim, size, seed), eval_vectors)
     if as_json:
         console.print_json(rep.to_json())
     else:

@@ -11,10 +11,14 @@ from fibquant_cli.core.codebook import STREAM_EVALUATION, d_unit, stream
 from fibquant_cli.core.codec import default_rotation
 from fibquant_cli.core.params import Profile
 from fibquant_cli.core.scalar import ScalarQuantizer
+from fibquant_cli.errors import UsageError
 from fibquant_cli.formats.digest import profile_digest
+from fibquant_cli.ops.spec import check_head_dim, check_point, check_seed
 from fibquant_cli.storage.codebook_cache import load_or_build
 
 EVAL_VECTORS = 100_000
+# Beyond this the measurement takes minutes and its estimate does not change any more.
+MAX_EVAL_VECTORS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,20 @@ class CodebookReport:
         return asdict(self)
 
 
+def profile_from_options(head_dim: int, block_dim: int, size: int, seed: int) -> Profile:
+    """The profile of the ``codebook`` command's options; a bad one is a ``UsageError``
+    naming the option."""
+    check_head_dim(head_dim)
+    check_point(block_dim, size, ("block_dim", "size"), head_dim=head_dim)
+    check_seed(seed)
+    return Profile(head_dim, block_dim, size, seed)
+
+
 def codebook_report(profile: Profile, eval_vectors: int = EVAL_VECTORS) -> CodebookReport:
     """Build or load the codebook of ``profile`` and measure it on fresh unit vectors."""
+    if not 1 <= eval_vectors <= MAX_EVAL_VECTORS:
+        raise UsageError(f"{{eval_vectors}} must be in [1, {MAX_EVAL_VECTORS}], got "
+                         f"{eval_vectors}", options=("eval_vectors",))
     codebook, origin = load_or_build(profile)
     d, b = profile.head_dim, profile.rate_bits
     fib = d_unit(codebook, d, eval_vectors, stream(profile.seed, STREAM_EVALUATION))

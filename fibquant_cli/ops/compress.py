@@ -167,11 +167,12 @@ def entry_profiles(dump: Dump, spec: CompressSpec) -> list[Profile]:
     profiles = []
     for entry in dump.manifest.entries:
         k, n = spec.point(entry.shape.role)
-        try:
-            entry.shape.validate_block_dim(k)
-        except InvalidInputError as err:
-            raise InvalidInputError(err.reason, path=str(dump.manifest_path),
-                                    tensor=entry.tensors[0]) from None
+        d = entry.shape.head_dim
+        if k >= d or d % k:
+            option = spec.options(entry.shape.role)[0]
+            raise UsageError(f"{{{option}}} gives block_dim {k}, which must divide the head_dim "
+                             f"{d} of this tensor and be smaller", path=str(dump.path),
+                             tensor=entry.tensors[0], options=(option,))
         profiles.append(Profile(entry.shape.head_dim, k, n, spec.seed))
     return profiles
 

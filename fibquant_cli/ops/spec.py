@@ -10,9 +10,12 @@ included, and softmax ignores a shift common to all keys, so only the residual n
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+from fibquant_cli.core.params import MAX_HEAD_DIM, MAX_SIZE
 from fibquant_cli.errors import UsageError
+
+SEED_LIMIT = 2**63  # seeds are hashed as unsigned 64-bit integers, below 2**63 (Profile)
 
 # --bits presets (docs/method.md §1): rate -> (k, N).
 BITS_PRESETS: dict[float, tuple[int, int]] = {
@@ -33,6 +36,30 @@ def preset_for(bits: float, option: str = "bits") -> tuple[int, int]:
                      "(or give {block_dim} and {size})", options=(option, "block_dim", "size"))
 
 
+def check_point(block_dim: int, size: int, options: tuple[str, str],
+                head_dim: int | None = None) -> None:
+    """Refuse a (k, N) no profile can have, naming the option that gave it (``UsageError``)."""
+    k_opt, n_opt = options
+    if block_dim < 2:
+        raise UsageError(f"{{{k_opt}}} must be >= 2, got {block_dim}", options=(k_opt,))
+    if not 2 <= size <= MAX_SIZE:
+        raise UsageError(f"{{{n_opt}}} must be in [2, {MAX_SIZE}], got {size}", options=(n_opt,))
+    if head_dim is not None and (block_dim >= head_dim or head_dim % block_dim):
+        raise UsageError(f"{{{k_opt}}} {block_dim} must divide head_dim {head_dim} and be "
+                         f"smaller", options=(k_opt,))
+
+
+def check_seed(seed: int, option: str = "seed") -> None:
+    if not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f"{{{option}}} must be in [0, 2**63), got {seed}", options=(option,))
+
+
+def check_head_dim(head_dim: int, option: str = "head_dim") -> None:
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise UsageError(f"{{{option}}} must be in [1, {MAX_HEAD_DIM}], got {head_dim}",
+                         options=(option,))
+
+
 @dataclass(frozen=True)
 class CompressSpec:
     key: tuple[int, int] = BITS_PRESETS[DEFAULT_BITS]
@@ -41,12 +68,20 @@ class CompressSpec:
     keep_first: int = 0
     keep_last: int = 0
     center_keys: bool = True
+    # The options that gave each role's (k, N), for errors that name them (not recorded).
+    key_options: tuple[str, str] = field(default=("block_dim", "size"), compare=False)
+    value_options: tuple[str, str] = field(default=("block_dim", "size"), compare=False)
 
     def point(self, role: str) -> tuple[int, int]:
         return self.key if role == "key" else self.value
 
+    def options(self, role: str) -> tuple[str, str]:
+        return self.key_options if role == "key" else self.value_options
+
     def to_json(self) -> dict:
-        return asdict(self)
+        obj = asdict(self)
+        del obj["key_options"], obj["value_options"]
+        return obj
 
     def label(self) -> str:
         k, v = self.key, self.value
@@ -58,7 +93,9 @@ class CompressSpec:
         return text
 
 
-def _role_point(role: str, bits, block_dim, size, default: tuple[int, int]) -> tuple[int, int]:
+def _role_point(role: str, bits, block_dim, size, default: tuple[int, int],
+                default_options: tuple[str, str]) -> tuple[tuple[int, int], tuple[str, str]]:
+    """(k, N) of one role and the options that gave them."""
     names = (f"{role}_bits", f"{role}_block_dim", f"{role}_size")
     if (block_dim is None) != (size is None):
         raise UsageError(f"give {{{names[1]}}} and {{{names[2]}}} together", options=names[1:])
@@ -66,10 +103,11 @@ def _role_point(role: str, bits, block_dim, size, default: tuple[int, int]) -> t
         raise UsageError(f"give either {{{names[0]}}} or {{{names[1]}}}/{{{names[2]}}}",
                          options=names)
     if block_dim is not None:
-        return (block_dim, size)
+        check_point(block_dim, size, names[1:])
+        return (block_dim, size), names[1:]
     if bits is not None:
-        return preset_for(bits, names[0])
-    return default
+        return preset_for(bits, names[0]), (names[0], names[0])
+    return default, default_options
 
 
 def resolve_spec(*, bits=None, block_dim=None, size=None, key_bits=None, value_bits=None,
@@ -85,10 +123,17 @@ def resolve_spec(*, bits=None, block_dim=None, size=None, key_bits=None, value_b
     if keep_first < 0 or keep_last < 0:
         raise UsageError("{keep_first} and {keep_last} must be >= 0",
                          options=("keep_first", "keep_last"))
-    common = (block_dim, size) if block_dim is not None else preset_for(
-        DEFAULT_BITS if bits is None else bits)
-    return CompressSpec(
-        key=_role_point("key", key_bits, key_block_dim, key_size, common),
-        value=_role_point("value", value_bits, value_block_dim, value_size, common),
-        seed=seed, keep_first=keep_first, keep_last=keep_last, center_keys=center_keys,
-    )
+    check_seed(seed)
+    if block_dim is not None:
+        check_point(block_dim, size, ("block_dim", "size"))
+        common, common_options = (block_dim, size), ("block_dim", "size")
+    else:
+        common = preset_for(DEFAULT_BITS if bits is None else bits)
+        common_options = ("bits", "bits")
+    key, key_options = _role_point("key", key_bits, key_block_dim, key_size, common,
+                                   common_options)
+    value, value_options = _role_point("value", value_bits, value_block_dim, value_size, common,
+                                       common_options)
+    return CompressSpec(key=key, value=value, seed=seed, keep_first=keep_first,
+                        keep_last=keep_last, center_keys=center_keys, key_options=key_options,
+                        value_options=value_options)

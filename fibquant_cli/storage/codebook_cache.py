@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from fibquant_cli.core.codebook import train_codebook
-from fibquant_cli.core.params import Profile
-from fibquant_cli.errors import FibQuantError, IntegrityError
+from fibquant_cli.core.params import Profile, default_train_samples
+from fibquant_cli.errors import FibQuantError, IntegrityError, ResourceError
 from fibquant_cli.formats.digest import codebook_digest as _digest
 from fibquant_cli.formats.digest import profile_digest
 from fibquant_cli.storage.publish import publishing
@@ -90,6 +90,28 @@ def load_entry(path: Path, profile: Profile) -> np.ndarray:
     return codebook
 
 
+# Lloyd training costs about train_samples x size x restarts x iterations distance terms; the
+# largest shipped profile (d=64, k=4, N=4096) is 4.4e11. Beyond this bound training would run for
+# hours: refused before it starts (a codebook already cached or shipped is still used).
+MAX_TRAINING_WORK = 2**40
+
+
+def training_work(profile: Profile) -> int:
+    return profile.train_samples * profile.size * profile.restarts * max(1, profile.iterations)
+
+
+def check_trainable(profile: Profile) -> None:
+    work = training_work(profile)
+    if work > MAX_TRAINING_WORK:
+        per_size = profile.restarts * max(1, profile.iterations)
+        largest = max(n for n in (2**e for e in range(1, 21))
+                      if default_train_samples(n) * n * per_size <= MAX_TRAINING_WORK)
+        raise ResourceError(
+            f"training a codebook of {{size}} {profile.size} would take ~{work:.1e} distance "
+            f"computations (bound {MAX_TRAINING_WORK:.1e}, hours of CPU); use a size of at "
+            f"most {largest}", options=("size",))
+
+
 def load_or_build(profile: Profile) -> tuple[np.ndarray, CodebookOrigin]:
     """The trained codebook of ``profile``: shipped, cached, or trained now (and cached)."""
     name = entry_name(profile)
@@ -106,6 +128,7 @@ def load_or_build(profile: Profile) -> tuple[np.ndarray, CodebookOrigin]:
             return codebook, CodebookOrigin("cache", cached, time.perf_counter() - start)
         except IntegrityError as err:
             note = f"rebuilt: {err}"
+    check_trainable(profile)
     codebook = train_codebook(profile)
     try:
         save_entry(cached, profile, codebook)
