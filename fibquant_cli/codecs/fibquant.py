@@ -36,11 +36,13 @@ from fibquant_cli.core.layer import (
 from fibquant_cli.core.metrics import ErrorAccumulator
 from fibquant_cli.core.params import Profile
 from fibquant_cli.core.scalar import ScalarQuantizer
-from fibquant_cli.errors import IntegrityError
+from fibquant_cli.errors import IntegrityError, InvalidInputError
 
 NAME = "fibquant"
 NORMS_DTYPES = ("F16", "F32")
 FP16_MAX = float(np.finfo(np.float16).max)
+FP16_TINY = float(np.finfo(np.float16).tiny)  # 2**-14, the smallest normal fp16
+F32_MAX = float(np.finfo(np.float32).max)
 # Vectors encoded at once: a multiple of the decode block, so a chunk's statistics decode
 # exactly as decompress does, and of 8, so packed chunks join on byte boundaries. About 2 MB of
 # float32 per array: together with the source layer this bounds compress's memory.
@@ -86,14 +88,31 @@ class EncodedLayer:
     payload: int = 0  # bytes of the parts (kept after the parts are written and released)
 
 
-def needs_wide_norms(arr: np.ndarray, center: bool, keep_first: int, keep_last: int) -> bool:
-    """Would a norm to encode of this layer overflow fp16? (Exact: computes the norms.)"""
+def norms_dtype(arr: np.ndarray, center: bool, keep_first: int, keep_last: int) -> str:
+    """"F16" when fp16 holds every norm to encode of this layer with its full precision, else
+    "F32" (a norm above fp16's maximum, or a non-zero one below its smallest normal value,
+    where fp16 keeps fewer bits, down to none: values around 1e-9 would restore as zeros).
+    Exact: computes the norms. A norm beyond float32's range raises ``InvalidInputError``
+    naming the vector (batch, head, token of the layer).
+    """
     rows = LayerRows(arr, center, keep_first, keep_last)
+    wide = False
     for c0 in range(0, rows.n, ENCODE_ROWS):
         _, x_in = rows.chunk(c0, min(rows.n, c0 + ENCODE_ROWS))
-        if float(row_norms(x_in).max()) > FP16_MAX:
-            return True
-    return False
+        norms = row_norms(x_in)
+        top = int(np.argmax(norms)) if norms.size else 0
+        if norms.size and norms[top] > F32_MAX:
+            b, h, t_mid, _ = rows.shape
+            r = c0 + top
+            raise InvalidInputError(
+                f"the vector at batch {r // (h * t_mid)}, head {r // t_mid % h}, token "
+                f"{keep_first + r % t_mid} has norm {float(norms[top]):.3g}"
+                f"{' after centering' if center else ''}, beyond float32's range "
+                f"({F32_MAX:.3g}): its norm cannot be stored")
+        nonzero = norms[norms > 0]
+        wide = wide or (norms.size and norms[top] > FP16_MAX) or bool(
+            nonzero.size and nonzero.min() < FP16_TINY)
+    return "F32" if wide else "F16"
 
 
 def encode_layer(q: FibQuantizer, arr: np.ndarray, plan: LayerPlan,

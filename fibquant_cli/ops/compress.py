@@ -26,7 +26,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from fibquant_cli import __version__, codecs
-from fibquant_cli.codecs.fibquant import FP16_MAX, EncodedLayer, LayerPlan, needs_wide_norms
+from fibquant_cli.codecs.fibquant import FP16_MAX, FP16_TINY, EncodedLayer, LayerPlan, norms_dtype
 from fibquant_cli.core.codec import FibQuantizer
 from fibquant_cli.core.params import Profile
 from fibquant_cli.errors import InvalidInputError, UsageError
@@ -189,10 +189,11 @@ def prepass(dump: Dump, spec: CompressSpec, progress: Progress):
     """One read of every KV tensor: its digest, a NaN/Inf check, and a plan per layer.
 
     Returns (plans, KV source digests). Nothing is written before this has passed, so bad
-    values never leave a partial output. A layer's norms are stored in f32 only when one
-    would overflow fp16; a cheap bound from the tensor's largest value usually settles it.
+    values never leave a partial output. A layer's norms are stored in f32 only when fp16
+    cannot hold one (``codecs.fibquant.norms_dtype``); cheap bounds from the tensor's values
+    settle it for uncentered layers of ordinary magnitude, the others compute the norms.
     """
-    digests, amax = {}, {}
+    digests, amax, amin_rows = {}, {}, {}
     progress.start(len(dump.kv_names), "checking")
     for name in dump.header.tensors:
         if name not in dump.kv_names:
@@ -205,6 +206,7 @@ def prepass(dump: Dump, spec: CompressSpec, progress: Progress):
             arr = np.frombuffer(raw, dtype=info.numpy_dtype.newbyteorder("<"))
             check_finite(dump.header, name, arr.reshape(info.shape))  # names the position
         amax[name] = top
+        amin_rows[name] = smallest_row_magnitude(raw, info.dtype, info.shape[-1])
         progress.advance(name)
     plans = []
     for i, entry in enumerate(dump.manifest.entries):
@@ -213,10 +215,20 @@ def prepass(dump: Dump, spec: CompressSpec, progress: Progress):
         kf = min(spec.keep_first, entry.shape.tokens)
         kl = min(spec.keep_last, entry.shape.tokens - kf)
         for layer in range(entry.shape.layers):
-            bound = amax[views[layer][0]] * np.sqrt(entry.shape.head_dim) * (2.0 if center else 1.0)
-            wide = bound > FP16_MAX and needs_wide_norms(read_layer(dump, entry, layer), center,
-                                                         kf, kl)
-            plans.append(LayerPlan(i, layer, kf, kl, center, "F32" if wide else "F16"))
+            name = views[layer][0]
+            bound = amax[name] * np.sqrt(entry.shape.head_dim) * (2.0 if center else 1.0)
+            # Centered norms have no cheap lower bound; uncentered ones are >= the smallest
+            # non-zero largest |component| of a row.
+            small = center or amin_rows[name] < FP16_TINY
+            dtype = "F16"
+            if bound > FP16_MAX or small:
+                try:
+                    dtype = norms_dtype(read_layer(dump, entry, layer), center, kf, kl)
+                except InvalidInputError as err:
+                    raise err.at(path=str(dump.path), tensor=name,
+                                 field=f"layer {layer}" if views[layer][1] is not None
+                                 else None) from None
+            plans.append(LayerPlan(i, layer, kf, kl, center, dtype))
     return plans, digests
 
 
@@ -237,6 +249,22 @@ def largest_magnitude(raw: bytes, st_dtype: str) -> float:
     bits = np.frombuffer(raw, dtype=view)
     top = int(np.bitwise_and(bits, mask).max())
     value = np.array([top], dtype=view).view(dtypes.numpy_dtype_for(st_dtype).newbyteorder("<"))
+    return float(value[0])
+
+
+def smallest_row_magnitude(raw: bytes, st_dtype: str, head_dim: int) -> float:
+    """The smallest non-zero max |x| over the vectors (rows of ``head_dim``) of a float
+    tensor's bytes (inf when every row is zero): a lower bound on their non-zero norms."""
+    view, mask = _MAGNITUDE_BITS[st_dtype]
+    bits = np.bitwise_and(np.frombuffer(raw, dtype=view), mask)
+    if not bits.size:
+        return float("inf")
+    rows = bits.reshape(-1, head_dim).max(axis=1)
+    rows = rows[rows > 0]
+    if not rows.size:
+        return float("inf")
+    value = np.array([rows.min()], dtype=view).view(
+        stfile.numpy_dtype_for(st_dtype).newbyteorder("<"))
     return float(value[0])
 
 

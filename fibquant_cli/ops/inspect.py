@@ -8,7 +8,7 @@ from fibquant_cli.errors import FibQuantError
 from fibquant_cli.formats import container, stfile
 from fibquant_cli.formats.digest import file_digest, tensor_digest
 from fibquant_cli.formats.kvdump import check_finite, open_dump, read_layer
-from fibquant_cli.formats.manifest import load_manifest
+from fibquant_cli.formats.manifest import entry_layer_views, load_manifest
 
 # --------------------------------------------------------------------------- validate
 
@@ -56,11 +56,12 @@ def validate(path, manifest=None) -> ValidateReport:
         dump = open_dump(path, manifest)
         rep.checks.append((step, True, f"{dump.manifest_path.name}: {len(dump.manifest.entries)} entries"))
         rep.checks.append(("tensors vs manifest", True, "names, shapes and dtypes agree"))
-        step = "values finite"
+        step = "values finite, norms in range"
         n = 0
         for entry in dump.manifest.entries:
             for layer in range(entry.shape.layers):
-                read_layer(dump, entry, layer)
+                arr = read_layer(dump, entry, layer)
+                _check_norms(dump, entry, layer, arr)
                 n += 1
         if dump.manifest.attention is not None:
             for name in dump.manifest.attention.query_tensors:
@@ -76,6 +77,19 @@ def validate(path, manifest=None) -> ValidateReport:
         rep.checks.append((step, False, err.reason))
         rep.error = err
     return rep
+
+
+def _check_norms(dump, entry, layer: int, arr) -> None:
+    """Every vector's norm fits the norms compress stores (keys centered or not)."""
+    from fibquant_cli.codecs.fibquant import norms_dtype
+
+    for center in ((False, True) if entry.shape.role == "key" else (False,)):
+        try:
+            norms_dtype(arr, center, 0, 0)
+        except FibQuantError as err:
+            name, index = entry_layer_views(entry)[layer]
+            raise err.at(path=str(dump.path), tensor=name,
+                         field=None if index is None else f"layer {layer}") from None
 
 
 # --------------------------------------------------------------------------- digest
