@@ -7,10 +7,13 @@ operations encode and decode through it. A codec is one module of this package e
 * ``layer_parts(shape, profile, entry, chosen_dtype) -> [(part, dtype, dims)]``: the stored
   parts of one layer (``chosen_dtype(part)`` is the dtype the file declares, for parts whose
   dtype the encoder may choose; the codec refuses a choice it does not allow);
+* ``block_bytes(part, dtype, profile) -> int | None``: the size of the digested byte blocks of
+  a part random access reads in pieces (None: the part is read and checked whole);
 * ``encode_layer(q, arr, plan, compare) -> EncodedLayer``;
 * ``restore_layer(q, parts, shape, entry, out, name_of)`` and
   ``decode_tokens(q, parts, shape, entry, t0, t1, name_of)``, which check what they read and
-  raise ``IntegrityError`` naming the stored array (``name_of(part)``).
+  raise ``IntegrityError`` naming the stored array (``name_of(part)``); ``decode_tokens``
+  gets readers (``whole()``, ``span(lo, hi)``) that check each block before handing it over.
 
 Adding a codec: write the module, add its name to ``NAMES`` below. Modules are imported only
 when a file or a command uses them. Codecs are numpy only, like ``core``.

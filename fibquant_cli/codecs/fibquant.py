@@ -10,11 +10,15 @@ codes      U8            (packed bytes,)           indices of the middle vectors
                                                    token) order, d/k each, ``wire_bits`` bits
                                                    LSB-first: vector v starts at bit
                                                    v * (d/k) * wire_bits (random access)
-norms      F16 or F32    (b, h, t_mid)             vector norms; F32 only when one would
-                                                   overflow fp16
+norms      F16 or F32    (b, h, t_mid)             vector norms; F32 only when fp16 cannot
+                                                   hold one (beyond its maximum, or non-zero
+                                                   below its smallest normal value)
 mean       F32           (b, h, d)                 per-head mean of the middle (``center``)
 kept       source dtype  (b, h, kf + kl, d)        the protected tokens, exactly
 =========  ============  ========================  ========================================
+
+Random access reads codes and norms in blocks of ``DECODE_ROWS`` vectors (``block_bytes``):
+format 3 records a digest per block, so a slice checks exactly the blocks it decodes.
 """
 
 from __future__ import annotations
@@ -227,12 +231,29 @@ def check_layer(q: FibQuantizer, parts: dict, shape, entry, name_of) -> None:
     layer_codes(q, parts, shape, entry, name_of)[0].check_all()
 
 
+def block_bytes(part: str, dtype: str, profile: Profile) -> int | None:
+    """Bytes per digested block of a part random access reads in pieces, or None (read whole).
+
+    Blocks hold ``DECODE_ROWS`` vectors, the unit ``decode_tokens`` decodes, so a random read
+    checks exactly the blocks it decodes. ``DECODE_ROWS`` is a multiple of 8: code blocks end
+    on byte boundaries.
+    """
+    if part == "codes":
+        return DECODE_ROWS * profile.blocks_per_vector * profile.wire_bits // 8
+    if part == "norms":
+        return DECODE_ROWS * (2 if dtype == "F16" else 4)
+    return None
+
+
 def decode_tokens(q: FibQuantizer, parts: dict, shape, entry, t0: int, t1: int,
                   name_of) -> np.ndarray:
     """Tokens [t0, t1) of one layer as [b, h, t1 - t0, d] float32, touching only the decode
-    blocks around them (``parts`` may be memory maps: only those pages are read).
+    blocks around them.
 
-    The blocks are aligned as the full decode aligns them, so the values are bit-identical.
+    ``parts`` maps each part to a reader: ``whole()`` returns the array, ``span(lo, hi)``
+    its flat elements [lo, hi) (``lo`` at a block boundary); each checks what it read before
+    returning it. The blocks are aligned as the full decode aligns them, so the values are
+    bit-identical.
     """
     b, h, t, d = shape.batch, shape.kv_heads, shape.tokens, shape.head_dim
     p = q.profile
@@ -240,7 +261,7 @@ def decode_tokens(q: FibQuantizer, parts: dict, shape, entry, t0: int, t1: int,
     t_mid = t - kf - kl
     out = np.empty((b, h, t1 - t0, d), dtype=np.float32)
     if kf + kl:
-        kept = check_finite_part(parts["kept"], name_of("kept"))
+        kept = check_finite_part(parts["kept"].whole(), name_of("kept"))
         lo, hi = t0, min(t1, kf)
         if lo < hi:
             out[:, :, lo - t0:hi - t0] = kept[:, :, lo:hi]
@@ -251,18 +272,25 @@ def decode_tokens(q: FibQuantizer, parts: dict, shape, entry, t0: int, t1: int,
     if lo >= hi:
         return out
     n_vectors = b * h * t_mid
-    codes = PackedCodes(parts["codes"], n_vectors, p, name_of("codes"))  # the full decode's checks
-    norms = parts["norms"].reshape(-1)
-    mean = check_finite_part(parts["mean"], name_of("mean")) if entry.center else None
-    rows = DECODE_ROWS
+    stream, norms = parts["codes"], parts["norms"]
+    expected = bitpack.packed_n_bytes(n_vectors * p.blocks_per_vector, p.wire_bits)
+    if stream.size != expected:
+        raise IntegrityError(f"packed stream has {stream.size} bytes, expected {expected}",
+                             tensor=name_of("codes"))
+    mean = check_finite_part(parts["mean"].whole(), name_of("mean")) if entry.center else None
+    bpv, rows, width = p.blocks_per_vector, DECODE_ROWS, p.wire_bits
     for bi in range(b):
         for hi_ in range(h):
             v0 = (bi * h + hi_) * t_mid + (lo - kf)
             v1 = v0 + hi - lo
             # Decode the aligned blocks around [v0, v1), as the full decode does.
             a0, a1 = v0 // rows * rows, min(-(-v1 // rows) * rows, n_vectors)
-            nrm = check_norms(norms[a0:a1], name_of("norms"))
-            x = q.decode(codes.rows(a0, a1), nrm)[v0 - a0:v1 - a0]
+            # The blocks' bytes (a0 is a block boundary: they start on a byte), checked as
+            # the full decode checks a stream (length, padding of the last, indices < N).
+            packed = stream.span(a0 * bpv * width // 8, -(-a1 * bpv * width // 8))
+            codes = PackedCodes(packed, a1 - a0, p, name_of("codes"))
+            nrm = check_norms(norms.span(a0, a1), name_of("norms"))
+            x = q.decode(codes.rows(0, a1 - a0), nrm)[v0 - a0:v1 - a0]
             if mean is not None:
                 x += mean[bi, hi_]
             out[bi, hi_, lo - t0:hi - t0] = x

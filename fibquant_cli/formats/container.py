@@ -20,25 +20,36 @@ tensor                             dtype  content
 Arrays are stored in exactly this order: profiles, then entries and their layers in order,
 then the raw tensors in the source's order; ``expected_layout`` derives it from the document.
 
+``blocks`` (format 3): for each stored array random access reads in pieces (``codes`` and
+``norms``; the codec says which and how: ``block_bytes``), ``{"block_bytes": B, "digests":
+[...]}``: ``bytes_digest(BLOCK_SCHEMA, block)`` of each B-byte block of its stored bytes (the
+last may be shorter). A slice checks each block right after reading it, before decoding; the
+parts it reads whole (``mean``, ``kept``, ``fq/raw/...``) it checks against ``arrays``.
+
 ``__metadata__`` has exactly three keys: ``fibquant_format`` (the format version, decimal),
 ``fibquant`` (the document, compact JSON) and ``fibquant_digest``
 (``bytes_digest(CONTAINER_SCHEMA, <the document text>)``).
 
 Versions. 1: the first release. 2: each entry names its ``codec``; a version-1 entry is read
-as codec ``fibquant``. A reader refuses a version newer than it knows -- but only once the
-document's digest verified, so a flipped digit reads as corruption, not as "upgrade".
+as codec ``fibquant``. 3: ``blocks`` (per-block digests for random access); without them a
+slice checks the whole arrays it touches. A reader refuses a version newer than it knows --
+but only once the document's digest verified, so a flipped digit reads as corruption, not as
+"upgrade".
 
 Opening (``open_container``) checks, in order, and raises ``IntegrityError`` naming the field:
 the metadata keys, the document digest, the document (``Document.parse``: every key, type and
 cross-reference), the version, the set, order, dtypes and shapes of the stored arrays against
-``expected_layout``, and the header bytes against their canonical serialization. After it, no
-byte of the header can change unnoticed and every array has a recorded digest
-(``verify_array``). Digests detect accidents and edits, not forgeries: whoever rewrites the
-arrays can rewrite their digests too (see docs/container.md, "What the digests protect").
+``expected_layout``, the block digests (format 3: exactly the arrays and block sizes the
+codecs name, ``_check_blocks``) and the header bytes against their canonical serialization.
+After it, no byte of the header can change unnoticed and every array has a recorded digest
+(``check_array``; each block of codes and norms too, ``check_block``). Digests detect
+accidents and edits, not forgeries: whoever rewrites the arrays can rewrite their digests too
+(see docs/container.md, "What the digests protect").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -50,6 +61,7 @@ from fibquant_cli.core.params import Profile
 from fibquant_cli.errors import FibQuantError, IntegrityError, InvalidInputError
 from fibquant_cli.formats import stfile
 from fibquant_cli.formats.digest import (
+    BLOCK_SCHEMA,
     CONTAINER_SCHEMA,
     bytes_digest,
     parse_digest,
@@ -59,12 +71,14 @@ from fibquant_cli.formats.digest import (
 from fibquant_cli.formats.kvlayout import check_manifest_against_dump
 from fibquant_cli.formats.manifest import Manifest, parse_manifest
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 OLDEST_VERSION = 1
 KEY_FORMAT, KEY_DOC, KEY_DIGEST = "fibquant_format", "fibquant", "fibquant_digest"
 METADATA_KEYS = (KEY_FORMAT, KEY_DOC, KEY_DIGEST)
 RAW_PREFIX = "fq/raw/"
-DOC_KEYS = ("format_version", "tool", "source", "manifest", "profiles", "entries", "arrays")
+DOC_KEYS = ("format_version", "tool", "source", "manifest", "profiles", "entries", "arrays",
+            "blocks")
+BLOCKS_SINCE = 3  # the first format version with ``blocks``
 SOURCE_KEYS = ("file", "file_digest", "tensor_order", "metadata", "tensors")
 PROFILE_KEYS = ("profile", "profile_digest", "codebook_digest", "rotation_digest")
 ENTRY_KEYS = ("codec", "profile", "layers", "vectors_per_layer", "keep_first", "keep_last",
@@ -160,12 +174,16 @@ class Document:
     profiles: tuple[ProfileRecord, ...]
     entries: tuple[EntryRecord, ...]
     arrays: dict[str, str]
+    blocks: dict[str, BlockDigests] = dataclasses.field(default_factory=dict)  # format >= 3
 
     def to_json(self) -> dict:
-        return {"format_version": self.format_version, "tool": self.tool,
-                "source": self.source.to_json(), "manifest": self.manifest.to_json(),
-                "profiles": [p.to_json() for p in self.profiles],
-                "entries": [e.to_json() for e in self.entries], "arrays": dict(self.arrays)}
+        obj = {"format_version": self.format_version, "tool": self.tool,
+               "source": self.source.to_json(), "manifest": self.manifest.to_json(),
+               "profiles": [p.to_json() for p in self.profiles],
+               "entries": [e.to_json() for e in self.entries], "arrays": dict(self.arrays)}
+        if self.format_version >= BLOCKS_SINCE:
+            obj["blocks"] = {n: b.to_json() for n, b in self.blocks.items()}
+        return obj
 
     def passthrough_names(self) -> list[str]:
         """Source tensors no entry names, in the source's order (stored under ``fq/raw/``)."""
@@ -175,8 +193,9 @@ class Document:
     @classmethod
     def parse(cls, obj: Any) -> Document:
         """Validate a decoded document; raise ``_Bad`` naming the field and what was found."""
-        top = _object(obj, "document", DOC_KEYS)
-        version = _int(top["format_version"], "format_version", low=OLDEST_VERSION)
+        version = _int(obj.get("format_version") if isinstance(obj, dict) else None,
+                       "format_version", low=OLDEST_VERSION)
+        top = _object(obj, "document", DOC_KEYS if version >= BLOCKS_SINCE else DOC_KEYS[:-1])
         tool = _str(top["tool"], "tool")
         source = _parse_source(top["source"])
         try:
@@ -198,7 +217,28 @@ class Document:
         arrays = _object(top["arrays"], "arrays")
         for name, value in arrays.items():
             _digest(value, f"arrays['{stfile.label(name)}']")
-        return cls(version, tool, source, manifest, profiles, entries, dict(arrays))
+        blocks = {}
+        if version >= BLOCKS_SINCE:
+            for name, rec in _object(top["blocks"], "blocks").items():
+                blocks[name] = _parse_blocks(rec, f"blocks['{stfile.label(name)}']")
+        return cls(version, tool, source, manifest, profiles, entries, dict(arrays), blocks)
+
+    def expected_blocks(self, layout: list[tuple[str, str, tuple]]) -> dict[str, int]:
+        """name -> block bytes of every array that has block digests (format >= 3), given the
+        ``expected_layout``."""
+        if self.format_version < BLOCKS_SINCE:
+            return {}
+        dtypes = {name: dtype for name, dtype, _ in layout}
+        out = {}
+        for i, (entry, rec) in enumerate(zip(self.manifest.entries, self.entries)):
+            codec = codecs.get(rec.codec)
+            profile = self.profiles[rec.profile].profile
+            for layer in range(entry.shape.layers):
+                for name in (n for n in dtypes if n.startswith(part_name(i, layer, ""))):
+                    size = codec.block_bytes(name.rsplit("/", 1)[1], dtypes[name], profile)
+                    if size is not None:
+                        out[name] = size
+        return out
 
     def expected_layout(self, norms_dtypes: dict[str, str]) -> list[tuple[str, str, tuple]]:
         """(name, dtype, shape) of every stored array, in file order.
@@ -223,6 +263,20 @@ class Document:
             t = self.source.tensors[name]
             specs.append((raw_name(name), t.dtype, t.shape))
         return specs
+
+
+@dataclass(frozen=True)
+class BlockDigests:
+    """The digests of an array's consecutive ``block_bytes``-byte blocks (format 3)."""
+
+    block_bytes: int
+    digests: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        return {"block_bytes": self.block_bytes, "digests": list(self.digests)}
+
+    def count_for(self, n_bytes: int) -> int:
+        return -(-n_bytes // self.block_bytes)
 
 
 class _Bad(Exception):
@@ -277,6 +331,14 @@ def _digest(value: Any, field: str) -> str:
     except InvalidInputError as err:
         raise _Bad(field, err.reason) from None
     return value
+
+
+def _parse_blocks(obj: Any, field: str) -> BlockDigests:
+    rec = _object(obj, field, ("block_bytes", "digests"))
+    size = _int(rec["block_bytes"], f"{field}.block_bytes", low=1)
+    digests = tuple(_digest(d, f"{field}.digests[{k}]")
+                    for k, d in enumerate(_list(rec["digests"], f"{field}.digests")))
+    return BlockDigests(size, digests)
 
 
 def _parse_source(obj: Any) -> Source:
@@ -437,7 +499,8 @@ def _check_layout(header: stfile.Header, doc: Document) -> None:
         if info.dtype != dtype or info.shape != tuple(shape):
             raise IntegrityError(f"stored as {info.dtype} {list(info.shape)}, the document "
                                  f"implies {dtype} {list(shape)}", path=where, tensor=name)
-    with open(header.path, "rb") as fh:
+    _check_blocks(header, doc, expected)
+    with stfile.open_regular(header.path) as fh:
         raw = fh.read(header.data_start)
     canonical = stfile.plan_layout([(n, d, tuple(s)) for n, d, s in expected], where)
     if raw != stfile.header_bytes(canonical, header.metadata, where):
@@ -445,10 +508,45 @@ def _check_layout(header: stfile.Header, doc: Document) -> None:
                              path=where)
 
 
-def verify_array(comp: Container, name: str) -> None:
-    """Check one stored array against its recorded digest."""
+def _check_blocks(header: stfile.Header, doc: Document, expected) -> None:
+    """Format 3: block digests exist for exactly the arrays the codecs name, sized as they say."""
+    where = str(header.path)
+    sizes = doc.expected_blocks(expected)
+    if set(doc.blocks) != set(sizes):
+        odd = sorted(set(doc.blocks) ^ set(sizes))[0]
+        raise IntegrityError(f"block digests differ from the stored arrays ({stfile.label(odd)})",
+                             path=where, field="document blocks")
+    for name, size in sizes.items():
+        rec = doc.blocks[name]
+        n = rec.count_for(header.tensors[name].n_bytes)
+        if rec.block_bytes != size or len(rec.digests) != n:
+            raise IntegrityError(f"expected {n} block digests of {size} bytes, found "
+                                 f"{len(rec.digests)} of {rec.block_bytes}", path=where,
+                                 tensor=name, field="document blocks")
+
+
+def check_block(comp: Container, name: str, k: int, data) -> None:
+    """Check block k of array ``name`` (its bytes ``data``) against its recorded digest."""
+    if bytes_digest(BLOCK_SCHEMA, data) != comp.doc.blocks[name].digests[k]:
+        raise IntegrityError(f"digest mismatch in block {k} (stored bytes were altered)",
+                             path=str(comp.path), tensor=name)
+
+
+def check_array(comp: Container, name: str, data) -> None:
+    """Check an array's stored bytes (bytes or a C-order array) against its digest and, in
+    format 3, against each of its block digests."""
     info = comp.header.tensors[name]
-    found = tensor_digest(info.dtype, info.shape, stfile.read_raw(comp.header, name))
-    if found != comp.doc.arrays[name]:
+    if tensor_digest(info.dtype, info.shape, data) != comp.doc.arrays[name]:
         raise IntegrityError("digest mismatch (stored bytes were altered)",
                              path=str(comp.path), tensor=name)
+    rec = comp.doc.blocks.get(name)
+    if rec is not None:
+        view = memoryview(data if not hasattr(data, "dtype") else
+                          data.reshape(-1).view("u1")).cast("B")
+        for k in range(len(rec.digests)):
+            check_block(comp, name, k, view[k * rec.block_bytes:(k + 1) * rec.block_bytes])
+
+
+def verify_array(comp: Container, name: str) -> None:
+    """Check one stored array against its recorded digests."""
+    check_array(comp, name, stfile.read_raw(comp.header, name))

@@ -63,6 +63,7 @@ PROFILE_SCHEMA = "fibquant_profile_v1"        # a quantizer profile's JSON (prof
 CODEBOOK_SCHEMA = "fibquant_codebook_v1"      # codebook bytes: <f8 in the cache, <f4 in files
 ROTATION_SCHEMA = "fibquant_rotation_v1"      # a rotation's <f4 bytes, as stored in files
 CONTAINER_SCHEMA = "fibquant_container_v1"    # a compressed file's document (UTF-8 JSON text)
+BLOCK_SCHEMA = "fibquant_block_v1"            # one fixed-size byte block of a stored array
 
 # Bytes handed to one hasher.update call; large tensors are hashed in slices of this size
 # so a non-contiguous or byte-swapped array is never copied whole.
@@ -121,6 +122,14 @@ def bytes_digest(schema: str, data: bytes | bytearray | memoryview) -> str:
     for start in range(0, len(view), _CHUNK_BYTES):
         hasher.update(view[start:start + _CHUNK_BYTES])
     return _finish(hasher)
+
+
+def block_digests(data: Any, block_bytes: int) -> list[str]:
+    """``bytes_digest(BLOCK_SCHEMA, ...)`` of each ``block_bytes`` piece of ``data`` (the last
+    may be shorter): what random access checks before it decodes a block."""
+    view = memoryview(data).cast("B")
+    return [bytes_digest(BLOCK_SCHEMA, view[start:start + block_bytes])
+            for start in range(0, len(view), block_bytes)]
 
 
 def _check_shape(shape: Any) -> list[int]:

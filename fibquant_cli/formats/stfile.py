@@ -446,6 +446,18 @@ def _read_into(header: Header, offset: int, out: np.ndarray, name: str) -> None:
                                 tensor=label(name))
 
 
+def read_bytes(header: Header, name: str, lo: int, hi: int) -> np.ndarray:
+    """Bytes [lo, hi) of tensor `name`'s stored bytes, as a new uint8 array (one read)."""
+    info = _lookup(header, name)
+    if not 0 <= lo <= hi <= info.n_bytes:
+        raise UsageError(f"byte range [{lo}, {hi}) is outside the {info.n_bytes}-byte tensor",
+                         path=str(header.path), tensor=label(name))
+    out = np.empty(hi - lo, dtype=np.uint8)
+    if hi > lo:
+        _read_into(header, info.begin + lo, out, name)
+    return out
+
+
 def read_tensors(header: Header, names: Sequence[str]) -> dict[str, np.ndarray]:
     """Tensors `names` as new arrays, like read_tensor, with one read when they are adjacent.
 

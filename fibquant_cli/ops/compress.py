@@ -32,6 +32,7 @@ from fibquant_cli.core.params import Profile
 from fibquant_cli.errors import InvalidInputError, UsageError
 from fibquant_cli.formats import container, dtypes, stfile
 from fibquant_cli.formats.container import (
+    BlockDigests,
     Document,
     EntryRecord,
     ProfileRecord,
@@ -43,6 +44,7 @@ from fibquant_cli.formats.container import (
     rotation_name,
 )
 from fibquant_cli.formats.digest import (
+    block_digests,
     codebook_digest,
     file_digest,
     profile_digest,
@@ -122,8 +124,11 @@ def _write(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, compare: bool, 
     norms_dtypes = {part_name(p.entry, p.layer, "norms"): p.norms_dtype for p in plans}
     specs = doc.expected_layout(norms_dtypes)
     digests = {name: PLACEHOLDER_DIGEST for name, _, _ in specs}
+    n_bytes = {name: stfile.tensor_n_bytes(dtype, dims) for name, dtype, dims in specs}
+    blocks = {name: BlockDigests(size, (PLACEHOLDER_DIGEST,) * -(-n_bytes[name] // size))
+              for name, size in doc.expected_blocks(specs).items()}
     runs: dict[int, list[EncodedLayer]] = {}
-    metadata = container.metadata_for(dataclasses.replace(doc, arrays=digests))
+    metadata = container.metadata_for(dataclasses.replace(doc, arrays=digests, blocks=blocks))
     with StreamWriter(tmp, specs, metadata, publish=False) as w:
         for j, q in enumerate(quantizers.values()):
             for name, arr in ((codebook_name(j), q.codebook), (rotation_name(j), q.rotation)):
@@ -136,6 +141,10 @@ def _write(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, compare: bool, 
                 name = part_name(plan.entry, plan.layer, part)
                 w.write(name, arr)
                 digests[name] = _array_digest(arr)
+                if name in blocks:
+                    blocks[name] = BlockDigests(blocks[name].block_bytes, tuple(block_digests(
+                        np.ascontiguousarray(arr).reshape(-1).view(np.uint8),
+                        blocks[name].block_bytes)))
             result.parts = {}  # written: keep only the statistics
             runs.setdefault(plan.entry, []).append(result)
             progress.advance(f"entry {plan.entry} layer {plan.layer}")
@@ -155,7 +164,7 @@ def _write(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, compare: bool, 
             doc.source, tensors=source_tensors,
             file_digest=file_digest({n: t.digest for n, t in source_tensors.items()}))
         w.replace_metadata(container.metadata_for(
-            dataclasses.replace(doc, source=final_source, arrays=digests)))
+            dataclasses.replace(doc, source=final_source, arrays=digests, blocks=blocks)))
         n_bytes = {info.name: info.n_bytes for info in w.layout}
     return compress_report(dump, out, tmp.stat().st_size, n_bytes, quantizers, profiles, runs)
 
@@ -264,7 +273,7 @@ def smallest_row_magnitude(raw: bytes, st_dtype: str, head_dim: int) -> float:
     if not rows.size:
         return float("inf")
     value = np.array([rows.min()], dtype=view).view(
-        stfile.numpy_dtype_for(st_dtype).newbyteorder("<"))
+        dtypes.numpy_dtype_for(st_dtype).newbyteorder("<"))
     return float(value[0])
 
 

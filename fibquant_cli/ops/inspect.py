@@ -8,7 +8,8 @@ from fibquant_cli.errors import FibQuantError
 from fibquant_cli.formats import container, stfile
 from fibquant_cli.formats.digest import file_digest, tensor_digest
 from fibquant_cli.formats.kvdump import check_finite, open_dump, read_layer
-from fibquant_cli.formats.manifest import entry_layer_views, load_manifest
+from fibquant_cli.formats.kvlayout import entry_layer_views
+from fibquant_cli.formats.manifest import load_manifest
 
 # --------------------------------------------------------------------------- validate
 

@@ -4,11 +4,13 @@
 codebooks and rotations (every decode needs them), then -- unless told otherwise -- every
 other stored array. Decompress instead verifies each array as it reads it
 (``verify_on_read``: one read instead of two) and the rest at the end (``verify_unread``);
-random access verifies only what it reads.
+random access (``StoredPart``) verifies exactly what it reads: each block of a part with block
+digests (format 3) right after reading it, any other part whole.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +21,7 @@ from fibquant_cli.core.layer import SOURCE_DTYPES
 from fibquant_cli.errors import IntegrityError
 from fibquant_cli.formats import container, dtypes, stfile
 from fibquant_cli.formats.container import codebook_name, part_name, rotation_name
-from fibquant_cli.formats.digest import codebook_digest, rotation_digest, tensor_digest
+from fibquant_cli.formats.digest import codebook_digest, rotation_digest
 from fibquant_cli.ops.progress import Progress
 
 
@@ -65,23 +67,28 @@ def open_verified(path, progress: Progress | None = None, checks: list | None = 
     note("structure and format version", f"format {comp.doc.format_version}, "
          f"{len(comp.header.tensors)} stored arrays")
     note("metadata digest", "fibquant document verified")
+    # Codebooks and rotations are read once, and checked as they are read (``_quantizer``).
+    shared = [n for n in comp.header.tensors if n.endswith(("/codebook", "/rotation"))]
     names = [n for n in comp.header.tensors
-             if (verify_arrays and not verify_on_read) or n.endswith(("/codebook", "/rotation"))]
+             if verify_arrays and not verify_on_read and n not in shared]
     progress.start(len(names), "verifying digests")
     for name in names:
         container.verify_array(comp, name)
         progress.advance(name)
-    note("array digests", f"{len(names)} arrays match their BLAKE3 digests")
     quantizers = [_quantizer(comp, j) for j in range(len(comp.doc.profiles))]
+    note("array digests", f"{len(names) + len(shared)} arrays match their BLAKE3 digests")
     note("codebooks and rotations", f"{len(quantizers)} profile(s) match their digests")
-    return Opened(comp, quantizers, verify_on_read, set(names) if verify_on_read else set())
+    return Opened(comp, quantizers, verify_on_read,
+                  set(names + shared) if verify_on_read else set())
 
 
 def _quantizer(comp: container.Container, j: int) -> FibQuantizer:
     rec = comp.doc.profiles[j]
     where = str(comp.path)
     codebook = stfile.read_tensor(comp.header, codebook_name(j))
+    container.check_array(comp, codebook_name(j), codebook)
     rotation = stfile.read_tensor(comp.header, rotation_name(j))
+    container.check_array(comp, rotation_name(j), rotation)
     if codebook_digest(codebook) != rec.codebook_digest:
         raise IntegrityError("codebook does not match its profile", path=where,
                              tensor=codebook_name(j))
@@ -99,10 +106,7 @@ def read_stored(opened: Opened, name: str, arrays: dict | None = None) -> np.nda
     arr = arrays.pop(name) if arrays and name in arrays else stfile.read_tensor(
         opened.comp.header, name)
     if opened.verify_on_read and name not in opened.verified:
-        info = opened.comp.header.tensors[name]
-        if tensor_digest(info.dtype, info.shape, arr) != opened.doc.arrays[name]:
-            raise IntegrityError("digest mismatch (stored bytes were altered)",
-                                 path=str(opened.path), tensor=name)
+        container.check_array(opened.comp, name, arr)
         opened.verified.add(name)  # set.add is atomic: decode threads share it
     return arr
 
@@ -148,9 +152,40 @@ def reconstructor(opened: Opened):
     return reconstruct
 
 
-def region(opened: Opened, name: str) -> np.ndarray:
-    """A stored array as a read-only memory map of its shape (only touched pages are read)."""
-    info = opened.comp.header.tensors[name]
-    dt = dtypes.numpy_dtype_for(info.dtype).newbyteorder("<")
-    return np.memmap(opened.comp.header.path, dtype=dt, mode="r",
-                     offset=opened.comp.header.data_start + info.begin, shape=info.shape)
+class StoredPart:
+    """One stored array, read on demand by random access; nothing is returned unchecked.
+
+    ``span(lo, hi)`` reads the digested blocks (format 3) around flat elements [lo, hi) and
+    checks each before decoding; an array without block digests (``mean``, ``kept``, files of
+    format 1 and 2) is read and checked whole, once (``whole``).
+    """
+
+    def __init__(self, opened: Opened, name: str):
+        self.opened, self.name = opened, name
+        self.info = opened.comp.header.tensors[name]
+        self.dtype = dtypes.numpy_dtype_for(self.info.dtype)
+        self.shape = self.info.shape
+        self.size = math.prod(self.shape)
+        self.blocks = opened.doc.blocks.get(name)
+        self._whole = None
+
+    def whole(self) -> np.ndarray:
+        if self._whole is None:
+            arr = stfile.read_tensor(self.opened.comp.header, self.name)
+            container.check_array(self.opened.comp, self.name, arr)
+            self._whole = arr
+        return self._whole
+
+    def span(self, lo: int, hi: int) -> np.ndarray:
+        """Flat elements [lo, hi), every block they touch checked."""
+        if self.blocks is None:
+            return self.whole().reshape(-1)[lo:hi]
+        item, size = self.dtype.itemsize, self.blocks.block_bytes
+        k0, k1 = lo * item // size, -(-hi * item // size)
+        b0, b1 = k0 * size, min(k1 * size, self.info.n_bytes)
+        raw = stfile.read_bytes(self.opened.comp.header, self.name, b0, b1)
+        for k in range(k0, k1):
+            container.check_block(self.opened.comp, self.name, k,
+                                  raw[(k - k0) * size:(k - k0 + 1) * size])
+        flat = raw.view(dtypes.little_endian(self.info.dtype)).astype(self.dtype, copy=False)
+        return flat[lo - b0 // item:hi - b0 // item]

@@ -1,11 +1,11 @@
 """Random access: decode a range of layers and tokens, reading only the bytes around them.
 
 Codes are fixed-width, so vector (b, h, t) of a layer starts at a fixed bit of that layer's
-stream (``codecs.fibquant``); the parts are memory-mapped and only the decode blocks around the
-selected runs are touched (aligned as the full decode aligns them, so the values are
-bit-identical to it). The document, the codebooks and the rotations are verified; the parts
-read are not verified against their digests, which cover whole arrays (`fibquant validate`
-checks everything).
+stream (``codecs.fibquant``); only the decode blocks around the selected runs are read (aligned
+as the full decode aligns them, so the values are bit-identical to it). Everything read is
+verified before it is used: the header and document, the codebooks and rotations, each block
+of codes and norms against its block digest (format 3; older files: the whole arrays), the
+means, protected tokens and queries against their array digests (``reader.StoredPart``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from threadpoolctl import threadpool_limits
 
 from fibquant_cli.core.layer import SOURCE_DTYPES, cast_clamped
 from fibquant_cli.errors import IntegrityError, UsageError
-from fibquant_cli.formats import dtypes, stfile
+from fibquant_cli.formats import dtypes
 from fibquant_cli.formats.container import part_name, raw_name
 from fibquant_cli.formats.kvlayout import vectors_axes
 from fibquant_cli.formats.manifest import AttentionSpec, Manifest, ManifestEntry, save_manifest
 from fibquant_cli.ops.decompress import DecompressReport, inverse_permutation, restored_outputs
 from fibquant_cli.ops.progress import Progress
-from fibquant_cli.ops.reader import Opened, open_verified, region
+from fibquant_cli.ops.reader import Opened, StoredPart, open_verified
 from fibquant_cli.storage.publish import publishing
 from fibquant_cli.storage.stwriter import StreamWriter
 
@@ -52,7 +52,8 @@ def decode_slice(opened: Opened, i: int, layer: int, t0: int, t1: int) -> np.nda
     """Tokens [t0, t1) of entry i, layer, as [batch, kv_heads, t1 - t0, head_dim] float32."""
     header = opened.comp.header
     prefix = part_name(i, layer, "")
-    parts = {n[len(prefix):]: region(opened, n) for n in header.tensors if n.startswith(prefix)}
+    parts = {n[len(prefix):]: StoredPart(opened, n) for n in header.tensors
+             if n.startswith(prefix)}
     try:
         return opened.codec(i).decode_tokens(opened.quantizer(i), parts,
                                              opened.manifest.entries[i].shape,
@@ -148,7 +149,7 @@ def _query_slice(loaded: Opened, attention: AttentionSpec, lsel: range, tsel: ra
         index = (slice(None), slice(lsel.start, lsel.stop), slice(None),
                  slice(tsel.start, tsel.stop))
         plan.append((names[0], info.dtype, dims,
-                     lambda: stfile.read_tensor(header, raw_name(names[0]), index=index)))
+                     lambda: _query(loaded, names[0], index)))
         return attention, plan
     token_axis = 2 if layout == "bhtd" else 1
     kept = []
@@ -160,10 +161,17 @@ def _query_slice(loaded: Opened, attention: AttentionSpec, lsel: range, tsel: ra
         index = tuple(slice(tsel.start, tsel.stop) if a == token_axis else slice(None)
                       for a in range(4))
         plan.append((name, info.dtype, tuple(dims),
-                     lambda name=name, index=index: stfile.read_tensor(header, raw_name(name),
-                                                                       index=index)))
+                     lambda name=name, index=index: _query(loaded, name, index)))
         kept.append(name)
     return AttentionSpec(query_tensors=tuple(kept), causal=attention.causal), plan
+
+
+def _query(loaded: Opened, name: str, index: tuple) -> np.ndarray:
+    """A query tensor cut to ``index``, read and checked whole against its digest."""
+    try:
+        return np.ascontiguousarray(StoredPart(loaded, raw_name(name)).whole()[index])
+    except IntegrityError as err:
+        raise err.at(path=str(loaded.path)) from None
 
 
 def numpy_dtype(st_dtype: str):

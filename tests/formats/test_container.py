@@ -57,7 +57,7 @@ REGIONS = {
     "header-shape": lambda p: _after(p, b'"fq/e1/l0/norms":{"dtype":"F16","shape":[1,'),
     "header-offsets": lambda p: _after(p, b'"fq/e0/l1/codes":', b'"data_offsets":['),
     "tensor-name": lambda p: _header_offset(p, b'"fq/e0/l1/codes":', 12),
-    "format-version": lambda p: _header_offset(p, b'"fibquant_format":"2"', 19),
+    "format-version": lambda p: _header_offset(p, b'"fibquant_format":"3"', 19),
 }
 def _flip_cases():
     for region in REGIONS:
@@ -115,10 +115,10 @@ def test_newer_format_version_is_refused(cli, compressed):
 
 
 def test_a_version_that_disagrees_with_the_document_is_corruption_not_newer(cli, compressed):
-    odd = _rewritten(compressed, "odd.fq.safetensors", lambda doc: None, version="3")
+    odd = _rewritten(compressed, "odd.fq.safetensors", lambda doc: None, version="2")
     for command in ("decompress", "validate"):
-        assert_error(cli(command, odd), 4, str(odd), "format version 3 differs from the "
-                     "document's 2")
+        assert_error(cli(command, odd), 4, str(odd), "format version 2 differs from the "
+                     "document's 3")
 
 
 def test_decompress_plain_dump_is_refused(cli, dump):

@@ -58,7 +58,7 @@ def test_metadata_and_document_digest(written):
     _, raw, n, header = written
     meta = header["__metadata__"]
     assert set(meta) == {"fibquant_format", "fibquant", "fibquant_digest"}
-    assert meta["fibquant_format"] == "2"
+    assert meta["fibquant_format"] == "3"
     expected = blake3.blake3(b"fibquant_container_v1\x00" + meta["fibquant"].encode()).hexdigest()
     assert meta["fibquant_digest"] == "blake3:" + expected
     doc = json.loads(meta["fibquant"])
