@@ -21,6 +21,7 @@ from fibquant_cli.formats import dtypes
 from fibquant_cli.formats.container import part_name, raw_name
 from fibquant_cli.formats.kvlayout import vectors_axes
 from fibquant_cli.formats.manifest import AttentionSpec, Manifest, ManifestEntry, save_manifest
+from fibquant_cli.formats.stfile import label
 from fibquant_cli.ops.decompress import DecompressReport, inverse_permutation, restored_outputs
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import Opened, StoredPart, open_verified
@@ -41,10 +42,10 @@ def parse_range(text: str | None, n: int, option: str) -> range:
             start = int(text)
             stop = start + 1
     except ValueError:
-        raise UsageError(f"{{{option}}} {text!r} is not START:STOP or an index",
+        raise UsageError(f"{{{option}}} {label(text, 40)!r} is not START:STOP or an index",
                          options=(option,)) from None
     if not 0 <= start < stop <= n:
-        raise UsageError(f"{{{option}}} {text!r} is outside 0:{n} or empty", options=(option,))
+        raise UsageError(f"{{{option}}} {label(text, 40)!r} is outside 0:{n} or empty", options=(option,))
     return range(start, stop)
 
 
