@@ -11,9 +11,8 @@ import shutil
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from conftest import listing, make_dump
+from conftest import invoke, listing, make_dump, ok
 
 SLICE = ("--layers", "1", "--tokens", "3:17")
 
@@ -21,20 +20,14 @@ SLICE = ("--layers", "1", "--tokens", "3:17")
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     """(directory, compressed bytes, full restore, sliced restore) of a small dump."""
-    from fibquant_cli.cli import app
-
     work = tmp_path_factory.mktemp("flip-src")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FIBQUANT_CACHE_DIR", str(work / "cache"))
-        dump = make_dump(work, layers=2, kv_heads=1, query_heads=2, tokens=20)
-        comp = work / "c.fq.safetensors"
-        run = CliRunner().invoke
-        for args in (("compress", dump.path, "-o", comp, "--keep-first", "1", "--bits", "1",
-                      "--no-attention"),
-                     ("decompress", comp, "-o", work / "full.safetensors"),
-                     ("decompress", comp, "-o", work / "slice.safetensors", *SLICE)):
-            result = run(app, [str(a) for a in args])
-            assert result.exit_code == 0, result.output
+    dump = make_dump(work, layers=2, kv_heads=1, query_heads=2, tokens=20)
+    comp = work / "c.fq.safetensors"
+    for args in (("compress", dump.path, "-o", comp, "--keep-first", "1", "--bits", "1",
+                  "--no-attention"),
+                 ("decompress", comp, "-o", work / "full.safetensors"),
+                 ("decompress", comp, "-o", work / "slice.safetensors", *SLICE)):
+        ok(invoke(*args))
     return {"file": comp.read_bytes(),
             "full": ((work / "full.safetensors").read_bytes(),
                      (work / "full.manifest.json").read_bytes()),
@@ -46,8 +39,6 @@ def clean(tmp_path_factory):
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_flips_are_refused_or_harmless(clean, tmp_path_factory, data):
-    from fibquant_cli.cli import app
-
     original = clean["file"]
     # Hypothesis favours small integers (the header's first bytes); a multiplication by a
     # prime modulo the length is a bijection that spreads them over the whole file.
@@ -60,13 +51,12 @@ def test_random_flips_are_refused_or_harmless(clean, tmp_path_factory, data):
     flipped[position] ^= mask
     path.write_bytes(flipped)
     before = listing(work)
-    run = CliRunner().invoke
     for kind, extra in (("full", ()), ("slice", SLICE), ("validate", None)):
         if extra is None:
-            result = run(app, ["validate", str(path)])
+            result = invoke("validate", path)
         else:
             out = work / "r.safetensors"
-            result = run(app, ["decompress", str(path), "-o", str(out), *extra])
+            result = invoke("decompress", path, "-o", out, *extra)
         assert result.exit_code in (0, 3, 4), (kind, position, mask, result.output)
         assert "internal error" not in result.output
         event(f"{kind}: exit {result.exit_code}")

@@ -3,8 +3,8 @@ message naming the file, tensor or flag, and nothing left behind.
 
 Sections follow the issue's items: 1 random access verifies what it reads, 2 header and
 document changes, 4 outputs and input paths, 5 hangs, 6 "internal error", 7 exit class and
-blame, 8 extreme values. Item 3 (signals) is tests/test_signals.py; the byte-flip property
-test is tests/test_hostile_property.py. docs/hostile-input.md lists every case.
+blame, 8 extreme values. Item 3 (signals) is tests/cli/test_signals.py; the byte-flip property
+test is tests/cli/test_hostile_property.py. docs/hostile-input.md lists every case.
 """
 
 from __future__ import annotations
@@ -20,17 +20,14 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from conftest import listing, make_dump
 from fibquant_cli.errors import IntegrityError
 from fibquant_cli.formats import stfile
-from fibquant_cli.formats.digest import CONTAINER_SCHEMA, bytes_digest
 from fibquant_cli.formats.container import open_container
+from fibquant_cli.formats.digest import CONTAINER_SCHEMA, bytes_digest
 from fibquant_cli.storage.stwriter import write_file
 
-
-@pytest.fixture(autouse=True)
-def _private_codebook_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("FIBQUANT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fq-cache"))
+from conftest import assert_error, invoke, listing, make_dump
+from conftest import ok as assert_ok
 
 
 @pytest.fixture(autouse=True)
@@ -46,24 +43,6 @@ def _no_hang():
     signal.signal(signal.SIGALRM, previous)
 
 
-def assert_error(result, code: int, *fragments: str) -> str:
-    """Exit ``code``, exactly one 'fibquant: error:' line naming ``fragments``, no traceback."""
-    detail = f"exit={result.exit_code} exc={result.exception!r}\n{result.output}"
-    assert result.exit_code == code, detail
-    assert isinstance(result.exception, SystemExit), detail
-    assert "Traceback" not in result.output and "internal error" not in result.output, detail
-    line = result.stderr.rstrip("\n")
-    assert "\n" not in line and line.startswith("fibquant: error: "), detail
-    for fragment in fragments:
-        assert fragment in line, f"{fragment!r} not in {line!r}"
-    return line
-
-
-def assert_ok(result):
-    assert result.exit_code == 0, f"exit={result.exit_code}\n{result.output}"
-    return result
-
-
 # ----------------------------------------------------------------------------- files
 
 
@@ -71,19 +50,13 @@ def assert_ok(result):
 def small(tmp_path_factory):
     """A small compressed file (keys centered, 2 protected tokens) and what it restores to:
     {"dir", "file" (bytes), "full" (restored bytes), "slice" (layer 1, tokens 4:20 bytes)}."""
-    from typer.testing import CliRunner
-
-    from fibquant_cli.cli import app
-
     work = tmp_path_factory.mktemp("small")
     dump = make_dump(work, layers=2, tokens=24)
     comp = work / "kv.fq.safetensors"
-    run = CliRunner().invoke
-    assert_ok(run(app, ["compress", str(dump.path), "-o", str(comp), "--keep-first", "2",
-                        "--no-attention"]))
-    assert_ok(run(app, ["decompress", str(comp), "-o", str(work / "full.safetensors")]))
-    assert_ok(run(app, ["decompress", str(comp), "-o", str(work / "slice.safetensors"),
-                        "--layers", "1", "--tokens", "4:20"]))
+    assert_ok(invoke("compress", dump.path, "-o", comp, "--keep-first", "2", "--no-attention"))
+    assert_ok(invoke("decompress", comp, "-o", work / "full.safetensors"))
+    assert_ok(invoke("decompress", comp, "-o", work / "slice.safetensors", "--layers", "1",
+                     "--tokens", "4:20"))
     return {"dir": work, "dump": dump, "file": comp.read_bytes(),
             "full": (work / "full.safetensors").read_bytes(),
             "slice": (work / "slice.safetensors").read_bytes()}
@@ -294,7 +267,7 @@ def test_format_1_file_still_slices_by_verifying_whole_arrays(cli, tmp_path):
     import shutil
 
     src = tmp_path / "v1.fq.safetensors"
-    shutil.copy(Path(__file__).parent / "fixtures" / "v1.fq.safetensors", src)
+    shutil.copy(Path(__file__).parents[1] / "fixtures" / "v1.fq.safetensors", src)
     assert_ok(cli("decompress", src, "-o", tmp_path / "s.safetensors", "--layers", "0"))
     header = stfile.read_header(src)
     name = next(n for n in header.tensors if n.endswith("/l0/codes"))
