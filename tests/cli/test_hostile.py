@@ -119,17 +119,17 @@ def _slice_read_ranges(path: Path, layer: int) -> dict[str, range]:
     header = stfile.read_header(path)
     out = {}
     for name, info in header.tensors.items():
-        if f"/l{layer}/" in name:
+        if f"/l{layer}/" in name or name == f"fq/raw/layer.{layer}.query":
             out[name] = range(header.data_start + info.begin, header.data_start + info.end)
     return out
 
 
 def test_slice_refuses_every_flip_in_the_parts_it_decodes(tmp_path):
-    """Item 1: every byte of the selected layer's codes and norms, and every 4th byte of its
-    mean and protected tokens, flipped one at a time: the slice raises IntegrityError naming
-    the file and the array, and writes nothing. (Before: 14 of 14 such flips decoded into
-    wrong values with exit 0.) A tiny file (0.5 bits: 4 code bytes per vector) keeps the
-    exhaustive part fast.
+    """Item 1: every byte of the selected layer's codes, norms, key mean and protected tokens,
+    and every 16th byte of its query, flipped one at a time (a different bit each time): the
+    slice raises IntegrityError naming the file and the array, and writes nothing. (Before:
+    14 of 14 such flips decoded into wrong values with exit 0.) A tiny file (0.5 bits: 4 code
+    bytes per vector; 1 protected token) keeps the exhaustive part fast.
     """
     from fibquant_cli.ops.compress import compress
     from fibquant_cli.ops.slice import decompress_slice
@@ -137,26 +137,26 @@ def test_slice_refuses_every_flip_in_the_parts_it_decodes(tmp_path):
 
     (tmp_path / "src").mkdir()
     dump = make_dump(tmp_path / "src", layers=2, kv_heads=1, query_heads=1, tokens=12,
-                     queries=False)
+                     extras=False)
     path = tmp_path / "c.fq.safetensors"
-    compress(dump.path, output=path, spec=CompressSpec(key=(8, 16), value=(8, 16), keep_first=2),
+    compress(dump.path, output=path, spec=CompressSpec(key=(8, 16), value=(8, 16), keep_first=1),
              attention=False, jobs=1)
     clean = path.read_bytes()
     ranges = _slice_read_ranges(path, 1)
-    assert {n.rsplit("/", 1)[1] for n in ranges} == {"codes", "norms", "mean", "kept"}
-    positions = [p for n, r in ranges.items()
-                 for p in (r if n.endswith(("codes", "norms")) else r[::4])]
+    assert {n.rsplit("/", 1)[1] for n in ranges} == {"codes", "norms", "mean", "kept",
+                                                      "layer.1.query"}
+    positions = [(n, p) for n, r in ranges.items() for p in (r[::16] if "query" in n else r)]
     before = listing(tmp_path)
-    for k, pos in enumerate(positions):
+    for k, (name, pos) in enumerate(positions):
         data = bytearray(clean)
         data[pos] ^= 1 << (k % 8)
         path.write_bytes(data)
         with pytest.raises(IntegrityError, match="digest mismatch") as err:
-            decompress_slice(path, layers="1", tokens="1:11", output=tmp_path / "r.safetensors")
-        assert err.value.path == str(path) and err.value.tensor in ranges
+            decompress_slice(path, layers="1", tokens="0:12", output=tmp_path / "r.safetensors")
+        assert (err.value.path, err.value.tensor) == (str(path), name)
     path.write_bytes(clean)
     assert listing(tmp_path) == before
-    assert len(positions) > 250
+    assert len(positions) > 600
 
 
 def test_slice_flip_reports_exit_4_naming_file_and_tensor(cli, small, tmp_path):
