@@ -168,6 +168,7 @@ class StoredPart:
         self.size = math.prod(self.shape)
         self.blocks = opened.doc.blocks.get(name)
         self._whole = None
+        self._recent: dict[int, np.ndarray] = {}  # the checked blocks of the last span
 
     def whole(self) -> np.ndarray:
         if self._whole is None:
@@ -182,10 +183,22 @@ class StoredPart:
             return self.whole().reshape(-1)[lo:hi]
         item, size = self.dtype.itemsize, self.blocks.block_bytes
         k0, k1 = lo * item // size, -(-hi * item // size)
-        b0, b1 = k0 * size, min(k1 * size, self.info.n_bytes)
-        raw = stfile.read_bytes(self.opened.comp.header, self.name, b0, b1)
-        for k in range(k0, k1):
-            container.check_block(self.opened.comp, self.name, k,
-                                  raw[(k - k0) * size:(k - k0 + 1) * size])
+        # Heads of one block ask for it in turn: blocks of the previous span are reused, the
+        # others (a suffix, as spans advance) read and checked.
+        m = k0
+        while m < k1 and m in self._recent:
+            m += 1
+        if any(k in self._recent for k in range(m, k1)):
+            m = k0
+        blocks = {k: self._recent[k] for k in range(k0, m)}
+        if m < k1:
+            raw = stfile.read_bytes(self.opened.comp.header, self.name, m * size,
+                                    min(k1 * size, self.info.n_bytes))
+            raw.flags.writeable = False  # kept for the next span: nobody may change it
+            for k in range(m, k1):
+                blocks[k] = raw[(k - m) * size:(k - m + 1) * size]
+                container.check_block(self.opened.comp, self.name, k, blocks[k])
+        self._recent = blocks
+        raw = blocks[k0] if k1 - k0 == 1 else np.concatenate([blocks[k] for k in range(k0, k1)])
         flat = raw.view(dtypes.little_endian(self.info.dtype)).astype(self.dtype, copy=False)
-        return flat[lo - b0 // item:hi - b0 // item]
+        return flat[lo - k0 * size // item:hi - k0 * size // item]

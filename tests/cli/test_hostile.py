@@ -262,6 +262,19 @@ def test_one_layer_slice_reads_only_its_blocks(tmp_path, monkeypatch, capsys):
     assert n_read < size / 5
 
 
+def test_heads_sharing_a_block_read_it_once(small, tmp_path, monkeypatch):
+    """Two heads of a layer in one decode block: the block is read (and checked) once."""
+    from fibquant_cli.ops.slice import decompress_slice
+
+    comp = copy_of(small, tmp_path)
+    header = stfile.read_header(comp)
+    reads = CountingReads(monkeypatch, comp)
+    decompress_slice(comp, layers="1", tokens="4:20", output=tmp_path / "s.safetensors")
+    layer = [n for n in header.tensors if "/l1/" in n or n == "fq/raw/layer.1.query"]
+    assert reads.n_bytes == 2 * header.data_start + sum(
+        header.tensors[n].n_bytes for n in header.tensors if n.startswith("fq/p") or n in layer)
+
+
 def test_format_1_file_still_slices_by_verifying_whole_arrays(cli, tmp_path):
     """Older files have no block digests: a slice verifies the whole arrays it touches."""
     import shutil
