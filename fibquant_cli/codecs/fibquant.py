@@ -11,8 +11,9 @@ codes      U8            (packed bytes,)           indices of the middle vectors
                                                    LSB-first: vector v starts at bit
                                                    v * (d/k) * wire_bits (random access)
 norms      F16 or F32    (b, h, t_mid)             vector norms; F32 only when fp16 cannot
-                                                   hold one (beyond its maximum, or non-zero
-                                                   below its smallest normal value)
+                                                   hold them: one beyond its maximum, or
+                                                   tiny values whose norms fall below its
+                                                   smallest normal (``norms_dtype``)
 mean       F32           (b, h, d)                 per-head mean of the middle (``center``)
 kept       source dtype  (b, h, kf + kl, d)        the protected tokens, exactly
 =========  ============  ========================  ========================================
