@@ -121,7 +121,9 @@ def codebook(
     from fibquant_cli.cli import tables
     from fibquant_cli.ops.codebook import codebook_report, profile_from_options
 
-    rep = codebook_report(profile_from_options(head_dim, block_dim, size, seed), eval_vectors)
+    profile = profile_from_options(head_dim, block_dim, size, seed)
+    with RichProgress() as progress:
+        rep = codebook_report(profile, eval_vectors, progress)
     if as_json:
         console.print_json(rep.to_json())
     else:

@@ -34,3 +34,7 @@ class RichProgress(Progress):
     def advance(self, label: str) -> None:
         if self.task is not None:
             self.bar.update(self.task, advance=1)
+
+    def note(self, text: str) -> None:
+        """One line on stderr, terminal or not (a long wait should never be silent)."""
+        self.bar.console.print(f"fibquant: {text}", markup=False, highlight=False)

@@ -13,8 +13,9 @@ from fibquant_cli.core.params import Profile
 from fibquant_cli.core.scalar import ScalarQuantizer
 from fibquant_cli.errors import UsageError
 from fibquant_cli.formats.digest import profile_digest
+from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.spec import check_head_dim, check_point, check_seed
-from fibquant_cli.storage.codebook_cache import load_or_build
+from fibquant_cli.storage.codebook_cache import load_or_build, training_note
 
 EVAL_VECTORS = 100_000
 # Beyond this the measurement takes minutes and its estimate does not change any more.
@@ -55,11 +56,15 @@ def profile_from_options(head_dim: int, block_dim: int, size: int, seed: int) ->
     return Profile(head_dim, block_dim, size, seed)
 
 
-def codebook_report(profile: Profile, eval_vectors: int = EVAL_VECTORS) -> CodebookReport:
+def codebook_report(profile: Profile, eval_vectors: int = EVAL_VECTORS,
+                    progress: Progress | None = None) -> CodebookReport:
     """Build or load the codebook of ``profile`` and measure it on fresh unit vectors."""
     if not 1 <= eval_vectors <= MAX_EVAL_VECTORS:
         raise UsageError(f"{{eval_vectors}} must be in [1, {MAX_EVAL_VECTORS}], got "
                          f"{eval_vectors}", options=("eval_vectors",))
+    note = training_note(profile)
+    if note is not None and progress is not None:
+        progress.note(note)
     codebook, origin = load_or_build(profile)
     d, b = profile.head_dim, profile.rate_bits
     fib = d_unit(codebook, d, eval_vectors, stream(profile.seed, STREAM_EVALUATION))

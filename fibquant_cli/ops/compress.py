@@ -64,7 +64,7 @@ from fibquant_cli.ops.compress_report import CompressReport, compress_report
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import open_verified, reconstructor
 from fibquant_cli.ops.spec import CompressSpec
-from fibquant_cli.storage.codebook_cache import quantizer_for
+from fibquant_cli.storage.codebook_cache import quantizer_for, training_note
 from fibquant_cli.storage.publish import output_path, publishing
 from fibquant_cli.storage.stwriter import StreamWriter
 
@@ -190,6 +190,9 @@ def make_quantizers(profiles, progress: Progress) -> dict[Profile, FibQuantizer]
     quantizers = {}
     for p in dict.fromkeys(profiles):
         progress.advance(f"codebook d={p.head_dim} k={p.block_dim} N={p.size}")
+        note = training_note(p)
+        if note is not None:
+            progress.note(note)
         quantizers[p] = quantizer_for(p)
     return quantizers
 

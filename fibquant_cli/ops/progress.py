@@ -11,3 +11,6 @@ class Progress:
 
     def advance(self, label: str) -> None:
         """One step of the current phase is done."""
+
+    def note(self, text: str) -> None:
+        """Tell the user something before a long step (a codebook training)."""

@@ -415,6 +415,25 @@ def test_untrainable_size_is_refused_at_once(cli, tmp_path):
     assert listing(tmp_path) == before
 
 
+@pytest.mark.parametrize("command", ["codebook", "compress"])
+def test_a_long_training_is_announced_with_an_estimate(cli, tmp_path, monkeypatch, command):
+    """Item 5's other half: a training the bound allows is announced on stderr, with an
+    estimated duration, before it starts (the threshold is lowered so a tiny one shows it)."""
+    from fibquant_cli.storage import codebook_cache
+
+    monkeypatch.setattr(codebook_cache, "NOTE_TRAINING_SECONDS", 0)
+    monkeypatch.setenv("FIBQUANT_CACHE_DIR", str(tmp_path / "cache"))
+    if command == "codebook":
+        args = ("codebook", "--head-dim", "32", "--block-dim", "2", "--size", "8",
+                "--eval-vectors", "1000")
+    else:
+        dump = make_dump(tmp_path, queries=False)
+        args = ("compress", dump.path, "--block-dim", "2", "--size", "8", "--no-attention")
+    result = assert_ok(cli(*args))
+    assert "fibquant: training the codebook" in result.stderr
+    assert "N=8 (not shipped, not cached): about 0 s" in result.stderr
+
+
 def test_eval_vectors_is_bounded(cli):
     assert_error(cli("codebook", "--eval-vectors", "10000000000"), 2, "--eval-vectors",
                  "10000000000")
