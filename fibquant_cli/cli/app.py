@@ -131,7 +131,7 @@ def codebook(
 
 
 # Paths are taken as typed (str): ``Path`` would drop a trailing '/', and ``kv.safetensors/``
-# or ``-o newdir/`` name folders, which the library refuses (formats.stfile.input_path,
+# or ``-o newdir/`` name folders, which the library refuses (formats.untrusted.input_path,
 # storage.publish.output_path).
 PathArg = Annotated[str, typer.Argument(help="A safetensors file.", show_default=False)]
 ManifestOpt = Annotated[str | None, typer.Option(

@@ -1,50 +1,20 @@
-"""The compressed file (``*.fq.safetensors``): byte layout, typed document, opening checks.
+"""The compressed file (``*.fq.safetensors``): names, typed document, opening checks.
 
-A compressed file is an ordinary safetensors file (any safetensors loader opens it) that holds
-everything needed to restore the dump, so decoding never retrains and never depends on a
-random generator. ``docs/container.md`` is the byte-level specification; in brief:
+docs/container.md is the byte-level specification. In brief: an ordinary safetensors file
+holding ``fq/p{j}/codebook`` and ``fq/p{j}/rotation`` per profile, the parts of each entry's
+layers (``fq/e{i}/l{l}/{part}``, as the entry's codec lays them out), and every other source
+tensor bit-exact (``fq/raw/{name}``), in that order; its ``__metadata__`` holds exactly the
+format version, the document (``Document``) and the document's digest.
 
-=================================  =====  ===============================================
-tensor                             dtype  content
-=================================  =====  ===============================================
-``fq/p{j}/codebook``               F32    (N, k) codebook of profile j
-``fq/p{j}/rotation``               F32    (d, d) rotation of profile j
-``fq/e{i}/l{l}/{part}``            ...    the parts of entry i, layer l, as its codec
-                                          (``entries[i].codec``) lays them out; for
-                                          ``fibquant``: codes U8, norms F16|F32, mean F32
-                                          (when centered), kept (protected tokens, source
-                                          dtype), see ``codecs.fibquant``
-``fq/raw/{name}``                  any    a tensor of the dump no entry names, bit-exact
-=================================  =====  ===============================================
+Versions: 1 (no ``codec`` per entry: read as ``fibquant``), 2 (entries name their codec),
+3 (``blocks``: per-block digests of codes and norms, so random access checks what it reads).
 
-Arrays are stored in exactly this order: profiles, then entries and their layers in order,
-then the raw tensors in the source's order; ``expected_layout`` derives it from the document.
-
-``blocks`` (format 3): for each stored array random access reads in pieces (``codes`` and
-``norms``; the codec says which and how: ``block_bytes``), ``{"block_bytes": B, "digests":
-[...]}``: ``bytes_digest(BLOCK_SCHEMA, block)`` of each B-byte block of its stored bytes (the
-last may be shorter). A slice checks each block right after reading it, before decoding; the
-parts it reads whole (``mean``, ``kept``, ``fq/raw/...``) it checks against ``arrays``.
-
-``__metadata__`` has exactly three keys: ``fibquant_format`` (the format version, decimal),
-``fibquant`` (the document, compact JSON) and ``fibquant_digest``
-(``bytes_digest(CONTAINER_SCHEMA, <the document text>)``).
-
-Versions. 1: the first release. 2: each entry names its ``codec``; a version-1 entry is read
-as codec ``fibquant``. 3: ``blocks`` (per-block digests for random access); without them a
-slice checks the whole arrays it touches. A reader refuses a version newer than it knows --
-but only once the document's digest verified, so a flipped digit reads as corruption, not as
-"upgrade".
-
-Opening (``open_container``) checks, in order, and raises ``IntegrityError`` naming the field:
-the metadata keys, the document digest, the document (``Document.parse``: every key, type and
-cross-reference), the version, the set, order, dtypes and shapes of the stored arrays against
-``expected_layout``, the block digests (format 3: exactly the arrays and block sizes the
-codecs name, ``_check_blocks``) and the header bytes against their canonical serialization.
-After it, no byte of the header can change unnoticed and every array has a recorded digest
-(``check_array``; each block of codes and norms too, ``check_block``). Digests detect
-accidents and edits, not forgeries: whoever rewrites the arrays can rewrite their digests too
-(see docs/container.md, "What the digests protect").
+``open_container`` checks, in order: the metadata keys, the document digest, the version (a
+mismatch with the verified document is corruption, not "upgrade"), the document
+(``Document.parse``: every key, type and cross-reference), the stored arrays against the
+layout the document implies (names, order, dtypes, shapes), the block digests, and the header
+bytes against their canonical form. Errors are ``IntegrityError`` naming the field. Digests
+detect accidents and edits, not forgeries (docs/container.md, "What the digests protect").
 """
 
 from __future__ import annotations
@@ -59,7 +29,7 @@ from typing import Any
 from fibquant_cli import codecs
 from fibquant_cli.core.params import Profile
 from fibquant_cli.errors import FibQuantError, IntegrityError, InvalidInputError
-from fibquant_cli.formats import stfile
+from fibquant_cli.formats import stfile, untrusted
 from fibquant_cli.formats.digest import (
     BLOCK_SCHEMA,
     CONTAINER_SCHEMA,
@@ -449,8 +419,8 @@ def open_container(path) -> Container:
         raise IntegrityError("metadata digest mismatch (the fibquant document was altered)",
                              path=where)
     try:
-        obj = json.loads(text, parse_int=stfile.parse_json_int)
-    except stfile.LongInteger as err:
+        obj = json.loads(text, parse_int=untrusted.parse_json_int)
+    except untrusted.LongInteger as err:
         raise IntegrityError(f"fibquant document has an integer of {err.args[0]} digits",
                              path=where) from None
     except ValueError as err:  # JSONDecodeError
@@ -500,7 +470,7 @@ def _check_layout(header: stfile.Header, doc: Document) -> None:
             raise IntegrityError(f"stored as {info.dtype} {list(info.shape)}, the document "
                                  f"implies {dtype} {list(shape)}", path=where, tensor=name)
     _check_blocks(header, doc, expected)
-    with stfile.open_regular(header.path) as fh:
+    with untrusted.open_regular(header.path) as fh:
         raw = fh.read(header.data_start)
     canonical = stfile.plan_layout([(n, d, tuple(s)) for n, d, s in expected], where)
     if raw != stfile.header_bytes(canonical, header.metadata, where):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fibquant_cli.errors import InvalidInputError
-from fibquant_cli.formats import stfile
+from fibquant_cli.formats import stfile, untrusted
 from fibquant_cli.formats.container import is_compressed
 from fibquant_cli.formats.kvlayout import check_manifest_against_dump, entry_layer_views, vectors_axes
 from fibquant_cli.formats.manifest import Manifest, ManifestEntry, load_manifest, manifest_path_for
@@ -35,13 +35,13 @@ class Dump:
 
 def open_dump(path, manifest_path=None) -> Dump:
     """Read a dump's header and manifest and check them against each other."""
-    path = stfile.input_path(path)
+    path = untrusted.input_path(path)
     header = stfile.read_header(path)
     if is_compressed(header):
         raise InvalidInputError("this is a compressed fibquant file, not a KV dump "
                                 "(use 'fibquant decompress' or 'fibquant validate')",
                                 path=str(path))
-    mpath = (stfile.input_path(manifest_path) if manifest_path is not None
+    mpath = (untrusted.input_path(manifest_path) if manifest_path is not None
              else manifest_path_for(path))
     if not os.path.lexists(mpath):  # a dangling link or a FIFO is named by load_manifest
         raise InvalidInputError(f"no manifest at {mpath} (give one with {{manifest}})",

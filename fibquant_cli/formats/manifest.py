@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from fibquant_cli.errors import FibQuantError, InvalidInputError, ResourceError
-from fibquant_cli.formats import stfile
+from fibquant_cli.formats import stfile, untrusted
 from fibquant_cli.formats.digest import KV_SHAPE_SCHEMA, json_digest
 
 MANIFEST_SCHEMA = "fibquant_kv_manifest_v1"
@@ -451,7 +451,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     """
     source = str(path)
     try:
-        with stfile.open_regular(path, "a JSON file") as handle:
+        with untrusted.open_regular(path, "a JSON file") as handle:
             raw = handle.read(MAX_MANIFEST_BYTES + 1)
     except InvalidInputError as err:
         reason = f"cannot read manifest ({err.reason.removeprefix('cannot read: ')})"
@@ -467,8 +467,8 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise InvalidInputError(f"invalid UTF-8 at byte {err.start}", path=source) from None
     try:
         obj = json.loads(text, object_pairs_hook=_object_pairs, parse_constant=_reject_constant,
-                         parse_int=stfile.parse_json_int)
-    except stfile.LongInteger as err:
+                         parse_int=untrusted.parse_json_int)
+    except untrusted.LongInteger as err:
         raise InvalidInputError(f"invalid JSON: an integer of {err.args[0]} digits (at most "
                                 f"{stfile.MAX_INT_DIGITS})", path=source) from None
     except json.JSONDecodeError as err:

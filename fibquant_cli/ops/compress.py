@@ -30,7 +30,7 @@ from fibquant_cli.codecs.fibquant import FP16_MAX, FP16_TINY, EncodedLayer, Laye
 from fibquant_cli.core.codec import FibQuantizer
 from fibquant_cli.core.params import Profile
 from fibquant_cli.errors import InvalidInputError, UsageError
-from fibquant_cli.formats import container, dtypes, stfile
+from fibquant_cli.formats import container, dtypes, stfile, untrusted
 from fibquant_cli.formats.container import (
     BlockDigests,
     Document,
@@ -89,7 +89,7 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
     spec = spec or CompressSpec()
     if jobs < 0:
         raise UsageError(f"{{jobs}} must be >= 0, got {jobs}", options=("jobs",))
-    source = stfile.input_path(source)
+    source = untrusted.input_path(source)
     out = output_path(output) if output is not None else None
     dump = open_dump(source, manifest)
     out = out or default_compressed_path(source)

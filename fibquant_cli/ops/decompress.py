@@ -17,7 +17,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from fibquant_cli.errors import IntegrityError, UsageError
-from fibquant_cli.formats import dtypes, stfile
+from fibquant_cli.formats import dtypes, stfile, untrusted
 from fibquant_cli.formats.container import raw_name
 from fibquant_cli.formats.digest import tensor_digest
 from fibquant_cli.formats.kvlayout import entry_layer_views, vectors_axes
@@ -56,7 +56,7 @@ def default_restored_path(compressed: Path) -> Path:
 
 def restored_outputs(path, output) -> tuple[Path, Path, Path]:
     """(compressed file, output dump, its manifest) of a decompress or a slice."""
-    path = stfile.input_path(path)
+    path = untrusted.input_path(path)
     out = output_path(output) if output is not None else default_restored_path(path)
     return path, out, manifest_path_for(out)
 

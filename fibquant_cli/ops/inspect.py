@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fibquant_cli.errors import FibQuantError
-from fibquant_cli.formats import container, stfile
+from fibquant_cli.formats import container, stfile, untrusted
 from fibquant_cli.formats.digest import file_digest, tensor_digest
 from fibquant_cli.formats.kvdump import check_finite, open_dump, read_layer
 from fibquant_cli.formats.kvlayout import entry_layer_views
@@ -35,7 +35,7 @@ def validate(path, manifest=None) -> ValidateReport:
     """Run every check of a dump (against its manifest) or of a compressed file."""
     rep = ValidateReport(str(path), "dump")
     try:
-        path = stfile.input_path(path)
+        path = untrusted.input_path(path)
         header = stfile.read_header(path)
     except FibQuantError as err:
         rep.checks.append(("safetensors header", False, err.reason))
@@ -112,7 +112,7 @@ class DigestReport:
 
 def digest(path) -> DigestReport:
     """Digests of a manifest (per entry shape), a dump (per tensor + file) or a compressed file."""
-    path = stfile.input_path(path)
+    path = untrusted.input_path(path)
     if path.suffix == ".json":
         manifest = load_manifest(path)
         rows = [{"name": f"entries[{i}] ({e.shape.role})", "tensors": list(e.tensors),

@@ -21,7 +21,7 @@ import pytest
 import safetensors.numpy
 
 from fibquant_cli.errors import IntegrityError
-from fibquant_cli.formats import stfile
+from fibquant_cli.formats import stfile, untrusted
 from fibquant_cli.formats.container import open_container
 from fibquant_cli.formats.digest import CONTAINER_SCHEMA, bytes_digest
 from fibquant_cli.storage.stwriter import write_file
@@ -192,11 +192,11 @@ def test_slice_refuses_a_flipped_query(cli, tmp_path):
 
 class CountingReads:
     """Counts the bytes read from one file: every read of an input goes through
-    ``stfile.open_regular``, whose file objects this wraps."""
+    ``untrusted.open_regular``, whose file objects this wraps."""
 
     def __init__(self, monkeypatch, path: Path):
         self.n_bytes, self.path = 0, str(path)
-        real = stfile.open_regular
+        real = untrusted.open_regular
         counter = self
 
         class Counted:
@@ -226,7 +226,7 @@ class CountingReads:
             fh = real(path, *args)
             return Counted(fh) if str(path) == counter.path else fh
 
-        monkeypatch.setattr(stfile, "open_regular", opened)
+        monkeypatch.setattr(untrusted, "open_regular", opened)
 
 
 def test_one_layer_slice_reads_only_its_blocks(tmp_path, monkeypatch, capsys):
