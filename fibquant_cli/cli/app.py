@@ -295,16 +295,98 @@ def decompress(
         console.stdout().print(tables.decompress_table(rep))
 
 
+ModelOpt = Annotated[Path | None, typer.Option(
+    "--model", help="A local Hugging Face model folder or a .gguf file (needs fibquant[hf]).")]
+TextOpt = Annotated[Path | None, typer.Option(
+    "--text", help="With --model: a UTF-8 text file, tokenized by the model's tokenizer.")]
+IdsOpt = Annotated[Path | None, typer.Option(
+    "--ids", help="With --model: take the token ids from this dump's input_ids instead.")]
+PrefixOpt = Annotated[int, typer.Option(
+    "--prefix-tokens", min=1, help="With --model: tokens whose cache is compressed.")]
+ContinuationOpt = Annotated[int, typer.Option(
+    "--continuation-tokens", min=1, help="With --model: tokens scored through the cache.")]
+DtypeOpt = Annotated[str, typer.Option(
+    "--dtype", help="With --model: dtype of the dump, the uncompressed reference (f16, bf16, f32).")]
+
+
+def _model_inputs(model, text, ids, what: str) -> None:
+    if model is None:
+        if text is not None or ids is not None:
+            raise UsageError(f"--text and --ids go with --model ({what})")
+        return
+    if (text is None) == (ids is None):
+        raise UsageError(f"{what} --model needs exactly one of --text FILE and --ids DUMP")
+
+
+def _print_model_report(rep, as_json: bool) -> None:
+    from fibquant_cli.cli import tables  # noqa: F401  (rich is loaded only here)
+    from fibquant_cli.hf.tables import checks_lines, model_table
+
+    if as_json:
+        console.print_json(rep.to_json())
+    else:
+        for line in checks_lines(rep):
+            console.stdout().print(line)
+        console.stdout().print(model_table(rep))
+    if not rep.checks_passed:
+        from fibquant_cli.errors import IntegrityError
+
+        failed = ", ".join(c["name"] for c in rep.checks if not c["passed"])
+        raise IntegrityError(f"self-check failed: {failed}", path=rep.model)
+
+
 @app.command(name="eval")
 @handle_errors
 def evaluate(
-    original: PathArg,
-    other: Annotated[Path, typer.Argument(help="A compressed file or a restored dump.")],
+    original: Annotated[Path | None, typer.Argument(
+        help="The original dump (not with --model).", show_default=False)] = None,
+    other: Annotated[Path | None, typer.Argument(
+        help="A compressed file or a restored dump.", show_default=False)] = None,
     manifest: ManifestOpt = None,
     max_queries: MaxQueriesOpt = 2048,
+    model: ModelOpt = None,
+    text: TextOpt = None,
+    ids: IdsOpt = None,
+    prefix_tokens: PrefixOpt = 1024,
+    continuation_tokens: ContinuationOpt = 512,
+    dtype: DtypeOpt = "f16",
+    bits: BitsOpt = None,
+    block_dim: KOpt = None,
+    size: NOpt = None,
+    key_bits: Annotated[float | None, typer.Option(help="Preset for keys only.")] = None,
+    value_bits: Annotated[float | None, typer.Option(help="Preset for values only.")] = None,
+    keep_first: Annotated[int, typer.Option(
+        help="With --model: first T tokens stored exactly.")] = 0,
+    keep_last: Annotated[int, typer.Option(help="With --model: last T tokens stored exactly.")] = 0,
+    center_keys: Annotated[bool, typer.Option(
+        "--center-keys/--no-center-keys", help="With --model: key centering.")] = True,
+    seed: SeedOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Attention fidelity of a compressed file or a restored dump against the original."""
+    """Attention fidelity of a compressed file, or with --model the model's own loss.
+
+    With --model: NLL, ΔNLL, KL and top-1 agreement of a continuation scored through the
+    prefix's cache compressed and restored, against the uncompressed cache.
+    """
+    _model_inputs(model, text, ids, "eval")
+    if model is not None:
+        if original is not None or other is not None:
+            raise UsageError("eval --model takes no file arguments (it builds the cache itself)")
+        from fibquant_cli.hf.evaluate import evaluate_model
+        from fibquant_cli.ops.spec import resolve_spec
+
+        spec = resolve_spec(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
+                            value_bits=value_bits, seed=seed, keep_first=keep_first,
+                            keep_last=keep_last, center_keys=center_keys)
+        with RichProgress() as progress:
+            rep = evaluate_model(model, text=text, ids_from=ids, specs=[spec],
+                                 prefix=prefix_tokens, continuation=continuation_tokens,
+                                 dtype=dtype, attention=True, max_queries=max_queries,
+                                 progress=progress)
+        _print_model_report(rep, as_json)
+        return
+    if original is None or other is None:
+        raise UsageError("eval needs ORIGINAL and OTHER (or --model with --text/--ids)")
     from fibquant_cli.cli import tables
     from fibquant_cli.ops.evaluate import evaluate as run
 
@@ -317,23 +399,95 @@ def evaluate(
 
 @app.command()
 @handle_errors
+def dump(
+    model: Annotated[Path, typer.Option(
+        "--model", help="A local Hugging Face model folder or a .gguf file (needs fibquant[hf]).",
+        show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The dump (.safetensors).",
+                                         show_default=False)],
+    text: TextOpt = None,
+    ids: IdsOpt = None,
+    tokens: Annotated[int, typer.Option("--tokens", min=1, help="Tokens to run.")] = 1024,
+    dtype: DtypeOpt = "f16",
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a model over a text and write its KV cache as a dump and manifest.
+
+    Keys and values per layer in the cache's layout, post-RoPE queries (for attention
+    fidelity), input_ids, and the RoPE parameters in the manifest.
+    """
+    _model_inputs(model, text, ids, "dump")
+    from fibquant_cli.hf.kvfile import dump_model
+
+    summary = dump_model(model, out=output, text=text, ids_from=ids, tokens=tokens, dtype=dtype,
+                         force=force)
+    if as_json:
+        console.print_json(summary)
+        return
+    rope = summary["rope"]
+    console.stdout().print(
+        f"{summary['dump']} (+ {summary['manifest']}): {summary['model_type']}, "
+        f"{summary['layers']} layers, {summary['query_heads']} query / {summary['kv_heads']} KV "
+        f"heads, head_dim {summary['head_dim']}, {summary['tokens']} tokens, {summary['dtype']}; "
+        + ("no RoPE" if rope is None else f"RoPE theta {rope['theta']:g} {rope['style']}")
+        + ("" if summary["key_match_error"] is None else
+           f"; keys recomputed from the projections match the cache to "
+           f"{summary['key_match_error']:.1e}"))
+    if summary["note"]:
+        console.stdout().print(summary["note"])
+
+
+@app.command()
+@handle_errors
 def sweep(
-    path: PathArg,
+    path: Annotated[Path | None, typer.Argument(
+        help="A safetensors dump (not with --model).", show_default=False)] = None,
     manifest: ManifestOpt = None,
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="Write the frontier as a PNG (needs matplotlib).")] = None,
     peers: Annotated[bool, typer.Option(
         "--peers/--no-peers", help="Include llama.cpp (gguf), KIVI and fp8 formats.")] = True,
     max_queries: MaxQueriesOpt = 2048,
+    model: ModelOpt = None,
+    text: TextOpt = None,
+    ids: IdsOpt = None,
+    prefix_tokens: PrefixOpt = 1024,
+    continuation_tokens: ContinuationOpt = 512,
+    dtype: DtypeOpt = "f16",
     as_json: JsonOpt = False,
 ) -> None:
-    """Run many operating points and print the memory-fidelity frontier."""
-    from fibquant_cli.cli import tables
-    from fibquant_cli.ops.sweep import sweep as run
+    """Run many operating points and print the memory-fidelity frontier.
 
+    With --model the yardstick is the model's KL on a continuation, not attention cosine.
+    """
     if plot is not None and plot.suffix.lower() != ".png":
         raise UsageError("{plot} writes a PNG: give a path ending in .png", path=str(plot),
                          options=("plot",))
+    _model_inputs(model, text, ids, "sweep")
+    if model is not None:
+        if path is not None:
+            raise UsageError("sweep --model takes no dump argument (it builds the cache itself)")
+        from fibquant_cli.hf.evaluate import MODEL_PEERS, evaluate_model, model_specs
+
+        with RichProgress() as progress:
+            rep = evaluate_model(model, text=text, ids_from=ids, specs=model_specs(),
+                                 peers=MODEL_PEERS if peers else (), prefix=prefix_tokens,
+                                 continuation=continuation_tokens, dtype=dtype, attention=True,
+                                 max_queries=max_queries, progress=progress)
+        if plot is not None:
+            from fibquant_cli.hf.tables import plot_model_frontier
+
+            plot_model_frontier(rep, plot)
+        _print_model_report(rep, as_json)
+        if plot is not None and not as_json:
+            console.stdout().print(f"frontier plot: {plot}")
+        return
+    if path is None:
+        raise UsageError("sweep needs a dump (or --model with --text/--ids)")
+    from fibquant_cli.cli import tables
+    from fibquant_cli.ops.sweep import sweep as run
+
     with RichProgress() as progress:
         rep = run(path, manifest=manifest, max_queries=max_queries, peers=peers,
                   progress=progress)

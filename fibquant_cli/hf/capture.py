@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.rope import rotate
-from ..errors import InvalidInputError
-from .model import LoadedModel
+from fibquant_cli.core.rope import rotate
+from fibquant_cli.errors import InvalidInputError
+from fibquant_cli.hf.model import LoadedModel
 
 # Recomputed keys must match the cache to this fraction of the largest |key|.
 KEY_MATCH_TOLERANCE = 1e-4

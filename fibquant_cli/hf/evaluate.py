@@ -22,15 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import stfile
-from ..compressor import compress
-from ..errors import InvalidInputError, UsageError
-from ..pipeline import decompress
-from ..spec import BITS_PRESETS, CompressSpec
-from .capture import build_cache, run_prefix
-from .kvfile import NUMPY_DTYPES, as_dtype, read_kv, write_dump
-from .model import LoadedModel, load_model
-from .scoring import compare, continuation_logp, full_logp
+from fibquant_cli.errors import InvalidInputError, UsageError
+from fibquant_cli.formats import stfile
+from fibquant_cli.hf.capture import build_cache, run_prefix
+from fibquant_cli.hf.kvfile import NUMPY_DTYPES, as_dtype, read_kv, write_dump
+from fibquant_cli.hf.model import LoadedModel, load_model
+from fibquant_cli.hf.scoring import compare, continuation_logp, full_logp
+from fibquant_cli.ops.compress import compress
+from fibquant_cli.ops.decompress import decompress
+from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec
 
 DEFAULT_PREFIX_TOKENS = 1024
 DEFAULT_CONTINUATION_TOKENS = 512
@@ -171,7 +171,7 @@ class Session:
                           attention=fid, spec=spec.to_json())
 
     def run_peer(self, name: str) -> ModelPoint:
-        from ..core.peers import get_peer
+        from fibquant_cli.formats.peers import get_peer
 
         codec = get_peer(name)
         keys, values = read_kv(self.dump)
@@ -213,7 +213,7 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
                    attention: bool = False, max_queries: int | None = None,
                    progress=None) -> ModelEvalReport:
     """Score each of ``specs`` (and each peer) on ``model`` with ``text``'s continuation."""
-    from ..pipeline import Progress
+    from fibquant_cli.ops.progress import Progress
 
     progress = progress or Progress()
     lm = load_model(model)

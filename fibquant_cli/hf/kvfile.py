@@ -9,18 +9,19 @@ in the manifest's terms, so ``rope_state`` says ``pre_rope`` and there is no ``r
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from ..atomic import atomic_path
-from ..errors import UsageError
-from ..kvdump import open_dump, read_layer
-from ..manifest import (AttentionSpec, KvShape, Manifest, ManifestEntry, manifest_path_for,
-                        save_manifest)
-from .capture import Capture
-from .model import LoadedModel
+from fibquant_cli.errors import UsageError
+from fibquant_cli.formats.kvdump import open_dump, read_layer
+from fibquant_cli.formats.manifest import (AttentionSpec, KvShape, Manifest, ManifestEntry,
+                                          manifest_path_for)
+from fibquant_cli.hf.capture import Capture
+from fibquant_cli.hf.model import LoadedModel
+from fibquant_cli.storage.publish import check_output, publishing
 
 NUMPY_DTYPES = {"f16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16),
                 "f32": np.dtype(np.float32)}
@@ -77,10 +78,10 @@ def write_dump(lm: LoadedModel, cap: Capture, input_ids: np.ndarray, out: Path,
     out = Path(out)
     manifest = dump_manifest(lm, cap, dtype)
     tensors = dump_tensors(cap, input_ids, dtype)
-    with atomic_path(out) as tmp:
-        save_file(tensors, str(tmp), metadata={"fibquant_source": lm.path.name})
     mpath = manifest_path_for(out)
-    save_manifest(manifest, mpath)
+    with publishing([out, mpath], force=True) as (tmp, tmp_manifest):
+        save_file(tensors, str(tmp), metadata={"fibquant_source": lm.path.name})
+        tmp_manifest.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
     return out, mpath
 
 
@@ -105,15 +106,16 @@ def dump_model(model, *, out, text=None, ids_from=None, tokens: int = 1024, dtyp
 
     Returns a summary: the outputs, the geometry, the RoPE and the key-recompute error.
     """
-    from ..pipeline import check_output_paths
-    from .capture import run_prefix
-    from .evaluate import read_token_ids
-    from .model import load_model
+    from fibquant_cli.hf.capture import run_prefix
+    from fibquant_cli.hf.evaluate import read_token_ids
+    from fibquant_cli.hf.model import load_model
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UsageError("the dump must be a .safetensors file", path=str(out))
-    check_output_paths(Path(text or ids_from or out), [out, manifest_path_for(out)], force)
+    inputs = {Path(p): "input file" for p in (text, ids_from) if p is not None}
+    for path in (out, manifest_path_for(out)):
+        check_output(path, force=force, inputs=inputs)
     lm = load_model(model)
     ids = read_token_ids(lm, text=text, ids_from=ids_from, needed=tokens)
     cap = run_prefix(lm, ids)

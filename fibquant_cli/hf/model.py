@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidInputError, UsageError
-from ..manifest import RopeSpec
+from fibquant_cli.errors import InvalidInputError, UsageError
+from fibquant_cli.formats.manifest import RopeSpec
 
 HF_HINT = "needs the optional torch and transformers packages: pip install 'fibquant[hf]'"
 # Model types whose attention rotates (j, j + d/2) pairs with transformers' rotate_half.

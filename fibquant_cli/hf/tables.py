@@ -6,8 +6,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..atomic import atomic_path
-from ..errors import UsageError
+from fibquant_cli.errors import UsageError
+from fibquant_cli.storage.publish import publishing
 
 
 def checks_lines(rep) -> list[str]:
@@ -70,7 +70,7 @@ def plot_model_frontier(rep, path) -> None:
     ax.set_title(f"{Path(rep.model).name}: KL vs size ({Path(rep.text).name})")
     ax.grid(alpha=0.3)
     try:
-        with atomic_path(Path(path)) as tmp:
+        with publishing([Path(path)], force=True) as (tmp,):
             fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)

@@ -19,6 +19,7 @@ BITS_PRESETS: dict[float, tuple[int, int]] = {
     4: (2, 256), 3: (2, 64), 2: (4, 256), 1: (8, 256), 0.5: (8, 16),
 }
 DEFAULT_BITS = 3
+DEFAULT_KEEP_FIRST = 0
 
 
 def preset_for(bits: float, option: str = "bits") -> tuple[int, int]:
