@@ -208,7 +208,9 @@ def compress(
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also measure the scalar baseline at the same rate.")] = False,
     attention: AttentionOpt = True,
-    max_queries: MaxQueriesOpt = 2048,
+    max_queries: Annotated[int | None, typer.Option(
+        "--max-queries", min=1, help="Score attention on the last N query positions (N >= "
+        "tokens: all of them). Default: 256 positions sampled over the whole context.")] = None,
     jobs: Annotated[int, typer.Option(
         "--jobs", "-j", min=0, help="Encoder threads; 0 = automatic (by dump size).")] = 0,
     target_cosine: Annotated[float | None, typer.Option(
@@ -233,7 +235,8 @@ def compress(
 
         with RichProgress() as progress:
             spec, choice = choose_for_target(path, target_cosine, manifest=manifest, seed=seed,
-                                             max_queries=max_queries, progress=progress)
+                                             max_queries=max_queries or 2048,
+                                             progress=progress)
     else:
         choice = None
         spec = resolve_spec(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,

@@ -99,14 +99,19 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
         rep = _write(dump, tmp, out, spec, compare, jobs, progress)
         rep.spec, rep.jobs = spec.to_json(), jobs
         if attention:
-            from fibquant_cli.ops.fidelity import DEFAULT_MAX_QUERIES, measure
+            from fibquant_cli.ops.fidelity import DEFAULT_QUERY_SAMPLE, measure
 
             progress.start(1, "attention fidelity")
             # Decoded from the file just written; its array digests were computed moments ago
             # from the same bytes, so hashing them again would only repeat that work.
             written = open_verified(tmp, verify_arrays=False)
-            rep.attention = measure(dump, reconstructor(written),
-                                    max_queries=max_queries or DEFAULT_MAX_QUERIES)
+            # Default: a sample of query positions over the whole context (bounded cost);
+            # max_queries: the last N positions (N >= tokens scores every one).
+            if max_queries:
+                rep.attention = measure(dump, reconstructor(written), max_queries=max_queries)
+            else:
+                rep.attention = measure(dump, reconstructor(written),
+                                        sample=DEFAULT_QUERY_SAMPLE)
     rep.seconds = time.perf_counter() - start
     return rep
 

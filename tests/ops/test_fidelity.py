@@ -303,3 +303,37 @@ def test_eval_bthd_compressed_and_restored_agree(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["b.safetensors", "b.manifest.json", "b.fq.safetensors", "b.restored.safetensors",
          "b.restored.manifest.json"])
+
+
+def test_sample_windows_spread_over_the_context():
+    from fibquant_cli.fidelity import sample_windows
+
+    assert sample_windows(100, 100) == [slice(0, 100)]
+    windows = sample_windows(4096, 256)
+    assert len(windows) == 8 and all(w.stop - w.start == 32 for w in windows)
+    assert windows[0] == slice(0, 32) and windows[-1].stop == 4096
+    assert all(a.stop <= b.start for a, b in zip(windows, windows[1:]))
+
+
+def test_sampled_scoring_counts_its_windows_and_full_sample_is_full_scoring(tmp_path):
+    from conftest import make_dump
+    from fibquant_cli.fidelity import measure, sample_windows
+    from fibquant_cli.kvdump import open_dump, read_layer
+
+    d = make_dump(tmp_path, tokens=200, layers=1)
+    dump = open_dump(d.path)
+    rng = np.random.default_rng(0)
+
+    def noisy(i, layer):
+        x = read_layer(dump, dump.manifest.entries[i], layer).astype(np.float32)
+        return x + 0.1 * np.random.default_rng(i).standard_normal(x.shape).astype(np.float32)
+
+    del rng
+    full = measure(dump, noisy, max_queries=200)
+    same = measure(dump, noisy, sample=500)
+    assert not same.sampled and same.overall == full.overall
+    part = measure(dump, noisy, sample=64)
+    assert part.sampled
+    assert part.query_positions == sum(w.stop - w.start for w in sample_windows(200, 64)) == 64
+    assert part.overall["rows"] == 64 * 4  # 4 query heads
+    assert part.overall["cosine_mean"] != full.overall["cosine_mean"]
