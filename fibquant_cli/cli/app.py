@@ -198,7 +198,8 @@ def compress(
     value_block_dim: Annotated[int | None, typer.Option(help="k for values only.")] = None,
     value_size: Annotated[int | None, typer.Option(help="N for values only.")] = None,
     keep_first: Annotated[int, typer.Option(
-        help="Store the first T tokens of every layer uncompressed (attention sinks).")] = 0,
+        help="Store the first T tokens of every layer uncompressed (the attention sink; "
+        "0 compresses it too).")] = 1,  # ops.spec.DEFAULT_KEEP_FIRST (not imported at start-up)
     keep_last: Annotated[int, typer.Option(
         help="Store the last T tokens of every layer uncompressed.")] = 0,
     center_keys: Annotated[bool, typer.Option(
@@ -222,12 +223,13 @@ def compress(
     """Compress a KV dump into one self-contained .fq.safetensors file."""
     from fibquant_cli.cli import tables
     from fibquant_cli.ops.compress import compress as run
-    from fibquant_cli.ops.spec import resolve_spec
+    from fibquant_cli.ops.spec import DEFAULT_KEEP_FIRST, resolve_spec
 
     rate_flags = (bits, block_dim, size, key_bits, value_bits, key_block_dim, key_size,
                   value_block_dim, value_size)
     if target_cosine is not None:
-        if any(f is not None for f in rate_flags) or keep_first or keep_last or not center_keys:
+        if (any(f is not None for f in rate_flags) or keep_first != DEFAULT_KEEP_FIRST
+                or keep_last or not center_keys):
             raise UsageError("{target_cosine} picks the rates itself: drop --bits, --block-dim, "
                              "--size, the --key-*/--value-* flags, --keep-* and "
                              "--no-center-keys", options=("target_cosine",))
@@ -359,7 +361,7 @@ def evaluate(
     key_bits: Annotated[float | None, typer.Option(help="Preset for keys only.")] = None,
     value_bits: Annotated[float | None, typer.Option(help="Preset for values only.")] = None,
     keep_first: Annotated[int, typer.Option(
-        help="With --model: first T tokens stored exactly.")] = 0,
+        help="With --model: first T tokens stored exactly.")] = 1,
     keep_last: Annotated[int, typer.Option(help="With --model: last T tokens stored exactly.")] = 0,
     center_keys: Annotated[bool, typer.Option(
         "--center-keys/--no-center-keys", help="With --model: key centering.")] = True,
