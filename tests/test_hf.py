@@ -183,3 +183,21 @@ def test_help_does_not_import_torch():
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_wrong_rope_is_refused_not_recorded(models, monkeypatch):
+    """The recomputed keys check the recorded RoPE: a wrong theta does not reproduce the cache."""
+    from fibquant_cli.errors import InvalidInputError
+    from fibquant_cli.hf import capture
+    from fibquant_cli.hf.model import load_model
+    from fibquant_cli.manifest import RopeSpec
+
+    lm = load_model(models["llama"])
+    ids = np.arange(48)[None, :] % 256
+    assert capture.run_prefix(lm, ids).key_match_error < 1e-5
+    lm.rope = RopeSpec(theta=5000.0, style="half")
+    with pytest.raises(InvalidInputError, match="refusing to record wrong RoPE parameters"):
+        capture.run_prefix(lm, ids)
+    lm.rope = RopeSpec(theta=10000.0, style="interleaved")
+    with pytest.raises(InvalidInputError, match="refusing to record wrong RoPE parameters"):
+        capture.run_prefix(lm, ids)

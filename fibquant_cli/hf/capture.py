@@ -17,8 +17,10 @@ from fibquant_cli.core.rope import rotate
 from fibquant_cli.errors import InvalidInputError
 from fibquant_cli.hf.model import LoadedModel
 
-# Recomputed keys must match the cache to this fraction of the largest |key|.
-KEY_MATCH_TOLERANCE = 1e-4
+# Recomputed keys must match the cache to this fraction of the largest |key|. transformers
+# computes the angles in float32, whose rounding grows with the position (1.1e-4 measured at
+# 4,096 tokens on SmolLM2); a wrong theta or pair style is off by order 1.
+KEY_MATCH_TOLERANCE = 1e-2
 
 
 @dataclass
