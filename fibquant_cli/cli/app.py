@@ -250,12 +250,22 @@ def compress(
                   force=force, attention=attention, max_queries=max_queries, jobs=jobs,
                   progress=progress)
     if as_json:
-        console.print_json({**rep.to_json(), "target": None if choice is None else choice.to_json()})
+        from fibquant_cli.ops.fidelity import headline
+
+        console.print_json({**rep.to_json(), "headline": headline(rep.attention),
+                            "target": None if choice is None else choice.to_json()})
         return
     if choice is not None:
         console.stdout().print(
             f"--target-cosine {choice.target}: picked {spec.label()}, attention cosine "
             f"{choice.measured_cosine:.4f} ({len(choice.tried)} points tried, cheapest first)")
+    if rep.attention is not None:
+        from fibquant_cli.ops.fidelity import headline
+
+        lead = headline(rep.attention)
+        console.stdout().print(f"{lead['label']}: {lead['value']:.4f} at {rep.total.ratio:.2f}x "
+                               f"({'PROXY, ' if rep.attention.proxy else ''}the statistic that "
+                               "ranks operating points like the model's own KL)")
     console.stdout().print(tables.compress_table(rep, compare))
     if rep.attention is not None:
         console.stdout().print(tables.fidelity_table(rep.attention, "fidelity"))

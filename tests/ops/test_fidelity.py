@@ -337,3 +337,18 @@ def test_sampled_scoring_counts_its_windows_and_full_sample_is_full_scoring(tmp_
     assert part.query_positions == sum(w.stop - w.start for w in sample_windows(200, 64)) == 64
     assert part.overall["rows"] == 64 * 4  # 4 query heads
     assert part.overall["cosine_mean"] != full.overall["cosine_mean"]
+
+
+def test_compress_leads_with_the_headline_statistic(tmp_path, cli):
+    from conftest import make_dump
+    from fibquant_cli.fidelity import HEADLINE_METRIC
+
+    d = make_dump(tmp_path)
+    res = cli("compress", d.path, "-o", tmp_path / "o.fq.safetensors", "--json")
+    rep = json.loads(res.stdout)
+    assert rep["headline"]["metric"] == HEADLINE_METRIC
+    assert rep["headline"]["value"] == rep["attention"]["overall"][HEADLINE_METRIC]
+    res = cli("compress", d.path, "-o", tmp_path / "o.fq.safetensors", "--force")
+    first = res.stdout.splitlines()[0]
+    assert first.startswith("attention cosine, 1st percentile: ")
+    assert f"{rep['headline']['value']:.4f}" in first
