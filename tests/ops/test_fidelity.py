@@ -306,7 +306,7 @@ def test_eval_bthd_compressed_and_restored_agree(tmp_path):
 
 
 def test_sample_windows_spread_over_the_context():
-    from fibquant_cli.fidelity import sample_windows
+    from fibquant_cli.ops.fidelity import sample_windows
 
     assert sample_windows(100, 100) == [slice(0, 100)]
     windows = sample_windows(4096, 256)
@@ -317,8 +317,8 @@ def test_sample_windows_spread_over_the_context():
 
 def test_sampled_scoring_counts_its_windows_and_full_sample_is_full_scoring(tmp_path):
     from conftest import make_dump
-    from fibquant_cli.fidelity import measure, sample_windows
-    from fibquant_cli.kvdump import open_dump, read_layer
+    from fibquant_cli.ops.fidelity import measure, sample_windows
+    from fibquant_cli.formats.kvdump import open_dump, read_layer
 
     d = make_dump(tmp_path, tokens=200, layers=1)
     dump = open_dump(d.path)
@@ -341,7 +341,7 @@ def test_sampled_scoring_counts_its_windows_and_full_sample_is_full_scoring(tmp_
 
 def test_compress_leads_with_the_headline_statistic(tmp_path, cli):
     from conftest import make_dump
-    from fibquant_cli.fidelity import HEADLINE_METRIC
+    from fibquant_cli.ops.fidelity import HEADLINE_METRIC
 
     d = make_dump(tmp_path)
     res = cli("compress", d.path, "-o", tmp_path / "o.fq.safetensors", "--json")
@@ -352,3 +352,25 @@ def test_compress_leads_with_the_headline_statistic(tmp_path, cli):
     first = res.stdout.splitlines()[0]
     assert first.startswith("attention cosine, 1st percentile: ")
     assert f"{rep['headline']['value']:.4f}" in first
+
+
+def test_sample_layers_spread_over_the_depth():
+    from fibquant_cli.ops.fidelity import sample_layers
+
+    assert sample_layers(30, 4) == [0, 10, 19, 29]
+    assert sample_layers(3, 4) == [0, 1, 2] and sample_layers(5, None) == [0, 1, 2, 3, 4]
+    assert sample_layers(30, 1) == [0]
+
+
+def test_default_compress_scores_a_sample_of_layers(tmp_path):
+    from conftest import make_dump
+    from fibquant_cli.ops.compress import compress
+    from fibquant_cli.ops.fidelity import DEFAULT_LAYER_SAMPLE
+
+    d = make_dump(tmp_path, layers=6, tokens=200)
+    rep = compress(d.path, output=tmp_path / "o.fq.safetensors")
+    assert [row["layer"] for row in rep.attention.layers] == [0, 2, 3, 5]
+    assert len(rep.attention.layers) == DEFAULT_LAYER_SAMPLE and rep.attention.sampled
+    full = compress(d.path, output=tmp_path / "o.fq.safetensors", force=True, max_queries=200)
+    assert [row["layer"] for row in full.attention.layers] == list(range(6))
+    assert not full.attention.sampled and full.attention.query_positions == 200
