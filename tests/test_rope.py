@@ -11,7 +11,7 @@ import pytest
 from conftest import make_dump
 from fibquant_cli.core.rope import rope_angles, rotate, unrotate
 from fibquant_cli.errors import InvalidInputError
-from fibquant_cli.manifest import load_manifest, parse_manifest
+from fibquant_cli.formats.manifest import load_manifest, parse_manifest
 
 ROPE = {"theta": 100000.0, "style": "half", "first_position": 0}
 

@@ -335,7 +335,7 @@ def _model_inputs(model, text, ids, what: str) -> None:
 
 def _print_model_report(rep, as_json: bool) -> None:
     from fibquant_cli.cli import tables  # noqa: F401  (rich is loaded only here)
-    from fibquant_cli.hf.tables import checks_lines, model_table
+    from fibquant_cli.cli.model_tables import checks_lines, model_table
 
     if as_json:
         console.print_json(rep.to_json())
@@ -491,7 +491,7 @@ def sweep(
                                  continuation=continuation_tokens, dtype=dtype, attention=True,
                                  max_queries=max_queries, progress=progress)
         if plot is not None:
-            from fibquant_cli.hf.tables import plot_model_frontier
+            from fibquant_cli.cli.model_tables import plot_model_frontier
 
             plot_model_frontier(rep, plot)
         _print_model_report(rep, as_json)
