@@ -17,10 +17,10 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # tiny matmuls: threads only add hand-off cost
 pytest.importorskip("transformers")
 
-from fibquant_cli.hf.scoring import kl, log_softmax, nll, top1_agreement  # noqa: E402
-from fibquant_cli.formats.manifest import load_manifest  # noqa: E402
-
 from tiny_models import TEXT, gpt2_config, llama_config, save_tiny  # noqa: E402
+
+from fibquant_cli.formats.manifest import load_manifest  # noqa: E402
+from fibquant_cli.hf.scoring import kl, log_softmax, nll, top1_agreement  # noqa: E402
 
 PREFIX, CONT = "96", "48"
 
@@ -188,9 +188,9 @@ def test_help_does_not_import_torch():
 def test_a_wrong_rope_is_refused_not_recorded(models, monkeypatch):
     """The recomputed keys check the recorded RoPE: a wrong theta does not reproduce the cache."""
     from fibquant_cli.errors import InvalidInputError
+    from fibquant_cli.formats.manifest import RopeSpec
     from fibquant_cli.hf import capture
     from fibquant_cli.hf.model import load_model
-    from fibquant_cli.formats.manifest import RopeSpec
 
     lm = load_model(models["llama"])
     ids = np.arange(48)[None, :] % 256

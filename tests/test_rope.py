@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
 
-from conftest import make_dump
 from fibquant_cli.core.rope import rope_angles, rotate, unrotate
 from fibquant_cli.errors import InvalidInputError
 from fibquant_cli.formats.manifest import load_manifest, parse_manifest
+
+from conftest import make_dump
 
 ROPE = {"theta": 100000.0, "style": "half", "first_position": 0}
 

@@ -17,8 +17,7 @@ import numpy as np
 
 from fibquant_cli.errors import UsageError
 from fibquant_cli.formats.kvdump import open_dump, read_layer
-from fibquant_cli.formats.manifest import (AttentionSpec, KvShape, Manifest, ManifestEntry,
-                                          manifest_path_for)
+from fibquant_cli.formats.manifest import AttentionSpec, KvShape, Manifest, ManifestEntry, manifest_path_for
 from fibquant_cli.hf.capture import Capture
 from fibquant_cli.hf.model import LoadedModel
 from fibquant_cli.storage.publish import check_output, publishing

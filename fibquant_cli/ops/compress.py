@@ -99,8 +99,7 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
         rep = _write(dump, tmp, out, spec, compare, jobs, progress)
         rep.spec, rep.jobs = spec.to_json(), jobs
         if attention:
-            from fibquant_cli.ops.fidelity import (DEFAULT_LAYER_SAMPLE, DEFAULT_QUERY_SAMPLE,
-                                                   measure)
+            from fibquant_cli.ops.fidelity import DEFAULT_LAYER_SAMPLE, DEFAULT_QUERY_SAMPLE, measure
 
             progress.start(1, "attention fidelity")
             # Decoded from the file just written; its array digests were computed moments ago

@@ -39,7 +39,7 @@ HEADLINE_LABELS = {"cosine_p1": "attention cosine, 1st percentile",
                    "cosine_mean": "attention cosine, mean", "cosine_min": "attention cosine, min"}
 
 
-def headline(fid: "FidelityReport | None") -> dict | None:
+def headline(fid: FidelityReport | None) -> dict | None:
     """``{"metric", "label", "value"}`` of ``HEADLINE_METRIC`` over all layers, or None."""
     if fid is None:
         return None

@@ -316,9 +316,10 @@ def test_sample_windows_spread_over_the_context():
 
 
 def test_sampled_scoring_counts_its_windows_and_full_sample_is_full_scoring(tmp_path):
-    from conftest import make_dump
-    from fibquant_cli.ops.fidelity import measure, sample_windows
     from fibquant_cli.formats.kvdump import open_dump, read_layer
+    from fibquant_cli.ops.fidelity import measure, sample_windows
+
+    from conftest import make_dump
 
     d = make_dump(tmp_path, tokens=200, layers=1)
     dump = open_dump(d.path)
@@ -340,8 +341,9 @@ def test_sampled_scoring_counts_its_windows_and_full_sample_is_full_scoring(tmp_
 
 
 def test_compress_leads_with_the_headline_statistic(tmp_path, cli):
-    from conftest import make_dump
     from fibquant_cli.ops.fidelity import HEADLINE_METRIC
+
+    from conftest import make_dump
 
     d = make_dump(tmp_path)
     res = cli("compress", d.path, "-o", tmp_path / "o.fq.safetensors", "--json")
@@ -363,9 +365,10 @@ def test_sample_layers_spread_over_the_depth():
 
 
 def test_default_compress_scores_a_sample_of_layers(tmp_path):
-    from conftest import make_dump
     from fibquant_cli.ops.compress import compress
     from fibquant_cli.ops.fidelity import DEFAULT_LAYER_SAMPLE
+
+    from conftest import make_dump
 
     d = make_dump(tmp_path, layers=6, tokens=200)
     rep = compress(d.path, output=tmp_path / "o.fq.safetensors")
