@@ -358,7 +358,9 @@ def evaluate(
     other: Annotated[Path | None, typer.Argument(
         help="A compressed file or a restored dump.", show_default=False)] = None,
     manifest: ManifestOpt = None,
-    max_queries: MaxQueriesOpt = 2048,
+    max_queries: Annotated[int | None, typer.Option(
+        "--max-queries", min=1, help="Score attention on the last N query positions (default "
+        "2048; with --model compress's default sample).")] = None,
     model: ModelOpt = None,
     text: TextOpt = None,
     ids: IdsOpt = None,
@@ -405,7 +407,7 @@ def evaluate(
     from fibquant_cli.cli import tables
     from fibquant_cli.ops.evaluate import evaluate as run
 
-    rep = run(original, other, manifest=manifest, max_queries=max_queries)
+    rep = run(original, other, manifest=manifest, max_queries=max_queries or 2048)
     if as_json:
         console.print_json(rep.to_json())
     else:
@@ -463,7 +465,9 @@ def sweep(
         "--plot", help="Write the frontier as a PNG (needs matplotlib).")] = None,
     peers: Annotated[bool, typer.Option(
         "--peers/--no-peers", help="Include llama.cpp (gguf), KIVI and fp8 formats.")] = True,
-    max_queries: MaxQueriesOpt = 2048,
+    max_queries: Annotated[int | None, typer.Option(
+        "--max-queries", min=1, help="Score attention on the last N query positions (default "
+        "2048; with --model compress's default sample).")] = None,
     model: ModelOpt = None,
     text: TextOpt = None,
     ids: IdsOpt = None,
@@ -485,6 +489,10 @@ def sweep(
             raise UsageError("sweep --model takes no dump argument (it builds the cache itself)")
         from fibquant_cli.hf.evaluate import MODEL_PEERS, evaluate_model, model_specs
 
+        if plot is not None:
+            from fibquant_cli.cli.model_tables import require_matplotlib
+
+            require_matplotlib()  # before the long run, not after it
         with RichProgress() as progress:
             rep = evaluate_model(model, text=text, ids_from=ids, specs=model_specs(),
                                  peers=MODEL_PEERS if peers else (), prefix=prefix_tokens,
@@ -494,9 +502,9 @@ def sweep(
             from fibquant_cli.cli.model_tables import plot_model_frontier
 
             plot_model_frontier(rep, plot)
+            if not as_json:
+                console.stdout().print(f"frontier plot: {plot}")
         _print_model_report(rep, as_json)
-        if plot is not None and not as_json:
-            console.stdout().print(f"frontier plot: {plot}")
         return
     if path is None:
         raise UsageError("sweep needs a dump (or --model with --text/--ids)")
@@ -504,7 +512,7 @@ def sweep(
     from fibquant_cli.ops.sweep import sweep as run
 
     with RichProgress() as progress:
-        rep = run(path, manifest=manifest, max_queries=max_queries, peers=peers,
+        rep = run(path, manifest=manifest, max_queries=max_queries or 2048, peers=peers,
                   progress=progress)
     if plot is not None:
         from fibquant_cli.cli.plot import plot_frontier

@@ -46,8 +46,8 @@ def model_table(rep) -> Table:
     return table
 
 
-def plot_model_frontier(rep, path) -> None:
-    """KL against bits per value, log scale, fibquant and the peers."""
+def require_matplotlib():
+    """matplotlib.pyplot (Agg), or a UsageError naming the extra."""
     try:
         import matplotlib
 
@@ -55,6 +55,12 @@ def plot_model_frontier(rep, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'fibquant[plot]'") from None
+    return plt
+
+
+def plot_model_frontier(rep, path) -> None:
+    """KL against bits per value, log scale, fibquant and the peers."""
+    plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for p in rep.points:
         if p.method == "reference":
