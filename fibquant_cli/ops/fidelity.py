@@ -29,7 +29,9 @@ DEFAULT_MAX_QUERIES = 2048
 # spaced, first and last included). Sized on a 236 MB SmolLM2 dump (30 layers, 4,096 tokens)
 # so the scoring adds at most 20% to compress --bits 3 (README, "Scoring cost").
 DEFAULT_QUERY_SAMPLE = 96
-DEFAULT_LAYER_SAMPLE = 4
+DEFAULT_LAYER_SAMPLE = 3
+# Dumps with at most this many layers are scored in every layer (cheap, and every row counts).
+SAMPLE_LAYERS_ABOVE = 8
 SAMPLE_WINDOW = 32
 # What compress's report leads with: of the attention statistics, the one whose ranking of
 # operating points agreed best with the model's own KL across sweep --model on SmolLM2-135M
@@ -119,8 +121,8 @@ def sample_windows(tokens: int, sample: int, window: int = SAMPLE_WINDOW) -> lis
 
 def sample_layers(layers: int, count: int | None) -> list[int]:
     """``count`` layer indices spread evenly over ``range(layers)``, first and last included
-    (every layer when ``count`` is None or >= layers)."""
-    if count is None or count >= layers:
+    (every layer when ``count`` is None or there are at most ``SAMPLE_LAYERS_ABOVE``)."""
+    if count is None or layers <= SAMPLE_LAYERS_ABOVE:
         return list(range(layers))
     return sorted({int(round(x)) for x in np.linspace(0, layers - 1, max(count, 1))})
 

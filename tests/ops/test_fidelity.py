@@ -359,8 +359,8 @@ def test_compress_leads_with_the_headline_statistic(tmp_path, cli):
 def test_sample_layers_spread_over_the_depth():
     from fibquant_cli.ops.fidelity import sample_layers
 
-    assert sample_layers(30, 4) == [0, 10, 19, 29]
-    assert sample_layers(3, 4) == [0, 1, 2] and sample_layers(5, None) == [0, 1, 2, 3, 4]
+    assert sample_layers(30, 4) == [0, 10, 19, 29] and sample_layers(30, 3) == [0, 14, 29]
+    assert sample_layers(8, 3) == list(range(8)) and sample_layers(12, None) == list(range(12))
     assert sample_layers(30, 1) == [0]
 
 
@@ -370,10 +370,10 @@ def test_default_compress_scores_a_sample_of_layers(tmp_path):
 
     from conftest import make_dump
 
-    d = make_dump(tmp_path, layers=6, tokens=200)
+    d = make_dump(tmp_path, layers=10, tokens=200, kv_heads=1, query_heads=2)
     rep = compress(d.path, output=tmp_path / "o.fq.safetensors")
-    assert [row["layer"] for row in rep.attention.layers] == [0, 2, 3, 5]
+    assert [row["layer"] for row in rep.attention.layers] == [0, 4, 9]
     assert len(rep.attention.layers) == DEFAULT_LAYER_SAMPLE and rep.attention.sampled
     full = compress(d.path, output=tmp_path / "o.fq.safetensors", force=True, max_queries=200)
-    assert [row["layer"] for row in full.attention.layers] == list(range(6))
+    assert [row["layer"] for row in full.attention.layers] == list(range(10))
     assert not full.attention.sampled and full.attention.query_positions == 200
