@@ -9,10 +9,15 @@ DEMO   := out/demo
 
 install: $(STAMP)
 
+# The CPU build of torch, installed before the hf extra so pip never resolves the CUDA one.
+TORCH  ?= torch==2.13.0
+
 # Re-installs only when pyproject.toml changes, so a second `make install` is instant.
+# The hf extra (torch, transformers) is for the --model commands and their tests.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check '$(TORCH)'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,hf]'
 	touch $(STAMP)
 
 test: install

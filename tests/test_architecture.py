@@ -1,6 +1,6 @@
 """The layers import only downward, and start-up imports only what a command needs.
 
-Layers, top to bottom: cli -> ops -> formats, storage -> codecs -> core -> errors
+Layers, top to bottom: cli -> hf (real models, torch) -> ops -> formats, storage -> codecs -> core -> errors
 (docs/architecture.md). Read from the source with ``ast``, lazy imports inside functions
 included, so a shortcut anywhere in a module counts.
 """
@@ -24,7 +24,8 @@ ALLOWED = {
     "formats": {"codecs", "core", "errors"},
     "storage": {"formats", "codecs", "core", "errors"},
     "ops": {"storage", "formats", "codecs", "core", "errors", "__init__"},
-    "cli": {"ops", "storage", "formats", "codecs", "core", "errors"},
+    "hf": {"ops", "storage", "formats", "codecs", "core", "errors"},
+    "cli": {"hf", "ops", "storage", "formats", "codecs", "core", "errors"},
 }
 # Third-party packages each layer may import (core and codecs: numpy only).
 THIRD_PARTY = {
@@ -34,6 +35,7 @@ THIRD_PARTY = {
     "formats": {"numpy", "blake3", "ml_dtypes", "gguf"},
     "storage": {"numpy"},
     "ops": {"numpy", "threadpoolctl"},
+    "hf": {"numpy", "ml_dtypes", "safetensors", "torch", "transformers", "tokenizers"},
     "cli": {"typer", "rich", "matplotlib"},
 }
 

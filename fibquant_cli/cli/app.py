@@ -202,7 +202,8 @@ def compress(
     value_block_dim: Annotated[int | None, typer.Option(help="k for values only.")] = None,
     value_size: Annotated[int | None, typer.Option(help="N for values only.")] = None,
     keep_first: Annotated[int, typer.Option(
-        help="Store the first T tokens of every layer uncompressed (attention sinks).")] = 0,
+        help="Store the first T tokens of every layer uncompressed (the attention sink; "
+        "0 compresses it too).")] = 1,  # ops.spec.DEFAULT_KEEP_FIRST (not imported at start-up)
     keep_last: Annotated[int, typer.Option(
         help="Store the last T tokens of every layer uncompressed.")] = 0,
     center_keys: Annotated[bool, typer.Option(
@@ -212,7 +213,9 @@ def compress(
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also measure the scalar baseline at the same rate.")] = False,
     attention: AttentionOpt = True,
-    max_queries: MaxQueriesOpt = 2048,
+    max_queries: Annotated[int | None, typer.Option(
+        "--max-queries", min=1, help="Score attention on the last N query positions (N >= "
+        "tokens: all of them). Default: 256 positions sampled over the whole context.")] = None,
     jobs: Annotated[int, typer.Option(
         "--jobs", "-j", min=0, help="Encoder threads; 0 = automatic (by dump size).")] = 0,
     target_cosine: Annotated[float | None, typer.Option(
@@ -224,12 +227,13 @@ def compress(
     """Compress a KV dump into one self-contained .fq.safetensors file."""
     from fibquant_cli.cli import tables
     from fibquant_cli.ops.compress import compress as run
-    from fibquant_cli.ops.spec import resolve_spec
+    from fibquant_cli.ops.spec import DEFAULT_KEEP_FIRST, resolve_spec
 
     rate_flags = (bits, block_dim, size, key_bits, value_bits, key_block_dim, key_size,
                   value_block_dim, value_size)
     if target_cosine is not None:
-        if any(f is not None for f in rate_flags) or keep_first or keep_last or not center_keys:
+        if (any(f is not None for f in rate_flags) or keep_first != DEFAULT_KEEP_FIRST
+                or keep_last or not center_keys):
             raise UsageError("{target_cosine} picks the rates itself: drop --bits, --block-dim, "
                              "--size, the --key-*/--value-* flags, --keep-* and "
                              "--no-center-keys", options=("target_cosine",))
@@ -237,7 +241,8 @@ def compress(
 
         with RichProgress() as progress:
             spec, choice = choose_for_target(path, target_cosine, manifest=manifest, seed=seed,
-                                             max_queries=max_queries, progress=progress)
+                                             max_queries=max_queries or 2048,
+                                             progress=progress)
     else:
         choice = None
         spec = resolve_spec(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
@@ -249,12 +254,22 @@ def compress(
                   force=force, attention=attention, max_queries=max_queries, jobs=jobs,
                   progress=progress)
     if as_json:
-        console.print_json({**rep.to_json(), "target": None if choice is None else choice.to_json()})
+        from fibquant_cli.ops.fidelity import headline
+
+        console.print_json({**rep.to_json(), "headline": headline(rep.attention),
+                            "target": None if choice is None else choice.to_json()})
         return
     if choice is not None:
         console.stdout().print(
             f"--target-cosine {choice.target}: picked {spec.label()}, attention cosine "
             f"{choice.measured_cosine:.4f} ({len(choice.tried)} points tried, cheapest first)")
+    if rep.attention is not None:
+        from fibquant_cli.ops.fidelity import headline
+
+        lead = headline(rep.attention)
+        console.stdout().print(f"{lead['label']}: {lead['value']:.4f} at {rep.total.ratio:.2f}x "
+                               f"({'PROXY, ' if rep.attention.proxy else ''}the statistic that "
+                               "ranks operating points like the model's own KL)")
     console.stdout().print(tables.compress_table(rep, compare))
     if rep.attention is not None:
         console.stdout().print(tables.fidelity_table(rep.attention, "fidelity"))
@@ -299,20 +314,104 @@ def decompress(
         console.stdout().print(tables.decompress_table(rep))
 
 
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="A local Hugging Face model folder or a .gguf file (needs fibquant[hf]).")]
+TextOpt = Annotated[str | None, typer.Option(
+    "--text", help="With --model: a UTF-8 text file, tokenized by the model's tokenizer.")]
+IdsOpt = Annotated[str | None, typer.Option(
+    "--ids", help="With --model: take the token ids from this dump's input_ids instead.")]
+PrefixOpt = Annotated[int, typer.Option(
+    "--prefix-tokens", min=1, help="With --model: tokens whose cache is compressed.")]
+ContinuationOpt = Annotated[int, typer.Option(
+    "--continuation-tokens", min=1, help="With --model: tokens scored through the cache.")]
+DtypeOpt = Annotated[str, typer.Option(
+    "--dtype", help="With --model: dtype of the dump, the uncompressed reference (f16, bf16, f32).")]
+
+
+def _model_inputs(model, text, ids, what: str) -> None:
+    if model is None:
+        if text is not None or ids is not None:
+            raise UsageError(f"--text and --ids go with --model ({what})")
+        return
+    if (text is None) == (ids is None):
+        raise UsageError(f"{what} --model needs exactly one of --text FILE and --ids DUMP")
+
+
+def _print_model_report(rep, as_json: bool) -> None:
+    from fibquant_cli.cli import tables  # noqa: F401  (rich is loaded only here)
+    from fibquant_cli.cli.model_tables import checks_lines, model_table
+
+    if as_json:
+        console.print_json(rep.to_json())
+    else:
+        for line in checks_lines(rep):
+            console.stdout().print(line)
+        console.stdout().print(model_table(rep))
+    if not rep.checks_passed:
+        from fibquant_cli.errors import IntegrityError
+
+        failed = ", ".join(c["name"] for c in rep.checks if not c["passed"])
+        raise IntegrityError(f"self-check failed: {failed}", path=rep.model)
+
+
 @app.command(name="eval")
 @handle_errors
 def evaluate(
-    original: PathArg,
-    other: Annotated[str, typer.Argument(help="A compressed file or a restored dump.")],
+    original: Annotated[str | None, typer.Argument(
+        help="The original dump (not with --model).", show_default=False)] = None,
+    other: Annotated[str | None, typer.Argument(
+        help="A compressed file or a restored dump.", show_default=False)] = None,
     manifest: ManifestOpt = None,
-    max_queries: MaxQueriesOpt = 2048,
+    max_queries: Annotated[int | None, typer.Option(
+        "--max-queries", min=1, help="Score attention on the last N query positions (default "
+        "2048; with --model compress's default sample).")] = None,
+    model: ModelOpt = None,
+    text: TextOpt = None,
+    ids: IdsOpt = None,
+    prefix_tokens: PrefixOpt = 1024,
+    continuation_tokens: ContinuationOpt = 512,
+    dtype: DtypeOpt = "f16",
+    bits: BitsOpt = None,
+    block_dim: KOpt = None,
+    size: NOpt = None,
+    key_bits: Annotated[float | None, typer.Option(help="Preset for keys only.")] = None,
+    value_bits: Annotated[float | None, typer.Option(help="Preset for values only.")] = None,
+    keep_first: Annotated[int, typer.Option(
+        help="With --model: first T tokens stored exactly.")] = 1,
+    keep_last: Annotated[int, typer.Option(help="With --model: last T tokens stored exactly.")] = 0,
+    center_keys: Annotated[bool, typer.Option(
+        "--center-keys/--no-center-keys", help="With --model: key centering.")] = True,
+    seed: SeedOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Attention fidelity of a compressed file or a restored dump against the original."""
+    """Attention fidelity of a compressed file, or with --model the model's own loss.
+
+    With --model: NLL, ΔNLL, KL and top-1 agreement of a continuation scored through the
+    prefix's cache compressed and restored, against the uncompressed cache.
+    """
+    _model_inputs(model, text, ids, "eval")
+    if model is not None:
+        if original is not None or other is not None:
+            raise UsageError("eval --model takes no file arguments (it builds the cache itself)")
+        from fibquant_cli.hf.evaluate import evaluate_model
+        from fibquant_cli.ops.spec import resolve_spec
+
+        spec = resolve_spec(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
+                            value_bits=value_bits, seed=seed, keep_first=keep_first,
+                            keep_last=keep_last, center_keys=center_keys)
+        with RichProgress() as progress:
+            rep = evaluate_model(model, text=text, ids_from=ids, specs=[spec],
+                                 prefix=prefix_tokens, continuation=continuation_tokens,
+                                 dtype=dtype, attention=True, max_queries=max_queries,
+                                 progress=progress)
+        _print_model_report(rep, as_json)
+        return
+    if original is None or other is None:
+        raise UsageError("eval needs ORIGINAL and OTHER (or --model with --text/--ids)")
     from fibquant_cli.cli import tables
     from fibquant_cli.ops.evaluate import evaluate as run
 
-    rep = run(original, other, manifest=manifest, max_queries=max_queries)
+    rep = run(original, other, manifest=manifest, max_queries=max_queries or 2048)
     if as_json:
         console.print_json(rep.to_json())
     else:
@@ -321,25 +420,103 @@ def evaluate(
 
 @app.command()
 @handle_errors
+def dump(
+    model: Annotated[str, typer.Option(
+        "--model", help="A local Hugging Face model folder or a .gguf file (needs fibquant[hf]).",
+        show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="The dump (.safetensors).",
+                                         show_default=False)],
+    text: TextOpt = None,
+    ids: IdsOpt = None,
+    tokens: Annotated[int, typer.Option("--tokens", min=1, help="Tokens to run.")] = 1024,
+    dtype: DtypeOpt = "f16",
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a model over a text and write its KV cache as a dump and manifest.
+
+    Keys and values per layer in the cache's layout, post-RoPE queries (for attention
+    fidelity), input_ids, and the RoPE parameters in the manifest.
+    """
+    _model_inputs(model, text, ids, "dump")
+    from fibquant_cli.hf.kvfile import dump_model
+
+    summary = dump_model(model, out=output, text=text, ids_from=ids, tokens=tokens, dtype=dtype,
+                         force=force)
+    if as_json:
+        console.print_json(summary)
+        return
+    rope = summary["rope"]
+    console.stdout().print(
+        f"{summary['dump']} (+ {summary['manifest']}): {summary['model_type']}, "
+        f"{summary['layers']} layers, {summary['query_heads']} query / {summary['kv_heads']} KV "
+        f"heads, head_dim {summary['head_dim']}, {summary['tokens']} tokens, {summary['dtype']}; "
+        + ("no RoPE" if rope is None else f"RoPE theta {rope['theta']:g} {rope['style']}")
+        + ("" if summary["key_match_error"] is None else
+           f"; keys recomputed from the projections match the cache to "
+           f"{summary['key_match_error']:.1e}"))
+    if summary["note"]:
+        console.stdout().print(summary["note"])
+
+
+@app.command()
+@handle_errors
 def sweep(
-    path: PathArg,
+    path: Annotated[str | None, typer.Argument(
+        help="A safetensors dump (not with --model).", show_default=False)] = None,
     manifest: ManifestOpt = None,
     plot: Annotated[str | None, typer.Option(
         "--plot", help="Write the frontier as a PNG (needs matplotlib).")] = None,
     peers: Annotated[bool, typer.Option(
         "--peers/--no-peers", help="Include llama.cpp (gguf), KIVI and fp8 formats.")] = True,
-    max_queries: MaxQueriesOpt = 2048,
+    max_queries: Annotated[int | None, typer.Option(
+        "--max-queries", min=1, help="Score attention on the last N query positions (default "
+        "2048; with --model compress's default sample).")] = None,
+    model: ModelOpt = None,
+    text: TextOpt = None,
+    ids: IdsOpt = None,
+    prefix_tokens: PrefixOpt = 1024,
+    continuation_tokens: ContinuationOpt = 512,
+    dtype: DtypeOpt = "f16",
     as_json: JsonOpt = False,
 ) -> None:
-    """Run many operating points and print the memory-fidelity frontier."""
-    from fibquant_cli.cli import tables
-    from fibquant_cli.ops.sweep import sweep as run
+    """Run many operating points and print the memory-fidelity frontier.
 
+    With --model the yardstick is the model's KL on a continuation, not attention cosine.
+    """
     if plot is not None and not plot.lower().endswith(".png"):
         raise UsageError("{plot} writes a PNG: give a path ending in .png", path=str(plot),
                          options=("plot",))
+    _model_inputs(model, text, ids, "sweep")
+    if model is not None:
+        if path is not None:
+            raise UsageError("sweep --model takes no dump argument (it builds the cache itself)")
+        from fibquant_cli.hf.evaluate import MODEL_PEERS, evaluate_model, model_specs
+
+        if plot is not None:
+            from fibquant_cli.cli.model_tables import require_matplotlib
+
+            require_matplotlib()  # before the long run, not after it
+        with RichProgress() as progress:
+            rep = evaluate_model(model, text=text, ids_from=ids, specs=model_specs(),
+                                 peers=MODEL_PEERS if peers else (), prefix=prefix_tokens,
+                                 continuation=continuation_tokens, dtype=dtype, attention=True,
+                                 max_queries=max_queries, progress=progress)
+        if plot is not None:
+            from fibquant_cli.cli.model_tables import plot_model_frontier
+
+            plot_model_frontier(rep, plot)
+            if not as_json:
+                console.stdout().print(f"frontier plot: {plot}")
+        _print_model_report(rep, as_json)
+        return
+    if path is None:
+        raise UsageError("sweep needs a dump (or --model with --text/--ids)")
+    from fibquant_cli.cli import tables
+    from fibquant_cli.ops.sweep import sweep as run
+
     with RichProgress() as progress:
-        rep = run(path, manifest=manifest, max_queries=max_queries, peers=peers,
+        rep = run(path, manifest=manifest, max_queries=max_queries or 2048, peers=peers,
                   progress=progress)
     if plot is not None:
         from fibquant_cli.cli.plot import plot_frontier

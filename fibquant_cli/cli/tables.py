@@ -118,7 +118,11 @@ def fidelity_table(fid, title: str) -> Table:
     """Per-layer attention fidelity and the overall row."""
     kind = "key self-attention PROXY (no queries)" if fid.proxy else "attention output"
     table = Table(title=f"{title}: {kind}, {'causal' if fid.causal else 'non-causal'}, "
-                        f"last {fid.query_positions} of {fid.tokens} query positions",
+                        + (f"{fid.query_positions} of {fid.tokens} query positions in "
+                           f"{len(fid.layers)} layers, sampled over the context and the depth "
+                           "(--max-queries N: the last N, every layer)"
+                           if getattr(fid, "sampled", False) else
+                           f"last {fid.query_positions} of {fid.tokens} query positions"),
                   header_style="bold")
     for name in ("layer", "key rel. MSE", "value rel. MSE", "cos mean", "cos p1", "cos min",
                  "TV mean", "top-8 agree"):

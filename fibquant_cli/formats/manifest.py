@@ -27,7 +27,7 @@ Top level (keys exactly these; ``attention`` optional):
 * ``entries`` -- a non-empty array of entries.
 * ``attention`` -- optional; the query tensors used to measure attention fidelity.
 
-Entry (``layout`` optional):
+Entry (``layout`` and ``rope`` optional):
 
 * ``shape`` -- a KV tensor shape in the fib-quant crate's contract
   (``fib_quant_kv_tensor_shape_v1``): ``schema_version``, ``role`` (key | value),
@@ -43,6 +43,12 @@ Entry (``layout`` optional):
     order. When ``layers`` is 1, a single tensor may be 4-D or 5-D.
 * ``layout`` -- axis order of the per-layer 4-D tensors: ``"bhtd"`` (default)
   = ``[batch, kv_heads, tokens, head_dim]``, ``"bthd"`` = ``[batch, tokens, kv_heads, head_dim]``.
+* ``rope`` -- only on an entry whose ``rope_state`` is ``post_rope``: how the keys were rotated,
+  ``{"theta": 100000.0, "style": "half", "first_position": 0}`` (keys exactly these).
+  ``theta`` is a finite number > 1; ``style`` is ``"half"`` (pairs (j, j + d/2), as Llama,
+  Qwen and Mistral in transformers) or ``"interleaved"`` (pairs (2j, 2j + 1)); ``first_position``
+  (an integer >= 0) is the position of the dump's first token. It lies outside ``shape``, so
+  shape digests do not change; ``core/rope.py`` undoes the rotation exactly with it.
 
 Attention (both keys required):
 
@@ -84,6 +90,8 @@ ATTENTION_KINDS = ("mha", "mqa", "gqa")
 DTYPES = ("f16", "bf16", "f32")
 ROPE_STATES = ("pre_rope", "post_rope", "not_applicable")
 LAYOUTS = ("bhtd", "bthd")
+ROPE_STYLES = ("half", "interleaved")
+ROPE_KEYS = ("theta", "style", "first_position")
 DEFAULT_LAYOUT = "bhtd"
 
 SIZE_FIELDS = ("batch", "layers", "kv_heads", "query_heads", "tokens", "head_dim")
@@ -213,18 +221,34 @@ class KvShape:
 
 
 @dataclass(frozen=True)
+class RopeSpec:
+    """How post-RoPE keys were rotated: base ``theta``, pair ``style``, first token position."""
+
+    theta: float
+    style: str
+    first_position: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"theta": self.theta, "style": self.style, "first_position": self.first_position}
+
+
+@dataclass(frozen=True)
 class ManifestEntry:
     """One KV tensor group: its logical shape, its safetensors tensors and their layout."""
 
     shape: KvShape
     tensors: tuple[str, ...]
     layout: str = DEFAULT_LAYOUT
+    rope: RopeSpec | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", tuple(self.tensors))
 
     def to_json(self) -> dict[str, Any]:
-        return {"shape": self.shape.to_json(), "tensors": list(self.tensors), "layout": self.layout}
+        out = {"shape": self.shape.to_json(), "tensors": list(self.tensors), "layout": self.layout}
+        if self.rope is not None:
+            out["rope"] = self.rope.to_json()
+        return out
 
 
 @dataclass(frozen=True)
@@ -386,13 +410,44 @@ def _parse_shape(obj: Any, where: str) -> KvShape:
     return shape
 
 
+def _parse_rope(obj: Any, where: str) -> RopeSpec:
+    obj = _expect_object(obj, where)
+    _check_keys(obj, where, ROPE_KEYS)
+    theta = obj["theta"]
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise _fail(f"{where}.theta", f"expected a number, found {_describe(theta)}")
+    style = _expect_choice(obj["style"], f"{where}.style", ROPE_STYLES)
+    first = _expect_int(obj["first_position"], f"{where}.first_position")
+    return RopeSpec(theta=float(theta), style=style, first_position=first)
+
+
+def _check_rope(entry: ManifestEntry, where: str) -> None:
+    rope = entry.rope
+    if rope is None:
+        return
+    if entry.shape.rope_state != "post_rope":
+        raise _fail(f"{where}.rope", "only an entry whose rope_state is post_rope may carry "
+                    f"rope, found rope_state {entry.shape.rope_state}")
+    if not (math.isfinite(rope.theta) and rope.theta > 1.0):
+        raise _fail(f"{where}.rope.theta", f"expected a finite number > 1, found {rope.theta!r}")
+    if rope.style not in ROPE_STYLES:
+        raise _fail(f"{where}.rope.style",
+                    f"{_quote(str(rope.style))} is not one of {', '.join(ROPE_STYLES)}")
+    if type(rope.first_position) is not int or not 0 <= rope.first_position <= U32_MAX:
+        raise _fail(f"{where}.rope.first_position",
+                    f"expected an integer in [0, {U32_MAX}], found {rope.first_position!r}")
+    if entry.shape.head_dim % 2:
+        raise _fail(f"{where}.rope", f"RoPE needs an even head_dim, found {entry.shape.head_dim}")
+
+
 def _parse_entry(obj: Any, where: str) -> ManifestEntry:
     obj = _expect_object(obj, where)
-    _check_keys(obj, where, ("shape", "tensors"), ("layout",))
+    _check_keys(obj, where, ("shape", "tensors"), ("layout", "rope"))
     shape = _parse_shape(obj["shape"], f"{where}.shape")
     tensors = _expect_names(obj["tensors"], f"{where}.tensors")
     layout = _expect_choice(obj.get("layout", DEFAULT_LAYOUT), f"{where}.layout", LAYOUTS)
-    return ManifestEntry(shape=shape, tensors=tensors, layout=layout)
+    rope = _parse_rope(obj["rope"], f"{where}.rope") if "rope" in obj else None
+    return ManifestEntry(shape=shape, tensors=tensors, layout=layout, rope=rope)
 
 
 def _parse_attention(obj: Any) -> AttentionSpec:
@@ -556,6 +611,7 @@ def validate_manifest(manifest: Manifest, *, source: str) -> None:
             if entry.layout not in LAYOUTS:
                 shown = _quote(str(entry.layout))
                 raise _fail(f"{where}.layout", f"{shown} is not one of {', '.join(LAYOUTS)}")
+            _check_rope(entry, where)
             if not entry.tensors:
                 raise _fail(f"{where}.tensors", "expected a non-empty array of tensor names")
             problem = _count_rule(len(entry.tensors), entry.shape.layers, "4-D tensor")

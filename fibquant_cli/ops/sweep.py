@@ -68,12 +68,15 @@ def fibquant_specs(seed: int = 0) -> list[CompressSpec]:
 def _specs() -> list[CompressSpec]:
     p = BITS_PRESETS
     five = (2, 1024)  # 5 bits: shipped, reached with --block-dim 2 --size 1024
-    specs = [CompressSpec(key=five, value=five), CompressSpec(key=five, value=p[4])]
-    specs += [CompressSpec(key=p[b], value=p[b]) for b in (4, 3, 2, 1, 0.5)]
-    specs += [CompressSpec(key=p[kb], value=p[vb]) for kb, vb in ((4, 2), (3, 2), (4, 3), (2, 1))]
+    specs = [CompressSpec(key=five, value=five, keep_first=0),
+             CompressSpec(key=five, value=p[4], keep_first=0)]
+    specs += [CompressSpec(key=p[b], value=p[b], keep_first=0) for b in (4, 3, 2, 1, 0.5)]
+    specs += [CompressSpec(key=p[kb], value=p[vb], keep_first=0)
+              for kb, vb in ((4, 2), (3, 2), (4, 3), (2, 1))]
     specs += [CompressSpec(key=p[b], value=p[b], keep_first=1) for b in (3, 2, 1)]
     specs += [CompressSpec(key=p[kb], value=p[vb], keep_first=1) for kb, vb in ((3, 2), (2, 1))]
-    specs += [CompressSpec(key=p[b], value=p[b], center_keys=False) for b in (3, 2, 1)]
+    specs += [CompressSpec(key=p[b], value=p[b], center_keys=False, keep_first=0)
+              for b in (3, 2, 1)]
     specs += [CompressSpec(key=p[b], value=p[b], center_keys=False, keep_first=1) for b in (3, 2)]
     return specs
 

@@ -231,8 +231,9 @@ class CountingReads:
 
 def test_one_layer_slice_reads_only_its_blocks(tmp_path, monkeypatch, capsys):
     """Item 1: a one-layer slice of a 4-layer file reads the header (twice: parsed, then
-    compared with its canonical form), the codebook and rotation, and per entry the mean and
-    the one digested block of codes and of norms around the tokens -- nothing else."""
+    compared with its canonical form), the codebook and rotation, and per entry the mean, the
+    protected token and the one digested block of codes and of norms around the tokens --
+    nothing else."""
     from fibquant_cli.ops.compress import compress
     from fibquant_cli.ops.slice import decompress_slice
 
@@ -253,8 +254,9 @@ def test_one_layer_slice_reads_only_its_blocks(tmp_path, monkeypatch, capsys):
             name = f"fq/e{role}/l1/{part}"
             assert len(doc.blocks[name].digests) == 2  # 8192 vectors: two decode blocks
             needed += doc.blocks[name].block_bytes
-        if f"fq/e{role}/l1/mean" in header.tensors:
-            needed += header.tensors[f"fq/e{role}/l1/mean"].n_bytes
+        for part in ("mean", "kept"):  # read whole (small) when present
+            if f"fq/e{role}/l1/{part}" in header.tensors:
+                needed += header.tensors[f"fq/e{role}/l1/{part}"].n_bytes
     with capsys.disabled():
         print(f"\n  one-layer slice read {n_read} of {size} bytes "
               f"({100 * n_read / size:.1f}%; expected {needed})")

@@ -114,7 +114,9 @@ def test_sample_compress_json_agrees_with_restored_file(sample_rt):
     assert rep["file_bytes"] == os.path.getsize(sample_rt["comp"])
     assert rep["passthrough"] == SAMPLE_PASSTHROUGH
     assert rep["passthrough_bytes"] == sum(original[n].nbytes for n in SAMPLE_PASSTHROUGH)
-    payload_bits = {3: 3.25, 2: 2.25}[sample_rt["bits"]]  # index bits + a 16-bit norm per 64
+    # index bits + a 16-bit norm per 64 values on 383 tokens; the kept sink token (the default
+    # --keep-first 1) is 16 bits per value
+    payload_bits = ({3: 3.25, 2: 2.25}[sample_rt["bits"]] * 383 + 16) / 384
     errs, energies = [], []
     for i, (entry, role) in enumerate(zip(rep["entries"], ("key", "value"))):
         names = [f"layer.{layer}.{role}" for layer in range(4)]
@@ -222,9 +224,9 @@ def test_small_f16_dump_keeps_fp16_norms(cli, tmp_path):
     dump = make_dump(tmp_path)
     report, restored, comp = roundtrip(cli, dump, tmp_path)
     assert {d for n, (d, _) in comp.items() if n.endswith("/norms")} == {"F16"}
-    assert comp["fq/e0/l0/norms"][1] == [1, 2, 32]
+    assert comp["fq/e0/l0/norms"][1] == [1, 2, 31]  # the sink token is kept (the default)
     assert report["entries"][1]["label"] == "value"  # values are never centered
-    assert report["entries"][1]["payload_bits_per_value"] == pytest.approx(3.25)
+    assert report["entries"][1]["payload_bits_per_value"] == pytest.approx((3.25 * 31 + 16) / 32)
     sidecar = json.loads((tmp_path / "out.restored.manifest.json").read_text())
     assert sidecar == dump.manifest
 
@@ -281,7 +283,7 @@ def test_block_dim_and_size(cli, tmp_path):
     report, restored, comp = roundtrip(cli, dump, tmp_path, "--block-dim", "4", "--size", "256")
     for entry in report["entries"]:
         assert entry["profile"]["block_dim"] == 4 and entry["profile"]["size"] == 256
-    assert report["entries"][1]["payload_bits_per_value"] == pytest.approx(2.25)
+    assert report["entries"][1]["payload_bits_per_value"] == pytest.approx((2.25 * 31 + 16) / 32)
     assert comp["fq/p0/codebook"] == ("F32", [256, 4])
     for name in dump.kv_names:
         assert rel_mse(dump.tensors[name], restored[name]) < 0.15

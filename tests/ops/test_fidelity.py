@@ -303,3 +303,77 @@ def test_eval_bthd_compressed_and_restored_agree(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["b.safetensors", "b.manifest.json", "b.fq.safetensors", "b.restored.safetensors",
          "b.restored.manifest.json"])
+
+
+def test_sample_windows_spread_over_the_context():
+    from fibquant_cli.ops.fidelity import sample_windows
+
+    assert sample_windows(100, 100) == [slice(0, 100)]
+    windows = sample_windows(4096, 256)
+    assert len(windows) == 8 and all(w.stop - w.start == 32 for w in windows)
+    assert windows[0] == slice(0, 32) and windows[-1].stop == 4096
+    assert all(a.stop <= b.start for a, b in zip(windows, windows[1:]))
+
+
+def test_sampled_scoring_counts_its_windows_and_full_sample_is_full_scoring(tmp_path):
+    from fibquant_cli.formats.kvdump import open_dump, read_layer
+    from fibquant_cli.ops.fidelity import measure, sample_windows
+
+    from conftest import make_dump
+
+    d = make_dump(tmp_path, tokens=200, layers=1)
+    dump = open_dump(d.path)
+    rng = np.random.default_rng(0)
+
+    def noisy(i, layer):
+        x = read_layer(dump, dump.manifest.entries[i], layer).astype(np.float32)
+        return x + 0.1 * np.random.default_rng(i).standard_normal(x.shape).astype(np.float32)
+
+    del rng
+    full = measure(dump, noisy, max_queries=200)
+    same = measure(dump, noisy, sample=500)
+    assert not same.sampled and same.overall == full.overall
+    part = measure(dump, noisy, sample=64)
+    assert part.sampled
+    assert part.query_positions == sum(w.stop - w.start for w in sample_windows(200, 64)) == 64
+    assert part.overall["rows"] == 64 * 4  # 4 query heads
+    assert part.overall["cosine_mean"] != full.overall["cosine_mean"]
+
+
+def test_compress_leads_with_the_headline_statistic(tmp_path, cli):
+    from fibquant_cli.ops.fidelity import HEADLINE_METRIC
+
+    from conftest import make_dump
+
+    d = make_dump(tmp_path)
+    res = cli("compress", d.path, "-o", tmp_path / "o.fq.safetensors", "--json")
+    rep = json.loads(res.stdout)
+    assert rep["headline"]["metric"] == HEADLINE_METRIC
+    assert rep["headline"]["value"] == rep["attention"]["overall"][HEADLINE_METRIC]
+    res = cli("compress", d.path, "-o", tmp_path / "o.fq.safetensors", "--force")
+    first = res.stdout.splitlines()[0]
+    assert first.startswith("attention cosine, 1st percentile: ")
+    assert f"{rep['headline']['value']:.4f}" in first
+
+
+def test_sample_layers_spread_over_the_depth():
+    from fibquant_cli.ops.fidelity import sample_layers
+
+    assert sample_layers(30, 4) == [0, 10, 19, 29] and sample_layers(30, 3) == [0, 14, 29]
+    assert sample_layers(8, 3) == list(range(8)) and sample_layers(12, None) == list(range(12))
+    assert sample_layers(30, 1) == [0]
+
+
+def test_default_compress_scores_a_sample_of_layers(tmp_path):
+    from fibquant_cli.ops.compress import compress
+    from fibquant_cli.ops.fidelity import DEFAULT_LAYER_SAMPLE
+
+    from conftest import make_dump
+
+    d = make_dump(tmp_path, layers=10, tokens=200, kv_heads=1, query_heads=2)
+    rep = compress(d.path, output=tmp_path / "o.fq.safetensors")
+    assert [row["layer"] for row in rep.attention.layers] == [0, 4, 9]
+    assert len(rep.attention.layers) == DEFAULT_LAYER_SAMPLE and rep.attention.sampled
+    full = compress(d.path, output=tmp_path / "o.fq.safetensors", force=True, max_queries=200)
+    assert [row["layer"] for row in full.attention.layers] == list(range(10))
+    assert not full.attention.sampled and full.attention.query_positions == 200

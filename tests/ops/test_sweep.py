@@ -235,9 +235,9 @@ def test_fibquant_beats_scalar_at_matched_rate_on_sample(sample_dump, bits, tmp_
 
 def test_estimated_bits_per_value_by_hand():
     for b in (4, 3, 2, 1, 0.5):  # b index bits per value + a 16-bit norm per 64 values
-        spec = CompressSpec(key=BITS_PRESETS[b], value=BITS_PRESETS[b])
+        spec = CompressSpec(key=BITS_PRESETS[b], value=BITS_PRESETS[b], keep_first=0)
         assert estimated_bits_per_value(spec, 64, 384) == pytest.approx(b + 0.25, rel=1e-12)
-    mixed = CompressSpec(key=BITS_PRESETS[4], value=BITS_PRESETS[2])
+    mixed = CompressSpec(key=BITS_PRESETS[4], value=BITS_PRESETS[2], keep_first=0)
     assert estimated_bits_per_value(mixed, 64, 384) == pytest.approx(3.25, rel=1e-12)
     kept = CompressSpec(key=BITS_PRESETS[3], value=BITS_PRESETS[3], keep_first=1)
     assert estimated_bits_per_value(kept, 64, 384) == pytest.approx(
@@ -316,7 +316,7 @@ def test_target_cosine_unreachable(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--target-cosine", "0.9", "--bits", "3"],
-                                  ["--target-cosine", "0.9", "--keep-first", "1"],
+                                  ["--target-cosine", "0.9", "--keep-first", "2"],
                                   ["--target-cosine", "0"],
                                   ["--target-cosine", "1.5"],
                                   ["--target-cosine", "-0.5"],

@@ -1,0 +1,66 @@
+"""Rotary position embedding (RoPE, Su et al. 2021) and its exact inverse, in numpy.
+
+Glossary
+--------
+theta       the base of the frequencies: pair j of a head of ``d`` channels turns by
+            ``position * theta ** (-2 j / d)`` radians.
+style       which channels form pair j: ``"half"`` pairs (j, j + d/2) (``rotate_half``, as
+            Llama, Qwen and Mistral do in transformers); ``"interleaved"`` pairs (2j, 2j + 1)
+            (the original paper, GPT-J, llama.cpp's ``rope_type`` 0).
+position    the absolute token position; a dump's token ``i`` sits at ``first_position + i``.
+
+A post-RoPE key ``k`` at position ``p`` is ``R(p) k_raw``; ``unrotate`` applies ``R(-p)``, which
+is ``R(p)``'s inverse (each pair is a plane rotation), so ``unrotate(rotate(x)) == x`` up to
+float64 rounding. The angles are computed in float64 for every position (no recurrence), so
+position 100,000 is as exact as position 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+STYLES = ("half", "interleaved")
+
+
+def rope_angles(positions: np.ndarray, head_dim: int, theta: float) -> np.ndarray:
+    """Angles ``(t, head_dim // 2) float64``: ``positions[i] * theta ** (-2 j / head_dim)``."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, found {head_dim}")
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    return np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+
+
+def _pairs(x: np.ndarray, style: str) -> tuple[np.ndarray, np.ndarray]:
+    half = x.shape[-1] // 2
+    if style == "half":
+        return x[..., :half], x[..., half:]
+    if style == "interleaved":
+        return x[..., 0::2], x[..., 1::2]
+    raise ValueError(f"RoPE style {style!r} is not one of {', '.join(STYLES)}")
+
+
+def _turn(x: np.ndarray, angles: np.ndarray, style: str) -> np.ndarray:
+    x64 = np.asarray(x, dtype=np.float64)
+    a, b = _pairs(x64, style)
+    cos, sin = np.cos(angles), np.sin(angles)
+    out = np.empty_like(x64)
+    ra, rb = _pairs(out, style)
+    ra[...] = a * cos - b * sin
+    rb[...] = a * sin + b * cos
+    return out
+
+
+def rotate(x: np.ndarray, positions: np.ndarray, theta: float, style: str) -> np.ndarray:
+    """Apply RoPE to ``x (..., t, d)``, token axis second to last; returns float64.
+
+    Example::
+
+        k = rotate(k_raw, np.arange(t), 10000.0, "half")
+        np.allclose(unrotate(k, np.arange(t), 10000.0, "half"), k_raw)  # True
+    """
+    return _turn(x, rope_angles(positions, x.shape[-1], theta), style)
+
+
+def unrotate(x: np.ndarray, positions: np.ndarray, theta: float, style: str) -> np.ndarray:
+    """The exact inverse of ``rotate``: turns each pair back by the same angle."""
+    return _turn(x, -rope_angles(positions, x.shape[-1], theta), style)

@@ -1,0 +1,147 @@
+"""Load a causal language model offline, and read what a KV dump needs from its config.
+
+A model is a local Hugging Face folder (``config.json`` and weights, a tokenizer if any) or a
+GGUF file, which transformers de-quantizes to float32. Nothing is ever downloaded:
+``HF_HUB_OFFLINE`` is set before transformers is imported, and ``local_files_only`` is passed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fibquant_cli.errors import InvalidInputError, UsageError
+from fibquant_cli.formats.manifest import RopeSpec
+
+HF_HINT = "needs the optional torch and transformers packages: pip install 'fibquant[hf]'"
+# Model types whose attention rotates (j, j + d/2) pairs with transformers' rotate_half.
+HALF_STYLE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "phi3",
+                    "granite", "smollm3")
+
+
+def import_torch():
+    """(torch, transformers), offline, or a one-line UsageError naming the extra."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import torch
+        import transformers
+    except ImportError as err:
+        raise UsageError(f"--model {HF_HINT} ({err.name} is missing)") from None
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # stderr carries one-line errors only
+    return torch, transformers
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode, its tokenizer (or None) and its attention geometry."""
+
+    path: Path
+    model: object
+    tokenizer: object | None
+    layers: int
+    query_heads: int
+    kv_heads: int
+    head_dim: int
+    rope: RopeSpec | None  # None: the model has no rotary embedding (keys are position-free)
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+
+def load_model(path, *, threads: int | None = None) -> LoadedModel:
+    """Load ``path`` (a folder or a ``.gguf`` file) in float32 with eager attention.
+
+    Raises:
+        InvalidInputError: no such file or folder, a folder without ``config.json``, a model
+            transformers cannot load, or RoPE it cannot describe exactly (see ``rope_of``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInputError("no such model file or folder", path=str(path))
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise InvalidInputError("a model folder needs a config.json", path=str(path))
+    if path.is_file() and path.suffix != ".gguf":
+        raise InvalidInputError("a model file must be a .gguf (or give a model folder)",
+                                path=str(path))
+    torch, transformers = import_torch()
+    if threads:
+        torch.set_num_threads(threads)
+    folder, extra = (path, {}) if path.is_dir() else (path.parent, {"gguf_file": path.name})
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, attn_implementation="eager",
+            local_files_only=True, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InvalidInputError(f"transformers cannot load this model ({first})",
+                                path=str(path)) from None
+    model.eval()
+    tokenizer = load_tokenizer(transformers, folder, extra)
+    cfg = model.config
+    query_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or query_heads
+    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    head_dim = getattr(cfg, "head_dim", None) or hidden // query_heads
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    return LoadedModel(path, model, tokenizer, layers, query_heads, kv_heads, head_dim,
+                       rope_of(cfg, head_dim, str(path)))
+
+
+def load_tokenizer(transformers, folder: Path, extra: dict):
+    """The model's tokenizer, or None when the folder has none (token ids must be given)."""
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                          **extra)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def rope_parameters(cfg) -> dict | None:
+    """The config's RoPE parameters in one form (transformers 4.x and 5.x name them apart)."""
+    params = getattr(cfg, "rope_parameters", None)
+    if params is None:
+        params = dict(getattr(cfg, "rope_scaling", None) or {})
+        if getattr(cfg, "rope_theta", None) is not None:
+            params.setdefault("rope_theta", cfg.rope_theta)
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        raise InvalidInputError("per-layer-type RoPE parameters (sliding and full attention "
+                                "layers rotate differently) are not supported")
+    return params or None
+
+
+def rope_of(cfg, head_dim: int, where: str) -> RopeSpec | None:
+    """The model's RoPE as a manifest ``rope`` object, None without RoPE, or an error.
+
+    Only plain RoPE over the whole head is described exactly; scaled RoPE (linear, dynamic,
+    YaRN, Llama-3, LongRoPE) and partial rotary embeddings are refused rather than recorded
+    wrongly, so a dump's keys are never silently mis-rotated.
+    """
+    params = rope_parameters(cfg)
+    if params is None or "rope_theta" not in params:
+        if cfg.model_type in HALF_STYLE_TYPES:
+            raise InvalidInputError(f"{cfg.model_type} config has no rope_theta", path=where)
+        return None
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind != "default":
+        raise InvalidInputError(
+            f"RoPE scaling {kind!r} is not supported: fibquant records plain RoPE only "
+            "(theta, style, first position), and would mis-rotate scaled keys", path=where)
+    partial = params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0, 1):
+        raise InvalidInputError(f"partial rotary embedding (factor {partial}) is not supported",
+                                path=where)
+    if cfg.model_type not in HALF_STYLE_TYPES:
+        raise InvalidInputError(f"unknown RoPE pair style of model type {cfg.model_type!r} "
+                                f"(known: {', '.join(HALF_STYLE_TYPES)})", path=where)
+    theta = float(params["rope_theta"])
+    if not (math.isfinite(theta) and theta > 1.0):
+        raise InvalidInputError(f"rope_theta {theta!r} is not a finite number > 1", path=where)
+    if head_dim % 2:
+        raise InvalidInputError(f"RoPE needs an even head_dim, found {head_dim}", path=where)
+    return RopeSpec(theta=theta, style="half", first_position=0)

@@ -1,0 +1,203 @@
+"""fibquant_cli.hf: dump --model, eval --model and sweep --model on tiny config-built models.
+
+Needs the ``hf`` extra (torch, transformers); nothing is downloaded: the models are built from
+a config with a fixed seed and saved to a temporary folder (tests/tiny_models.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)  # tiny matmuls: threads only add hand-off cost
+pytest.importorskip("transformers")
+
+from tiny_models import TEXT, gpt2_config, llama_config, save_tiny  # noqa: E402
+
+from fibquant_cli.formats.manifest import load_manifest  # noqa: E402
+from fibquant_cli.hf.scoring import kl, log_softmax, nll, top1_agreement  # noqa: E402
+
+PREFIX, CONT = "96", "48"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    text = root / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    return {"llama": save_tiny(root / "llama", llama_config()),
+            "gpt2": save_tiny(root / "gpt2", gpt2_config()),
+            "text": text, "root": root}
+
+
+def test_scoring_formulas_match_a_direct_computation():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(7, 11)).astype(np.float32) * 3
+    b = a + rng.normal(size=a.shape).astype(np.float32) * 0.5
+    targets = rng.integers(0, 11, size=7)
+    la, lb = log_softmax(a), log_softmax(b)
+    pa = np.exp(a.astype(np.float64)) / np.exp(a.astype(np.float64)).sum(-1, keepdims=True)
+    pb = np.exp(b.astype(np.float64)) / np.exp(b.astype(np.float64)).sum(-1, keepdims=True)
+    assert np.allclose(np.exp(la), pa, atol=1e-15)
+    assert nll(la, targets) == pytest.approx(
+        np.mean([-np.log(pa[i, t]) for i, t in enumerate(targets)]), abs=1e-13)
+    direct = np.mean([sum(pa[i, v] * np.log(pa[i, v] / pb[i, v]) for v in range(11))
+                      for i in range(7)])
+    assert kl(la, lb) == pytest.approx(direct, abs=1e-13)
+    assert kl(la, la) == 0.0
+    assert top1_agreement(la, lb) == np.mean(pa.argmax(-1) == pb.argmax(-1))
+
+
+def test_dump_writes_keys_values_queries_and_rope(cli, models, tmp_path):
+    out = tmp_path / "kv.safetensors"
+    res = cli("dump", "--model", models["llama"], "--text", models["text"], "--tokens", 64,
+              "-o", out)
+    assert res.exit_code == 0, res.output
+    assert "RoPE theta 10000 half" in res.stdout
+    m = load_manifest(tmp_path / "kv.manifest.json")
+    key = m.entries[0]
+    assert key.rope is not None and key.rope.to_json() == {
+        "theta": 10000.0, "style": "half", "first_position": 0}
+    assert (key.shape.layers, key.shape.kv_heads, key.shape.query_heads, key.shape.tokens,
+            key.shape.head_dim) == (2, 2, 4, 64, 64)
+    assert m.attention is not None and m.attention.causal
+    assert cli("validate", out).exit_code == 0
+    # The dump's keys are the model's own: unrotating them gives k_proj's raw output.
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from fibquant_cli.core.rope import unrotate
+
+    tensors = load_file(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(models["llama"]))
+    seen = {}
+    model.model.layers[1].self_attn.k_proj.register_forward_hook(
+        lambda mod, a, o: seen.setdefault("k", o.detach()))
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(tensors["input_ids"]))
+    raw = seen["k"].unflatten(-1, (-1, 64)).transpose(1, 2).numpy()
+    back = unrotate(tensors["layer.1.key"].astype(np.float32), np.arange(64), 10000.0, "half")
+    assert np.abs(back - raw).max() <= 2e-3 * np.abs(raw).max()  # fp16 storage of the keys
+
+
+def test_eval_model_self_checks_pass_and_bits_order_kl(cli, models):
+    base = ("eval", "--model", models["llama"], "--text", models["text"], "--prefix-tokens",
+            PREFIX, "--continuation-tokens", CONT, "--json")
+    results = {}
+    for bits in ("1", "4"):
+        res = cli(*base, "--bits", bits)
+        assert res.exit_code == 0, res.output
+        rep = json.loads(res.stdout)
+        assert [c["name"] for c in rep["checks"]] == ["cache", "round trip"]
+        assert all(c["passed"] for c in rep["checks"])
+        assert rep["checks"][1]["value"] == 0.0
+        ref, point = rep["points"]
+        assert ref["kl"] == 0.0 and ref["delta_nll"] == 0.0
+        assert point["nll"] - rep["reference_nll"] == pytest.approx(point["delta_nll"], abs=1e-12)
+        results[bits] = point
+    assert results["1"]["kl"] > results["4"]["kl"] > 0.0
+    assert results["1"]["ratio"] > results["4"]["ratio"]
+
+
+def test_eval_model_prints_the_self_checks(cli, models):
+    res = cli("eval", "--model", models["gpt2"], "--text", models["text"], "--prefix-tokens",
+              PREFIX, "--continuation-tokens", CONT)
+    assert res.exit_code == 0, res.output
+    assert "self-check cache: PASS" in res.stdout
+    assert "self-check round trip: PASS" in res.stdout
+
+
+def test_model_without_rope_dumps_pre_rope_keys(cli, models, tmp_path):
+    out = tmp_path / "gpt2.safetensors"
+    res = cli("dump", "--model", models["gpt2"], "--text", models["text"], "--tokens", 40,
+              "-o", out)
+    assert res.exit_code == 0, res.output
+    key = load_manifest(tmp_path / "gpt2.manifest.json").entries[0]
+    assert key.shape.rope_state == "pre_rope" and key.rope is None
+    assert key.shape.attention_kind == "mha"
+
+
+def test_sweep_model_lists_points_and_peers(cli, models, tmp_path):
+    res = cli("sweep", "--model", models["llama"], "--text", models["text"], "--prefix-tokens",
+              "64", "--continuation-tokens", "32", "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    methods = {p["method"] for p in rep["points"]}
+    assert {"reference", "fibquant", "q4_0", "q8_0"} <= methods
+    assert any(p["pareto"] for p in rep["points"])
+    assert all(p["kl"] >= 0.0 for p in rep["points"])
+
+
+def test_missing_model_is_invalid_input(cli, models, tmp_path):
+    res = cli("eval", "--model", tmp_path / "nope", "--text", models["text"])
+    assert res.exit_code == 3
+    assert res.stderr.count("\n") == 1 and "no such model file or folder" in res.stderr
+
+
+def test_rope_scaling_is_refused(cli, models, tmp_path):
+    folder = save_tiny(tmp_path / "scaled", llama_config(
+        rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    res = cli("dump", "--model", folder, "--text", models["text"], "-o", tmp_path / "x.safetensors")
+    assert res.exit_code == 3
+    assert "RoPE scaling 'linear' is not supported" in res.stderr
+    assert res.stderr.count("\n") == 1
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_text_too_short_is_invalid_input(cli, models, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short", encoding="utf-8")
+    res = cli("eval", "--model", models["llama"], "--text", short)
+    assert res.exit_code == 3
+    assert "text too short: 9 tokens, needs 1537" in res.stderr
+
+
+def test_model_flags_are_usage_errors(cli, models, tmp_path):
+    assert cli("eval", "--model", models["llama"]).exit_code == 2
+    res = cli("eval", "--text", models["text"])
+    assert res.exit_code == 2 and "--text and --ids go with --model" in res.stderr
+    res = cli("sweep", tmp_path / "x.safetensors", "--model", models["llama"], "--text",
+              models["text"])
+    assert res.exit_code == 2
+
+
+def test_ids_from_a_dump_equal_the_text_path(cli, models, tmp_path):
+    out = tmp_path / "kv.safetensors"
+    assert cli("dump", "--model", models["llama"], "--text", models["text"], "--tokens", 145,
+               "-o", out).exit_code == 0
+    runs = [cli("eval", "--model", models["llama"], src, val, "--prefix-tokens", PREFIX,
+                "--continuation-tokens", CONT, "--json")
+            for src, val in (("--text", models["text"]), ("--ids", out))]
+    a, b = (json.loads(r.stdout)["points"][1] for r in runs)
+    assert a["kl"] == b["kl"] and a["nll"] == b["nll"]
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from typer.testing import CliRunner; from fibquant_cli.cli import app;"
+            "CliRunner().invoke(app, ['--help']); CliRunner().invoke(app, ['eval', '--help']);"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_wrong_rope_is_refused_not_recorded(models, monkeypatch):
+    """The recomputed keys check the recorded RoPE: a wrong theta does not reproduce the cache."""
+    from fibquant_cli.errors import InvalidInputError
+    from fibquant_cli.formats.manifest import RopeSpec
+    from fibquant_cli.hf import capture
+    from fibquant_cli.hf.model import load_model
+
+    lm = load_model(models["llama"])
+    ids = np.arange(48)[None, :] % 256
+    assert capture.run_prefix(lm, ids).key_match_error < 1e-5
+    lm.rope = RopeSpec(theta=5000.0, style="half")
+    with pytest.raises(InvalidInputError, match="refusing to record wrong RoPE parameters"):
+        capture.run_prefix(lm, ids)
+    lm.rope = RopeSpec(theta=10000.0, style="interleaved")
+    with pytest.raises(InvalidInputError, match="refusing to record wrong RoPE parameters"):
+        capture.run_prefix(lm, ids)
