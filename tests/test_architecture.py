@@ -88,7 +88,8 @@ def test_importing_the_cli_loads_no_numerics():
     assert not heavy & loaded, sorted(heavy & loaded)
     project = {m for m in loaded if m.startswith("fibquant_cli.")}
     assert project <= {"fibquant_cli.cli", "fibquant_cli.cli.app", "fibquant_cli.cli.console",
-                       "fibquant_cli.cli.progress", "fibquant_cli.errors", "fibquant_cli.ops",
+                       "fibquant_cli.cli.progress", "fibquant_cli.cli.errors",
+                       "fibquant_cli.cli.options", "fibquant_cli.errors", "fibquant_cli.ops",
                        "fibquant_cli.ops.progress"}, sorted(project)
 
 

@@ -1,60 +1,37 @@
 """The Typer app: thin commands that check flags, call one operation, print its result.
 
-Errors are turned into one line and an exit code here, inside the app, so tests see what users
-see: library errors (``fibquant_cli.errors``) name options by parameter name and the app
-renders them as flags (``flag``); Typer's own usage errors become one line too
-(``OneLineErrors``).
+Errors become one line and an exit code inside the app (``cli.errors``), so tests see what
+users see; the options shared by commands are declared once in ``cli.options``.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
 from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
 
 from fibquant_cli.cli import console
+from fibquant_cli.cli.errors import OneLineErrors, handle_errors, state
+from fibquant_cli.cli.options import (
+    AttentionOpt,
+    BitsOpt,
+    ContinuationOpt,
+    DtypeOpt,
+    ForceOpt,
+    IdsOpt,
+    JsonOpt,
+    KOpt,
+    ManifestOpt,
+    ModelOpt,
+    NOpt,
+    OutOpt,
+    PathArg,
+    PrefixOpt,
+    SeedOpt,
+    TextOpt,
+)
 from fibquant_cli.cli.progress import RichProgress
-from fibquant_cli.errors import FibQuantError, Interrupted, UsageError
-
-
-def flag(option: str) -> str:
-    """The command-line flag of a library option name: ``key_block_dim`` -> ``--key-block-dim``."""
-    return "--" + option.replace("_", "-")
-
-
-class OneLineErrors(TyperGroup):
-    """Usage errors (unknown flags, bad values, missing arguments) as one line, exit 2.
-
-    Click's exceptions are matched by what they carry (``format_message``, ``exit_code``):
-    Typer vendors its own copy of click, so their classes depend on the Typer version.
-    """
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
-                                standalone_mode=False, **extra)
-        except Exception as err:
-            if not (hasattr(err, "format_message") and hasattr(err, "exit_code")):
-                if type(err).__name__ != "Abort":
-                    raise
-                console.stderr().print("fibquant: aborted")
-                code = 1
-            elif type(err).__name__ == "NoArgsIsHelpError":
-                print(err.ctx.get_help())
-                code = err.exit_code
-            else:
-                ctx = getattr(err, "ctx", None)
-                path = ctx.command_path if ctx is not None else "fibquant"
-                console.print_error(f"{path}: {err.format_message()} (see '{path} --help')")
-                code = err.exit_code
-        code = code if isinstance(code, int) else 0
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
+from fibquant_cli.errors import UsageError
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -63,47 +40,14 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Compress transformer KV-cache safetensors dumps with FibQuant vector quantization.",
 )
-_state = {"debug": False}
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1,
-                                      help="Seed of rotation and codebook.")]
-
-
-def handle_errors(func):
-    """Turn FibQuantError into a one-line message and its class's exit code (no traceback)."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except FibQuantError as err:
-            if _state["debug"]:
-                raise
-            console.print_error(err.render(flag))
-            raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
-            console.stderr().print("fibquant: interrupted")
-            raise typer.Exit(130) from None
-        except Interrupted as sig:
-            console.stderr().print(f"fibquant: stopped by signal {sig.signum}")
-            raise typer.Exit(128 + sig.signum) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as err:  # a bug: say so in one line, keep the traceback for --debug
-            if _state["debug"]:
-                raise
-            console.print_error(f"internal error: {type(err).__name__}: {err} (rerun with --debug)")
-            raise typer.Exit(1) from None
-
-    return wrapper
 
 
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ) -> None:
-    _state["debug"] = debug
+    state["debug"] = debug
 
 
 @app.command()
@@ -133,11 +77,6 @@ def codebook(
 # Paths are taken as typed (str): ``Path`` would drop a trailing '/', and ``kv.safetensors/``
 # or ``-o newdir/`` name folders, which the library refuses (formats.untrusted.input_path,
 # storage.publish.output_path).
-PathArg = Annotated[str, typer.Argument(help="A safetensors file.", show_default=False)]
-ManifestOpt = Annotated[str | None, typer.Option(
-    "--manifest", "-m", help="Shape manifest (default: X.manifest.json beside X.safetensors).")]
-OutOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output file.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
 
 
 @app.command()
@@ -175,15 +114,6 @@ def digest(
         raise rep.error
 
 
-AttentionOpt = Annotated[bool, typer.Option(
-    "--attention/--no-attention", help="Measure attention fidelity (queries, or a key proxy).")]
-MaxQueriesOpt = Annotated[int, typer.Option(
-    "--max-queries", min=1, help="Score attention on the last N query positions.")]
-BitsOpt = Annotated[float | None, typer.Option(
-    "--bits", help="Rate preset: >=4 -> (k=2,N=256), 3 -> (2,64), 2 -> (4,256), 1 -> (8,256), "
-    "0.5 -> (8,16). Default 3.")]
-KOpt = Annotated[int | None, typer.Option("--block-dim", help="Block length k.")]
-NOpt = Annotated[int | None, typer.Option("--size", help="Codebook size N.")]
 
 
 @app.command()
@@ -314,18 +244,6 @@ def decompress(
         console.stdout().print(tables.decompress_table(rep))
 
 
-ModelOpt = Annotated[str | None, typer.Option(
-    "--model", help="A local Hugging Face model folder or a .gguf file (needs fibquant[hf]).")]
-TextOpt = Annotated[str | None, typer.Option(
-    "--text", help="With --model: a UTF-8 text file, tokenized by the model's tokenizer.")]
-IdsOpt = Annotated[str | None, typer.Option(
-    "--ids", help="With --model: take the token ids from this dump's input_ids instead.")]
-PrefixOpt = Annotated[int, typer.Option(
-    "--prefix-tokens", min=1, help="With --model: tokens whose cache is compressed.")]
-ContinuationOpt = Annotated[int, typer.Option(
-    "--continuation-tokens", min=1, help="With --model: tokens scored through the cache.")]
-DtypeOpt = Annotated[str, typer.Option(
-    "--dtype", help="With --model: dtype of the dump, the uncompressed reference (f16, bf16, f32).")]
 
 
 def _model_inputs(model, text, ids, what: str) -> None:

@@ -1,70 +1,18 @@
 """The sidecar shape manifest that says what the tensors of a KV-cache dump are.
 
-A dump ``X.safetensors`` is described by ``X.manifest.json`` beside it (see
-``manifest_path_for``). Example::
+A dump ``X.safetensors`` is described by ``X.manifest.json`` beside it (``manifest_path_for``).
+docs/manifest.md is the user's reference: every key, the contract's rules in order, the
+layouts, the attention object, the optional ``rope`` object, and the messages for bad input.
+In brief: ``{"schema_version": "fibquant_kv_manifest_v1", "entries": [...], "attention":
+{...}}``; each entry has a ``shape`` in the fib-quant crate's contract
+(``fib_quant_kv_tensor_shape_v1``, ``KvShape``), the ``tensors`` holding it (one 5-D tensor or
+one 4-D tensor per layer), their ``layout`` (``bhtd`` or ``bthd``) and, on ``post_rope`` keys,
+an optional ``rope`` object (``RopeSpec``, outside the shape so shape digests do not change).
 
-    {
-      "schema_version": "fibquant_kv_manifest_v1",
-      "entries": [
-        {"shape": {"schema_version": "fib_quant_kv_tensor_shape_v1", "role": "key",
-                   "attention_kind": "gqa", "batch": 1, "layers": 2, "kv_heads": 2,
-                   "query_heads": 4, "tokens": 128, "head_dim": 64, "dtype": "f16",
-                   "rope_state": "post_rope"},
-         "tensors": ["layer.0.key", "layer.1.key"],
-         "layout": "bhtd"},
-        {"shape": {"schema_version": "fib_quant_kv_tensor_shape_v1", "role": "value",
-                   "attention_kind": "gqa", "batch": 1, "layers": 2, "kv_heads": 2,
-                   "query_heads": 4, "tokens": 128, "head_dim": 64, "dtype": "f16",
-                   "rope_state": "not_applicable"},
-         "tensors": ["layer.0.value", "layer.1.value"]}
-      ],
-      "attention": {"query_tensors": ["layer.0.query", "layer.1.query"], "causal": true}
-    }
-
-Top level (keys exactly these; ``attention`` optional):
-
-* ``schema_version`` -- exactly ``"fibquant_kv_manifest_v1"``.
-* ``entries`` -- a non-empty array of entries.
-* ``attention`` -- optional; the query tensors used to measure attention fidelity.
-
-Entry (``layout`` and ``rope`` optional):
-
-* ``shape`` -- a KV tensor shape in the fib-quant crate's contract
-  (``fib_quant_kv_tensor_shape_v1``): ``schema_version``, ``role`` (key | value),
-  ``attention_kind`` (mha | mqa | gqa), ``batch``, ``layers``, ``kv_heads``, ``query_heads``,
-  ``tokens``, ``head_dim`` (integers > 0 that fit in 32 bits), ``dtype`` (f16 | bf16 | f32,
-  the tensors' dtype), ``rope_state`` (pre_rope | post_rope for keys, not_applicable for
-  values). The contract's rules are applied in its order (see ``KvShape.validate``).
-* ``tensors`` -- the names of the safetensors tensors holding this data, either
-
-  - one 5-D tensor in canonical order ``[batch, layers, kv_heads, tokens, head_dim]``
-    (whatever ``layout`` says), or
-  - exactly ``layers`` 4-D tensors, one per layer in layer order, with axes in ``layout``
-    order. When ``layers`` is 1, a single tensor may be 4-D or 5-D.
-* ``layout`` -- axis order of the per-layer 4-D tensors: ``"bhtd"`` (default)
-  = ``[batch, kv_heads, tokens, head_dim]``, ``"bthd"`` = ``[batch, tokens, kv_heads, head_dim]``.
-* ``rope`` -- only on an entry whose ``rope_state`` is ``post_rope``: how the keys were rotated,
-  ``{"theta": 100000.0, "style": "half", "first_position": 0}`` (keys exactly these).
-  ``theta`` is a finite number > 1; ``style`` is ``"half"`` (pairs (j, j + d/2), as Llama,
-  Qwen and Mistral in transformers) or ``"interleaved"`` (pairs (2j, 2j + 1)); ``first_position``
-  (an integer >= 0) is the position of the dump's first token. It lies outside ``shape``, so
-  shape digests do not change; ``core/rope.py`` undoes the rotation exactly with it.
-
-Attention (both keys required):
-
-* ``query_tensors`` -- one 4-D tensor per layer (``[batch, query_heads, tokens, head_dim]``
-  for bhtd, ``[batch, tokens, query_heads, head_dim]`` for bthd; the layout of the first
-  entry), or one 5-D tensor ``[batch, layers, query_heads, tokens, head_dim]``. Any float
-  dtype (F16, BF16, F32).
-* ``causal`` -- ``true`` or ``false``.
-
-With ``attention`` there must be exactly one key entry and one value entry, equal in batch,
-layers, kv_heads, query_heads, tokens and head_dim.
-
-Parsing is strict: unknown, missing or duplicated keys, wrong JSON types (``true`` is not an
-integer, ``"128"`` and ``128.0`` are not integers), values outside the allowed lists and a
-tensor name used twice anywhere are errors. Every error is one line naming the file and the
-place, e.g. ``kv.manifest.json: entries[1].shape: unknown key 'head_dimm'``.
+Parsing is strict (``manifest_json``): unknown, missing or duplicated keys, wrong JSON types
+and values outside the allowed lists are errors naming the file and the place, e.g.
+``kv.manifest.json: entries[1].shape: unknown key 'head_dimm'``. How entries map onto a
+dump's tensors is ``kvlayout``.
 """
 
 from __future__ import annotations
@@ -80,6 +28,19 @@ from typing import Any
 from fibquant_cli.errors import FibQuantError, InvalidInputError, ResourceError
 from fibquant_cli.formats import stfile, untrusted
 from fibquant_cli.formats.digest import KV_SHAPE_SCHEMA, json_digest
+from fibquant_cli.formats.manifest_json import (
+    check_keys,
+    describe,
+    expect_choice,
+    expect_int,
+    expect_names,
+    expect_object,
+    fail,
+    located,
+    object_pairs,
+    quote,
+    reject_constant,
+)
 
 MANIFEST_SCHEMA = "fibquant_kv_manifest_v1"
 MANIFEST_SUFFIX = ".manifest.json"
@@ -286,138 +247,37 @@ class Manifest:
         return out
 
 
-# ---------------------------------------------------------------- JSON reading
-
-
-class _JsonObject(dict):
-    """A JSON object that remembers keys that appeared more than once."""
-
-    duplicates: tuple[str, ...] = ()
-
-
-def _object_pairs(pairs: list[tuple[str, Any]]) -> _JsonObject:
-    obj = _JsonObject()
-    seen: list[str] = []
-    for key, value in pairs:
-        if key in obj and key not in seen:
-            seen.append(key)
-        obj[key] = value
-    obj.duplicates = tuple(seen)
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise InvalidInputError(f"invalid JSON: {name} is not a JSON value")
-
-
-def _describe(value: Any) -> str:
-    """One-line description of a JSON value for error messages."""
-    if isinstance(value, bool):
-        return f"boolean {json.dumps(value)}"
-    if value is None:
-        return "null"
-    if isinstance(value, int):
-        return f"integer {value}"
-    if isinstance(value, float):
-        return f"number {value!r}"
-    if isinstance(value, str):
-        text = json.dumps(value, ensure_ascii=False)
-        return "string " + (text if len(text) <= 60 else text[:57] + '..."')
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
-def _quote(text: str) -> str:
-    return repr(text if len(text) <= 60 else text[:57] + "...")
-
-
-def _fail(where: str, reason: str) -> InvalidInputError:
-    return InvalidInputError(f"{where}: {reason}")
-
-
-def _expect_object(value: Any, where: str) -> dict:
-    if not isinstance(value, dict):
-        raise _fail(where, f"expected an object, found {_describe(value)}")
-    return value
-
-
-def _check_keys(
-    obj: dict, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
-) -> None:
-    duplicates = getattr(obj, "duplicates", ())
-    if duplicates:
-        raise _fail(where, f"duplicate key {_quote(duplicates[0])}")
-    allowed = required + optional
-    for key in obj:
-        if key not in allowed:
-            raise _fail(where, f"unknown key {_quote(key)} (allowed: {', '.join(allowed)})")
-    for key in required:
-        if key not in obj:
-            raise _fail(where, f"missing key {_quote(key)}")
-
-
-def _expect_int(value: Any, where: str) -> int:
-    if type(value) is not int:
-        raise _fail(where, f"expected an integer, found {_describe(value)}")
-    return value
-
-
-def _expect_choice(value: Any, where: str, allowed: tuple[str, ...]) -> str:
-    if not isinstance(value, str):
-        raise _fail(where, f"expected a string, found {_describe(value)}")
-    if value not in allowed:
-        raise _fail(where, f"{_quote(value)} is not one of {', '.join(allowed)}")
-    return value
-
-
-def _expect_names(value: Any, where: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
-        raise _fail(where, f"expected a non-empty array of tensor names, found {_describe(value)}")
-    for index, name in enumerate(value):
-        if not isinstance(name, str) or not name:
-            found = _describe(name)
-            raise _fail(f"{where}[{index}]", f"expected a non-empty string, found {found}")
-    return tuple(value)
-
-
-def _located(err: FibQuantError, where: str) -> FibQuantError:
-    return type(err)(f"{where}: {err.reason}", path=err.path, tensor=err.tensor)
-
-
 def _parse_shape(obj: Any, where: str) -> KvShape:
-    obj = _expect_object(obj, where)
+    obj = expect_object(obj, where)
     version = obj.get("schema_version")
     if isinstance(version, str) and version != KV_SHAPE_SCHEMA:
-        raise _fail(where, f"kv shape schema_version {version}, expected {KV_SHAPE_SCHEMA}")
+        raise fail(where, f"kv shape schema_version {version}, expected {KV_SHAPE_SCHEMA}")
     keys = tuple(f.name for f in fields(KvShape))
-    _check_keys(obj, where, keys)
+    check_keys(obj, where, keys)
     values: dict[str, Any] = {}
     for key in keys:
         if key == "schema_version":
-            values[key] = _expect_choice(obj[key], f"{where}.{key}", (KV_SHAPE_SCHEMA,))
+            values[key] = expect_choice(obj[key], f"{where}.{key}", (KV_SHAPE_SCHEMA,))
         elif key in _ENUM_FIELDS:
-            values[key] = _expect_choice(obj[key], f"{where}.{key}", _ENUM_FIELDS[key])
+            values[key] = expect_choice(obj[key], f"{where}.{key}", _ENUM_FIELDS[key])
         else:
-            values[key] = _expect_int(obj[key], f"{where}.{key}")
+            values[key] = expect_int(obj[key], f"{where}.{key}")
     shape = KvShape(**values)
     try:
         shape.validate()
     except FibQuantError as err:
-        raise _located(err, where) from None
+        raise located(err, where) from None
     return shape
 
 
 def _parse_rope(obj: Any, where: str) -> RopeSpec:
-    obj = _expect_object(obj, where)
-    _check_keys(obj, where, ROPE_KEYS)
+    obj = expect_object(obj, where)
+    check_keys(obj, where, ROPE_KEYS)
     theta = obj["theta"]
     if isinstance(theta, bool) or not isinstance(theta, (int, float)):
-        raise _fail(f"{where}.theta", f"expected a number, found {_describe(theta)}")
-    style = _expect_choice(obj["style"], f"{where}.style", ROPE_STYLES)
-    first = _expect_int(obj["first_position"], f"{where}.first_position")
+        raise fail(f"{where}.theta", f"expected a number, found {describe(theta)}")
+    style = expect_choice(obj["style"], f"{where}.style", ROPE_STYLES)
+    first = expect_int(obj["first_position"], f"{where}.first_position")
     return RopeSpec(theta=float(theta), style=style, first_position=first)
 
 
@@ -426,38 +286,38 @@ def _check_rope(entry: ManifestEntry, where: str) -> None:
     if rope is None:
         return
     if entry.shape.rope_state != "post_rope":
-        raise _fail(f"{where}.rope", "only an entry whose rope_state is post_rope may carry "
+        raise fail(f"{where}.rope", "only an entry whose rope_state is post_rope may carry "
                     f"rope, found rope_state {entry.shape.rope_state}")
     if not (math.isfinite(rope.theta) and rope.theta > 1.0):
-        raise _fail(f"{where}.rope.theta", f"expected a finite number > 1, found {rope.theta!r}")
+        raise fail(f"{where}.rope.theta", f"expected a finite number > 1, found {rope.theta!r}")
     if rope.style not in ROPE_STYLES:
-        raise _fail(f"{where}.rope.style",
-                    f"{_quote(str(rope.style))} is not one of {', '.join(ROPE_STYLES)}")
+        raise fail(f"{where}.rope.style",
+                    f"{quote(str(rope.style))} is not one of {', '.join(ROPE_STYLES)}")
     if type(rope.first_position) is not int or not 0 <= rope.first_position <= U32_MAX:
-        raise _fail(f"{where}.rope.first_position",
+        raise fail(f"{where}.rope.first_position",
                     f"expected an integer in [0, {U32_MAX}], found {rope.first_position!r}")
     if entry.shape.head_dim % 2:
-        raise _fail(f"{where}.rope", f"RoPE needs an even head_dim, found {entry.shape.head_dim}")
+        raise fail(f"{where}.rope", f"RoPE needs an even head_dim, found {entry.shape.head_dim}")
 
 
 def _parse_entry(obj: Any, where: str) -> ManifestEntry:
-    obj = _expect_object(obj, where)
-    _check_keys(obj, where, ("shape", "tensors"), ("layout", "rope"))
+    obj = expect_object(obj, where)
+    check_keys(obj, where, ("shape", "tensors"), ("layout", "rope"))
     shape = _parse_shape(obj["shape"], f"{where}.shape")
-    tensors = _expect_names(obj["tensors"], f"{where}.tensors")
-    layout = _expect_choice(obj.get("layout", DEFAULT_LAYOUT), f"{where}.layout", LAYOUTS)
+    tensors = expect_names(obj["tensors"], f"{where}.tensors")
+    layout = expect_choice(obj.get("layout", DEFAULT_LAYOUT), f"{where}.layout", LAYOUTS)
     rope = _parse_rope(obj["rope"], f"{where}.rope") if "rope" in obj else None
     return ManifestEntry(shape=shape, tensors=tensors, layout=layout, rope=rope)
 
 
 def _parse_attention(obj: Any) -> AttentionSpec:
     where = "attention"
-    obj = _expect_object(obj, where)
-    _check_keys(obj, where, ("query_tensors", "causal"))
-    queries = _expect_names(obj["query_tensors"], f"{where}.query_tensors")
+    obj = expect_object(obj, where)
+    check_keys(obj, where, ("query_tensors", "causal"))
+    queries = expect_names(obj["query_tensors"], f"{where}.query_tensors")
     causal = obj["causal"]
     if not isinstance(causal, bool):
-        raise _fail(f"{where}.causal", f"expected true or false, found {_describe(causal)}")
+        raise fail(f"{where}.causal", f"expected true or false, found {describe(causal)}")
     return AttentionSpec(query_tensors=queries, causal=causal)
 
 
@@ -478,15 +338,15 @@ def parse_manifest(obj: Any, *, source: str) -> Manifest:
         True
     """
     try:
-        top = _expect_object(obj, "top level")
+        top = expect_object(obj, "top level")
         version = top.get("schema_version", None)
         if "schema_version" in top and version != MANIFEST_SCHEMA:
-            shown = _quote(version) if isinstance(version, str) else _describe(version)
-            raise _fail("schema_version", f"found {shown}, expected {MANIFEST_SCHEMA}")
-        _check_keys(top, "top level", ("schema_version", "entries"), ("attention",))
+            shown = quote(version) if isinstance(version, str) else describe(version)
+            raise fail("schema_version", f"found {shown}, expected {MANIFEST_SCHEMA}")
+        check_keys(top, "top level", ("schema_version", "entries"), ("attention",))
         raw_entries = top["entries"]
         if not isinstance(raw_entries, list) or not raw_entries:
-            raise _fail("entries", f"expected a non-empty array, found {_describe(raw_entries)}")
+            raise fail("entries", f"expected a non-empty array, found {describe(raw_entries)}")
         entries = tuple(_parse_entry(e, f"entries[{i}]") for i, e in enumerate(raw_entries))
         attention = _parse_attention(top["attention"]) if "attention" in top else None
     except FibQuantError as err:
@@ -521,7 +381,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     except UnicodeDecodeError as err:
         raise InvalidInputError(f"invalid UTF-8 at byte {err.start}", path=source) from None
     try:
-        obj = json.loads(text, object_pairs_hook=_object_pairs, parse_constant=_reject_constant,
+        obj = json.loads(text, object_pairs_hook=object_pairs, parse_constant=reject_constant,
                          parse_int=untrusted.parse_json_int)
     except untrusted.LongInteger as err:
         raise InvalidInputError(f"invalid JSON: an integer of {err.args[0]} digits (at most "
@@ -568,7 +428,7 @@ def _check_attention(manifest: Manifest) -> None:
     keys = [e for e in manifest.entries if e.shape.role == "key"]
     values = [e for e in manifest.entries if e.shape.role == "value"]
     if len(keys) != 1 or len(values) != 1:
-        raise _fail(
+        raise fail(
             "attention",
             f"needs exactly one key entry and one value entry, found {len(keys)} key "
             f"and {len(values)} value entries",
@@ -577,10 +437,10 @@ def _check_attention(manifest: Manifest) -> None:
     for name in SIZE_FIELDS:
         if getattr(key, name) != getattr(value, name):
             pair = f"{getattr(key, name)} vs {getattr(value, name)}"
-            raise _fail("attention", f"key and value entries differ in {name} ({pair})")
+            raise fail("attention", f"key and value entries differ in {name} ({pair})")
     problem = _count_rule(len(attention.query_tensors), key.layers, "4-D tensor")
     if problem:
-        raise _fail("attention.query_tensors", problem)
+        raise fail("attention.query_tensors", problem)
 
 
 def validate_manifest(manifest: Manifest, *, source: str) -> None:
@@ -601,30 +461,30 @@ def validate_manifest(manifest: Manifest, *, source: str) -> None:
 
     try:
         if not manifest.entries:
-            raise _fail("entries", "expected a non-empty array, found none")
+            raise fail("entries", "expected a non-empty array, found none")
         for i, entry in enumerate(manifest.entries):
             where = f"entries[{i}]"
             try:
                 entry.shape.validate()
             except FibQuantError as err:
-                raise _located(err, f"{where}.shape") from None
+                raise located(err, f"{where}.shape") from None
             if entry.layout not in LAYOUTS:
-                shown = _quote(str(entry.layout))
-                raise _fail(f"{where}.layout", f"{shown} is not one of {', '.join(LAYOUTS)}")
+                shown = quote(str(entry.layout))
+                raise fail(f"{where}.layout", f"{shown} is not one of {', '.join(LAYOUTS)}")
             _check_rope(entry, where)
             if not entry.tensors:
-                raise _fail(f"{where}.tensors", "expected a non-empty array of tensor names")
+                raise fail(f"{where}.tensors", "expected a non-empty array of tensor names")
             problem = _count_rule(len(entry.tensors), entry.shape.layers, "4-D tensor")
             if problem:
-                raise _fail(f"{where}.tensors", problem)
+                raise fail(f"{where}.tensors", problem)
             for j, name in enumerate(entry.tensors):
                 claim(name, f"{where}.tensors[{j}]")
         if manifest.attention is not None:
             for j, name in enumerate(manifest.attention.query_tensors):
                 claim(name, f"attention.query_tensors[{j}]")
             if not isinstance(manifest.attention.causal, bool):
-                found = _describe(manifest.attention.causal)
-                raise _fail("attention.causal", f"expected true or false, found {found}")
+                found = describe(manifest.attention.causal)
+                raise fail("attention.causal", f"expected true or false, found {found}")
             _check_attention(manifest)
     except FibQuantError as err:
         raise err.at(path=source) from None

@@ -1,0 +1,37 @@
+"""The command-line options shared by the commands, declared once."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**63 - 1,
+                                      help="Seed of rotation and codebook.")]
+PathArg = Annotated[str, typer.Argument(help="A safetensors file.", show_default=False)]
+ManifestOpt = Annotated[str | None, typer.Option(
+    "--manifest", "-m", help="Shape manifest (default: X.manifest.json beside X.safetensors).")]
+OutOpt = Annotated[str | None, typer.Option("--output", "-o", help="Output file.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+AttentionOpt = Annotated[bool, typer.Option(
+    "--attention/--no-attention", help="Measure attention fidelity (queries, or a key proxy).")]
+MaxQueriesOpt = Annotated[int, typer.Option(
+    "--max-queries", min=1, help="Score attention on the last N query positions.")]
+BitsOpt = Annotated[float | None, typer.Option(
+    "--bits", help="Rate preset: >=4 -> (k=2,N=256), 3 -> (2,64), 2 -> (4,256), 1 -> (8,256), "
+    "0.5 -> (8,16). Default 3.")]
+KOpt = Annotated[int | None, typer.Option("--block-dim", help="Block length k.")]
+NOpt = Annotated[int | None, typer.Option("--size", help="Codebook size N.")]
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="A local Hugging Face model folder or a .gguf file (needs fibquant[hf]).")]
+TextOpt = Annotated[str | None, typer.Option(
+    "--text", help="With --model: a UTF-8 text file, tokenized by the model's tokenizer.")]
+IdsOpt = Annotated[str | None, typer.Option(
+    "--ids", help="With --model: take the token ids from this dump's input_ids instead.")]
+PrefixOpt = Annotated[int, typer.Option(
+    "--prefix-tokens", min=1, help="With --model: tokens whose cache is compressed.")]
+ContinuationOpt = Annotated[int, typer.Option(
+    "--continuation-tokens", min=1, help="With --model: tokens scored through the cache.")]
+DtypeOpt = Annotated[str, typer.Option(
+    "--dtype", help="With --model: dtype of the dump, the uncompressed reference (f16, bf16, f32).")]
