@@ -27,6 +27,7 @@ from fibquant_cli.cli.options import (
     OutOpt,
     PathArg,
     PrefixOpt,
+    ScoringQueriesOpt,
     SeedOpt,
     TextOpt,
 )
@@ -280,9 +281,7 @@ def evaluate(
     other: Annotated[str | None, typer.Argument(
         help="A compressed file or a restored dump.", show_default=False)] = None,
     manifest: ManifestOpt = None,
-    max_queries: Annotated[int | None, typer.Option(
-        "--max-queries", min=1, help="Score attention on the last N query positions (default "
-        "2048; with --model compress's default sample).")] = None,
+    max_queries: ScoringQueriesOpt = None,
     model: ModelOpt = None,
     text: TextOpt = None,
     ids: IdsOpt = None,
@@ -387,9 +386,7 @@ def sweep(
         "--plot", help="Write the frontier as a PNG (needs matplotlib).")] = None,
     peers: Annotated[bool, typer.Option(
         "--peers/--no-peers", help="Include llama.cpp (gguf), KIVI and fp8 formats.")] = True,
-    max_queries: Annotated[int | None, typer.Option(
-        "--max-queries", min=1, help="Score attention on the last N query positions (default "
-        "2048; with --model compress's default sample).")] = None,
+    max_queries: ScoringQueriesOpt = None,
     model: ModelOpt = None,
     text: TextOpt = None,
     ids: IdsOpt = None,

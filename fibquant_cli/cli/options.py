@@ -35,3 +35,6 @@ ContinuationOpt = Annotated[int, typer.Option(
     "--continuation-tokens", min=1, help="With --model: tokens scored through the cache.")]
 DtypeOpt = Annotated[str, typer.Option(
     "--dtype", help="With --model: dtype of the dump, the uncompressed reference (f16, bf16, f32).")]
+ScoringQueriesOpt = Annotated[int | None, typer.Option(
+    "--max-queries", min=1, help="Score attention on the last N query positions (default "
+    "2048; with --model compress's default sample).")]
