@@ -69,6 +69,14 @@ def part_name(i: int, layer: int, part: str) -> str:
     return f"fq/e{i}/l{layer}/{part}"
 
 
+def split_part_name(name: str) -> tuple[int, int, str] | None:
+    """(entry, layer, part) of a ``part_name``; None for any other stored name."""
+    if not name.startswith("fq/e"):
+        return None
+    entry, layer, part = name[len("fq/e"):].split("/", 2)
+    return int(entry), int(layer[1:]), part
+
+
 def raw_name(name: str) -> str:
     return RAW_PREFIX + name
 

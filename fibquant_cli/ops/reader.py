@@ -10,6 +10,7 @@ digests (format 3) right after reading it, any other part whole.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from fibquant_cli.core.codec import FibQuantizer
 from fibquant_cli.core.layer import SOURCE_DTYPES
 from fibquant_cli.errors import IntegrityError
 from fibquant_cli.formats import container, dtypes, stfile
-from fibquant_cli.formats.container import codebook_name, part_name, rotation_name
+from fibquant_cli.formats.container import codebook_name, part_name, rotation_name, split_part_name
 from fibquant_cli.formats.digest import codebook_digest, rotation_digest
 from fibquant_cli.ops.progress import Progress
 
@@ -51,6 +52,17 @@ class Opened:
 
     def codec(self, i: int):
         return codecs.get(self.doc.entries[i].codec)
+
+    @functools.cached_property
+    def stored_parts(self) -> dict[tuple[int, int], dict[str, str]]:
+        """(entry, layer) -> {part: stored name}, from one pass over the header (looking each
+        layer's parts up by prefix would scan every stored array once per layer)."""
+        parts: dict[tuple[int, int], dict[str, str]] = {}
+        for name in self.comp.header.tensors:
+            split = split_part_name(name)
+            if split is not None:
+                parts.setdefault(split[:2], {})[split[2]] = name
+        return parts
 
     def names(self, i: int, layer: int):
         """part -> stored name, for one layer (what codecs call ``name_of``)."""
@@ -122,11 +134,9 @@ def verify_unread(opened: Opened) -> None:
 
 def layer_parts(opened: Opened, i: int, layer: int) -> dict[str, np.ndarray]:
     """part -> array of entry i, layer (one read for all of them; verified as configured)."""
-    header = opened.comp.header
-    prefix = part_name(i, layer, "")
-    names = [n for n in header.tensors if n.startswith(prefix)]
-    arrays = stfile.read_tensors(header, names)
-    return {n[len(prefix):]: read_stored(opened, n, arrays) for n in names}
+    names = opened.stored_parts.get((i, layer), {})
+    arrays = stfile.read_tensors(opened.comp.header, list(names.values()))
+    return {part: read_stored(opened, name, arrays) for part, name in names.items()}
 
 
 def restore_layer(opened: Opened, i: int, layer: int) -> np.ndarray:

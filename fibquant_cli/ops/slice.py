@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 from fibquant_cli.core.layer import SOURCE_DTYPES, cast_clamped
 from fibquant_cli.errors import IntegrityError, UsageError
 from fibquant_cli.formats import dtypes
-from fibquant_cli.formats.container import part_name, raw_name
+from fibquant_cli.formats.container import raw_name
 from fibquant_cli.formats.kvlayout import vectors_axes
 from fibquant_cli.formats.manifest import AttentionSpec, Manifest, ManifestEntry, save_manifest
 from fibquant_cli.formats.stfile import label
@@ -51,10 +51,8 @@ def parse_range(text: str | None, n: int, option: str) -> range:
 
 def decode_slice(opened: Opened, i: int, layer: int, t0: int, t1: int) -> np.ndarray:
     """Tokens [t0, t1) of entry i, layer, as [batch, kv_heads, t1 - t0, head_dim] float32."""
-    header = opened.comp.header
-    prefix = part_name(i, layer, "")
-    parts = {n[len(prefix):]: StoredPart(opened, n) for n in header.tensors
-             if n.startswith(prefix)}
+    parts = {part: StoredPart(opened, name)
+             for part, name in opened.stored_parts.get((i, layer), {}).items()}
     try:
         return opened.codec(i).decode_tokens(opened.quantizer(i), parts,
                                              opened.manifest.entries[i].shape,
