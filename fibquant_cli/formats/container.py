@@ -206,16 +206,16 @@ class Document:
         ``expected_layout``."""
         if self.format_version < BLOCKS_SINCE:
             return {}
-        dtypes = {name: dtype for name, dtype, _ in layout}
         out = {}
-        for i, (entry, rec) in enumerate(zip(self.manifest.entries, self.entries)):
-            codec = codecs.get(rec.codec)
-            profile = self.profiles[rec.profile].profile
-            for layer in range(entry.shape.layers):
-                for name in (n for n in dtypes if n.startswith(part_name(i, layer, ""))):
-                    size = codec.block_bytes(name.rsplit("/", 1)[1], dtypes[name], profile)
-                    if size is not None:
-                        out[name] = size
+        for name, dtype, _ in layout:  # one pass: the layout names every part once
+            split = split_part_name(name)
+            if split is None:
+                continue
+            rec = self.entries[split[0]]
+            size = codecs.get(rec.codec).block_bytes(split[2], dtype,
+                                                     self.profiles[rec.profile].profile)
+            if size is not None:
+                out[name] = size
         return out
 
     def expected_layout(self, norms_dtypes: dict[str, str]) -> list[tuple[str, str, tuple]]:
