@@ -1,4 +1,8 @@
-"""A source KV dump: a safetensors file plus its shape manifest, read layer by layer."""
+"""A source KV dump: a safetensors file plus its shape manifest, read layer by layer.
+
+A dump may also be arrays held in memory (``dump_of_arrays``): its header serves their bytes
+(``stfile.header_for_arrays``), so everything that reads a dump reads them the same way.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,11 @@ class Dump:
     path: Path
     header: stfile.Header
     manifest: Manifest
-    manifest_path: Path
+    manifest_path: Path | None  # None: the manifest was given as an object, not a file
+
+    @property
+    def in_memory(self) -> bool:
+        return self.header.data is not None
 
     @property
     def kv_names(self) -> set[str]:
@@ -50,6 +58,17 @@ def open_dump(path, manifest_path=None) -> Dump:
     infos = {name: (info.dtype, info.shape) for name, info in header.tensors.items()}
     check_manifest_against_dump(manifest, infos, source=str(path))
     return Dump(path, header, manifest, mpath)
+
+
+def dump_of_arrays(tensors, manifest: Manifest, where: str = "<memory>",
+                   metadata: dict[str, str] | None = None) -> Dump:
+    """A dump whose tensors are the numpy arrays ``tensors`` (name -> C-contiguous array, in
+    file order), checked against ``manifest`` as a file's would be; ``where`` names it in
+    errors, ``metadata`` is the safetensors ``__metadata__`` a file would carry."""
+    header = stfile.header_for_arrays(tensors, metadata, where)
+    infos = {name: (info.dtype, info.shape) for name, info in header.tensors.items()}
+    check_manifest_against_dump(manifest, infos, source=where)
+    return Dump(Path(where), header, manifest, None)
 
 
 def default_compressed_path(source: Path) -> Path:

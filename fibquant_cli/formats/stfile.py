@@ -25,6 +25,11 @@ Dtype policy.  `NUMPY_DTYPES` lists the dtypes read and written as numpy arrays 
 F4, C64) are validated and carried bit-exactly as bytes (`read_raw`, `RawTensor`) but
 `read_tensor` refuses them.  A dtype outside both tables is a structural error.
 
+In memory.  `header_for_arrays` describes numpy arrays held in memory as the header of a
+safetensors file whose data buffer is those arrays' bytes (`MemoryData`, no copy): every read
+below serves them, so a dump handed over as arrays (``fibquant_cli.api``) is read by the same
+code as a file.
+
 Writing.  This module lays out (`plan_layout`) and serializes (`header_bytes`) a header: compact
 JSON padded with spaces to a multiple of 8 bytes, tensors in the order given, as the reference
 implementation does except that it sorts them. `storage.stwriter` writes the files.
@@ -32,6 +37,8 @@ implementation does except that it sorts them. `storage.stwriter` writes the fil
 
 from __future__ import annotations
 
+import bisect
+import io
 import json
 import math
 import operator
@@ -72,6 +79,7 @@ __all__ = [
     "RawTensor",
     "TensorInfo",
     "numpy_dtype_for",
+    "header_for_arrays",
     "read_header",
     "read_raw",
     "read_tensor",
@@ -106,13 +114,18 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Header:
-    """A parsed, validated header; `tensors` keeps the file's order."""
+    """A parsed, validated header; `tensors` keeps the file's order.
+
+    ``data`` is None for a file; for arrays held in memory (`header_for_arrays`) it serves
+    the data buffer, and ``path`` only names them in errors.
+    """
 
     path: Path
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] | None
     data_start: int
     file_size: int
+    data: MemoryData | None = None
 
     @property
     def data_n_bytes(self) -> int:
@@ -308,6 +321,8 @@ def _lookup(header: Header, name: str) -> TensorInfo:
     where = {"path": str(header.path), "tensor": label(name)}
     if name not in header.tensors:
         raise InvalidInputError(f"no such tensor (file has {len(header.tensors)})", **where)
+    if header.data is not None:
+        return header.tensors[name]
     try:
         size = os.stat(header.path).st_size
     except OSError as err:
@@ -371,7 +386,7 @@ def _read_into(header: Header, offset: int, out: np.ndarray, name: str) -> None:
     A positioned read into a fresh array: a memory map costs ~0.2 ms to set up, which
     dominated decompress on dumps of many small tensors.
     """
-    with _open_input(header.path) as f:
+    with _open_data(header) as f:
         f.seek(header.data_start + offset)
         got = f.readinto(out.reshape(-1).view(np.uint8))  # bf16 has no buffer protocol
     if got != out.nbytes:
@@ -418,7 +433,7 @@ def iter_raw(header: Header, name: str, chunk_bytes: int = 8 << 20):
     """Yield the stored bytes of tensor `name` in pieces of at most `chunk_bytes` (a copy of a
     large tensor then never holds it whole)."""
     info = _lookup(header, name)
-    with _open_input(header.path) as f:
+    with _open_data(header) as f:
         f.seek(header.data_start + info.begin)
         left = info.n_bytes
         while left:
@@ -433,12 +448,93 @@ def iter_raw(header: Header, name: str, chunk_bytes: int = 8 << 20):
 def read_raw(header: Header, name: str) -> bytes:
     """Return the exact stored bytes of tensor `name` (any dtype)."""
     info = _lookup(header, name)
-    with _open_input(header.path) as f:
+    with _open_data(header) as f:
         f.seek(header.data_start + info.begin)
         data = f.read(info.n_bytes)
     if len(data) != info.n_bytes:
         raise InvalidInputError("file shrank while reading", path=str(header.path), tensor=label(name))
     return data
+
+
+def _open_data(header: Header):
+    """A binary reader over the data (the file, or the arrays of an in-memory header)."""
+    return header.data.open() if header.data is not None else _open_input(header.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# In memory
+
+
+class MemoryData:
+    """The data buffer of arrays held in memory: their bytes back to back, as in a file.
+
+    Nothing is copied up front; ``open()`` returns a reader whose ``seek``/``read``/``readinto``
+    copy out of the arrays' own buffers, so the file readers above serve them unchanged.
+    """
+
+    def __init__(self, layout: Sequence[TensorInfo], buffers: Sequence[memoryview]):
+        self.starts = [info.begin for info in layout]
+        self.buffers = list(buffers)
+        self.size = layout[-1].end if layout else 0
+
+    def open(self) -> _MemoryReader:
+        return _MemoryReader(self)
+
+
+class _MemoryReader(io.RawIOBase):
+    def __init__(self, data: MemoryData):
+        super().__init__()
+        self.data, self.pos = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.data.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, out) -> int:
+        out = memoryview(out).cast("B")
+        data, done = self.data, 0
+        k = max(0, bisect.bisect_right(data.starts, self.pos) - 1)
+        while done < len(out) and k < len(data.buffers):
+            start, buf = data.starts[k], data.buffers[k]
+            lo = self.pos - start
+            if lo < len(buf):
+                n = min(len(buf) - lo, len(out) - done)
+                out[done:done + n] = buf[lo:lo + n]
+                done += n
+                self.pos += n
+            k += 1
+        return done
+
+
+def header_for_arrays(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None,
+                      where: str) -> Header:
+    """The header of a safetensors file holding ``tensors`` (in their order), served from
+    memory; ``where`` names them in errors. Arrays must be C-contiguous with a native or
+    little-endian numpy dtype of `NUMPY_DTYPES`."""
+    specs, buffers = [], []
+    for name, arr in tensors.items():
+        if not (isinstance(arr, np.ndarray) and arr.flags.c_contiguous):
+            raise UsageError("expected a C-contiguous numpy array", path=where, tensor=label(name))
+        try:
+            specs.append((name, st_dtype_for(arr.dtype), arr.shape))
+        except InvalidInputError as err:
+            raise err.at(path=where, tensor=label(name)) from None
+        data = arr if arr.dtype.byteorder != ">" else arr.astype(arr.dtype.newbyteorder("<"))
+        buffers.append(memoryview(data.reshape(-1).view(np.uint8)))
+    layout = plan_layout(specs, where)
+    return Header(Path(where), {info.name: info for info in layout},
+                  None if metadata is None else dict(metadata), 0,
+                  layout[-1].end if layout else 0, MemoryData(layout, buffers))
 
 
 # ---------------------------------------------------------------------------------------------

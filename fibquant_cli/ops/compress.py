@@ -79,6 +79,8 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
              progress: Progress | None = None) -> CompressReport:
     """Compress a KV dump into one self-contained ``.fq.safetensors`` file.
 
+    ``source`` is a dump's path, or a ``Dump`` already open (``kvdump.dump_of_arrays``: arrays
+    held in memory, which need an ``output``; ``manifest`` is then part of the ``Dump``).
     ``jobs`` = 0 picks the number of encoder threads from the dump's size; 1 encodes here.
     BLAS runs single-threaded: the encoder's matmuls are skinny ((m, k) x (k, N)), for which
     OpenBLAS threads cost more than they give (2.3x slower measured on 2 cores); the cores are
@@ -89,11 +91,16 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
     spec = spec or CompressSpec()
     if jobs < 0:
         raise UsageError(f"{{jobs}} must be >= 0, got {jobs}", options=("jobs",))
-    source = untrusted.input_path(source)
     out = output_path(output) if output is not None else None
-    dump = open_dump(source, manifest)
-    out = out or default_compressed_path(source)
-    inputs = {source: "input file", dump.manifest_path: "manifest file"}
+    if isinstance(source, Dump):
+        if out is None:
+            raise UsageError("arrays held in memory need an {output} path", options=("output",))
+        dump, inputs = source, {}
+    else:
+        source = untrusted.input_path(source)
+        dump = open_dump(source, manifest)
+        out = out or default_compressed_path(source)
+        inputs = {source: "input file", dump.manifest_path: "manifest file"}
     with publishing([out], force=force, inputs=inputs) as (tmp,), \
             threadpool_limits(1):
         jobs = jobs or auto_jobs(dump)

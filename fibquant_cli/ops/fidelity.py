@@ -86,7 +86,7 @@ def require_kv_pair(dump: Dump, what: str) -> tuple[int, int]:
     pair = kv_entries(dump)
     if pair is None:
         raise InvalidInputError(f"{what} needs exactly one key and one value entry of the same "
-                                "geometry", path=str(dump.manifest_path))
+                                "geometry", path=str(dump.manifest_path or dump.path))
     return pair
 
 
