@@ -1,6 +1,6 @@
 """The layers import only downward, and start-up imports only what a command needs.
 
-Layers, top to bottom: cli -> hf (real models, torch) -> ops -> formats, storage -> codecs -> core -> errors
+Layers, top to bottom: cli -> hf (real models, torch) -> api (the Python API) -> ops -> formats, storage -> codecs -> core -> errors
 (docs/architecture.md). Read from the source with ``ast``, lazy imports inside functions
 included, so a shortcut anywhere in a module counts.
 """
@@ -24,8 +24,9 @@ ALLOWED = {
     "formats": {"codecs", "core", "errors"},
     "storage": {"formats", "codecs", "core", "errors"},
     "ops": {"storage", "formats", "codecs", "core", "errors", "__init__"},
-    "hf": {"ops", "storage", "formats", "codecs", "core", "errors"},
-    "cli": {"hf", "ops", "storage", "formats", "codecs", "core", "errors"},
+    "api": {"ops", "storage", "formats", "codecs", "core", "errors"},
+    "hf": {"api", "ops", "storage", "formats", "codecs", "core", "errors"},
+    "cli": {"hf", "api", "ops", "storage", "formats", "codecs", "core", "errors"},
 }
 # Third-party packages each layer may import (core and codecs: numpy only).
 THIRD_PARTY = {
@@ -35,6 +36,7 @@ THIRD_PARTY = {
     "formats": {"numpy", "blake3", "ml_dtypes", "gguf"},
     "storage": {"numpy"},
     "ops": {"numpy", "threadpoolctl"},
+    "api": {"numpy", "ml_dtypes", "threadpoolctl"},  # torch tensors are converted, never imported
     "hf": {"numpy", "ml_dtypes", "safetensors", "torch", "transformers", "tokenizers"},
     "cli": {"typer", "rich", "matplotlib"},
 }

@@ -156,9 +156,9 @@ def compress(
     as_json: JsonOpt = False,
 ) -> None:
     """Compress a KV dump into one self-contained .fq.safetensors file."""
+    from fibquant_cli.api import compress_file
     from fibquant_cli.cli import tables
-    from fibquant_cli.ops.compress import compress as run
-    from fibquant_cli.ops.spec import DEFAULT_KEEP_FIRST, resolve_spec
+    from fibquant_cli.ops.spec import DEFAULT_KEEP_FIRST
 
     rate_flags = (bits, block_dim, size, key_bits, value_bits, key_block_dim, key_size,
                   value_block_dim, value_size)
@@ -174,16 +174,17 @@ def compress(
             spec, choice = choose_for_target(path, target_cosine, manifest=manifest, seed=seed,
                                              max_queries=max_queries or 2048,
                                              progress=progress)
+        options = {}
     else:
-        choice = None
-        spec = resolve_spec(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
-                            value_bits=value_bits, key_block_dim=key_block_dim, key_size=key_size,
-                            value_block_dim=value_block_dim, value_size=value_size, seed=seed,
-                            keep_first=keep_first, keep_last=keep_last, center_keys=center_keys)
+        choice, spec = None, None
+        options = dict(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
+                       value_bits=value_bits, key_block_dim=key_block_dim, key_size=key_size,
+                       value_block_dim=value_block_dim, value_size=value_size, seed=seed,
+                       keep_first=keep_first, keep_last=keep_last, center_keys=center_keys)
     with RichProgress() as progress:
-        rep = run(path, manifest=manifest, output=output, spec=spec, compare=compare,
-                  force=force, attention=attention, max_queries=max_queries, jobs=jobs,
-                  progress=progress)
+        rep = compress_file(path, output, manifest=manifest, spec=spec, compare=compare,
+                            force=force, attention=attention, max_queries=max_queries, jobs=jobs,
+                            progress=progress, **options)
     if as_json:
         from fibquant_cli.ops.fidelity import headline
 
@@ -227,18 +228,12 @@ def decompress(
 
     With --layers/--tokens, decode just that slice (and its queries) into a smaller dump.
     """
+    from fibquant_cli.api import decompress_file
     from fibquant_cli.cli import tables
 
     with RichProgress() as progress:
-        if layers is None and tokens is None:
-            from fibquant_cli.ops.decompress import decompress as run
-
-            rep = run(path, output=output, force=force, progress=progress, jobs=jobs)
-        else:
-            from fibquant_cli.ops.slice import decompress_slice
-
-            rep = decompress_slice(path, layers=layers, tokens=tokens, output=output,
-                                   force=force, progress=progress)
+        rep = decompress_file(path, output, layers=layers, tokens=tokens, force=force,
+                              jobs=jobs, progress=progress)
     if as_json:
         console.print_json(rep.to_json())
     else:

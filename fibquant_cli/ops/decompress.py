@@ -85,6 +85,31 @@ def restore_tensor(opened: Opened, name: str, where_kv: dict) -> np.ndarray:
     return out
 
 
+def kv_views(opened: Opened) -> dict[str, tuple[int, list]]:
+    """KV source tensor name -> (entry, [(layer, index in the tensor or None), ...])."""
+    where_kv: dict[str, tuple[int, list]] = {}
+    for i, entry in enumerate(opened.manifest.entries):
+        for layer, (name, index) in enumerate(entry_layer_views(entry)):
+            where_kv.setdefault(name, (i, []))[1].append((layer, index))
+    return where_kv
+
+
+def restore_source_tensor(opened: Opened, name: str, where_kv: dict):
+    """Source tensor ``name`` as decompress writes it, and how: a KV tensor rebuilt by its
+    codec (an array), any other copied (its bytes, checked against both digests)."""
+    if name in where_kv:
+        return restore_tensor(opened, name, where_kv), "restored"
+    raw = stfile.read_raw(opened.comp.header, raw_name(name))
+    info = opened.doc.source.tensors[name]
+    found = tensor_digest(info.dtype, info.shape, raw)
+    # The copy must match both its stored-array digest and the source tensor's digest.
+    if found != opened.doc.arrays[raw_name(name)] or found != info.digest:
+        raise IntegrityError("digest mismatch (stored bytes were altered)",
+                             path=str(opened.path), tensor=raw_name(name))
+    opened.verified.add(raw_name(name))
+    return raw, "pass-through (bit-exact)"
+
+
 def decompress(path, *, output=None, force: bool = False, progress: Progress | None = None,
                jobs: int = 0) -> DecompressReport:
     """Verify every digest, then restore every tensor (name, shape, dtype) and the manifest.
@@ -114,24 +139,11 @@ def _restore_into(tmp: Path, opened: Opened, progress: Progress, jobs: int) -> l
     """
     source = opened.doc.source
     specs = [(n, source.tensors[n].dtype, source.tensors[n].shape) for n in source.tensor_order]
-    where_kv: dict[str, tuple[int, list]] = {}
-    for i, entry in enumerate(opened.manifest.entries):
-        for layer, (name, index) in enumerate(entry_layer_views(entry)):
-            where_kv.setdefault(name, (i, []))[1].append((layer, index))
+    where_kv = kv_views(opened)
     rows: list[dict] = []
 
     def produce(name: str):
-        if name in where_kv:
-            return restore_tensor(opened, name, where_kv), "restored"
-        raw = stfile.read_raw(opened.comp.header, raw_name(name))
-        info = source.tensors[name]
-        found = tensor_digest(info.dtype, info.shape, raw)
-        # The copy must match both its stored-array digest and the source tensor's digest.
-        if found != opened.doc.arrays[raw_name(name)] or found != info.digest:
-            raise IntegrityError("digest mismatch (stored bytes were altered)",
-                                 path=str(opened.path), tensor=raw_name(name))
-        opened.verified.add(raw_name(name))
-        return raw, "pass-through (bit-exact)"
+        return restore_source_tensor(opened, name, where_kv)
 
     with StreamWriter(tmp, specs, source.metadata, publish=False) as writer, \
             ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -175,3 +175,14 @@ def _query(loaded: Opened, name: str, index: tuple) -> np.ndarray:
 
 def numpy_dtype(st_dtype: str):
     return dtypes.numpy_dtype_for(st_dtype)
+
+
+def tensor_slice(opened: Opened, i: int, name: str, layers: range, tokens: range) -> np.ndarray:
+    """KV source tensor ``name`` of entry ``i`` cut to ``tokens`` (a 5-D tensor also to its
+    ``layers``), in its stored layout and dtype: what the sliced decompress writes for it."""
+    entry = opened.manifest.entries[i]
+    st = SOURCE_DTYPES[entry.shape.dtype]
+    if len(opened.doc.source.tensors[name].shape) == 5:
+        return _five_d(opened, i, layers, tokens, st)()
+    perm = inverse_permutation(vectors_axes(entry.layout, 4))
+    return _four_d(opened, i, entry.tensors.index(name), tokens, st, perm)()
