@@ -188,7 +188,7 @@ def _as_numpy(x: Any, name: str) -> np.ndarray:
             import ml_dtypes
 
             return np.ascontiguousarray(x.float().numpy().astype(ml_dtypes.bfloat16))
-        x = x.numpy()
+        return np.array(x.numpy())  # a copy: the cache may change in place later
     if not isinstance(x, np.ndarray):
         raise InvalidInputError(f"expected a numpy array or a torch tensor, found "
                                 f"{type(x).__name__}", path=MEMORY, tensor=name)

@@ -1,8 +1,8 @@
 """The layers import only downward, and start-up imports only what a command needs.
 
-Layers, top to bottom: cli -> hf (real models, torch) -> api (the Python API) -> ops -> formats, storage -> codecs -> core -> errors
-(docs/architecture.md). Read from the source with ``ast``, lazy imports inside functions
-included, so a shortcut anywhere in a module counts.
+Layers, top to bottom: cli -> hf (real models, torch) -> api (the Python API) -> ops ->
+formats, storage -> codecs -> core -> errors (docs/architecture.md). Read from the source
+with ``ast``, lazy imports inside functions included, so a shortcut anywhere in a module counts.
 """
 
 from __future__ import annotations

@@ -42,15 +42,19 @@ def cache_layers(cache) -> list[tuple]:
     return list(zip(cache.key_cache, cache.value_cache))
 
 
-def build_cache(keys: list[np.ndarray], values: list[np.ndarray]):
-    """A fresh transformers ``DynamicCache`` holding ``keys``/``values`` (float32 copies)."""
+def build_cache(keys: list[np.ndarray], values: list[np.ndarray], *, dtype=None, device=None):
+    """A fresh transformers ``DynamicCache`` holding ``keys``/``values``: float32 copies, or
+    torch ``dtype`` on ``device`` (through float32, exact from float16 and bfloat16)."""
     import torch
     from transformers import DynamicCache
 
+    def tensor(x):
+        t = torch.from_numpy(np.array(x, dtype=np.float32))
+        return t if dtype is None and device is None else t.to(device=device, dtype=dtype)
+
     cache = DynamicCache()
     for i, (k, v) in enumerate(zip(keys, values)):
-        cache.update(torch.from_numpy(np.array(k, dtype=np.float32)),
-                     torch.from_numpy(np.array(v, dtype=np.float32)), i)
+        cache.update(tensor(k), tensor(v), i)
     return cache
 
 

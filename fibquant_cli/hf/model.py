@@ -83,14 +83,19 @@ def load_model(path, *, threads: int | None = None) -> LoadedModel:
                                 path=str(path)) from None
     model.eval()
     tokenizer = load_tokenizer(transformers, folder, extra)
-    cfg = model.config
+    layers, query_heads, kv_heads, head_dim = config_geometry(model.config)
+    return LoadedModel(path, model, tokenizer, layers, query_heads, kv_heads, head_dim,
+                       rope_of(model.config, head_dim, str(path)))
+
+
+def config_geometry(cfg) -> tuple[int, int, int, int]:
+    """(layers, query_heads, kv_heads, head_dim) of a transformers config (GPT-2's names too)."""
     query_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
     kv_heads = getattr(cfg, "num_key_value_heads", None) or query_heads
     hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
     head_dim = getattr(cfg, "head_dim", None) or hidden // query_heads
     layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
-    return LoadedModel(path, model, tokenizer, layers, query_heads, kv_heads, head_dim,
-                       rope_of(cfg, head_dim, str(path)))
+    return layers, query_heads, kv_heads, head_dim
 
 
 def load_tokenizer(transformers, folder: Path, extra: dict):
