@@ -91,13 +91,14 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
     spec = spec or CompressSpec()
     if jobs < 0:
         raise UsageError(f"{{jobs}} must be >= 0, got {jobs}", options=("jobs",))
+    in_memory = isinstance(source, Dump)
+    source = source if in_memory else untrusted.input_path(source)
     out = output_path(output) if output is not None else None
-    if isinstance(source, Dump):
+    if in_memory:
         if out is None:
             raise UsageError("arrays held in memory need an {output} path", options=("output",))
         dump, inputs = source, {}
     else:
-        source = untrusted.input_path(source)
         dump = open_dump(source, manifest)
         out = out or default_compressed_path(source)
         inputs = {source: "input file", dump.manifest_path: "manifest file"}
