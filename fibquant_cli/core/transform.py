@@ -1,0 +1,334 @@
+"""Transform coding of token rows: coefficient quantizers, rate allocation, exceptions.
+
+The numeric core of the transform codec (docs/transform.md; ``../shared/TRANSFORM_CODING.md``
+has the prototype it grew from). A matrix is the tokens of one layer and role, one row per
+token: the concatenated KV heads, keys with RoPE undone. Projected on a basis and divided by
+their standard deviations, its coefficients are close to unit Gaussians; this module codes
+such normalised coefficients.
+
+Glossary
+--------
+pair        components (2j, 2j + 1) of a row: the unit a width is given to. Components come
+            ordered by decreasing variance, so a pair holds two of similar variance.
+width       bits spent on one pair of one row: 0 (the pair is dropped: decoded as 0, the
+            mean), 1..``VQ_MAX_WIDTH`` (the index of the nearest of the ``2**width`` codewords
+            of a 2-D Gaussian codebook: FibQuant's radial-angular spiral refined by Lloyd),
+            or an even width above that (two Lloyd-Max scalar indices of ``width / 2`` bits,
+            first component in the high bits). ``WIDTHS`` lists them.
+delta       ``DELTA[w]``: mean squared error per component of unit Gaussians coded at width
+            ``w`` (1 at width 0); what the allocator trades against bits.
+exception   a coefficient of a coded pair with ``|c| > TAU``: outside every codebook's reach,
+            clipping it would cost ``(|c| - reach)**2``. Real caches have such outliers on the
+            tokens attention looks at (prototype: cosine 0.93 -> 1.0 at 8 bits per value once
+            they were kept), so they are stored exactly beside the codes, by flat position.
+stream      the codes of one width: ``rows * pairs_of_that_width`` indices bit-packed
+            (``core/bitpack``) in row-major order, so rows ``[r0, r1)`` are one contiguous
+            range of indices: random access by token.
+
+Allocation (``allocate``) is greedy over the lower convex hull of ``DELTA``: every step gives
+the next hull width to the pair whose weighted distortion falls most per bit, across every
+matrix at once. For convex distortion-rate curves this is optimal for the budget it ends at
+(the classical result of Shoham and Gersho 1988); weights say what a unit of each matrix's
+squared error costs (its measured sensitivity), so no layer is starved because its values
+are small.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fibquant_cli.core import bitpack
+
+VQ_MAX_WIDTH = 10
+SCALAR_WIDTHS = (12, 14, 16)
+WIDTHS = tuple(range(VQ_MAX_WIDTH + 1)) + SCALAR_WIDTHS
+TAU = 4.0  # |coefficient| above which a coded coefficient is an exception (stored exactly)
+TABLES_PATH = Path(__file__).resolve().parent.parent / "codebooks" / "gauss_v1.npz"
+
+
+# --------------------------------------------------------------------------- the quantizers
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The coefficient quantizers: ``vq[w]`` (2**w, 2) and ``scalar[b]`` (2**b,) ascending,
+    float32 as stored in files, and ``delta[w]`` per width (measured on unit Gaussians)."""
+
+    vq: dict[int, np.ndarray]
+    scalar: dict[int, np.ndarray]
+    delta: dict[int, float]
+
+    @classmethod
+    def from_npz(cls, data) -> Tables:
+        vq = {w: np.asarray(data[f"vq{w}"], dtype=np.float32) for w in range(1, VQ_MAX_WIDTH + 1)}
+        scalar = {w // 2: np.asarray(data[f"scalar{w // 2}"], dtype=np.float32)
+                  for w in SCALAR_WIDTHS}
+        delta = dict(zip(WIDTHS, (float(x) for x in data["delta"])))
+        return cls(vq, scalar, delta)
+
+
+@functools.cache
+def tables() -> Tables:
+    """The shipped tables (``scripts/gauss_codebooks.py`` made them; tests check them)."""
+    with np.load(TABLES_PATH) as data:
+        return Tables.from_npz(data)
+
+
+def spiral_codebook(n: int) -> np.ndarray:
+    """FibQuant's k = 2 radial-angular codebook for a unit 2-D Gaussian, (n, 2) float64.
+
+    Radii at the quantiles (i + 1/2)/n of the companded law: the MSE-optimal point density is
+    p**(k/(k+2)) = exp(-|x|**2 / 4), a Gaussian of variance 2, whose radius is Rayleigh:
+    r_i = sqrt(-4 ln(1 - q_i)). Angles 2 pi i (1 - 1/phi) (golden). Lloyd then refines it.
+    """
+    q = (np.arange(n, dtype=np.float64) + 0.5) / n
+    r = np.sqrt(-4.0 * np.log1p(-q))
+    golden = (1.0 + 5.0 ** 0.5) / 2.0
+    a = 2.0 * np.pi * np.arange(n, dtype=np.float64) * (1.0 - 1.0 / golden)
+    return np.stack([r * np.cos(a), r * np.sin(a)], axis=1)
+
+
+def lloyd_max_gaussian(levels: int, iterations: int = 2000) -> np.ndarray:
+    """The Lloyd-Max quantizer of a unit Gaussian with ``levels`` levels, (levels,) float64.
+
+    Exact centroid steps: a cell [a, b] has mass Phi(b) - Phi(a) and first moment
+    phi(a) - phi(b), so each level moves to their ratio; edges are midpoints.
+    """
+    from math import erf, exp, pi, sqrt
+
+    cdf = np.vectorize(lambda x: 0.5 * (1.0 + erf(x / sqrt(2.0))))
+    pdf = np.vectorize(lambda x: exp(-0.5 * x * x) / sqrt(2.0 * pi))
+    y = np.linspace(-3.0, 3.0, levels)
+    for _ in range(iterations):
+        edges = np.concatenate([[-np.inf], (y[1:] + y[:-1]) / 2.0, [np.inf]])
+        mass = np.diff(cdf(edges))
+        moment = pdf(edges[:-1]) - pdf(edges[1:])
+        y_new = moment / mass
+        if np.max(np.abs(y_new - y)) < 1e-13:
+            return y_new
+        y = y_new
+    return y
+
+
+# --------------------------------------------------------------------------- coding
+
+
+def _scalar_codes(x: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    edges = (levels[1:] + levels[:-1]) / 2.0
+    return np.searchsorted(edges, x).astype(np.uint32)
+
+
+@functools.lru_cache(maxsize=16)
+def _searcher(width: int):
+    """A nearest-codeword searcher of the shipped ``vq[width]``, scaled into the unit disc (the
+    k = 2 lookup grid covers it; nearest neighbours do not change under scaling)."""
+    from fibquant_cli.core.search import make_searcher
+
+    cb = tables().vq[width].astype(np.float64)
+    scale = 1.0 / (1.05 * float(np.sqrt((cb * cb).sum(axis=1).max())))
+    return make_searcher(cb * scale), np.float32(scale)
+
+
+def encode_pairs(c: np.ndarray, width: int, tab: Tables | None = None) -> np.ndarray:
+    """Indices (rows * pairs,) uint32 of coefficients ``c`` (rows, 2 * pairs) at ``width``."""
+    tab = tab or tables()
+    rows, cols = c.shape
+    y = np.ascontiguousarray(c, dtype=np.float32).reshape(-1, 2)
+    if width <= VQ_MAX_WIDTH:
+        return nearest_codeword(y, width, tab)
+    levels = tab.scalar[width // 2]
+    hi = _scalar_codes(y[:, 0], levels)
+    lo = _scalar_codes(y[:, 1], levels)
+    return (hi << np.uint32(width // 2)) | lo
+
+
+def nearest_codeword(y: np.ndarray, width: int, tab: Tables) -> np.ndarray:
+    """Index of the nearest codeword of ``tab.vq[width]`` for each row of y (m, 2)."""
+    if tab is not tables():  # other tables (tests, a file's own): brute force, exact
+        from fibquant_cli.core.fastsearch import brute_nearest_f64
+
+        return brute_nearest_f64(np.asarray(y, dtype=np.float64),
+                                 tab.vq[width].astype(np.float64)).astype(np.uint32)
+    searcher, scale = _searcher(width)
+    return searcher.nearest(np.ascontiguousarray(y, dtype=np.float32) * scale)
+
+
+def decode_pairs(codes: np.ndarray, width: int, tab: Tables | None = None) -> np.ndarray:
+    """Coefficients (len(codes), 2) float32 of indices at ``width`` (``encode_pairs``' inverse)."""
+    tab = tab or tables()
+    codes = np.asarray(codes)
+    if width <= VQ_MAX_WIDTH:
+        return np.take(tab.vq[width], codes.astype(np.intp), axis=0)
+    b = width // 2
+    levels = tab.scalar[b]
+    mask = (1 << b) - 1
+    out = np.empty((len(codes), 2), dtype=np.float32)
+    out[:, 0] = np.take(levels, (codes >> b).astype(np.intp))
+    out[:, 1] = np.take(levels, (codes & mask).astype(np.intp))
+    return out
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each width's stream of one matrix sits: ``pairs[w]`` lists the pair indices
+    coded at width w (ascending), and the streams follow each other in ascending width, each
+    padded to a whole byte."""
+
+    widths: tuple[int, ...]  # per pair
+    rows: int
+
+    @functools.cached_property
+    def groups(self) -> list[tuple[int, np.ndarray, int, int]]:
+        """(width, pair indices, byte offset, byte length) of each coded width."""
+        w = np.asarray(self.widths)
+        out, offset = [], 0
+        for width in sorted(set(self.widths) - {0}):
+            idx = np.flatnonzero(w == width)
+            n = bitpack.packed_n_bytes(self.rows * len(idx), width)
+            out.append((width, idx, offset, n))
+            offset += n
+        return out
+
+    @property
+    def code_bytes(self) -> int:
+        return sum(g[3] for g in self.groups)
+
+    @property
+    def bits_per_row(self) -> int:
+        return int(sum(self.widths))
+
+    @functools.cached_property
+    def live(self) -> np.ndarray:
+        """Components of coded pairs (the others decode as 0), ascending."""
+        pairs = np.flatnonzero(np.asarray(self.widths) > 0)
+        return np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
+
+
+def encode_rows(c: np.ndarray, layout: RowLayout, tab: Tables | None = None):
+    """Code normalised coefficients ``c`` (rows, D) float32.
+
+    Returns (codes uint8 (layout.code_bytes,), exception positions uint32 (row * D + column,
+    ascending), exception values float16): every coefficient of a coded pair with |c| > TAU is
+    an exception and decodes exactly as stored (to float16 precision).
+    """
+    tab = tab or tables()
+    rows, d = c.shape
+    codes = np.empty(layout.code_bytes, dtype=np.uint8)
+    for width, idx, offset, n in layout.groups:
+        cols = np.stack([2 * idx, 2 * idx + 1], axis=1).reshape(-1)
+        packed = bitpack.pack(encode_pairs(c[:, cols], width, tab), width)
+        codes[offset:offset + n] = packed
+    live = layout.live
+    big = np.abs(c[:, live]) > TAU
+    r, j = np.nonzero(big)
+    positions = (r.astype(np.int64) * d + live[j]).astype(np.uint32)
+    order = np.argsort(positions, kind="stable")
+    positions = positions[order]
+    values = c[r, live[j]][order].astype(np.float16)
+    return codes, positions, values
+
+
+def decode_rows(codes: np.ndarray, positions: np.ndarray, values: np.ndarray,
+                layout: RowLayout, d: int, r0: int = 0, r1: int | None = None,
+                tab: Tables | None = None) -> np.ndarray:
+    """Coefficients of rows [r0, r1) (r1 - r0, D) float32: only those rows are unpacked."""
+    tab = tab or tables()
+    r1 = layout.rows if r1 is None else r1
+    out = np.zeros((r1 - r0, d), dtype=np.float32)
+    for width, idx, offset, n in layout.groups:
+        stream = codes[offset:offset + n]
+        k = len(idx)
+        ids = bitpack.unpack_range(stream, r0 * k, r1 * k, width)
+        pairs = decode_pairs(ids, width, tab).reshape(r1 - r0, k, 2)
+        out[:, 2 * idx] = pairs[:, :, 0]
+        out[:, 2 * idx + 1] = pairs[:, :, 1]
+    lo, hi = np.searchsorted(positions, [r0 * d, r1 * d])
+    if hi > lo:
+        p = positions[lo:hi].astype(np.int64) - r0 * d
+        out.reshape(-1)[p] = values[lo:hi].astype(np.float32)
+    return out
+
+
+# --------------------------------------------------------------------------- allocation
+
+
+def hull_widths(delta: dict[int, float]) -> list[int]:
+    """The widths on the lower convex hull of (width, delta), ascending from 0: the only
+    widths a greedy allocator may stop at without wasting bits."""
+    ws = sorted(delta)
+    hull = [ws[0]]
+    for w in ws[1:]:
+        if delta[w] >= delta[hull[-1]]:
+            continue
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b is above the chord a -> w: drop it
+            if (delta[b] - delta[a]) * (w - a) >= (delta[w] - delta[a]) * (b - a):
+                hull.pop()
+            else:
+                break
+        hull.append(w)
+    return hull
+
+
+def greedy_steps(variances: list[np.ndarray], weights: list[float],
+                 delta: dict[int, float] | None = None):
+    """The allocator's steps, best first: (matrix, pair, new width, bits) each raising one
+    pair to its next width on the hull of ``delta``, by the largest fall of
+    ``weights[m] * (var[2p] + var[2p + 1]) * delta`` per bit. The steps do not depend on the
+    budget: a budget takes the longest prefix it can pay for (``apply_steps``), so one run
+    serves a search over budgets."""
+    delta = delta or tables().delta
+    hull = hull_widths(delta)
+    heap = []
+    pair_var = []
+    for m, (var, w) in enumerate(zip(variances, weights)):
+        var = np.asarray(var, dtype=np.float64)
+        pv = w * (var[0::2] + var[1::2])
+        pair_var.append(pv)
+        for p, v in enumerate(pv):
+            if v > 0:
+                gain = v * (delta[hull[0]] - delta[hull[1]]) / (hull[1] - hull[0])
+                heap.append((-gain, m, p, 0))
+    heapq.heapify(heap)
+    while heap:
+        _, m, p, h = heapq.heappop(heap)
+        yield m, p, hull[h + 1], hull[h + 1] - hull[h]
+        if h + 2 < len(hull):
+            gain = pair_var[m][p] * (delta[hull[h + 1]] - delta[hull[h + 2]]) / (
+                hull[h + 2] - hull[h + 1])
+            heapq.heappush(heap, (-gain, m, p, h + 1))
+
+
+def apply_steps(steps, pairs: list[int], count: int) -> list[tuple[int, ...]]:
+    """Widths per pair of each matrix after the first ``count`` of ``steps`` (a list)."""
+    widths = [[0] * n for n in pairs]
+    for m, p, w, _ in steps[:count]:
+        widths[m][p] = w
+    return [tuple(w) for w in widths]
+
+
+def allocate(variances: list[np.ndarray], weights: list[float], budget_bits: float,
+             delta: dict[int, float] | None = None) -> list[tuple[int, ...]]:
+    """Widths per pair of each matrix, minimising sum_m weights[m] * sum_i var[m][i] *
+    delta(width of i's pair) with at most ``budget_bits`` bits per row over all matrices.
+
+    ``variances[m]`` (D_m,) are the coefficient variances of matrix m (D_m even). Greedy on
+    the convex hull (``greedy_steps``); a step that would exceed the budget is skipped, as
+    smaller steps elsewhere may still fit.
+    """
+    widths = [[0] * (len(v) // 2) for v in variances]
+    spent = 0
+    for m, p, w, cost in greedy_steps(variances, weights, delta):
+        if spent + cost > budget_bits:
+            continue
+        if widths[m][p] != w - cost:
+            continue  # an earlier step of this pair was skipped: it cannot climb further
+        spent += cost
+        widths[m][p] = w
+    return [tuple(w) for w in widths]
