@@ -71,7 +71,8 @@ def compress(kv, path, *, bits: float | None = None, block_dim: int | None = Non
              value_bits: float | None = None, key_block_dim: int | None = None,
              key_size: int | None = None, value_block_dim: int | None = None,
              value_size: int | None = None, keep_first: int | None = None, keep_last: int = 0,
-             center_keys: bool = True, seed: int = 0, spec: CompressSpec | None = None,
+             center_keys: bool = True, seed: int = 0, basis=None, embed_basis: bool = False,
+             ratio: float | None = None, spec: CompressSpec | None = None,
              manifest: Manifest | Mapping | None = None, rope: RopeSpec | Mapping | None = None,
              query_heads: int | None = None, attention: bool = True,
              max_queries: int | None = None, jobs: int = 0, force: bool = False,
@@ -84,6 +85,8 @@ def compress(kv, path, *, bits: float | None = None, block_dim: int | None = Non
         bits, block_dim, size, key_*, value_*, keep_first, keep_last, center_keys, seed:
             the options of ``fibquant compress`` (README, "Commands"); defaults: 3 bits,
             the first token kept exactly, keys centered. Or ``spec``, a ``CompressSpec``.
+        basis, embed_basis, ratio: the transform codec (``compress --basis``): a basis file
+            from ``fibquant calibrate``; ``bits`` is then all-inclusive bits per value.
         manifest: a ``Manifest`` (or its JSON object) describing ``kv``; by default built
             from the names and shapes (``make_manifest``).
         rope: the keys' RoPE (``{"theta": 10000.0, "style": "half"}``), recorded in the
@@ -104,7 +107,8 @@ def compress(kv, path, *, bits: float | None = None, block_dim: int | None = Non
     spec = _spec(spec, bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
                  value_bits=value_bits, key_block_dim=key_block_dim, key_size=key_size,
                  value_block_dim=value_block_dim, value_size=value_size, seed=seed,
-                 keep_first=keep_first, keep_last=keep_last, center_keys=center_keys)
+                 keep_first=keep_first, keep_last=keep_last, center_keys=center_keys,
+                 basis=basis, embed_basis=embed_basis or None, ratio=ratio)
     dump = to_dump(kv, manifest=manifest, rope=rope, query_heads=query_heads)
     return run(dump, output=path, spec=spec, force=force, attention=attention,
                max_queries=max_queries, jobs=jobs, progress=progress)
@@ -116,7 +120,9 @@ def compress_file(path, output=None, *, manifest=None, bits: float | None = None
                   key_block_dim: int | None = None, key_size: int | None = None,
                   value_block_dim: int | None = None, value_size: int | None = None,
                   keep_first: int | None = None, keep_last: int = 0, center_keys: bool = True,
-                  seed: int = 0, spec: CompressSpec | None = None, compare: bool = False,
+                  seed: int = 0, basis=None, embed_basis: bool = False,
+                  ratio: float | None = None, spec: CompressSpec | None = None,
+                  compare: bool = False,
                   attention: bool = True, max_queries: int | None = None, jobs: int = 0,
                   force: bool = False, progress: Progress | None = None) -> CompressReport:
     """Compress the dump file ``path`` (with its manifest) into ``output`` (default: beside it,
@@ -127,7 +133,8 @@ def compress_file(path, output=None, *, manifest=None, bits: float | None = None
     spec = _spec(spec, bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
                  value_bits=value_bits, key_block_dim=key_block_dim, key_size=key_size,
                  value_block_dim=value_block_dim, value_size=value_size, seed=seed,
-                 keep_first=keep_first, keep_last=keep_last, center_keys=center_keys)
+                 keep_first=keep_first, keep_last=keep_last, center_keys=center_keys,
+                 basis=basis, embed_basis=embed_basis or None, ratio=ratio)
     return run(path, manifest=manifest, output=output, spec=spec, compare=compare, force=force,
                attention=attention, max_queries=max_queries, jobs=jobs, progress=progress)
 
@@ -147,6 +154,7 @@ def _spec(spec: CompressSpec | None, **options) -> CompressSpec:
         return spec
     if options["keep_first"] is None:
         options["keep_first"] = DEFAULT_KEEP_FIRST
+    options["embed_basis"] = bool(options["embed_basis"])
     return resolve_spec(**options)
 
 
@@ -324,27 +332,29 @@ def decompress(path) -> dict[str, np.ndarray]:
 
 
 def decompress_file(path, output=None, *, layers=None, tokens=None, force: bool = False,
-                    jobs: int = 0, progress: Progress | None = None) -> DecompressReport:
+                    jobs: int = 0, basis=None,
+                    progress: Progress | None = None) -> DecompressReport:
     """Restore the compressed file ``path`` as a dump ``output`` and its manifest (default:
     ``X.restored.safetensors`` beside it): ``fibquant decompress``. ``layers``/``tokens``
-    (``"A:B"``) decode only that range of every KV entry, reading only its bytes."""
+    (``"A:B"``) decode only that range of every KV entry, reading only its bytes. ``basis``:
+    the basis file a transform-coded file was coded against (unless it embeds it)."""
     if layers is None and tokens is None:
         from fibquant_cli.ops.decompress import decompress as run
 
-        return run(path, output=output, force=force, progress=progress, jobs=jobs)
+        return run(path, output=output, force=force, progress=progress, jobs=jobs, basis=basis)
     from fibquant_cli.ops.slice import decompress_slice
 
     return decompress_slice(path, layers=layers, tokens=tokens, output=output, force=force,
-                            progress=progress)
+                            progress=progress, basis=basis)
 
 
-def open_compressed(path) -> Reader:
+def open_compressed(path, basis=None) -> Reader:
     """Open the compressed file ``path`` for random access (named so as not to shadow the
     built-in ``open``). The header, document, codebooks and rotations are verified now;
-    every other byte when it is read."""
+    every other byte when it is read. ``basis``: as for ``decompress_file``."""
     from fibquant_cli.ops.reader import open_verified
 
-    return Reader(open_verified(path, verify_arrays=False, verify_on_read=True))
+    return Reader(open_verified(path, verify_arrays=False, verify_on_read=True, basis=basis))
 
 
 class Reader:

@@ -14,6 +14,7 @@ from fibquant_cli.cli import console
 from fibquant_cli.cli.errors import OneLineErrors, handle_errors, state
 from fibquant_cli.cli.options import (
     AttentionOpt,
+    BasisOpt,
     BitsOpt,
     ContinuationOpt,
     DtypeOpt,
@@ -27,6 +28,7 @@ from fibquant_cli.cli.options import (
     OutOpt,
     PathArg,
     PrefixOpt,
+    RatioOpt,
     ScoringQueriesOpt,
     SeedOpt,
     TextOpt,
@@ -82,12 +84,13 @@ def codebook(
 
 @app.command()
 @handle_errors
-def validate(path: PathArg, manifest: ManifestOpt = None, as_json: JsonOpt = False) -> None:
+def validate(path: PathArg, manifest: ManifestOpt = None, basis: BasisOpt = None,
+             as_json: JsonOpt = False) -> None:
     """Check a dump against its manifest, or a compressed file completely."""
     from fibquant_cli.cli import tables
     from fibquant_cli.ops.inspect import validate as run
 
-    rep = run(path, manifest)
+    rep = run(path, manifest, basis)
     if as_json:
         console.print_json(rep.to_json())
     else:
@@ -152,6 +155,13 @@ def compress(
     target_cosine: Annotated[float | None, typer.Option(
         "--target-cosine", help="Pick the cheapest operating point whose attention cosine "
         "(mean) on this dump meets C.")] = None,
+    basis: Annotated[str | None, typer.Option(
+        "--basis", help="Transform-code against this basis (from 'fibquant calibrate'); "
+        "--bits then means all-inclusive bits per value (default 2.5).")] = None,
+    embed_basis: Annotated[bool, typer.Option(
+        "--embed-basis", help="With --basis: store the basis in the file (self-contained, "
+        "larger).")] = False,
+    ratio: RatioOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -180,7 +190,8 @@ def compress(
         options = dict(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
                        value_bits=value_bits, key_block_dim=key_block_dim, key_size=key_size,
                        value_block_dim=value_block_dim, value_size=value_size, seed=seed,
-                       keep_first=keep_first, keep_last=keep_last, center_keys=center_keys)
+                       keep_first=keep_first, keep_last=keep_last, center_keys=center_keys,
+                       basis=basis, embed_basis=embed_basis, ratio=ratio)
     with RichProgress() as progress:
         rep = compress_file(path, output, manifest=manifest, spec=spec, compare=compare,
                             force=force, attention=attention, max_queries=max_queries, jobs=jobs,
@@ -222,6 +233,7 @@ def decompress(
     force: ForceOpt = False,
     jobs: Annotated[int, typer.Option(
         "--jobs", "-j", min=0, help="Decoder threads; 0 = automatic (2 on 2+ cores).")] = 0,
+    basis: BasisOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Verify every digest, then restore the dump (every tensor) and its manifest.
@@ -233,7 +245,7 @@ def decompress(
 
     with RichProgress() as progress:
         rep = decompress_file(path, output, layers=layers, tokens=tokens, force=force,
-                              jobs=jobs, progress=progress)
+                              jobs=jobs, basis=basis, progress=progress)
     if as_json:
         console.print_json(rep.to_json())
     else:
@@ -294,6 +306,11 @@ def evaluate(
     center_keys: Annotated[bool, typer.Option(
         "--center-keys/--no-center-keys", help="With --model: key centering.")] = True,
     seed: SeedOpt = 0,
+    basis: Annotated[str | None, typer.Option(
+        "--basis", help="With --model: transform-code against this basis (from a different "
+        "text); --bits is then all-inclusive bits per value. Without: the basis OTHER needs.")
+    ] = None,
+    ratio: RatioOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Attention fidelity of a compressed file, or with --model the model's own loss.
@@ -310,7 +327,8 @@ def evaluate(
 
         spec = resolve_spec(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
                             value_bits=value_bits, seed=seed, keep_first=keep_first,
-                            keep_last=keep_last, center_keys=center_keys)
+                            keep_last=keep_last, center_keys=center_keys, basis=basis,
+                            ratio=ratio)
         with RichProgress() as progress:
             rep = evaluate_model(model, text=text, ids_from=ids, specs=[spec],
                                  prefix=prefix_tokens, continuation=continuation_tokens,
@@ -323,7 +341,7 @@ def evaluate(
     from fibquant_cli.cli import tables
     from fibquant_cli.ops.evaluate import evaluate as run
 
-    rep = run(original, other, manifest=manifest, max_queries=max_queries or 2048)
+    rep = run(original, other, manifest=manifest, max_queries=max_queries or 2048, basis=basis)
     if as_json:
         console.print_json(rep.to_json())
     else:
@@ -388,6 +406,8 @@ def sweep(
     prefix_tokens: PrefixOpt = 1024,
     continuation_tokens: ContinuationOpt = 512,
     dtype: DtypeOpt = "f16",
+    basis: Annotated[str | None, typer.Option(
+        "--basis", help="Add the transform codec against this basis at ratios 4x..20x.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run many operating points and print the memory-fidelity frontier.
@@ -408,7 +428,7 @@ def sweep(
 
             require_matplotlib()  # before the long run, not after it
         with RichProgress() as progress:
-            rep = evaluate_model(model, text=text, ids_from=ids, specs=model_specs(),
+            rep = evaluate_model(model, text=text, ids_from=ids, specs=model_specs(basis=basis),
                                  peers=MODEL_PEERS if peers else (), prefix=prefix_tokens,
                                  continuation=continuation_tokens, dtype=dtype, attention=True,
                                  max_queries=max_queries, progress=progress)
@@ -427,7 +447,7 @@ def sweep(
 
     with RichProgress() as progress:
         rep = run(path, manifest=manifest, max_queries=max_queries or 2048, peers=peers,
-                  progress=progress)
+                  basis=basis, progress=progress)
     if plot is not None:
         from fibquant_cli.cli.plot import plot_frontier
 

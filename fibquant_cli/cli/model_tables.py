@@ -65,9 +65,10 @@ def plot_model_frontier(rep, path) -> None:
     for p in rep.points:
         if p.method == "reference":
             continue
-        fib = p.method == "fibquant"
-        ax.scatter(p.bits_per_value, max(p.kl, 1e-6), marker="o" if fib else "^",
-                   color="tab:blue" if fib else "tab:orange", zorder=3)
+        from fibquant_cli.cli.plot import MARKERS
+
+        marker, color = MARKERS.get(p.method, ("^", "tab:orange"))
+        ax.scatter(p.bits_per_value, max(p.kl, 1e-6), marker=marker, color=color, zorder=3)
         ax.annotate(p.label, (p.bits_per_value, max(p.kl, 1e-6)), fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
     ax.set_yscale("log")

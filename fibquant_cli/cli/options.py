@@ -38,3 +38,9 @@ DtypeOpt = Annotated[str, typer.Option(
 ScoringQueriesOpt = Annotated[int | None, typer.Option(
     "--max-queries", min=1, help="Score attention on the last N query positions (default "
     "2048; with --model compress's default sample).")]
+
+BasisOpt = Annotated[str | None, typer.Option(
+    "--basis", help="The basis file a transform-coded file was coded against (its digest is "
+    "checked; not needed when the file embeds it).")]
+RatioOpt = Annotated[float | None, typer.Option(
+    "--ratio", help="With --basis: the compression ratio to reach, all inclusive.")]

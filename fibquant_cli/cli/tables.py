@@ -75,6 +75,16 @@ def _size(n_bytes: float) -> str:
     return ""
 
 
+def _profile_cell(row) -> str:
+    p = row.profile
+    if not p:
+        return ""
+    if p.get("codec") == "transform":  # coded bits per value: mean, and the layers' range
+        return (f"transform {p['mean_code_bits_per_value']:.2f} b "
+                f"({p['min_layer']:.2f}-{p['max_layer']:.2f})")
+    return f"k={p['block_dim']} N={p['size']} b={p['rate_bits']:.3g}"
+
+
 def compress_table(rep, compare: bool) -> Table:
     """One column per entry (role) and one for the total; one row per quantity."""
     rows = [*rep.entries, rep.total]
@@ -86,8 +96,7 @@ def compress_table(rep, compare: bool) -> Table:
     def add(name, fmt):
         table.add_row(name, *[fmt(r) for r in rows])
 
-    add("profile", lambda r: f"k={r.profile['block_dim']} N={r.profile['size']} "
-        f"b={r.profile['rate_bits']:.3g}" if r.profile else "")
+    add("profile", _profile_cell)
     add("source bytes", lambda r: _size(r.source_bytes))
     add("compressed bytes (all-in)", lambda r: _size(r.compressed_bytes))
     add("ratio", lambda r: f"{r.ratio:.2f}x")

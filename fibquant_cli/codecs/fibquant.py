@@ -54,7 +54,8 @@ F32_MAX = float(np.finfo(np.float32).max)
 ENCODE_ROWS = 2 * DECODE_ROWS
 
 
-def layer_parts(shape, profile: Profile, entry, chosen_dtype) -> list[tuple[str, str, tuple]]:
+def layer_parts(shape, profile: Profile, entry, chosen_dtype,
+                layer: int = 0) -> list[tuple[str, str, tuple]]:
     """The stored parts of one layer of an entry (see the module docstring)."""
     b, h, d = shape.batch, shape.kv_heads, shape.head_dim
     kf, kl = entry.keep(shape.tokens)
@@ -221,13 +222,14 @@ def layer_codes(q: FibQuantizer, parts: dict, shape, entry, name_of) -> tuple:
     return codes, norms, mean, kept
 
 
-def restore_layer(q: FibQuantizer, parts: dict, shape, entry, out: np.ndarray, name_of) -> None:
+def restore_layer(q: FibQuantizer, parts: dict, shape, entry, out: np.ndarray, name_of,
+                  layer: int = 0) -> None:
     """Decode one layer into ``out`` [b, h, t, d] in the source dtype."""
     codes, norms, mean, kept = layer_codes(q, parts, shape, entry, name_of)
     restore_into(q, codes, norms, mean, kept, entry.keep(shape.tokens), out)
 
 
-def check_layer(q: FibQuantizer, parts: dict, shape, entry, name_of) -> None:
+def check_layer(q: FibQuantizer, parts: dict, shape, entry, name_of, layer: int = 0) -> None:
     """Everything decoding would check, without decoding."""
     layer_codes(q, parts, shape, entry, name_of)[0].check_all()
 
@@ -247,7 +249,7 @@ def block_bytes(part: str, dtype: str, profile: Profile) -> int | None:
 
 
 def decode_tokens(q: FibQuantizer, parts: dict, shape, entry, t0: int, t1: int,
-                  name_of) -> np.ndarray:
+                  name_of, layer: int = 0) -> np.ndarray:
     """Tokens [t0, t1) of one layer as [b, h, t1 - t0, d] float32, touching only the decode
     blocks around them.
 

@@ -7,7 +7,9 @@ tensor bit-exact (``fq/raw/{name}``), in that order; its ``__metadata__`` holds 
 format version, the document (``Document``) and the document's digest.
 
 Versions: 1 (no ``codec`` per entry: read as ``fibquant``), 2 (entries name their codec),
-3 (``blocks``: per-block digests of codes and norms, so random access checks what it reads).
+3 (``blocks``: per-block digests of codes and norms, so random access checks what it reads),
+4 (``transform``: entries of the transform codec, their widths and exceptions per layer, the
+coefficient tables ``fq/t/...`` and the basis, by digest or embedded as ``fq/b/...``).
 
 ``open_container`` checks, in order: the metadata keys, the document digest, the version (a
 mismatch with the verified document is corruption, not "upgrade"), the document
@@ -28,6 +30,7 @@ from typing import Any
 
 from fibquant_cli import codecs
 from fibquant_cli.core.params import Profile
+from fibquant_cli.core.transform import VQ_MAX_WIDTH, WIDTHS
 from fibquant_cli.errors import FibQuantError, IntegrityError, InvalidInputError
 from fibquant_cli.formats import stfile, untrusted
 from fibquant_cli.formats.digest import (
@@ -41,7 +44,9 @@ from fibquant_cli.formats.digest import (
 from fibquant_cli.formats.kvlayout import check_manifest_against_dump
 from fibquant_cli.formats.manifest import Manifest, parse_manifest
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # the newest this fibquant reads and writes
+PER_VECTOR_VERSION = 3  # what files of the per-vector codec alone are written as, so that
+# fibquant 0.2 (formats 1-3) reads them; transform files need TRANSFORM_SINCE
 OLDEST_VERSION = 1
 KEY_FORMAT, KEY_DOC, KEY_DIGEST = "fibquant_format", "fibquant", "fibquant_digest"
 METADATA_KEYS = (KEY_FORMAT, KEY_DOC, KEY_DIGEST)
@@ -49,10 +54,15 @@ RAW_PREFIX = "fq/raw/"
 DOC_KEYS = ("format_version", "tool", "source", "manifest", "profiles", "entries", "arrays",
             "blocks")
 BLOCKS_SINCE = 3  # the first format version with ``blocks``
+TRANSFORM_SINCE = 4  # the first with ``transform`` (and entries of the transform codec)
+TRANSFORM_KEYS = ("basis_digest", "embedded", "rope")
+TRANSFORM_ENTRY_KEYS = ("widths", "exceptions")
 SOURCE_KEYS = ("file", "file_digest", "tensor_order", "metadata", "tensors")
 PROFILE_KEYS = ("profile", "profile_digest", "codebook_digest", "rotation_digest")
 ENTRY_KEYS = ("codec", "profile", "layers", "vectors_per_layer", "keep_first", "keep_last",
               "center")
+# A digest of the right length, for documents whose digests are computed while writing.
+PLACEHOLDER_DIGEST = "blake3:" + "0" * 64
 MAX_KEEP = 2**32  # protected tokens per layer; far beyond any context, below int overflow
 
 
@@ -62,6 +72,19 @@ def codebook_name(j: int) -> str:
 
 def rotation_name(j: int) -> str:
     return f"fq/p{j}/rotation"
+
+
+def vq_table_name(width: int) -> str:
+    return f"fq/t/vq{width}"
+
+
+def scalar_table_name(bits: int) -> str:
+    return f"fq/t/scalar{bits}"
+
+
+def basis_name(layer: int, role: str) -> str:
+    """An embedded basis matrix (columns) of one layer and role."""
+    return f"fq/b/l{layer}/{role}"
 
 
 def part_name(i: int, layer: int, part: str) -> str:
@@ -126,19 +149,40 @@ class EntryRecord:
     clamps them to the entry's tokens."""
 
     codec: str
-    profile: int
+    profile: int | None  # None: a transform entry (no FibQuant profile)
     layers: int
     vectors_per_layer: int
     keep_first: int
     keep_last: int
     center: bool
+    # transform entries: per layer, the run-length widths [[width, pairs], ...] and the count
+    # of exceptions (codecs/transform.py)
+    widths: tuple | None = None
+    exceptions: tuple[int, ...] | None = None
 
     def keep(self, tokens: int) -> tuple[int, int]:
         kf = min(self.keep_first, tokens)
         return kf, min(self.keep_last, tokens - kf)
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in ENTRY_KEYS}
+        out = {k: getattr(self, k) for k in ENTRY_KEYS}
+        if self.widths is not None:
+            out["widths"] = [[list(run) for run in runs] for runs in self.widths]
+            out["exceptions"] = list(self.exceptions)
+        return out
+
+
+@dataclass(frozen=True)
+class TransformRecord:
+    """The basis a file's transform entries were coded against (format 4): its digest, whether
+    its matrices are stored in the file (``fq/b/...``), and whether keys had RoPE undone."""
+
+    basis_digest: str
+    embedded: bool
+    rope: bool
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in TRANSFORM_KEYS}
 
 
 @dataclass(frozen=True)
@@ -153,6 +197,7 @@ class Document:
     entries: tuple[EntryRecord, ...]
     arrays: dict[str, str]
     blocks: dict[str, BlockDigests] = dataclasses.field(default_factory=dict)  # format >= 3
+    transform: TransformRecord | None = None  # format >= 4
 
     def to_json(self) -> dict:
         obj = {"format_version": self.format_version, "tool": self.tool,
@@ -161,7 +206,16 @@ class Document:
                "entries": [e.to_json() for e in self.entries], "arrays": dict(self.arrays)}
         if self.format_version >= BLOCKS_SINCE:
             obj["blocks"] = {n: b.to_json() for n, b in self.blocks.items()}
+        if self.format_version >= TRANSFORM_SINCE:
+            obj["transform"] = None if self.transform is None else self.transform.to_json()
         return obj
+
+    def transform_widths(self) -> tuple[list[int], list[int]]:
+        """(VQ widths, scalar bits) of the coefficient tables the transform entries use."""
+        used = {int(w) for rec in self.entries if rec.widths is not None
+                for runs in rec.widths for w, _ in runs if w}
+        return (sorted(w for w in used if w <= VQ_MAX_WIDTH),
+                sorted(w // 2 for w in used if w > VQ_MAX_WIDTH))
 
     def passthrough_names(self) -> list[str]:
         """Source tensors no entry names, in the source's order (stored under ``fq/raw/``)."""
@@ -173,7 +227,9 @@ class Document:
         """Validate a decoded document; raise ``_Bad`` naming the field and what was found."""
         version = _int(obj.get("format_version") if isinstance(obj, dict) else None,
                        "format_version", low=OLDEST_VERSION)
-        top = _object(obj, "document", DOC_KEYS if version >= BLOCKS_SINCE else DOC_KEYS[:-1])
+        keys = (DOC_KEYS + ("transform",) if version >= TRANSFORM_SINCE
+                else DOC_KEYS if version >= BLOCKS_SINCE else DOC_KEYS[:-1])
+        top = _object(obj, "document", keys)
         tool = _str(top["tool"], "tool")
         source = _parse_source(top["source"])
         try:
@@ -183,8 +239,8 @@ class Document:
                 source="source")
         except FibQuantError as err:
             raise _Bad("manifest", err.render()) from None
-        profiles = tuple(_parse_profile(p, f"profiles[{j}]")
-                         for j, p in enumerate(_list(top["profiles"], "profiles", min_len=1)))
+        profiles = tuple(_parse_profile(p, f"profiles[{j}]") for j, p in enumerate(
+            _list(top["profiles"], "profiles", min_len=0 if version >= TRANSFORM_SINCE else 1)))
         raw_entries = _list(top["entries"], "entries")
         if len(raw_entries) != len(manifest.entries):
             raise _Bad("entries", f"{len(raw_entries)} entries, the manifest has "
@@ -199,7 +255,17 @@ class Document:
         if version >= BLOCKS_SINCE:
             for name, rec in _object(top["blocks"], "blocks").items():
                 blocks[name] = _parse_blocks(rec, f"blocks['{stfile.label(name)}']")
-        return cls(version, tool, source, manifest, profiles, entries, dict(arrays), blocks)
+        transform = None
+        if version >= TRANSFORM_SINCE and top["transform"] is not None:
+            rec = _object(top["transform"], "transform", TRANSFORM_KEYS)
+            _digest(rec["basis_digest"], "transform.basis_digest")
+            transform = TransformRecord(rec["basis_digest"],
+                                        _bool(rec["embedded"], "transform.embedded"),
+                                        _bool(rec["rope"], "transform.rope"))
+        if any(e.codec == "transform" for e in entries) and transform is None:
+            raise _Bad("transform", "transform entries need the transform record, found null")
+        return cls(version, tool, source, manifest, profiles, entries, dict(arrays), blocks,
+                   transform)
 
     def expected_blocks(self, layout: list[tuple[str, str, tuple]]) -> dict[str, int]:
         """name -> block bytes of every array that has block digests (format >= 3), given the
@@ -212,8 +278,8 @@ class Document:
             if split is None:
                 continue
             rec = self.entries[split[0]]
-            size = codecs.get(rec.codec).block_bytes(split[2], dtype,
-                                                     self.profiles[rec.profile].profile)
+            profile = None if rec.profile is None else self.profiles[rec.profile].profile
+            size = codecs.get(rec.codec).block_bytes(split[2], dtype, profile)
             if size is not None:
                 out[name] = size
         return out
@@ -229,13 +295,23 @@ class Document:
             p = rec.profile
             specs.append((codebook_name(j), "F32", (p.size, p.block_dim)))
             specs.append((rotation_name(j), "F32", (p.head_dim, p.head_dim)))
+        vq, scalar = self.transform_widths()
+        specs += [(vq_table_name(w), "F32", (2**w, 2)) for w in vq]
+        specs += [(scalar_table_name(b), "F32", (2**b,)) for b in scalar]
+        if self.transform is not None and self.transform.embedded:
+            for entry, rec in zip(self.manifest.entries, self.entries):
+                if rec.codec == "transform":
+                    d = entry.shape.kv_heads * entry.shape.head_dim
+                    specs += [(basis_name(layer, entry.shape.role), "F32", (d, d))
+                              for layer in range(entry.shape.layers)]
         for i, (entry, rec) in enumerate(zip(self.manifest.entries, self.entries)):
             codec = codecs.get(rec.codec)
-            profile = self.profiles[rec.profile].profile
+            profile = None if rec.profile is None else self.profiles[rec.profile].profile
             for layer in range(entry.shape.layers):
                 names = functools.partial(part_name, i, layer)
                 chosen = lambda part, names=names: norms_dtypes.get(names(part))  # noqa: E731
-                for part, dtype, dims in codec.layer_parts(entry.shape, profile, rec, chosen):
+                for part, dtype, dims in codec.layer_parts(entry.shape, profile, rec, chosen,
+                                                           layer):
                     specs.append((names(part), dtype, dims))
         for name in self.passthrough_names():
             t = self.source.tensors[name]
@@ -359,12 +435,16 @@ def _parse_profile(obj: Any, field: str) -> ProfileRecord:
 
 
 def _parse_entry(obj: Any, field: str, version: int, shape, profiles) -> EntryRecord:
-    keys = ENTRY_KEYS if version >= 2 else ENTRY_KEYS[1:]
-    rec = _object(obj, field, keys)
-    codec = _str(rec["codec"], f"{field}.codec") if version >= 2 else "fibquant"
-    if codec not in codecs.NAMES:
+    codec = "fibquant"
+    if version >= 2:
+        codec = _str(_object(obj, field).get("codec"), f"{field}.codec")
+    if codec not in codecs.NAMES or (codec != "fibquant" and version < TRANSFORM_SINCE):
         raise _Bad(f"{field}.codec", f"unknown codec {codec!r}; this fibquant knows "
                                      f"{', '.join(codecs.NAMES)}")
+    if codec == "transform":
+        return _parse_transform_entry(obj, field, shape)
+    keys = ENTRY_KEYS if version >= 2 else ENTRY_KEYS[1:]
+    rec = _object(obj, field, keys)
     j = _int(rec["profile"], f"{field}.profile", high=len(profiles) - 1)
     if profiles[j].profile.head_dim != shape.head_dim:
         raise _Bad(f"{field}.profile", f"profile {j} has head_dim "
@@ -380,6 +460,55 @@ def _parse_entry(obj: Any, field: str, version: int, shape, profiles) -> EntryRe
                        _int(rec["keep_first"], f"{field}.keep_first", high=MAX_KEEP),
                        _int(rec["keep_last"], f"{field}.keep_last", high=MAX_KEEP),
                        _bool(rec["center"], f"{field}.center"))
+
+
+def _parse_transform_entry(obj: Any, field: str, shape) -> EntryRecord:
+    rec = _object(obj, field, ENTRY_KEYS + TRANSFORM_ENTRY_KEYS)
+    if rec["profile"] is not None:
+        raise _Bad(f"{field}.profile", f"a transform entry has no profile, found "
+                                       f"{_show(rec['profile'])}")
+    layers = _int(rec["layers"], f"{field}.layers")
+    if layers != shape.layers:
+        raise _Bad(f"{field}.layers", f"found {layers}, the manifest says {shape.layers}")
+    per_layer = _int(rec["vectors_per_layer"], f"{field}.vectors_per_layer")
+    if per_layer != shape.vector_count // shape.layers:
+        raise _Bad(f"{field}.vectors_per_layer", f"found {per_layer}, the manifest's shape "
+                                                 f"has {shape.vector_count // shape.layers}")
+    keep_first = _int(rec["keep_first"], f"{field}.keep_first", high=MAX_KEEP)
+    keep_last = _int(rec["keep_last"], f"{field}.keep_last", high=MAX_KEEP)
+    if _bool(rec["center"], f"{field}.center"):
+        raise _Bad(f"{field}.center", "a transform entry is never centred per head, found true")
+    pairs = shape.kv_heads * shape.head_dim
+    if pairs % 2:
+        raise _Bad(field, f"kv_heads * head_dim = {pairs} is odd: no pairs to code")
+    pairs //= 2
+    raw_widths = _list(rec["widths"], f"{field}.widths")
+    if len(raw_widths) != layers:
+        raise _Bad(f"{field}.widths", f"{len(raw_widths)} layers, the entry has {layers}")
+    widths = []
+    for layer, runs in enumerate(raw_widths):
+        where = f"{field}.widths[{layer}]"
+        parsed = []
+        for r, run in enumerate(_list(runs, where)):
+            pair = _list(run, f"{where}[{r}]")
+            if len(pair) != 2:
+                raise _Bad(f"{where}[{r}]", f"expected [width, pairs], found {_show(run)}")
+            w = _int(pair[0], f"{where}[{r}][0]")
+            if w not in WIDTHS:
+                raise _Bad(f"{where}[{r}][0]", f"width {w} is not one of {list(WIDTHS)}")
+            parsed.append((w, _int(pair[1], f"{where}[{r}][1]", low=1)))
+        if sum(n for _, n in parsed) != pairs:
+            raise _Bad(where, f"the runs cover {sum(n for _, n in parsed)} pairs, the layer "
+                              f"has {pairs}")
+        widths.append(tuple(parsed))
+    kf = min(keep_first, shape.tokens)
+    rows = shape.batch * (shape.tokens - kf - min(keep_last, shape.tokens - kf))
+    exceptions = tuple(_int(n, f"{field}.exceptions[{layer}]", high=rows * 2 * pairs)
+                       for layer, n in enumerate(_list(rec["exceptions"], f"{field}.exceptions")))
+    if len(exceptions) != layers:
+        raise _Bad(f"{field}.exceptions", f"{len(exceptions)} layers, the entry has {layers}")
+    return EntryRecord("transform", None, layers, per_layer, keep_first, keep_last, False,
+                       tuple(widths), exceptions)
 
 
 # ------------------------------------------------------------------------- the file

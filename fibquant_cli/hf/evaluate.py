@@ -41,7 +41,7 @@ MODEL_PEERS = ("q8_0", "q4_1", "q4_0")
 
 @dataclass
 class ModelPoint:
-    method: str  # "fibquant", "reference" or a peer name
+    method: str  # "fibquant", "transform", "reference" or a peer name
     label: str
     ratio: float
     bits_per_value: float
@@ -162,11 +162,11 @@ class Session:
         start = time.perf_counter()
         rep = compress(self.dump, output=fq, spec=spec, force=True, attention=attention,
                        max_queries=max_queries)
-        decompress(fq, output=restored, force=True)
+        decompress(fq, output=restored, force=True, basis=spec.decode_basis)
         seconds = time.perf_counter() - start
         result = self.score_restored(restored)
         fid = None if rep.attention is None else rep.attention.overall
-        return ModelPoint("fibquant", spec.label(), rep.total.ratio, rep.total.bits_per_value,
+        return ModelPoint(spec.codec, spec.label(), rep.total.ratio, rep.total.bits_per_value,
                           result.nll, result.delta_nll, result.kl, result.top1, seconds,
                           attention=fid, spec=spec.to_json())
 
@@ -191,9 +191,10 @@ class Session:
                           result.delta_nll, result.kl, result.top1, seconds)
 
 
-def model_specs(seed: int = 0) -> list[CompressSpec]:
+def model_specs(seed: int = 0, basis=None) -> list[CompressSpec]:
     """``sweep --model``'s points: the presets with and without the sink kept, centering
-    with and without it, longer protected prefixes, and role-aware rates."""
+    with and without it, longer protected prefixes, and role-aware rates; with ``basis``, the
+    transform codec's ladder of ratios too."""
     p = BITS_PRESETS
     specs = []
     for b in (4, 3, 2, 1):
@@ -203,7 +204,12 @@ def model_specs(seed: int = 0) -> list[CompressSpec]:
                   for kf in (0, 1)]
     specs += [CompressSpec(key=p[3], value=p[3], keep_first=kf) for kf in (2, 4, 16)]
     specs += [CompressSpec(key=p[kb], value=p[vb], keep_first=1) for kb, vb in ((4, 3), (3, 2))]
-    return [replace(s, seed=seed) for s in specs]
+    specs = [replace(s, seed=seed) for s in specs]
+    if basis is not None:
+        from fibquant_cli.ops.sweep import transform_specs
+
+        specs += transform_specs(basis)
+    return specs
 
 
 def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | None = None,

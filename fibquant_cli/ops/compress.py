@@ -32,6 +32,7 @@ from fibquant_cli.core.params import Profile
 from fibquant_cli.errors import InvalidInputError, UsageError
 from fibquant_cli.formats import container, dtypes, stfile, untrusted
 from fibquant_cli.formats.container import (
+    PLACEHOLDER_DIGEST,
     BlockDigests,
     Document,
     EntryRecord,
@@ -68,7 +69,6 @@ from fibquant_cli.storage.codebook_cache import quantizer_for, training_note
 from fibquant_cli.storage.publish import output_path, publishing
 from fibquant_cli.storage.stwriter import StreamWriter
 
-PLACEHOLDER_DIGEST = "blake3:" + "0" * 64
 # Below this much KV data the encoder threads cost more than they save.
 AUTO_JOBS_MIN_BYTES = 16 * 2**20
 
@@ -107,7 +107,14 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
         jobs = jobs or auto_jobs(dump)
         if attention:
             check_queries_finite(dump, None if max_queries else scored_layers(dump))
-        rep = _write(dump, tmp, out, spec, compare, jobs, progress)
+        basis = None
+        if spec.basis is not None:
+            from fibquant_cli.formats.basis import load_basis
+
+            basis = load_basis(spec.basis)
+            rep = _write_transform(dump, tmp, out, spec, basis, progress)
+        else:
+            rep = _write(dump, tmp, out, spec, compare, jobs, progress)
         rep.spec, rep.jobs = spec.to_json(), jobs
         if attention:
             from fibquant_cli.ops.fidelity import DEFAULT_LAYER_SAMPLE, DEFAULT_QUERY_SAMPLE, measure
@@ -115,7 +122,8 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
             progress.start(1, "attention fidelity")
             # Decoded from the file just written; its array digests were computed moments ago
             # from the same bytes, so hashing them again would only repeat that work.
-            written = open_verified(tmp, verify_arrays=False)
+            written = open_verified(tmp, verify_arrays=False,
+                                    basis=None if spec.embed_basis else basis)
             # Default: a sample of query positions over the whole context (bounded cost);
             # max_queries: the last N positions (N >= tokens scores every one).
             if max_queries:
@@ -161,25 +169,61 @@ def _write(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, compare: bool, 
             result.parts = {}  # written: keep only the statistics
             runs.setdefault(plan.entry, []).append(result)
             progress.advance(f"entry {plan.entry} layer {plan.layer}")
-        source_tensors = dict(doc.source.tensors)
-        for name in dump.passthrough_names:
-            info = dump.header.tensors[name]
-
-            def copied(name=name):  # streamed, and hashed as it is written
-                for piece in stfile.iter_raw(dump.header, name):
-                    w.write(raw_name(name), piece)
-                    yield piece
-
-            digests[raw_name(name)] = tensor_digest_of_chunks(info.dtype, info.shape, copied())
-            source_tensors[name] = dataclasses.replace(source_tensors[name],
-                                                       digest=digests[raw_name(name)])
-        final_source = dataclasses.replace(
-            doc.source, tensors=source_tensors,
-            file_digest=file_digest({n: t.digest for n, t in source_tensors.items()}))
+        final_source = copy_passthrough(w, dump, doc.source, digests)
         w.replace_metadata(container.metadata_for(
             dataclasses.replace(doc, source=final_source, arrays=digests, blocks=blocks)))
         n_bytes = {info.name: info.n_bytes for info in w.layout}
     return compress_report(dump, out, tmp.stat().st_size, n_bytes, quantizers, profiles, runs)
+
+
+def copy_passthrough(w: StreamWriter, dump: Dump, source: Source, digests: dict) -> Source:
+    """Stream every tensor no entry compresses, bit-exact, hashing it as it is written; the
+    source record with their digests and the file digest filled in."""
+    source_tensors = dict(source.tensors)
+    for name in dump.passthrough_names:
+        info = dump.header.tensors[name]
+
+        def copied(name=name):
+            for piece in stfile.iter_raw(dump.header, name):
+                w.write(raw_name(name), piece)
+                yield piece
+
+        digests[raw_name(name)] = tensor_digest_of_chunks(info.dtype, info.shape, copied())
+        source_tensors[name] = dataclasses.replace(source_tensors[name],
+                                                   digest=digests[raw_name(name)])
+    return dataclasses.replace(
+        source, tensors=source_tensors,
+        file_digest=file_digest({n: t.digest for n, t in source_tensors.items()}))
+
+
+def _write_transform(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, basis,
+                     progress: Progress) -> CompressReport:
+    """Transform-code ``dump`` against ``basis`` into ``tmp`` (ops/transform has the passes)."""
+    from fibquant_cli.core import transform as T
+    from fibquant_cli.ops import transform as tc
+
+    roles = tc.check_basis(dump, basis)
+    kv_digests = check_and_digest(dump, progress)
+    tab = T.tables()
+    mats = tc.matrices(dump, basis, roles, spec, tab)
+    tc.gather_stats(dump, mats, progress)
+    base = Document(container.TRANSFORM_SINCE, f"fibquant {__version__}",
+                    source_record(dump, kv_digests), dump.manifest, (), (), {})
+    target = tc.target_bytes(dump, spec, tc.raw_bytes(dump))
+    _, doc, widths = tc.plan(dump, base, mats, basis, spec, roles, target, progress)
+    specs = doc.expected_layout({})
+    digests = {name: PLACEHOLDER_DIGEST for name, _, _ in specs}
+    metadata = container.metadata_for(dataclasses.replace(doc, arrays=digests))
+    with StreamWriter(tmp, specs, metadata, publish=False) as w:
+        for name, arr in tc.shared_arrays(doc, basis, tab):
+            w.write(name, arr)
+            digests[name] = _array_digest(arr)
+        accs = tc.encode_all(dump, mats, widths, w, digests, progress, _array_digest)
+        final_source = copy_passthrough(w, dump, doc.source, digests)
+        w.replace_metadata(container.metadata_for(
+            dataclasses.replace(doc, source=final_source, arrays=digests)))
+        n_bytes = {info.name: info.n_bytes for info in w.layout}
+    return tc.report(dump, out, tmp.stat().st_size, n_bytes, accs, mats, widths)
 
 
 # --------------------------------------------------------------------------- planning
@@ -210,15 +254,11 @@ def make_quantizers(profiles, progress: Progress) -> dict[Profile, FibQuantizer]
     return quantizers
 
 
-def prepass(dump: Dump, spec: CompressSpec, progress: Progress):
-    """One read of every KV tensor: its digest, a NaN/Inf check, and a plan per layer.
-
-    Returns (plans, KV source digests). Nothing is written before this has passed, so bad
-    values never leave a partial output. A layer's norms are stored in f32 only when fp16
-    cannot hold one (``codecs.fibquant.norms_dtype``); cheap bounds from the tensor's values
-    settle it for uncentered layers of ordinary magnitude, the others compute the norms.
-    """
-    digests, amax, amin_rows = {}, {}, {}
+def check_and_digest(dump: Dump, progress: Progress, also=None) -> dict[str, str]:
+    """One read of every KV tensor: its digest and a NaN/Inf check (naming the position);
+    ``also(name, info, raw, largest |value|)`` sees each tensor's bytes while they are in
+    memory."""
+    digests = {}
     progress.start(len(dump.kv_names), "checking")
     for name in dump.header.tensors:
         if name not in dump.kv_names:
@@ -230,9 +270,27 @@ def prepass(dump: Dump, spec: CompressSpec, progress: Progress):
         if not np.isfinite(top):
             arr = np.frombuffer(raw, dtype=info.numpy_dtype.newbyteorder("<"))
             check_finite(dump.header, name, arr.reshape(info.shape))  # names the position
+        if also is not None:
+            also(name, info, raw, top)
+        progress.advance(name)
+    return digests
+
+
+def prepass(dump: Dump, spec: CompressSpec, progress: Progress):
+    """One read of every KV tensor: its digest, a NaN/Inf check, and a plan per layer.
+
+    Returns (plans, KV source digests). Nothing is written before this has passed, so bad
+    values never leave a partial output. A layer's norms are stored in f32 only when fp16
+    cannot hold one (``codecs.fibquant.norms_dtype``); cheap bounds from the tensor's values
+    settle it for uncentered layers of ordinary magnitude, the others compute the norms.
+    """
+    amax, amin_rows = {}, {}
+
+    def bounds(name, info, raw, top):
         amax[name] = top
         amin_rows[name] = smallest_row_magnitude(raw, info.dtype, info.shape[-1])
-        progress.advance(name)
+
+    digests = check_and_digest(dump, progress, bounds)
     plans = []
     for i, entry in enumerate(dump.manifest.entries):
         center = spec.center_keys and entry.shape.role == "key"
@@ -296,15 +354,21 @@ def smallest_row_magnitude(raw: bytes, st_dtype: str, head_dim: int) -> float:
     return float(value[0])
 
 
-def document(dump: Dump, quantizers, kv_digests: dict, spec: CompressSpec) -> Document:
-    """The document, with placeholders for the digests computed while writing."""
-    distinct = list(quantizers)
-    source = Source(
+def source_record(dump: Dump, kv_digests: dict) -> Source:
+    """The dump as the document records it; pass-through digests are filled in as they are
+    copied (``copy_passthrough``)."""
+    return Source(
         file=dump.path.name, file_digest=PLACEHOLDER_DIGEST,
         tensor_order=tuple(dump.header.tensors), metadata=dump.header.metadata,
         tensors={name: SourceTensor(info.dtype, info.shape,
                                     kv_digests.get(name, PLACEHOLDER_DIGEST))
                  for name, info in dump.header.tensors.items()})
+
+
+def document(dump: Dump, quantizers, kv_digests: dict, spec: CompressSpec) -> Document:
+    """The document, with placeholders for the digests computed while writing."""
+    distinct = list(quantizers)
+    source = source_record(dump, kv_digests)
     entries = tuple(
         EntryRecord(codec="fibquant",
                     profile=distinct.index(Profile(entry.shape.head_dim,
@@ -316,7 +380,7 @@ def document(dump: Dump, quantizers, kv_digests: dict, spec: CompressSpec) -> Do
         for entry in dump.manifest.entries)
     profiles = tuple(ProfileRecord(p, profile_digest(p), codebook_digest(q.codebook),
                                    rotation_digest(q.rotation)) for p, q in quantizers.items())
-    return Document(container.FORMAT_VERSION, f"fibquant {__version__}", source, dump.manifest,
+    return Document(container.PER_VECTOR_VERSION, f"fibquant {__version__}", source, dump.manifest,
                     profiles, entries, {})
 
 

@@ -70,27 +70,32 @@ def compress_report(dump: Dump, out: Path, file_bytes: int, n_bytes: dict, quant
         payload = sum(r.payload for r in results)
         shared = (n_bytes[codebook_name(j)] + n_bytes[rotation_name(j)]) / users[p]
         total = payload + shared + header_bytes / len(dump.manifest.entries)
-        rows.append(_stats(entry.shape.role, entry.shape, payload, total, acc, scalar_acc, p))
+        rows.append(role_stats(entry.shape.role, entry.shape, payload, total, acc, scalar_acc, p))
         accs.append(acc)
         scalar_accs.append(scalar_acc)
+    total = total_stats(rows, accs, scalar_accs, file_bytes - passthrough_bytes)
+    return CompressReport(str(dump.path), str(out), file_bytes, passthrough_bytes, rows, total,
+                          dump.passthrough_names)
+
+
+def total_stats(rows: list[RoleStats], accs, scalar_accs, kv_bytes: int) -> RoleStats:
+    """The total row: every entry's error, and the whole file but the pass-through tensors."""
     overall = ErrorAccumulator.merge(accs)
-    scalar = None if any(s is None for s in scalar_accs) else ErrorAccumulator.merge(scalar_accs)
-    kv_bytes = file_bytes - passthrough_bytes
+    scalar = (None if scalar_accs is None or any(s is None for s in scalar_accs)
+              else ErrorAccumulator.merge(scalar_accs))
     src = sum(r.source_bytes for r in rows)
     pay = sum(r.payload_bytes for r in rows)
     values = sum(r.values for r in rows)
-    total = RoleStats(
+    return RoleStats(
         label="total", vectors=sum(r.vectors for r in rows), values=values, source_bytes=src,
         payload_bytes=pay, compressed_bytes=kv_bytes, ratio=src / kv_bytes,
         payload_bits_per_value=8 * pay / values, bits_per_value=8 * kv_bytes / values,
         rel_mse=overall.rel_mse, cosine_mean=overall.cos_mean, cosine_min=overall.cos_min,
         scalar_rel_mse=None if scalar is None else scalar.rel_mse,
     )
-    return CompressReport(str(dump.path), str(out), file_bytes, passthrough_bytes, rows, total,
-                          dump.passthrough_names)
 
 
-def _stats(label, shape, payload, total, acc, scalar_acc, p) -> RoleStats:
+def role_stats(label, shape, payload, total, acc, scalar_acc, p) -> RoleStats:
     itemsize = dtypes.numpy_dtype_for(SOURCE_DTYPES[shape.dtype]).itemsize
     values = shape.element_count
     return RoleStats(
@@ -100,6 +105,7 @@ def _stats(label, shape, payload, total, acc, scalar_acc, p) -> RoleStats:
         bits_per_value=8 * total / values, rel_mse=acc.rel_mse, cosine_mean=acc.cos_mean,
         cosine_min=acc.cos_min,
         scalar_rel_mse=None if scalar_acc is None or not scalar_acc.cos_count else scalar_acc.rel_mse,
-        profile={"block_dim": p.block_dim, "size": p.size, "rate_bits": p.rate_bits,
-                 "wire_bits": p.wire_bits, "seed": p.seed},
+        profile=None if p is None else {"block_dim": p.block_dim, "size": p.size,
+                                        "rate_bits": p.rate_bits, "wire_bits": p.wire_bits,
+                                        "seed": p.seed},
     )

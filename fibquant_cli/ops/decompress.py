@@ -110,21 +110,28 @@ def restore_source_tensor(opened: Opened, name: str, where_kv: dict):
     return raw, "pass-through (bit-exact)"
 
 
+def basis_input(basis) -> dict:
+    """The basis file as an input no output may overwrite (nothing for a loaded basis)."""
+    return {Path(basis): "basis file"} if isinstance(basis, (str, Path)) else {}
+
+
 def decompress(path, *, output=None, force: bool = False, progress: Progress | None = None,
-               jobs: int = 0) -> DecompressReport:
+               jobs: int = 0, basis=None) -> DecompressReport:
     """Verify every digest, then restore every tensor (name, shape, dtype) and the manifest.
 
     ``jobs`` decode threads; 0 picks ``DECODE_THREADS`` (fewer on a one-core machine).
+    ``basis``: the basis file a transform-coded file needs (unless it embeds its own).
     """
     if jobs < 0:
         raise UsageError(f"{{jobs}} must be >= 0, got {jobs}", options=("jobs",))
     jobs = jobs or min(DECODE_THREADS, os.cpu_count() or 1)
     progress = progress or Progress()
     path, out, out_manifest = restored_outputs(path, output)
-    with publishing([out, out_manifest], force=force, inputs={path: "input file"}) as (tmp, tmp_manifest), \
+    inputs = {path: "input file", **basis_input(basis)}
+    with publishing([out, out_manifest], force=force, inputs=inputs) as (tmp, tmp_manifest), \
             threadpool_limits(1):  # small matmuls: BLAS threads only add hand-off cost
         # Arrays are verified as the decode threads read them: each is read once, not twice.
-        opened = open_verified(path, progress, verify_on_read=True)
+        opened = open_verified(path, progress, verify_on_read=True, basis=basis)
         progress.start(len(opened.doc.source.tensor_order), "restoring")
         rows = _restore_into(tmp, opened, progress, jobs)
         save_manifest(opened.manifest, tmp_manifest)

@@ -11,13 +11,14 @@ from fibquant_cli.ops.fidelity import measure, require_kv_pair
 from fibquant_cli.ops.reader import open_verified, reconstructor
 
 
-def evaluate(original, other, *, manifest=None, max_queries: int = 2048):
-    """Attention fidelity of ``other`` (compressed file or restored dump) against ``original``."""
+def evaluate(original, other, *, manifest=None, max_queries: int = 2048, basis=None):
+    """Attention fidelity of ``other`` (compressed file or restored dump) against ``original``
+    (``basis``: the basis file a transform-coded ``other`` needs)."""
     dump = open_dump(original, manifest)
     require_kv_pair(dump, "attention fidelity")
     header = stfile.read_header(other)
     if container.is_compressed(header):
-        loaded = open_verified(other)
+        loaded = open_verified(other, basis=basis)
         if loaded.manifest.to_json() != dump.manifest.to_json():
             raise InvalidInputError("was compressed from a dump with another manifest",
                                     path=str(other))

@@ -31,8 +31,9 @@ class ValidateReport:
                 "error": None if self.error is None else str(self.error)}
 
 
-def validate(path, manifest=None) -> ValidateReport:
-    """Run every check of a dump (against its manifest) or of a compressed file."""
+def validate(path, manifest=None, basis=None) -> ValidateReport:
+    """Run every check of a dump (against its manifest) or of a compressed file (``basis``:
+    the basis file a transform-coded file was coded against, unless it embeds it)."""
     rep = ValidateReport(str(path), "dump")
     try:
         path = untrusted.input_path(path)
@@ -46,7 +47,7 @@ def validate(path, manifest=None) -> ValidateReport:
         try:
             from fibquant_cli.ops.verify import verify  # the numeric core, only here
 
-            verify(path, rep.checks)
+            verify(path, rep.checks, basis=basis)
         except FibQuantError as err:
             rep.checks.append(("integrity", False, err.reason))
             rep.error = err

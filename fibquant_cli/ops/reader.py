@@ -19,7 +19,7 @@ import numpy as np
 from fibquant_cli import codecs
 from fibquant_cli.core.codec import FibQuantizer
 from fibquant_cli.core.layer import SOURCE_DTYPES
-from fibquant_cli.errors import IntegrityError
+from fibquant_cli.errors import IntegrityError, InvalidInputError, UsageError
 from fibquant_cli.formats import container, dtypes, stfile
 from fibquant_cli.formats.container import codebook_name, part_name, rotation_name, split_part_name
 from fibquant_cli.formats.digest import codebook_digest, rotation_digest
@@ -34,6 +34,7 @@ class Opened:
     quantizers: list  # one FibQuantizer per profile
     verify_on_read: bool = False
     verified: set = field(default_factory=set)
+    transform: TransformState | None = None  # files with transform entries
 
     @property
     def doc(self) -> container.Document:
@@ -49,6 +50,12 @@ class Opened:
 
     def quantizer(self, i: int) -> FibQuantizer:
         return self.quantizers[self.doc.entries[i].profile]
+
+    def context(self, i: int, layer: int):
+        """What entry i's codec needs to decode ``layer`` beyond its parts (codecs/__init__)."""
+        if self.doc.entries[i].codec == "transform":
+            return self.transform.layer_basis(self.manifest.entries[i], layer)
+        return self.quantizer(i)
 
     def codec(self, i: int):
         return codecs.get(self.doc.entries[i].codec)
@@ -70,8 +77,13 @@ class Opened:
 
 
 def open_verified(path, progress: Progress | None = None, checks: list | None = None, *,
-                  verify_arrays: bool = True, verify_on_read: bool = False) -> Opened:
-    """Open a compressed file and verify it (see the module docstring); raise on a failure."""
+                  verify_arrays: bool = True, verify_on_read: bool = False,
+                  basis=None) -> Opened:
+    """Open a compressed file and verify it (see the module docstring); raise on a failure.
+
+    ``basis``: the basis file a transform-coded file was coded against (unless it embeds its
+    own); refused unless its digest is the one the file records.
+    """
     progress = progress or Progress()
     note = (lambda name, detail: checks.append((name, True, detail))) if checks is not None \
         else (lambda name, detail: None)
@@ -80,7 +92,8 @@ def open_verified(path, progress: Progress | None = None, checks: list | None = 
          f"{len(comp.header.tensors)} stored arrays")
     note("metadata digest", "fibquant document verified")
     # Codebooks and rotations are read once, and checked as they are read (``_quantizer``).
-    shared = [n for n in comp.header.tensors if n.endswith(("/codebook", "/rotation"))]
+    shared = [n for n in comp.header.tensors
+              if n.endswith(("/codebook", "/rotation")) or n.startswith(("fq/t/", "fq/b/"))]
     names = [n for n in comp.header.tensors
              if verify_arrays and not verify_on_read and n not in shared]
     progress.start(len(names), "verifying digests")
@@ -90,8 +103,77 @@ def open_verified(path, progress: Progress | None = None, checks: list | None = 
     quantizers = [_quantizer(comp, j) for j in range(len(comp.doc.profiles))]
     note("array digests", f"{len(names) + len(shared)} arrays match their BLAKE3 digests")
     note("codebooks and rotations", f"{len(quantizers)} profile(s) match their digests")
+    transform = None
+    if comp.doc.transform is not None:
+        transform = TransformState.load(comp, basis)
+        note("transform basis", f"basis {comp.doc.transform.basis_digest[:16]}... "
+             f"({'embedded' if comp.doc.transform.embedded else 'given'}) and coefficient "
+             "tables match their digests")
     return Opened(comp, quantizers, verify_on_read,
-                  set(names + shared) if verify_on_read else set())
+                  set(names + shared) if verify_on_read else set(), transform)
+
+
+@dataclass
+class TransformState:
+    """A transform-coded file's shared arrays: its coefficient tables (always in the file) and
+    the basis, from the file (embedded) or from the basis file it was coded against."""
+
+    tables: object  # core.transform.Tables
+    matrices: dict  # (layer, role) -> U (D, D) float32
+    rope: bool
+
+    @classmethod
+    def load(cls, comp: container.Container, basis) -> TransformState:
+        from fibquant_cli.core.transform import Tables
+
+        rec = comp.doc.transform
+        vq, scalar = comp.doc.transform_widths()
+        arrays = {}
+        for name in ([container.vq_table_name(w) for w in vq]
+                     + [container.scalar_table_name(b) for b in scalar]):
+            arrays[name] = _checked_read(comp, name)
+        tables = Tables({w: arrays[container.vq_table_name(w)] for w in vq},
+                        {b: arrays[container.scalar_table_name(b)] for b in scalar}, {})
+        matrices = {}
+        roles = [(e.shape.role, e.shape.layers) for e, r in
+                 zip(comp.doc.manifest.entries, comp.doc.entries) if r.codec == "transform"]
+        if rec.embedded:
+            if basis is not None:
+                raise UsageError("this file embeds its basis: drop {basis}", path=str(comp.path),
+                                 options=("basis",))
+            for role, layers in roles:
+                for layer in range(layers):
+                    matrices[layer, role] = _checked_read(comp, container.basis_name(layer, role))
+        else:
+            if basis is None:
+                raise UsageError(f"this file was coded against the basis {rec.basis_digest}: "
+                                 "give that basis file with {basis}", path=str(comp.path),
+                                 options=("basis",))
+            from fibquant_cli.formats.basis import load_basis
+
+            model = basis if not isinstance(basis, (str, bytes)) and hasattr(
+                basis, "digest") else load_basis(basis)
+            if model.digest != rec.basis_digest:
+                raise InvalidInputError(f"the basis {model.path} has digest {model.digest}; this "
+                                        f"file was coded against {rec.basis_digest}",
+                                        path=str(comp.path))
+            for role, layers in roles:
+                for layer in range(layers):
+                    matrices[layer, role] = np.ascontiguousarray(
+                        model.matrix(layer, role)[1], dtype=np.float32)
+        return cls(tables, matrices, rec.rope)
+
+    def layer_basis(self, entry, layer: int):
+        from fibquant_cli.codecs.transform import LayerBasis
+
+        rope = entry.rope if self.rope and entry.shape.role == "key" else None
+        return LayerBasis(self.matrices[layer, entry.shape.role], self.tables, rope)
+
+
+def _checked_read(comp: container.Container, name: str) -> np.ndarray:
+    arr = stfile.read_tensor(comp.header, name)
+    container.check_array(comp, name, arr)
+    return arr
 
 
 def _quantizer(comp: container.Container, j: int) -> FibQuantizer:
@@ -146,8 +228,8 @@ def restore_layer(opened: Opened, i: int, layer: int) -> np.ndarray:
                    dtype=dtypes.numpy_dtype_for(SOURCE_DTYPES[shape.dtype]))
     parts = layer_parts(opened, i, layer)
     try:
-        opened.codec(i).restore_layer(opened.quantizer(i), parts, shape, opened.doc.entries[i],
-                                      out, opened.names(i, layer))
+        opened.codec(i).restore_layer(opened.context(i, layer), parts, shape,
+                                      opened.doc.entries[i], out, opened.names(i, layer), layer)
     except IntegrityError as err:
         raise err.at(path=str(opened.path)) from None
     return out

@@ -22,7 +22,12 @@ from fibquant_cli.formats.container import raw_name
 from fibquant_cli.formats.kvlayout import vectors_axes
 from fibquant_cli.formats.manifest import AttentionSpec, Manifest, ManifestEntry, save_manifest
 from fibquant_cli.formats.stfile import label
-from fibquant_cli.ops.decompress import DecompressReport, inverse_permutation, restored_outputs
+from fibquant_cli.ops.decompress import (
+    DecompressReport,
+    basis_input,
+    inverse_permutation,
+    restored_outputs,
+)
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import Opened, StoredPart, open_verified
 from fibquant_cli.storage.publish import publishing
@@ -54,15 +59,17 @@ def decode_slice(opened: Opened, i: int, layer: int, t0: int, t1: int) -> np.nda
     parts = {part: StoredPart(opened, name)
              for part, name in opened.stored_parts.get((i, layer), {}).items()}
     try:
-        return opened.codec(i).decode_tokens(opened.quantizer(i), parts,
+        return opened.codec(i).decode_tokens(opened.context(i, layer), parts,
                                              opened.manifest.entries[i].shape,
-                                             opened.doc.entries[i], t0, t1, opened.names(i, layer))
+                                             opened.doc.entries[i], t0, t1, opened.names(i, layer),
+                                             layer)
     except IntegrityError as err:
         raise err.at(path=str(opened.path)) from None
 
 
 def decompress_slice(path, *, layers: str | None, tokens: str | None, output=None,
-                     force: bool = False, progress: Progress | None = None) -> DecompressReport:
+                     force: bool = False, progress: Progress | None = None,
+                     basis=None) -> DecompressReport:
     """Write layers x tokens of every KV entry (and the matching queries) with a manifest.
 
     BLAS runs single-threaded, as in the full decode: a multi-threaded sgemm splits the rows
@@ -70,9 +77,10 @@ def decompress_slice(path, *, layers: str | None, tokens: str | None, output=Non
     """
     progress = progress or Progress()
     path, out, out_manifest = restored_outputs(path, output)
-    with publishing([out, out_manifest], force=force, inputs={path: "input file"}) as (tmp, tmp_manifest), \
+    inputs = {path: "input file", **basis_input(basis)}
+    with publishing([out, out_manifest], force=force, inputs=inputs) as (tmp, tmp_manifest), \
             threadpool_limits(1):
-        loaded = open_verified(path, progress, verify_arrays=False)
+        loaded = open_verified(path, progress, verify_arrays=False, basis=basis)
         manifest, plan, lsel, tsel = _plan(loaded, layers, tokens)
         specs = [(n, dt, dims) for n, dt, dims, _ in plan]
         progress.start(len(plan), "decoding the slice")

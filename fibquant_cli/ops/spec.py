@@ -26,6 +26,8 @@ DEFAULT_BITS = 3
 # the others, so quantizing it costs the model most of its KL. Keeping it exact cut SmolLM2's KL
 # 4-6x at --bits 3 for 0.6% of the ratio; more tokens bought little (README, "Defaults").
 DEFAULT_KEEP_FIRST = 1
+# compress --basis without --bits or --ratio: all-inclusive bits per value (6.4x on fp16).
+DEFAULT_TRANSFORM_BITS = 2.5
 
 
 def preset_for(bits: float, option: str = "bits") -> tuple[int, int]:
@@ -75,6 +77,21 @@ class CompressSpec:
     # The options that gave each role's (k, N), for errors that name them (not recorded).
     key_options: tuple[str, str] = field(default=("block_dim", "size"), compare=False)
     value_options: tuple[str, str] = field(default=("block_dim", "size"), compare=False)
+    # The transform codec (compress --basis): the basis file, whether the file embeds it, and
+    # the size asked for: all-inclusive bits per KV value, or a ratio to the source's bytes.
+    basis: str | None = None
+    embed_basis: bool = False
+    transform_bits: float | None = None
+    ratio: float | None = None
+
+    @property
+    def codec(self) -> str:
+        return "fibquant" if self.basis is None else "transform"
+
+    @property
+    def decode_basis(self) -> str | None:
+        """The basis file decoding needs (None: the file is self-contained)."""
+        return None if self.basis is None or self.embed_basis else self.basis
 
     def point(self, role: str) -> tuple[int, int]:
         return self.key if role == "key" else self.value
@@ -88,6 +105,10 @@ class CompressSpec:
         return obj
 
     def label(self) -> str:
+        if self.basis is not None:
+            size = (f"{self.ratio:g}x" if self.ratio is not None
+                    else f"{self.transform_bits:g} bits/value")
+            return f"transform {size} keep {self.keep_first}+{self.keep_last}"
         k, v = self.key, self.value
         text = f"k={k[0]},N={k[1]}" if k == v else f"K k={k[0]},N={k[1]} / V k={v[0]},N={v[1]}"
         if self.keep_first or self.keep_last:
@@ -117,8 +138,22 @@ def _role_point(role: str, bits, block_dim, size, default: tuple[int, int],
 def resolve_spec(*, bits=None, block_dim=None, size=None, key_bits=None, value_bits=None,
                  key_block_dim=None, key_size=None, value_block_dim=None, value_size=None,
                  seed: int = 0, keep_first: int = DEFAULT_KEEP_FIRST, keep_last: int = 0,
-                 center_keys: bool = True) -> CompressSpec:
-    """Combine the command-line flags into one spec; role flags override the common ones."""
+                 center_keys: bool = True, basis=None, embed_basis: bool = False,
+                 ratio: float | None = None) -> CompressSpec:
+    """Combine the command-line flags into one spec; role flags override the common ones.
+
+    With ``basis`` (the transform codec), ``bits`` is all-inclusive bits per KV value (any
+    positive number) and ``ratio`` the alternative; the per-vector codec's flags are refused.
+    """
+    if basis is not None:
+        return _transform_spec(basis, embed_basis, bits, ratio, keep_first, keep_last,
+                               block_dim=block_dim, size=size, key_bits=key_bits,
+                               value_bits=value_bits, key_block_dim=key_block_dim,
+                               key_size=key_size, value_block_dim=value_block_dim,
+                               value_size=value_size)
+    if ratio is not None or embed_basis:
+        raise UsageError("{ratio} and {embed_basis} go with {basis} (the transform codec)",
+                         options=("ratio", "embed_basis", "basis"))
     if (block_dim is None) != (size is None):
         raise UsageError("give {block_dim} and {size} together", options=("block_dim", "size"))
     if bits is not None and block_dim is not None:
@@ -141,3 +176,27 @@ def resolve_spec(*, bits=None, block_dim=None, size=None, key_bits=None, value_b
     return CompressSpec(key=key, value=value, seed=seed, keep_first=keep_first,
                         keep_last=keep_last, center_keys=center_keys, key_options=key_options,
                         value_options=value_options)
+
+
+def _transform_spec(basis, embed_basis: bool, bits, ratio, keep_first: int, keep_last: int,
+                    **vector_flags) -> CompressSpec:
+    given = [name for name, value in vector_flags.items() if value is not None]
+    if given:
+        raise UsageError(f"{{{given[0]}}} sets the per-vector codec; with {{basis}} give "
+                         "{bits} (all-inclusive bits per value) or {ratio}",
+                         options=(given[0], "basis", "bits", "ratio"))
+    if bits is not None and ratio is not None:
+        raise UsageError("give either {bits} or {ratio}, not both", options=("bits", "ratio"))
+    if bits is not None and not 0 < bits <= 64:
+        raise UsageError(f"{{bits}} must be in (0, 64] bits per value, got {bits:g}",
+                         options=("bits",))
+    if ratio is not None and not ratio > 1:
+        raise UsageError(f"{{ratio}} must be > 1, got {ratio:g}", options=("ratio",))
+    if keep_first < 0 or keep_last < 0:
+        raise UsageError("{keep_first} and {keep_last} must be >= 0",
+                         options=("keep_first", "keep_last"))
+    if bits is None and ratio is None:
+        bits = DEFAULT_TRANSFORM_BITS
+    return CompressSpec(keep_first=keep_first, keep_last=keep_last, center_keys=False,
+                        basis=str(basis), embed_basis=embed_basis, transform_bits=bits,
+                        ratio=ratio)

@@ -28,14 +28,16 @@ from fibquant_cli.ops.compress import compress
 from fibquant_cli.ops.fidelity import DEFAULT_MAX_QUERIES, kv_entries, measure, require_kv_pair
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import open_verified, reconstructor
-from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec
+from fibquant_cli.ops.spec import BITS_PRESETS, DEFAULT_KEEP_FIRST, CompressSpec
 
+# The transform codec's points in a sweep with --basis: ratios, all inclusive.
+TRANSFORM_RATIOS = (4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0)
 PEER_ORDER = ("fp8_e4m3", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "kivi_int4", "kivi_int2")
 
 
 @dataclass
 class Point:
-    method: str  # "fibquant", "scalar" or a peer name
+    method: str  # "fibquant", "transform", "scalar" or a peer name
     label: str
     ratio: float
     bits_per_value: float
@@ -58,6 +60,12 @@ class SweepReport:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def transform_specs(basis, ratios=TRANSFORM_RATIOS) -> list[CompressSpec]:
+    """The transform codec at a ladder of ratios (``compress --basis B --ratio R``)."""
+    return [CompressSpec(keep_first=DEFAULT_KEEP_FIRST, center_keys=False, basis=str(basis),
+                         ratio=r) for r in ratios]
 
 
 def fibquant_specs(seed: int = 0) -> list[CompressSpec]:
@@ -98,13 +106,13 @@ def run_fibquant(dump: Dump, spec: CompressSpec, workdir: Path, max_queries: int
     rep = compress(dump.path, manifest=dump.manifest_path, output=out, spec=spec,
                             force=True, attention=False, jobs=1)
     seconds = time.perf_counter() - start
-    fid = measure(dump, reconstructor(open_verified(out)),
+    fid = measure(dump, reconstructor(open_verified(out, basis=spec.decode_basis)),
                   max_queries=max_queries)
     pair = kv_entries(dump)
     rows = [rep.entries[i] for i in pair]
     kv_bytes = sum(r.compressed_bytes for r in rows)
     values, source_bytes = kv_values_and_bytes(dump, pair)
-    point = Point("fibquant", spec.label(), source_bytes / kv_bytes, 8 * kv_bytes / values,
+    point = Point(spec.codec, spec.label(), source_bytes / kv_bytes, 8 * kv_bytes / values,
                   fid.overall["rel_mse"], fid.overall["cosine_mean"], fid.overall["cosine_p1"],
                   fid.overall["top8_agreement"], seconds, spec=spec.to_json())
     return point, fid
@@ -167,12 +175,15 @@ def mark_pareto(points: list[Point]) -> None:
 
 def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
           specs: list[CompressSpec] | None = None, peers: bool = True, scalar: bool = True,
-          progress: Progress | None = None) -> SweepReport:
+          basis=None, progress: Progress | None = None) -> SweepReport:
+    """Every operating point on one dump; ``basis`` adds the transform codec's ladder."""
     progress = progress or Progress()
     dump = open_dump(source, manifest)
     pair = require_kv_pair(dump, "the sweep")
     d = dump.manifest.entries[pair[0]].shape.head_dim
     specs = fibquant_specs() if specs is None else specs
+    if basis is not None:
+        specs = [*specs, *transform_specs(basis)]
     avail = available_peers() if peers else None
     peer_list = [n for n in PEER_ORDER if avail and n in avail.runnable]
     total = len(specs) + (4 if scalar else 0) + len(peer_list)

@@ -1,0 +1,312 @@
+"""The ``transform`` stream codec: a layer as transform-coded token rows (docs/transform.md).
+
+A layer ``[b, h, t, d]`` becomes rows, one per token of each batch row: the ``D = h * d``
+values of its heads side by side (keys with RoPE undone when the file's basis says so, so a
+token's key no longer depends on its position). The first ``kf`` and last ``kl`` tokens are kept
+exactly; the other ``rows = b * (t - kf - kl)`` rows are centred, projected on the layer's basis
+(columns ``U``, from ``fibquant calibrate``), divided by each coefficient's standard deviation
+and coded by ``core/transform`` at the layer's widths (``entry.widths[layer]``, the allocator's
+choice; run-length ``[[width, pairs], ...]`` over the pairs in order).
+
+=========  ============  ========================  ========================================
+part       dtype         shape                     content
+=========  ============  ========================  ========================================
+codes      U8            (code_bytes,)             the width streams (``RowLayout``)
+exc_pos    U32           (exceptions,)             row * D + component of each exception,
+                                                   ascending (``entry.exceptions[layer]``)
+exc_val    F16           (exceptions,)             their normalised coefficients
+mean       F32           (D,)                      the rows' mean (RoPE-undone domain)
+scale      F32           (D,)                      each coefficient's standard deviation
+kept       source dtype  (b, h, kf + kl, d)        the protected tokens, exactly
+=========  ============  ========================  ========================================
+
+Decoding: ``x = (c * scale)[:, live] @ U[:, live].T + mean``, RoPE re-applied to keys, rounded
+to the source dtype. Every part is read and checked whole per layer (``block_bytes`` is None);
+a token slice decodes only its rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fibquant_cli.core import bitpack
+from fibquant_cli.core import rope as rope_math
+from fibquant_cli.core import transform as T
+from fibquant_cli.core.layer import SOURCE_DTYPES, finite_max, round_to_dtype
+from fibquant_cli.core.metrics import ErrorAccumulator
+from fibquant_cli.errors import IntegrityError
+
+NAME = "transform"
+ENCODE_ROWS = 8192  # rows projected and coded at once: bounds the float32 temporaries
+DECODE_ROWS = 4096  # tokens of one batch row decoded at once (``row_blocks``)
+
+
+@dataclass(frozen=True)
+class LayerBasis:
+    """What decoding one layer needs beyond its parts: the basis columns U (D, D) float32,
+    the coefficient tables, and the RoPE to re-apply (None: the rows are stored as given)."""
+
+    u: np.ndarray
+    tables: T.Tables
+    rope: object | None  # formats.manifest.RopeSpec
+
+
+def expand_widths(runs) -> tuple[int, ...]:
+    """[[width, pairs], ...] -> the width of each pair."""
+    return tuple(int(w) for w, n in runs for _ in range(int(n)))
+
+
+def compress_widths(widths) -> list[list[int]]:
+    """The width of each pair -> run-length [[width, pairs], ...] (as the document stores it)."""
+    runs: list[list[int]] = []
+    for w in widths:
+        if runs and runs[-1][0] == w:
+            runs[-1][1] += 1
+        else:
+            runs.append([int(w), 1])
+    return runs
+
+
+def middle_rows(shape, entry) -> int:
+    kf, kl = entry.keep(shape.tokens)
+    return shape.batch * (shape.tokens - kf - kl)
+
+
+def row_layout(shape, entry, layer: int) -> T.RowLayout:
+    return T.RowLayout(expand_widths(entry.widths[layer]), middle_rows(shape, entry))
+
+
+def layer_parts(shape, profile, entry, chosen_dtype, layer: int) -> list[tuple[str, str, tuple]]:
+    """The stored parts of one layer (see the module docstring)."""
+    b, h, d = shape.batch, shape.kv_heads, shape.head_dim
+    kf, kl = entry.keep(shape.tokens)
+    n_exc = entry.exceptions[layer]
+    parts = [("codes", "U8", (row_layout(shape, entry, layer).code_bytes,)),
+             ("exc_pos", "U32", (n_exc,)), ("exc_val", "F16", (n_exc,)),
+             ("mean", "F32", (h * d,)), ("scale", "F32", (h * d,))]
+    if kf + kl:
+        parts.append(("kept", SOURCE_DTYPES[shape.dtype], (b, h, kf + kl, d)))
+    return parts
+
+
+def block_bytes(part: str, dtype: str, profile) -> int | None:
+    return None  # parts are read whole per layer; slices decode only their rows
+
+
+# --------------------------------------------------------------------------- rows <-> layers
+
+
+def to_rows(x: np.ndarray, rope, first: int = 0) -> np.ndarray:
+    """[b, h, t, d] -> rows (b * t, h * d) float32, RoPE undone (``rope``: positions from
+    ``rope.first_position + first``)."""
+    b, h, t, d = x.shape
+    if rope is not None:
+        pos = rope.first_position + first + np.arange(t)
+        x = rope_math.unrotate(x, pos, rope.theta, rope.style)
+    return np.ascontiguousarray(
+        np.asarray(x, dtype=np.float32).transpose(0, 2, 1, 3).reshape(b * t, h * d))
+
+
+def from_rows(rows: np.ndarray, b: int, h: int, d: int, rope, first: int = 0) -> np.ndarray:
+    """rows (b * t, h * d) -> [b, h, t, d] float32 (or float64 with RoPE re-applied)."""
+    t = rows.shape[0] // b
+    x = rows.reshape(b, t, h, d).transpose(0, 2, 1, 3)
+    if rope is not None:
+        pos = rope.first_position + first + np.arange(t)
+        x = rope_math.rotate(x, pos, rope.theta, rope.style)
+    return x
+
+
+def coefficients(rows: np.ndarray, u: np.ndarray, mean: np.ndarray, scale: np.ndarray):
+    """Normalised coefficients (n, D) float32; a zero scale gives zeros (nothing to code)."""
+    c = (rows - mean) @ u
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return (c / safe).astype(np.float32)
+
+
+def synthesize(c: np.ndarray, lb: LayerBasis, layout: T.RowLayout, mean, scale) -> np.ndarray:
+    """Rows from normalised coefficients: only the live (coded) components are multiplied."""
+    live = layout.live
+    if not live.size:
+        return np.broadcast_to(mean, (c.shape[0], mean.size)).astype(np.float32)
+    return (c[:, live] * scale[live]) @ lb.u[:, live].T + mean
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class LayerStats:
+    """The pre-pass's view of one layer: mean and scale of its middle rows' coefficients."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+
+def layer_stats(arr: np.ndarray, lb: LayerBasis, kf: int, kl: int) -> LayerStats:
+    b, h, t, d = arr.shape
+    rows = to_rows(arr[:, :, kf:t - kl], lb.rope, kf)
+    mean = rows.mean(axis=0, dtype=np.float64).astype(np.float32) if len(rows) else \
+        np.zeros(h * d, np.float32)
+    var = np.zeros(h * d, dtype=np.float64)
+    for r0 in range(0, len(rows), ENCODE_ROWS):
+        c = (rows[r0:r0 + ENCODE_ROWS] - mean) @ lb.u
+        var += (c.astype(np.float64) ** 2).sum(axis=0)
+    var /= max(len(rows), 1)
+    return LayerStats(mean, np.sqrt(var).astype(np.float32))
+
+
+def exceedances(arr: np.ndarray, lb: LayerBasis, stats: LayerStats, kf: int,
+                kl: int) -> np.ndarray:
+    """Per component, how many normalised coefficients exceed ``TAU``: the exceptions a layer
+    will store for any widths are the sum over its coded components (exact: the same chunks
+    and arithmetic as ``encode_layer``)."""
+    b, h, t, d = arr.shape
+    rows = to_rows(arr[:, :, kf:t - kl], lb.rope, kf)
+    over = np.zeros(h * d, dtype=np.int64)
+    for r0 in range(0, len(rows), ENCODE_ROWS):
+        c = coefficients(rows[r0:r0 + ENCODE_ROWS], lb.u, stats.mean, stats.scale)
+        over += np.count_nonzero(np.abs(c) > T.TAU, axis=0)
+    return over
+
+
+def live_components(widths) -> np.ndarray:
+    return T.RowLayout(tuple(widths), 0).live
+
+
+def encode_layer(lb: LayerBasis, arr: np.ndarray, stats: LayerStats, widths, kf: int, kl: int):
+    """(parts, ErrorAccumulator of the restored values) of one layer [b, h, t, d]."""
+    b, h, t, d = arr.shape
+    rows = to_rows(arr[:, :, kf:t - kl], lb.rope, kf)
+    layout = T.RowLayout(tuple(widths), len(rows))
+    c = np.empty(rows.shape, dtype=np.float32)
+    for r0 in range(0, len(rows), ENCODE_ROWS):
+        c[r0:r0 + ENCODE_ROWS] = coefficients(rows[r0:r0 + ENCODE_ROWS], lb.u, stats.mean,
+                                              stats.scale)
+    codes, pos, val = T.encode_rows(c, layout, lb.tables)
+    parts = {"codes": codes, "exc_pos": pos, "exc_val": val, "mean": stats.mean,
+             "scale": stats.scale}
+    acc = ErrorAccumulator()
+    restored = np.empty_like(arr)  # decoded exactly as decompress will (the same blocks)
+    restore_middle(lb, layout, codes, pos, val, stats.mean, stats.scale, restored, kf, t - kf - kl)
+    x = arr[:, :, kf:t - kl].astype(np.float32).reshape(-1, d)
+    acc.add(x, restored[:, :, kf:t - kl].astype(np.float32).reshape(-1, d))
+    if kf + kl:
+        kept = np.ascontiguousarray(np.concatenate([arr[:, :, :kf], arr[:, :, t - kl:]], axis=2))
+        kx = kept.reshape(-1, d).astype(np.float32)
+        acc.add(kx, kx)
+        parts["kept"] = kept
+    return parts, acc
+
+
+def decode_middle(lb: LayerBasis, codes, pos, val, layout: T.RowLayout, mean, scale, h: int,
+                  d: int, first: int, out_dtype, r0: int, r1: int):
+    """Rows [r0, r1) of the middle, all of one batch row starting at token ``first``, as
+    [1, h, r1 - r0, d] float32 rounded as ``out_dtype`` rounds (float32: unrounded)."""
+    c = T.decode_rows(codes, pos, val, layout, h * d, r0, r1, lb.tables)
+    rows = synthesize(c, lb, layout, mean, scale)
+    x = np.asarray(from_rows(rows, 1, h, d, lb.rope, first), dtype=np.float32)
+    top = finite_max(out_dtype)
+    np.clip(x, -top, top, out=x)
+    return round_to_dtype(x, out_dtype)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _checked(parts: dict, shape, entry, layer: int, name_of):
+    layout = row_layout(shape, entry, layer)
+    d_all = shape.kv_heads * shape.head_dim
+    pos = np.asarray(parts["exc_pos"]).reshape(-1)
+    val = np.asarray(parts["exc_val"]).reshape(-1)
+    mean = np.asarray(parts["mean"], dtype=np.float32).reshape(-1)
+    scale = np.asarray(parts["scale"], dtype=np.float32).reshape(-1)
+    for part, arr in (("mean", mean), ("scale", scale), ("exc_val", val)):
+        if not np.all(np.isfinite(arr)):
+            raise IntegrityError("holds non-finite values", tensor=name_of(part))
+    if float(scale.min(initial=0.0)) < 0:
+        raise IntegrityError("scales must be >= 0", tensor=name_of("scale"))
+    if pos.size and (np.any(np.diff(pos.astype(np.int64)) <= 0)
+                     or int(pos[-1]) >= layout.rows * d_all):
+        raise IntegrityError("exception positions must ascend and lie inside the layer",
+                             tensor=name_of("exc_pos"))
+    codes = np.asarray(parts["codes"]).reshape(-1)
+    for width, idx, offset, n in layout.groups:
+        try:
+            bitpack.check_stream(codes[offset:offset + n], layout.rows * len(idx), width)
+        except IntegrityError as err:
+            raise IntegrityError(err.reason, tensor=name_of("codes")) from None
+    return layout, codes, pos, val, mean, scale
+
+
+def row_blocks(t_mid: int, b: int, lo: int = 0, hi: int | None = None):
+    """The blocks rows are decoded in: ``DECODE_ROWS`` tokens of one batch row at a time
+    (bi, token start, token stop within the middle), only those meeting [lo, hi). A slice
+    decodes the very blocks the full decode does: a matrix product's rounding can depend on
+    how many rows it is given, and slices must equal the full decode bit for bit."""
+    hi = t_mid if hi is None else hi
+    for bi in range(b):
+        for s0 in range(lo // DECODE_ROWS * DECODE_ROWS, hi, DECODE_ROWS):
+            yield bi, s0, min(s0 + DECODE_ROWS, t_mid)
+
+
+def restore_layer(lb: LayerBasis, parts: dict, shape, entry, out: np.ndarray, name_of,
+                  layer: int) -> None:
+    """Decode one layer into ``out`` [b, h, t, d] in the source dtype."""
+    b, h, t, d = out.shape
+    kf, kl = entry.keep(t)
+    layout, codes, pos, val, mean, scale = _checked(parts, shape, entry, layer, name_of)
+    if kf + kl:
+        kept = parts["kept"]
+        if not np.all(np.isfinite(kept.astype(np.float32))):
+            raise IntegrityError("holds non-finite values", tensor=name_of("kept"))
+        out[:, :, :kf] = kept[:, :, :kf]
+        out[:, :, t - kl:] = kept[:, :, kf:]
+    restore_middle(lb, layout, codes, pos, val, mean, scale, out, kf, t - kf - kl)
+
+
+def restore_middle(lb: LayerBasis, layout: T.RowLayout, codes, pos, val, mean, scale,
+                   out: np.ndarray, kf: int, t_mid: int) -> None:
+    """The middle tokens of ``out`` [b, h, t, d] (source dtype), block by block."""
+    b, h, _, d = out.shape
+    for bi, s0, s1 in row_blocks(t_mid, b):
+        x = decode_middle(lb, codes, pos, val, layout, mean, scale, h, d, kf + s0, out.dtype,
+                          bi * t_mid + s0, bi * t_mid + s1)
+        out[bi:bi + 1, :, kf + s0:kf + s1] = x
+
+
+def check_layer(lb: LayerBasis, parts: dict, shape, entry, name_of, layer: int) -> None:
+    """Everything decoding would check, without decoding."""
+    _checked(parts, shape, entry, layer, name_of)
+
+
+def decode_tokens(lb: LayerBasis, parts: dict, shape, entry, t0: int, t1: int, name_of,
+                  layer: int) -> np.ndarray:
+    """Tokens [t0, t1) of one layer as [b, h, t1 - t0, d] float32, decoding only their rows;
+    bit-identical to the full decode (the same rows through the same arithmetic)."""
+    b, h, t, d = shape.batch, shape.kv_heads, shape.tokens, shape.head_dim
+    kf, kl = entry.keep(t)
+    whole = {part: reader.whole() for part, reader in parts.items()}
+    layout, codes, pos, val, mean, scale = _checked(whole, shape, entry, layer, name_of)
+    out = np.empty((b, h, t1 - t0, d), dtype=np.float32)
+    if kf + kl:
+        kept = whole["kept"].astype(np.float32)
+        lo, hi = t0, min(t1, kf)
+        if lo < hi:
+            out[:, :, lo - t0:hi - t0] = kept[:, :, lo:hi]
+        lo, hi = max(t0, t - kl), t1
+        if lo < hi:
+            out[:, :, lo - t0:hi - t0] = kept[:, :, kf + lo - (t - kl):kf + hi - (t - kl)]
+    lo, hi = max(t0, kf), min(t1, t - kl)
+    t_mid = t - kf - kl
+    if lo < hi:
+        for bi, s0, s1 in row_blocks(t_mid, b, lo - kf, hi - kf):
+            # float32, unrounded: the caller casts (clamped) to the source dtype, which rounds
+            # exactly as the full decode's round_to_dtype does
+            x = decode_middle(lb, codes, pos, val, layout, mean, scale, h, d, kf + s0,
+                              np.float32, bi * t_mid + s0, bi * t_mid + s1)[0]
+            a0, a1 = max(lo, kf + s0), min(hi, kf + s1)
+            out[bi, :, a0 - t0:a1 - t0] = x[:, a0 - kf - s0:a1 - kf - s0]
+    return out

@@ -1,0 +1,262 @@
+"""``compress --basis``: a dump transform-coded against a model-level basis (docs/transform.md).
+
+Three passes over the KV layers, nothing written before the third:
+
+1. the usual check (NaN/Inf, source digests: ``compress.check_and_digest``);
+2. statistics: per layer and role, the rows' mean, each coefficient's standard deviation
+   (``scale``) and how many of its values lie beyond the codebooks' reach (exceptions);
+3. after one allocation for the whole file, the layers coded by ``codecs/transform`` and
+   streamed to the output with the coefficient tables (and, with ``embed_basis``, the basis).
+
+The allocation spends the budget where it buys the most attention fidelity: each layer and
+role's squared error is weighted by the basis's measured sensitivity (``fibquant calibrate``)
+over its total variance, so a layer whose small errors move attention a lot gets the bits it
+needs. The budget is all-inclusive: the greedy allocator's steps are taken while the whole
+file -- header, tables, statistics, exceptions, kept tokens and codes -- fits the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from fibquant_cli.codecs import transform as codec
+from fibquant_cli.core import transform as T
+from fibquant_cli.core.metrics import ErrorAccumulator
+from fibquant_cli.errors import InvalidInputError, UsageError
+from fibquant_cli.formats import container, stfile
+from fibquant_cli.formats.container import (
+    PLACEHOLDER_DIGEST,
+    Document,
+    EntryRecord,
+    TransformRecord,
+    basis_name,
+    part_name,
+    scalar_table_name,
+    vq_table_name,
+)
+from fibquant_cli.formats.kvdump import Dump, read_layer
+from fibquant_cli.ops.compress_report import CompressReport, role_stats, total_stats
+from fibquant_cli.ops.progress import Progress
+
+SEARCH_STEPS = 40  # bisection steps over the allocator's prefix (2**40 >> any step count)
+
+
+@dataclass
+class Matrix:
+    """One layer and role of the dump: where it is, its basis and its statistics."""
+
+    entry: int
+    layer: int
+    lb: codec.LayerBasis
+    keep: tuple[int, int]
+    rows: int
+    stats: codec.LayerStats | None = None
+    over: np.ndarray | None = None  # per component: values beyond TAU
+
+
+def check_basis(dump: Dump, basis) -> dict[str, int]:
+    """The manifest entries to code ({role: entry index}); refuses a basis of other geometry."""
+    roles = {entry.shape.role: i for i, entry in enumerate(dump.manifest.entries)}
+    if sorted(e.shape.role for e in dump.manifest.entries) != ["key", "value"]:
+        raise InvalidInputError(
+            "transform coding needs exactly one key and one value entry; the manifest has "
+            f"{', '.join(e.shape.role for e in dump.manifest.entries)}", path=str(dump.path))
+    for role, i in roles.items():
+        shape = dump.manifest.entries[i].shape
+        for what, mine, theirs in (("layers", shape.layers, basis.layers),
+                                   ("kv_heads", shape.kv_heads, basis.kv_heads),
+                                   ("head_dim", shape.head_dim, basis.head_dim)):
+            if mine != theirs:
+                raise InvalidInputError(f"the {role} entry has {what} {mine}, the basis "
+                                        f"{basis.path} has {theirs}", path=str(dump.path))
+    key = dump.manifest.entries[roles["key"]]
+    if basis.rope is not None:
+        if key.shape.rope_state == "post_rope" and key.rope is None:
+            raise InvalidInputError(
+                "the basis was fitted with RoPE undone, but the key entry has no 'rope' object "
+                "to undo it with (docs/manifest.md)", path=str(dump.path))
+        if key.rope is not None and (key.rope.theta, key.rope.style) != (basis.rope.theta,
+                                                                         basis.rope.style):
+            raise InvalidInputError(
+                f"the keys' RoPE (theta {key.rope.theta:g}, {key.rope.style}) is not the "
+                f"basis's (theta {basis.rope.theta:g}, {basis.rope.style})", path=str(dump.path))
+    elif key.shape.rope_state == "post_rope" and key.rope is not None:
+        pass  # a basis fitted on keys as stored codes them as stored
+    return roles
+
+
+def matrices(dump: Dump, basis, roles: dict[str, int], spec, tab: T.Tables) -> list[Matrix]:
+    out = []
+    for role in ("key", "value"):
+        i = roles[role]
+        entry = dump.manifest.entries[i]
+        rope = entry.rope if role == "key" and basis.rope is not None and \
+            entry.shape.rope_state == "post_rope" else None
+        t = entry.shape.tokens
+        kf = min(spec.keep_first, t)
+        kl = min(spec.keep_last, t - kf)
+        for layer in range(entry.shape.layers):
+            u = np.ascontiguousarray(basis.matrix(layer, role)[1], dtype=np.float32)
+            out.append(Matrix(i, layer, codec.LayerBasis(u, tab, rope), (kf, kl),
+                              entry.shape.batch * (t - kf - kl)))
+    return out
+
+
+def gather_stats(dump: Dump, mats: list[Matrix], progress: Progress) -> None:
+    progress.start(len(mats), "statistics")
+    for m in mats:
+        arr = read_layer(dump, dump.manifest.entries[m.entry], m.layer, check=False)
+        m.stats = codec.layer_stats(arr, m.lb, *m.keep)
+        m.over = codec.exceedances(arr, m.lb, m.stats, *m.keep)
+        progress.advance(f"entry {m.entry} layer {m.layer}")
+
+
+def weights(mats: list[Matrix], basis, dump: Dump) -> list[float]:
+    """Per matrix: sensitivity (1 without one) per unit of its total coefficient variance."""
+    out = []
+    for m in mats:
+        role = dump.manifest.entries[m.entry].shape.role
+        s = basis.sensitivity(m.layer, role)
+        total = float((m.stats.scale.astype(np.float64) ** 2).sum())
+        out.append((1.0 if s is None else max(s, 1e-6)) / total if total > 0 else 0.0)
+    return out
+
+
+def transform_document(base: Document, dump: Dump, mats, widths, basis, spec,
+                       roles: dict[str, int]) -> Document:
+    entries: list = [None] * len(dump.manifest.entries)
+    for i in roles.values():
+        shape = dump.manifest.entries[i].shape
+        mine = [(m, w) for m, w in zip(mats, widths) if m.entry == i]
+        entries[i] = EntryRecord(
+            "transform", None, shape.layers, shape.vector_count // shape.layers,
+            spec.keep_first, spec.keep_last, False,
+            tuple(tuple(tuple(r) for r in codec.compress_widths(w)) for _, w in mine),
+            tuple(int(m.over[codec.live_components(w)].sum()) for m, w in mine))
+    rope = basis.rope is not None
+    return dataclasses.replace(
+        base, profiles=(), entries=tuple(entries),
+        transform=TransformRecord(basis.digest, spec.embed_basis, rope))
+
+
+def file_bytes(doc: Document) -> int:
+    """The exact size of the file ``doc`` describes (digests are placeholders of the same
+    length as the real ones)."""
+    specs = doc.expected_layout({})
+    digests = {name: PLACEHOLDER_DIGEST for name, _, _ in specs}
+    metadata = container.metadata_for(dataclasses.replace(doc, arrays=digests))
+    layout = stfile.plan_layout(specs, "<planned>")
+    header = stfile.header_bytes(layout, metadata, "<planned>")
+    return len(header) + sum(stfile.tensor_n_bytes(dt, dims) for _, dt, dims in specs)
+
+
+def plan(dump: Dump, base: Document, mats, basis, spec, roles, target_bytes: float,
+         progress: Progress):
+    """The widths of every matrix: the longest prefix of the allocator's steps whose file fits
+    ``target_bytes``; refuses a target below the file's fixed cost."""
+    variances = [m.stats.scale.astype(np.float64) ** 2 for m in mats]
+    steps = list(T.greedy_steps(variances, weights(mats, basis, dump), T.tables().delta))
+    pairs = [len(v) // 2 for v in variances]
+
+    def size(count: int) -> tuple[int, Document, list]:
+        widths = T.apply_steps(steps, pairs, count)
+        doc = transform_document(base, dump, mats, widths, basis, spec, roles)
+        return file_bytes(doc), doc, widths
+
+    lo_size, doc, widths = size(0)
+    if lo_size > target_bytes:
+        raise UsageError(f"even coding no coefficient takes {lo_size:,} bytes, above the "
+                         f"{int(target_bytes):,} the target allows: ask for more {{bits}} or "
+                         "a smaller {ratio}", path=str(dump.path), options=("bits", "ratio"))
+    lo, hi = 0, len(steps)
+    best = (lo_size, doc, widths)
+    progress.start(1, "allocating bits")
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        got = size(mid)
+        if got[0] <= target_bytes:
+            lo, best = mid, got
+        else:
+            hi = mid - 1
+    progress.advance(f"{lo} allocation steps")
+    return best
+
+
+def encode_all(dump: Dump, mats, widths, writer, digests: dict, progress: Progress,
+               array_digest) -> dict[int, ErrorAccumulator]:
+    accs: dict[int, list] = {}
+    progress.start(len(mats), "compressing (transform)")
+    for m, w in zip(mats, widths):
+        arr = read_layer(dump, dump.manifest.entries[m.entry], m.layer, check=False)
+        parts, acc = codec.encode_layer(m.lb, arr, m.stats, w, *m.keep)
+        for part, a in parts.items():
+            name = part_name(m.entry, m.layer, part)
+            writer.write(name, a)
+            digests[name] = array_digest(a)
+        accs.setdefault(m.entry, []).append((acc, sum(a.nbytes for a in parts.values())))
+        progress.advance(f"entry {m.entry} layer {m.layer}")
+    return accs
+
+
+def shared_arrays(doc: Document, basis, tab: T.Tables) -> list[tuple[str, np.ndarray]]:
+    vq, scalar = doc.transform_widths()
+    out = [(vq_table_name(w), tab.vq[w]) for w in vq]
+    out += [(scalar_table_name(b), tab.scalar[b]) for b in scalar]
+    if doc.transform.embedded:
+        for entry, rec in zip(doc.manifest.entries, doc.entries):
+            if rec.codec == "transform":
+                out += [(basis_name(layer, entry.shape.role),
+                         np.ascontiguousarray(basis.matrix(layer, entry.shape.role)[1],
+                                              dtype=np.float32))
+                        for layer in range(entry.shape.layers)]
+    return out
+
+
+def target_bytes(dump: Dump, spec, passthrough: int) -> float:
+    """The file size ``spec`` asks for: ``bits`` per KV value all inclusive, or the KV
+    values' source bytes over ``ratio``; pass-through tensors are added as they are."""
+    values = sum(e.shape.element_count for e in dump.manifest.entries)
+    source = sum(dump.header.tensors[n].n_bytes for n in dump.kv_names)
+    if spec.ratio is not None:
+        return source / spec.ratio + passthrough
+    return values * spec.transform_bits / 8 + passthrough
+
+
+def raw_bytes(dump: Dump) -> int:
+    return sum(dump.header.tensors[n].n_bytes for n in dump.passthrough_names)
+
+
+def report(dump: Dump, out, file_size: int, n_bytes: dict, accs: dict, mats,
+           widths) -> CompressReport:
+    """Sizes and errors per entry and in total, as ``compress_report`` gives them for the
+    per-vector codec; the tables, basis and header are split evenly across the entries."""
+    passthrough = sum(b for n, b in n_bytes.items() if n.startswith(container.RAW_PREFIX))
+    shared = file_size - passthrough - sum(p for runs in accs.values() for _, p in runs)
+    rows, all_accs = [], []
+    alloc = describe(mats, widths)
+    for i, entry in enumerate(dump.manifest.entries):
+        acc = ErrorAccumulator.merge(a for a, _ in accs[i])
+        payload = sum(p for _, p in accs[i])
+        total = payload + shared / len(dump.manifest.entries)
+        stats = role_stats(entry.shape.role, entry.shape, payload, total, acc, None, None)
+        rows.append(dataclasses.replace(stats, profile={"codec": "transform", **alloc[i]}))
+        all_accs.append(acc)
+    return CompressReport(str(dump.path), str(out), file_size, passthrough, rows,
+                          total_stats(rows, all_accs, None, file_size - passthrough),
+                          dump.passthrough_names)
+
+
+def describe(mats, widths) -> dict:
+    """Allocation summary for the report: bits per value coded, per role."""
+    out = {}
+    for role_entry in sorted({m.entry for m in mats}):
+        bits = [sum(w) for m, w in zip(mats, widths) if m.entry == role_entry]
+        dims = [len(w) * 2 for m, w in zip(mats, widths) if m.entry == role_entry]
+        out[role_entry] = {"mean_code_bits_per_value": float(np.sum(bits) / np.sum(dims)),
+                           "min_layer": float(min(b / d for b, d in zip(bits, dims))),
+                           "max_layer": float(max(b / d for b, d in zip(bits, dims)))}
+    return out
+
