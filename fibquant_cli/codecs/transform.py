@@ -12,15 +12,19 @@ choice; run-length ``[[width, pairs], ...]`` over the pairs in order).
 part       dtype         shape                     content
 =========  ============  ========================  ========================================
 codes      U8            (code_bytes,)             the width streams (``RowLayout``)
-exc_pos    U32           (exceptions,)             row * D + component of each exception,
-                                                   ascending (``entry.exceptions[layer]``)
-exc_val    F16           (exceptions,)             their normalised coefficients
-mean       F32           (D,)                      the rows' mean (RoPE-undone domain)
-scale      F32           (D,)                      each coefficient's standard deviation
+except     U8            (6 * exceptions,)         ``entry.exceptions[layer]`` little-endian
+                                                   uint32 positions row * D + component,
+                                                   ascending, then as many float16 values
+                                                   (the normalised coefficients)
+stats      F16 or F32    (2, D)                    the rows' mean (RoPE-undone domain) and
+                                                   each coefficient's standard deviation; F32
+                                                   only when a mean is beyond fp16's range
 kept       source dtype  (b, h, kf + kl, d)        the protected tokens, exactly
 =========  ============  ========================  ========================================
 
-Decoding: ``x = (c * scale)[:, live] @ U[:, live].T + mean``, RoPE re-applied to keys, rounded
+Few parts per layer on purpose: each stored array costs about 170 bytes of header and digest,
+which at 16x on a 1,024-token cache was 4% of the file. Decoding:
+``x = (c * scale)[:, live] @ U[:, live].T + mean``, RoPE re-applied to keys, rounded
 to the source dtype. Every part is read and checked whole per layer (``block_bytes`` is None);
 a token slice decodes only its rows.
 """
@@ -39,6 +43,8 @@ from fibquant_cli.core.metrics import ErrorAccumulator
 from fibquant_cli.errors import IntegrityError
 
 NAME = "transform"
+STATS_DTYPES = {"F16": np.float16, "F32": np.float32}
+FP16_MAX = float(np.finfo(np.float16).max)
 ENCODE_ROWS = 8192  # rows projected and coded at once: bounds the float32 temporaries
 DECODE_ROWS = 4096  # tokens of one batch row decoded at once (``row_blocks``)
 
@@ -83,9 +89,11 @@ def layer_parts(shape, profile, entry, chosen_dtype, layer: int) -> list[tuple[s
     b, h, d = shape.batch, shape.kv_heads, shape.head_dim
     kf, kl = entry.keep(shape.tokens)
     n_exc = entry.exceptions[layer]
+    stats_dtype = chosen_dtype("stats") or "F16"
+    if stats_dtype not in STATS_DTYPES:
+        stats_dtype = "F16"  # the layout check then names the array and both dtypes
     parts = [("codes", "U8", (row_layout(shape, entry, layer).code_bytes,)),
-             ("exc_pos", "U32", (n_exc,)), ("exc_val", "F16", (n_exc,)),
-             ("mean", "F32", (h * d,)), ("scale", "F32", (h * d,))]
+             ("except", "U8", (6 * n_exc,)), ("stats", stats_dtype, (2, h * d))]
     if kf + kl:
         parts.append(("kept", SOURCE_DTYPES[shape.dtype], (b, h, kf + kl, d)))
     return parts
@@ -139,10 +147,15 @@ def synthesize(c: np.ndarray, lb: LayerBasis, layout: T.RowLayout, mean, scale) 
 
 @dataclass
 class LayerStats:
-    """The pre-pass's view of one layer: mean and scale of its middle rows' coefficients."""
+    """The pre-pass's view of one layer: mean and scale of its middle rows' coefficients, as
+    stored (rounded to ``dtype``: the encoder codes with exactly what the decoder will read)."""
 
     mean: np.ndarray
     scale: np.ndarray
+    dtype: str = "F16"
+
+    def stored(self) -> np.ndarray:
+        return np.stack([self.mean, self.scale]).astype(STATS_DTYPES[self.dtype])
 
 
 def layer_stats(arr: np.ndarray, lb: LayerBasis, kf: int, kl: int) -> LayerStats:
@@ -155,7 +168,12 @@ def layer_stats(arr: np.ndarray, lb: LayerBasis, kf: int, kl: int) -> LayerStats
         c = (rows[r0:r0 + ENCODE_ROWS] - mean) @ lb.u
         var += (c.astype(np.float64) ** 2).sum(axis=0)
     var /= max(len(rows), 1)
-    return LayerStats(mean, np.sqrt(var).astype(np.float32))
+    scale = np.sqrt(var)
+    dtype = "F16" if max(float(np.abs(mean).max(initial=0)), float(scale.max(initial=0))) \
+        < FP16_MAX else "F32"
+    as_stored = STATS_DTYPES[dtype]
+    return LayerStats(mean.astype(as_stored).astype(np.float32),
+                      scale.astype(as_stored).astype(np.float32), dtype)
 
 
 def exceedances(arr: np.ndarray, lb: LayerBasis, stats: LayerStats, kf: int,
@@ -186,8 +204,7 @@ def encode_layer(lb: LayerBasis, arr: np.ndarray, stats: LayerStats, widths, kf:
         c[r0:r0 + ENCODE_ROWS] = coefficients(rows[r0:r0 + ENCODE_ROWS], lb.u, stats.mean,
                                               stats.scale)
     codes, pos, val = T.encode_rows(c, layout, lb.tables)
-    parts = {"codes": codes, "exc_pos": pos, "exc_val": val, "mean": stats.mean,
-             "scale": stats.scale}
+    parts = {"codes": codes, "except": pack_exceptions(pos, val), "stats": stats.stored()}
     acc = ErrorAccumulator()
     restored = np.empty_like(arr)  # decoded exactly as decompress will (the same blocks)
     restore_middle(lb, layout, codes, pos, val, stats.mean, stats.scale, restored, kf, t - kf - kl)
@@ -216,22 +233,34 @@ def decode_middle(lb: LayerBasis, codes, pos, val, layout: T.RowLayout, mean, sc
 # --------------------------------------------------------------------------- decoding
 
 
+def pack_exceptions(pos: np.ndarray, val: np.ndarray) -> np.ndarray:
+    """The ``except`` part: uint32 positions then float16 values, little-endian, as bytes."""
+    return np.concatenate([np.asarray(pos, "<u4").view(np.uint8),
+                           np.asarray(val, "<f2").view(np.uint8)])
+
+
+def unpack_exceptions(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+    n = raw.size // 6
+    return raw[:4 * n].view("<u4"), raw[4 * n:].view("<f2")
+
+
 def _checked(parts: dict, shape, entry, layer: int, name_of):
     layout = row_layout(shape, entry, layer)
     d_all = shape.kv_heads * shape.head_dim
-    pos = np.asarray(parts["exc_pos"]).reshape(-1)
-    val = np.asarray(parts["exc_val"]).reshape(-1)
-    mean = np.asarray(parts["mean"], dtype=np.float32).reshape(-1)
-    scale = np.asarray(parts["scale"], dtype=np.float32).reshape(-1)
-    for part, arr in (("mean", mean), ("scale", scale), ("exc_val", val)):
-        if not np.all(np.isfinite(arr)):
-            raise IntegrityError("holds non-finite values", tensor=name_of(part))
+    pos, val = unpack_exceptions(parts["except"])
+    stats = np.asarray(parts["stats"], dtype=np.float32)
+    mean, scale = stats[0], stats[1]
+    if not np.all(np.isfinite(stats)):
+        raise IntegrityError("holds non-finite values", tensor=name_of("stats"))
+    if not np.all(np.isfinite(val.astype(np.float32))):
+        raise IntegrityError("holds non-finite exception values", tensor=name_of("except"))
     if float(scale.min(initial=0.0)) < 0:
-        raise IntegrityError("scales must be >= 0", tensor=name_of("scale"))
+        raise IntegrityError("standard deviations must be >= 0", tensor=name_of("stats"))
     if pos.size and (np.any(np.diff(pos.astype(np.int64)) <= 0)
                      or int(pos[-1]) >= layout.rows * d_all):
         raise IntegrityError("exception positions must ascend and lie inside the layer",
-                             tensor=name_of("exc_pos"))
+                             tensor=name_of("except"))
     codes = np.asarray(parts["codes"]).reshape(-1)
     for width, idx, offset, n in layout.groups:
         try:

@@ -284,10 +284,10 @@ class Document:
                 out[name] = size
         return out
 
-    def expected_layout(self, norms_dtypes: dict[str, str]) -> list[tuple[str, str, tuple]]:
+    def expected_layout(self, chosen_dtypes: dict[str, str]) -> list[tuple[str, str, tuple]]:
         """(name, dtype, shape) of every stored array, in file order.
 
-        ``norms_dtypes``: the dtype of each parts array whose codec allows a choice (as the
+        ``chosen_dtypes``: the dtype of each parts array whose codec allows a choice (as the
         header declares it; the codec checks it is one of its choices).
         """
         specs = []
@@ -309,7 +309,7 @@ class Document:
             profile = None if rec.profile is None else self.profiles[rec.profile].profile
             for layer in range(entry.shape.layers):
                 names = functools.partial(part_name, i, layer)
-                chosen = lambda part, names=names: norms_dtypes.get(names(part))  # noqa: E731
+                chosen = lambda part, names=names: chosen_dtypes.get(names(part))  # noqa: E731
                 for part, dtype, dims in codec.layer_parts(entry.shape, profile, rec, chosen,
                                                            layer):
                     specs.append((names(part), dtype, dims))

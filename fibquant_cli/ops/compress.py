@@ -211,7 +211,7 @@ def _write_transform(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, basis
                     source_record(dump, kv_digests), dump.manifest, (), (), {})
     target = tc.target_bytes(dump, spec, tc.raw_bytes(dump))
     _, doc, widths = tc.plan(dump, base, mats, basis, spec, roles, target, progress)
-    specs = doc.expected_layout({})
+    specs = doc.expected_layout(tc.stats_dtypes(mats))
     digests = {name: PLACEHOLDER_DIGEST for name, _, _ in specs}
     metadata = container.metadata_for(dataclasses.replace(doc, arrays=digests))
     with StreamWriter(tmp, specs, metadata, publish=False) as w:

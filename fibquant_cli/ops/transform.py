@@ -142,10 +142,15 @@ def transform_document(base: Document, dump: Dump, mats, widths, basis, spec,
         transform=TransformRecord(basis.digest, spec.embed_basis, rope))
 
 
-def file_bytes(doc: Document) -> int:
+def stats_dtypes(mats) -> dict[str, str]:
+    """The dtype of each layer's ``stats`` part (F32 only where fp16 cannot hold it)."""
+    return {part_name(m.entry, m.layer, "stats"): m.stats.dtype for m in mats}
+
+
+def file_bytes(doc: Document, chosen: dict[str, str]) -> int:
     """The exact size of the file ``doc`` describes (digests are placeholders of the same
     length as the real ones)."""
-    specs = doc.expected_layout({})
+    specs = doc.expected_layout(chosen)
     digests = {name: PLACEHOLDER_DIGEST for name, _, _ in specs}
     metadata = container.metadata_for(dataclasses.replace(doc, arrays=digests))
     layout = stfile.plan_layout(specs, "<planned>")
@@ -161,10 +166,12 @@ def plan(dump: Dump, base: Document, mats, basis, spec, roles, target_bytes: flo
     steps = list(T.greedy_steps(variances, weights(mats, basis, dump), T.tables().delta))
     pairs = [len(v) // 2 for v in variances]
 
+    chosen = stats_dtypes(mats)
+
     def size(count: int) -> tuple[int, Document, list]:
         widths = T.apply_steps(steps, pairs, count)
         doc = transform_document(base, dump, mats, widths, basis, spec, roles)
-        return file_bytes(doc), doc, widths
+        return file_bytes(doc, chosen), doc, widths
 
     lo_size, doc, widths = size(0)
     if lo_size > target_bytes:
