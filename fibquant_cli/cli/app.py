@@ -254,6 +254,39 @@ def decompress(
 
 
 
+@app.command()
+@handle_errors
+def calibrate(
+    dumps: Annotated[list[str], typer.Argument(
+        help="Calibration dumps of one model (other texts than the ones to compress).",
+        show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="The basis file to write "
+                                         "(MODEL.basis.safetensors).", show_default=False)],
+    keep_first: Annotated[int, typer.Option(
+        help="Leave the first T tokens (attention sinks) out of the fit.")] = 1,
+    rope_undo: Annotated[bool, typer.Option(
+        "--rope-undo/--no-rope-undo", help="Undo RoPE on post-RoPE keys before fitting "
+        "(needs the manifest's rope object).")] = True,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Learn a model-level PCA basis per layer (keys and values) for transform coding.
+
+    Also measures, when the dumps have queries, each layer's attention sensitivity.
+    """
+    from fibquant_cli.ops.calibrate import calibrate as run
+
+    with RichProgress() as progress:
+        rep = run(dumps, output=output, keep_first=keep_first, rope_undo=rope_undo,
+                  force=force, progress=progress)
+    if as_json:
+        console.print_json(rep.to_json())
+    else:
+        from fibquant_cli.cli import tables
+
+        console.stdout().print(tables.calibrate_table(rep))
+
+
 def _model_inputs(model, text, ids, what: str) -> None:
     if model is None:
         if text is not None or ids is not None:

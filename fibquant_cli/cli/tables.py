@@ -165,3 +165,27 @@ def sweep_table(rep) -> Table:
     notes += [f"skipped {name}: {reason}" for name, reason in rep.skipped.items()]
     table.caption = "\n".join(notes)
     return table
+
+
+def calibrate_table(rep) -> Table:
+    """The basis file just written: geometry, how much it compacts, sensitivity, digest."""
+    table = Table(title=f"calibrate -> {rep.output}", header_style="bold")
+    table.add_column("quantity")
+    table.add_column("value", overflow="fold")
+    sens = rep.sensitivity
+    rows = [
+        ("dumps", ", ".join(s["file"] for s in rep.sources)),
+        ("layers x D", f"{rep.layers} x {rep.dim} ({rep.kv_heads} KV heads x {rep.head_dim})"),
+        ("tokens fitted per matrix", f"{rep.tokens:,} (first {rep.keep_first} excluded)"),
+        ("keys", "RoPE undone" if rep.rope_undone else "fitted as stored"),
+        *[(f"{role} variance in top 25% of components", f"{share:.3f} (mean over layers)")
+          for role, share in rep.top_variance.items()],
+        ("sensitivity (cos drop per rel. MSE)",
+         "— (no queries in the dumps)" if sens is None else
+         f"{sens['min']:.3g} .. {sens['max']:.3g}"),
+        ("digest", rep.digest),
+        ("seconds", f"{rep.seconds:.1f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table

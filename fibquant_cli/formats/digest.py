@@ -64,6 +64,7 @@ CODEBOOK_SCHEMA = "fibquant_codebook_v1"      # codebook bytes: <f8 in the cache
 ROTATION_SCHEMA = "fibquant_rotation_v1"      # a rotation's <f4 bytes, as stored in files
 CONTAINER_SCHEMA = "fibquant_container_v1"    # a compressed file's document (UTF-8 JSON text)
 BLOCK_SCHEMA = "fibquant_block_v1"            # one fixed-size byte block of a stored array
+BASIS_SCHEMA = "fibquant_basis_v1"            # a model-level PCA basis file (formats/basis.py)
 
 # Bytes handed to one hasher.update call; large tensors are hashed in slices of this size
 # so a non-contiguous or byte-swapped array is never copied whole.
