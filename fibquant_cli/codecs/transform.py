@@ -110,15 +110,15 @@ def to_rows(x: np.ndarray, rope, first: int = 0) -> np.ndarray:
     """[b, h, t, d] -> rows (b * t, h * d) float32, RoPE undone (``rope``: positions from
     ``rope.first_position + first``)."""
     b, h, t, d = x.shape
+    x = np.asarray(x, dtype=np.float32)
     if rope is not None:
         pos = rope.first_position + first + np.arange(t)
         x = rope_math.unrotate(x, pos, rope.theta, rope.style)
-    return np.ascontiguousarray(
-        np.asarray(x, dtype=np.float32).transpose(0, 2, 1, 3).reshape(b * t, h * d))
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(b * t, h * d))
 
 
 def from_rows(rows: np.ndarray, b: int, h: int, d: int, rope, first: int = 0) -> np.ndarray:
-    """rows (b * t, h * d) -> [b, h, t, d] float32 (or float64 with RoPE re-applied)."""
+    """rows (b * t, h * d) float32 -> [b, h, t, d] float32, RoPE re-applied."""
     t = rows.shape[0] // b
     x = rows.reshape(b, t, h, d).transpose(0, 2, 1, 3)
     if rope is not None:
@@ -134,12 +134,11 @@ def coefficients(rows: np.ndarray, u: np.ndarray, mean: np.ndarray, scale: np.nd
     return (c / safe).astype(np.float32)
 
 
-def synthesize(c: np.ndarray, lb: LayerBasis, layout: T.RowLayout, mean, scale) -> np.ndarray:
-    """Rows from normalised coefficients: only the live (coded) components are multiplied."""
+def synthesis_matrix(lb: LayerBasis, layout: T.RowLayout, scale) -> np.ndarray:
+    """(live, D) float32: the live columns of U, transposed and scaled by their standard
+    deviations, so that rows = live coefficients @ this + mean (one matrix product)."""
     live = layout.live
-    if not live.size:
-        return np.broadcast_to(mean, (c.shape[0], mean.size)).astype(np.float32)
-    return (c[:, live] * scale[live]) @ lb.u[:, live].T + mean
+    return np.ascontiguousarray((lb.u[:, live] * scale[live]).T, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -222,8 +221,9 @@ def decode_middle(lb: LayerBasis, codes, pos, val, layout: T.RowLayout, mean, sc
                   d: int, first: int, out_dtype, r0: int, r1: int):
     """Rows [r0, r1) of the middle, all of one batch row starting at token ``first``, as
     [1, h, r1 - r0, d] float32 rounded as ``out_dtype`` rounds (float32: unrounded)."""
-    c = T.decode_rows(codes, pos, val, layout, h * d, r0, r1, lb.tables)
-    rows = synthesize(c, lb, layout, mean, scale)
+    c = T.decode_live(codes, pos, val, layout, h * d, r0, r1, lb.tables)
+    rows = c @ synthesis_matrix(lb, layout, scale)
+    rows += mean
     x = np.asarray(from_rows(rows, 1, h, d, lb.rope, first), dtype=np.float32)
     top = finite_max(out_dtype)
     np.clip(x, -top, top, out=x)

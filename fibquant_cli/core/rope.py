@@ -40,18 +40,24 @@ def _pairs(x: np.ndarray, style: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _turn(x: np.ndarray, angles: np.ndarray, style: str) -> np.ndarray:
-    x64 = np.asarray(x, dtype=np.float64)
+    """Float32 in, float32 out (the angles' sines and cosines still from float64): what a
+    codec needs at twice the speed; anything else is computed in float64."""
+    dtype = np.float32 if np.asarray(x).dtype == np.float32 else np.float64
+    x64 = np.asarray(x, dtype=dtype)
     a, b = _pairs(x64, style)
-    cos, sin = np.cos(angles), np.sin(angles)
+    cos, sin = np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
     out = np.empty_like(x64)
     ra, rb = _pairs(out, style)
-    ra[...] = a * cos - b * sin
-    rb[...] = a * sin + b * cos
+    np.multiply(a, cos, out=ra)
+    ra -= b * sin
+    np.multiply(a, sin, out=rb)
+    rb += b * cos
     return out
 
 
 def rotate(x: np.ndarray, positions: np.ndarray, theta: float, style: str) -> np.ndarray:
-    """Apply RoPE to ``x (..., t, d)``, token axis second to last; returns float64.
+    """Apply RoPE to ``x (..., t, d)``, token axis second to last; returns float64 (float32
+    for float32 ``x``).
 
     Example::
 

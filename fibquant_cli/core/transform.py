@@ -203,6 +203,15 @@ class RowLayout:
         return int(sum(self.widths))
 
     @functools.cached_property
+    def live_groups(self) -> list[tuple[int, np.ndarray, int, int, np.ndarray]]:
+        """``groups`` with each group's columns among the live components (``live`` order)."""
+        w = np.asarray(self.widths)
+        rank = np.cumsum(w > 0) - 1  # a live pair's place among the live pairs
+        return [(width, idx, offset, n,
+                 np.stack([2 * rank[idx], 2 * rank[idx] + 1], axis=1).reshape(-1))
+                for width, idx, offset, n in self.groups]
+
+    @functools.cached_property
     def live(self) -> np.ndarray:
         """Components of coded pairs (the others decode as 0), ascending."""
         pairs = np.flatnonzero(np.asarray(self.widths) > 0)
@@ -237,20 +246,28 @@ def decode_rows(codes: np.ndarray, positions: np.ndarray, values: np.ndarray,
                 layout: RowLayout, d: int, r0: int = 0, r1: int | None = None,
                 tab: Tables | None = None) -> np.ndarray:
     """Coefficients of rows [r0, r1) (r1 - r0, D) float32: only those rows are unpacked."""
-    tab = tab or tables()
     r1 = layout.rows if r1 is None else r1
     out = np.zeros((r1 - r0, d), dtype=np.float32)
-    for width, idx, offset, n in layout.groups:
-        stream = codes[offset:offset + n]
+    out[:, layout.live] = decode_live(codes, positions, values, layout, d, r0, r1, tab)
+    return out
+
+
+def decode_live(codes: np.ndarray, positions: np.ndarray, values: np.ndarray,
+                layout: RowLayout, d: int, r0: int, r1: int,
+                tab: Tables | None = None) -> np.ndarray:
+    """The live (coded) coefficients of rows [r0, r1), (r1 - r0, len(layout.live)) float32,
+    in ``layout.live`` order: what synthesis multiplies, without the dropped columns."""
+    tab = tab or tables()
+    out = np.empty((r1 - r0, len(layout.live)), dtype=np.float32)
+    for width, idx, offset, n, cols in layout.live_groups:
         k = len(idx)
-        ids = bitpack.unpack_range(stream, r0 * k, r1 * k, width)
-        pairs = decode_pairs(ids, width, tab).reshape(r1 - r0, k, 2)
-        out[:, 2 * idx] = pairs[:, :, 0]
-        out[:, 2 * idx + 1] = pairs[:, :, 1]
+        ids = bitpack.unpack_range(codes[offset:offset + n], r0 * k, r1 * k, width)
+        out[:, cols] = decode_pairs(ids, width, tab).reshape(r1 - r0, 2 * k)
     lo, hi = np.searchsorted(positions, [r0 * d, r1 * d])
     if hi > lo:
         p = positions[lo:hi].astype(np.int64) - r0 * d
-        out.reshape(-1)[p] = values[lo:hi].astype(np.float32)
+        col = np.searchsorted(layout.live, p % d)  # exceptions lie in live components
+        out[p // d, col] = values[lo:hi].astype(np.float32)
     return out
 
 

@@ -211,11 +211,15 @@ class Document:
         return obj
 
     def transform_widths(self) -> tuple[list[int], list[int]]:
-        """(VQ widths, scalar bits) of the coefficient tables the transform entries use."""
-        used = {int(w) for rec in self.entries if rec.widths is not None
-                for runs in rec.widths for w, _ in runs if w}
-        return (sorted(w for w in used if w <= VQ_MAX_WIDTH),
-                sorted(w // 2 for w in used if w > VQ_MAX_WIDTH))
+        """(VQ widths, scalar bits) of the coefficient tables a transform file stores: every
+        table up to the widest width its entries use. Storing the narrower ones even when no
+        pair uses them keeps a file's size growing with every bit the allocator adds, which
+        its search over sizes relies on (a dropped 4 KB table would shrink it)."""
+        used = [int(w) for rec in self.entries if rec.widths is not None
+                for runs in rec.widths for w, _ in runs if w]
+        top = max(used, default=0)
+        return ([w for w in range(1, min(top, VQ_MAX_WIDTH) + 1)],
+                [w // 2 for w in WIDTHS if VQ_MAX_WIDTH < w <= top])
 
     def passthrough_names(self) -> list[str]:
         """Source tensors no entry names, in the source's order (stored under ``fq/raw/``)."""

@@ -158,14 +158,47 @@ def file_bytes(doc: Document, chosen: dict[str, str]) -> int:
     return len(header) + sum(stfile.tensor_n_bytes(dt, dims) for _, dt, dims in specs)
 
 
+TABLE_SHARE = 0.02  # tables below this share of the KV bytes are never worth a search
+WIDEST_CHOICES = (4, 6, 8, 10, 16)  # the widest widths tried when the tables would cost more
+
+
+def table_bytes(widest: int) -> int:
+    """Bytes of the tables a file whose widest width is ``widest`` stores (float32)."""
+    return sum(8 * 2**w if w <= T.VQ_MAX_WIDTH else 4 * 2 ** (w // 2)
+               for w in T.WIDTHS[1:] if w <= widest)
+
+
 def plan(dump: Dump, base: Document, mats, basis, spec, roles, target_bytes: float,
          progress: Progress):
-    """The widths of every matrix: the longest prefix of the allocator's steps whose file fits
-    ``target_bytes``; refuses a target below the file's fixed cost."""
-    variances = [m.stats.scale.astype(np.float64) ** 2 for m in mats]
-    steps = list(T.greedy_steps(variances, weights(mats, basis, dump), T.tables().delta))
-    pairs = [len(v) // 2 for v in variances]
+    """The widths of every matrix for a file of at most ``target_bytes``.
 
+    The allocator's steps are taken while the file fits (a search over their prefix: the size
+    grows with every step). The coefficient tables are part of the file, and a wide one is
+    not worth its bytes in a small file (1,024 codewords take 8 KB): when the full set would
+    cost more than ``TABLE_SHARE`` of the KV bytes, the allocation is also made with narrower
+    widest widths and the one of least weighted distortion wins. Refuses a target below the
+    file's fixed cost.
+    """
+    variances = [m.stats.scale.astype(np.float64) ** 2 for m in mats]
+    w = weights(mats, basis, dump)
+    kv_bytes = target_bytes - raw_bytes(dump)
+    choices = ([T.WIDTHS[-1]] if table_bytes(T.WIDTHS[-1]) <= TABLE_SHARE * kv_bytes
+               else [c for c in WIDEST_CHOICES if table_bytes(c) < kv_bytes])
+    progress.start(len(choices), "allocating bits")
+    best = None
+    for widest in choices or [2]:
+        delta = {k: v for k, v in T.tables().delta.items() if k <= widest}
+        got = _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta)
+        if best is None or got[0] < best[0]:
+            best = got
+        progress.advance(f"widest width {widest}")
+    return best[1:]
+
+
+def _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta):
+    """(weighted distortion, size, document, widths) of the longest prefix that fits."""
+    steps = list(T.greedy_steps(variances, w, delta))
+    pairs = [len(v) // 2 for v in variances]
     chosen = stats_dtypes(mats)
 
     def size(count: int) -> tuple[int, Document, list]:
@@ -173,14 +206,12 @@ def plan(dump: Dump, base: Document, mats, basis, spec, roles, target_bytes: flo
         doc = transform_document(base, dump, mats, widths, basis, spec, roles)
         return file_bytes(doc, chosen), doc, widths
 
-    lo_size, doc, widths = size(0)
-    if lo_size > target_bytes:
-        raise UsageError(f"even coding no coefficient takes {lo_size:,} bytes, above the "
+    best = size(0)
+    if best[0] > target_bytes:
+        raise UsageError(f"even coding no coefficient takes {best[0]:,} bytes, above the "
                          f"{int(target_bytes):,} the target allows: ask for more {{bits}} or "
                          "a smaller {ratio}", path=str(dump.path), options=("bits", "ratio"))
     lo, hi = 0, len(steps)
-    best = (lo_size, doc, widths)
-    progress.start(1, "allocating bits")
     while lo < hi:
         mid = (lo + hi + 1) // 2
         got = size(mid)
@@ -188,8 +219,10 @@ def plan(dump: Dump, base: Document, mats, basis, spec, roles, target_bytes: flo
             lo, best = mid, got
         else:
             hi = mid - 1
-    progress.advance(f"{lo} allocation steps")
-    return best
+    widths = best[2]
+    distortion = sum(wm * float(np.sum((v[0::2] + v[1::2]) * np.array([delta[x] for x in ws])))
+                     for v, wm, ws in zip(variances, w, widths))
+    return (distortion, *best)
 
 
 def encode_all(dump: Dump, mats, widths, writer, digests: dict, progress: Progress,

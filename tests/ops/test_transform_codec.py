@@ -1,0 +1,214 @@
+"""compress --basis: the transform codec end to end (calibrate -> compress -> decompress)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from fibquant_cli.core import rope as R
+
+from conftest import assert_error, bits_equal, header_order, load, ok
+
+HEADS, D, QUERY_HEADS, LAYERS = 2, 16, 4, 2
+ROPE = {"theta": 10000.0, "style": "half", "first_position": 0}
+
+
+def structured_dump(directory, name: str, *, tokens: int = 400, seed: int = 0,
+                    rank: int = 6, rope: bool = True):
+    """A dump whose pre-RoPE keys and values live near a rank-``rank`` subspace shared by the
+    model (the same mixing for every seed, other coefficients per seed), keys rotated by RoPE,
+    and a strong first token (an attention sink). Returns (path, tensors)."""
+    model = np.random.default_rng(1234)  # the "model": fixed across dumps
+    mix = {(l, r): model.standard_normal((rank, HEADS * D)) * model.uniform(0.5, 3, (rank, 1))
+           for l in range(LAYERS) for r in ("key", "value")}
+    means = {k: model.standard_normal(HEADS * D) for k in mix}
+    rng = np.random.default_rng(seed)
+    tensors = {"input_ids": rng.integers(0, 1000, (1, tokens), dtype=np.int64)}
+    for l in range(LAYERS):
+        for role in ("key", "value"):
+            rows = rng.standard_normal((tokens, rank)) @ mix[l, role] + means[l, role]
+            rows += 0.05 * rng.standard_normal(rows.shape)
+            rows[0] *= 6.0  # the sink
+            x = rows.reshape(1, tokens, HEADS, D).transpose(0, 2, 1, 3)
+            if role == "key" and rope:
+                x = R.rotate(x, np.arange(tokens), ROPE["theta"], ROPE["style"])
+            tensors[f"layer.{l}.{role}"] = np.ascontiguousarray(x.astype(np.float16))
+        tensors[f"layer.{l}.query"] = rng.standard_normal(
+            (1, QUERY_HEADS, tokens, D)).astype(np.float16)
+    shape = {"schema_version": "fib_quant_kv_tensor_shape_v1", "attention_kind": "gqa",
+             "batch": 1, "layers": LAYERS, "kv_heads": HEADS, "query_heads": QUERY_HEADS,
+             "tokens": tokens, "head_dim": D, "dtype": "f16"}
+    entries = [{"shape": {**shape, "role": "key", "rope_state": "post_rope"},
+                "tensors": [f"layer.{l}.key" for l in range(LAYERS)], "layout": "bhtd",
+                **({"rope": ROPE} if rope else {})},
+               {"shape": {**shape, "role": "value", "rope_state": "not_applicable"},
+                "tensors": [f"layer.{l}.value" for l in range(LAYERS)], "layout": "bhtd"}]
+    manifest = {"schema_version": "fibquant_kv_manifest_v1", "entries": entries,
+                "attention": {"query_tensors": [f"layer.{l}.query" for l in range(LAYERS)],
+                              "causal": True}}
+    path = directory / f"{name}.safetensors"
+    safetensors.numpy.save_file(tensors, str(path))
+    (directory / f"{name}.manifest.json").write_text(json.dumps(manifest))
+    return path, tensors
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A calibration dump (one text), an evaluation dump (another), and the basis."""
+    from conftest import invoke
+
+    d = tmp_path_factory.mktemp("transform")
+    calib, _ = structured_dump(d, "calib", seed=1)
+    evald, tensors = structured_dump(d, "eval", seed=2)
+    basis = d / "model.basis.safetensors"
+    ok(invoke("calibrate", calib, "-o", basis))
+    return d, evald, tensors, basis
+
+
+def compress(cli, world, out_name, *extra):
+    d, evald, _, basis = world
+    out = d / out_name
+    res = ok(cli("compress", evald, "--basis", basis, "-o", out, "--force", "--json", *extra))
+    return out, json.loads(res.stdout)
+
+
+def kv_rel_mse(original: dict, restored: dict) -> float:
+    num = den = 0.0
+    for name, x in original.items():
+        if name.endswith((".key", ".value")):
+            x64 = x.astype(np.float64)
+            num += float(((restored[name].astype(np.float64) - x64) ** 2).sum())
+            den += float((x64 ** 2).sum())
+    return num / den
+
+
+def test_ratio_is_met_all_inclusive_and_the_file_restores(cli, world, tmp_path):
+    d, evald, tensors, basis = world
+    out, rep = compress(cli, world, "r6.fq.safetensors", "--ratio", "6")
+    kv_source = sum(x.nbytes for n, x in tensors.items() if n.endswith((".key", ".value")))
+    passthrough = sum(x.nbytes for n, x in tensors.items() if not n.endswith((".key", ".value")))
+    kv_file = out.stat().st_size - rep["passthrough_bytes"]
+    assert rep["passthrough_bytes"] == passthrough
+    assert kv_source / kv_file == pytest.approx(rep["total"]["ratio"], rel=1e-9)
+    assert 6.0 <= rep["total"]["ratio"] <= 6.2  # at least the target, as close as steps allow
+    restored_path = tmp_path / "r.safetensors"
+    ok(cli("decompress", out, "--basis", basis, "-o", restored_path))
+    restored = load(restored_path)
+    assert header_order(restored_path) == header_order(evald)
+    for name, x in tensors.items():
+        assert restored[name].dtype == x.dtype and restored[name].shape == x.shape
+        if not name.endswith((".key", ".value")):
+            assert bits_equal(restored[name], x)  # pass-through, bit-exact
+        else:
+            assert bits_equal(restored[name][:, :, :1], x[:, :, :1])  # the kept sink
+    # the report's error is that of the file as restored
+    assert kv_rel_mse(tensors, restored) == pytest.approx(rep["total"]["rel_mse"], rel=1e-5)
+    assert rep["total"]["rel_mse"] < 0.01
+
+
+def test_more_bytes_buy_less_error(cli, world):
+    errors = [compress(cli, world, f"b{b}.fq.safetensors", "--bits", b, "--no-attention")[1]
+              ["total"]["rel_mse"] for b in ("2.5", "3.5", "6")]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_basis_is_required_and_checked_by_digest(cli, world, tmp_path):
+    d, evald, _, basis = world
+    out, _ = compress(cli, world, "chk.fq.safetensors", "--ratio", "5", "--no-attention")
+    digest = json.loads(safetensors.safe_open(str(basis), "np").metadata()["fibquant_basis"])[
+        "digest"]
+    err = assert_error(cli("decompress", out, "-o", tmp_path / "x.safetensors"), 2, "--basis")
+    assert digest in err
+    other_dump, _ = structured_dump(tmp_path, "other", seed=9, rank=3)
+    other = tmp_path / "other.basis.safetensors"
+    ok(cli("calibrate", other_dump, "-o", other))
+    assert_error(cli("decompress", out, "--basis", other, "-o", tmp_path / "y.safetensors"),
+                 3, digest)
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_embedded_basis_is_self_contained(cli, world, tmp_path):
+    d, evald, tensors, basis = world
+    plain, rep_plain = compress(cli, world, "plain.fq.safetensors", "--bits", "4",
+                                "--no-attention")
+    emb, rep_emb = compress(cli, world, "emb.fq.safetensors", "--bits", "4", "--embed-basis",
+                            "--no-attention")
+    # the embedded matrices (float32, D x D per layer and role) are counted in the file
+    basis_bytes = LAYERS * 2 * (HEADS * D) ** 2 * 4
+    assert emb.stat().st_size > basis_bytes
+    ok(cli("decompress", emb, "-o", tmp_path / "e.safetensors"))
+    ok(cli("decompress", plain, "--basis", basis, "-o", tmp_path / "p.safetensors"))
+    assert_error(cli("decompress", emb, "--basis", basis, "-o", tmp_path / "z.safetensors"), 2,
+                 "--basis")
+    ok(cli("validate", emb))
+
+
+def test_slices_are_bit_identical_to_the_full_decode(cli, world, tmp_path):
+    d, evald, _, basis = world
+    out, _ = compress(cli, world, "sl.fq.safetensors", "--ratio", "8", "--no-attention")
+    full = tmp_path / "full.safetensors"
+    part = tmp_path / "part.safetensors"
+    ok(cli("decompress", out, "--basis", basis, "-o", full))
+    ok(cli("decompress", out, "--basis", basis, "-o", part, "--layers", "1:2",
+           "--tokens", "0:137"))
+    a, b = load(full), load(part)
+    for role in ("key", "value"):
+        assert bits_equal(a[f"layer.1.{role}"][:, :, 0:137], b[f"layer.1.{role}"])
+
+
+def test_undoing_rope_fits_the_keys_better(cli, world, tmp_path):
+    d, evald, tensors, basis = world
+    calib = d / "calib.safetensors"
+    plain = tmp_path / "norope.basis.safetensors"
+    ok(cli("calibrate", calib, "-o", plain, "--no-rope-undo"))
+    reports = {}
+    for name, b in (("undo", basis), ("as stored", plain)):
+        res = ok(cli("compress", evald, "--basis", b, "--ratio", "8", "--no-attention",
+                     "-o", tmp_path / f"{len(reports)}.fq.safetensors", "--json"))
+        reports[name] = json.loads(res.stdout)["entries"][0]["rel_mse"]  # keys
+    assert reports["undo"] < 0.5 * reports["as stored"]
+
+
+def test_a_flipped_code_byte_is_refused(cli, world, tmp_path):
+    d, evald, _, basis = world
+    out, _ = compress(cli, world, "flip.fq.safetensors", "--ratio", "6", "--no-attention")
+    header = safetensors.safe_open(str(out), "np")
+    del header
+    raw = bytearray(out.read_bytes())
+    meta_len = int.from_bytes(raw[:8], "little")
+    hdr = json.loads(raw[8:8 + meta_len])
+    start, _ = hdr["fq/e0/l1/codes"]["data_offsets"]
+    raw[8 + meta_len + start + 3] ^= 0x10
+    bad = tmp_path / "bad.fq.safetensors"
+    bad.write_bytes(bytes(raw))
+    assert_error(cli("decompress", bad, "--basis", basis, "-o", tmp_path / "o.safetensors"), 4,
+                 "fq/e0/l1/codes")
+    assert_error(cli("validate", bad, "--basis", basis), 4)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags, code, fragment", [
+    (["--ratio", "4"], 2, "--basis"),  # --ratio without --basis
+    (["--basis", "B", "--block-dim", "2", "--size", "16"], 2, "--block-dim"),
+    (["--basis", "B", "--ratio", "0.5"], 2, "--ratio"),
+    (["--basis", "B", "--ratio", "4", "--bits", "2"], 2, "--ratio"),
+    (["--basis", "B", "--ratio", "5000"], 2, "--bits"),  # below the fixed cost
+])
+def test_bad_flags_exit_with_one_line(cli, world, tmp_path, flags, code, fragment):
+    d, evald, _, basis = world
+    flags = [str(basis) if f == "B" else f for f in flags]
+    out = tmp_path / "never.fq.safetensors"
+    assert_error(cli("compress", evald, "-o", out, *flags), code, fragment)
+    assert not out.exists()
+
+
+def test_basis_of_another_geometry_is_refused(cli, world, tmp_path):
+    from conftest import make_dump
+
+    d, evald, _, basis = world
+    other = make_dump(tmp_path, "wide", head_dim=32, layers=LAYERS, kv_heads=HEADS)
+    assert_error(cli("compress", other.path, "--basis", basis, "-o", tmp_path / "w.fq"),
+                 3, "head_dim")
