@@ -112,8 +112,8 @@ def to_rows(x: np.ndarray, rope, first: int = 0) -> np.ndarray:
     b, h, t, d = x.shape
     x = np.asarray(x, dtype=np.float32)
     if rope is not None:
-        pos = rope.first_position + first + np.arange(t)
-        x = rope_math.unrotate(x, pos, rope.theta, rope.style)
+        x = rope_math.turn_span(x, rope.first_position + first, rope.theta, rope.style,
+                                inverse=True)
     return np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(b * t, h * d))
 
 
@@ -122,16 +122,8 @@ def from_rows(rows: np.ndarray, b: int, h: int, d: int, rope, first: int = 0) ->
     t = rows.shape[0] // b
     x = rows.reshape(b, t, h, d).transpose(0, 2, 1, 3)
     if rope is not None:
-        pos = rope.first_position + first + np.arange(t)
-        x = rope_math.rotate(x, pos, rope.theta, rope.style)
+        x = rope_math.turn_span(x, rope.first_position + first, rope.theta, rope.style)
     return x
-
-
-def coefficients(rows: np.ndarray, u: np.ndarray, mean: np.ndarray, scale: np.ndarray):
-    """Normalised coefficients (n, D) float32; a zero scale gives zeros (nothing to code)."""
-    c = (rows - mean) @ u
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return (c / safe).astype(np.float32)
 
 
 def synthesis_matrix(lb: LayerBasis, layout: T.RowLayout, scale) -> np.ndarray:
@@ -157,51 +149,56 @@ class LayerStats:
         return np.stack([self.mean, self.scale]).astype(STATS_DTYPES[self.dtype])
 
 
-def layer_stats(arr: np.ndarray, lb: LayerBasis, kf: int, kl: int) -> LayerStats:
+def analyze(arr: np.ndarray, lb: LayerBasis, kf: int, kl: int):
+    """(LayerStats, exceedances per component, normalised coefficients (rows, D) float32) of
+    one layer [b, h, t, d], from one read and one projection.
+
+    The statistics are rounded as stored (fp16 unless a mean is beyond its range) and the
+    coefficients are those of the rounded mean, ``(rows - mean) @ U / scale`` computed as the
+    exact projection plus the rank-one shift ``(mean - stored mean) @ U``; the exceedances count
+    |c| > ``TAU`` per component: a layer's exceptions for any widths are the sum over its coded
+    components. ``encode_layer`` codes exactly these coefficients.
+    """
     b, h, t, d = arr.shape
     rows = to_rows(arr[:, :, kf:t - kl], lb.rope, kf)
-    mean = rows.mean(axis=0, dtype=np.float64).astype(np.float32) if len(rows) else \
+    n = len(rows)
+    mean = rows.mean(axis=0, dtype=np.float64).astype(np.float32) if n else \
         np.zeros(h * d, np.float32)
+    c = np.empty((n, h * d), dtype=np.float32)
     var = np.zeros(h * d, dtype=np.float64)
-    for r0 in range(0, len(rows), ENCODE_ROWS):
-        c = (rows[r0:r0 + ENCODE_ROWS] - mean) @ lb.u
-        var += (c.astype(np.float64) ** 2).sum(axis=0)
-    var /= max(len(rows), 1)
-    scale = np.sqrt(var)
+    for r0 in range(0, n, ENCODE_ROWS):
+        block = c[r0:r0 + ENCODE_ROWS]
+        np.matmul(rows[r0:r0 + ENCODE_ROWS] - mean, lb.u, out=block)
+        var += np.einsum("ij,ij->j", block, block, dtype=np.float64)
+    scale = np.sqrt(var / max(n, 1))
     dtype = "F16" if max(float(np.abs(mean).max(initial=0)), float(scale.max(initial=0))) \
         < FP16_MAX else "F32"
     as_stored = STATS_DTYPES[dtype]
-    return LayerStats(mean.astype(as_stored).astype(np.float32),
-                      scale.astype(as_stored).astype(np.float32), dtype)
-
-
-def exceedances(arr: np.ndarray, lb: LayerBasis, stats: LayerStats, kf: int,
-                kl: int) -> np.ndarray:
-    """Per component, how many normalised coefficients exceed ``TAU``: the exceptions a layer
-    will store for any widths are the sum over its coded components (exact: the same chunks
-    and arithmetic as ``encode_layer``)."""
-    b, h, t, d = arr.shape
-    rows = to_rows(arr[:, :, kf:t - kl], lb.rope, kf)
-    over = np.zeros(h * d, dtype=np.int64)
-    for r0 in range(0, len(rows), ENCODE_ROWS):
-        c = coefficients(rows[r0:r0 + ENCODE_ROWS], lb.u, stats.mean, stats.scale)
-        over += np.count_nonzero(np.abs(c) > T.TAU, axis=0)
-    return over
+    stats = LayerStats(mean.astype(as_stored).astype(np.float32),
+                       scale.astype(as_stored).astype(np.float32), dtype)
+    shift = (mean - stats.mean) @ lb.u
+    inv = np.where(stats.scale > 0, 1.0 / np.where(stats.scale > 0, stats.scale, 1.0),
+                   0.0).astype(np.float32)
+    c += shift
+    c *= inv
+    over = np.count_nonzero(np.abs(c) > T.TAU, axis=0).astype(np.int64)
+    return stats, over, c
 
 
 def live_components(widths) -> np.ndarray:
     return T.RowLayout(tuple(widths), 0).live
 
 
-def encode_layer(lb: LayerBasis, arr: np.ndarray, stats: LayerStats, widths, kf: int, kl: int):
-    """(parts, ErrorAccumulator of the restored values) of one layer [b, h, t, d]."""
+def encode_layer(lb: LayerBasis, arr: np.ndarray, stats: LayerStats, widths, kf: int, kl: int,
+                 c: np.ndarray | None = None):
+    """(parts, ErrorAccumulator of the restored values) of one layer [b, h, t, d].
+
+    ``c``: the layer's coefficients from ``analyze`` when kept; otherwise computed again by
+    it (the same arithmetic, so the same exceptions the document counted)."""
     b, h, t, d = arr.shape
-    rows = to_rows(arr[:, :, kf:t - kl], lb.rope, kf)
-    layout = T.RowLayout(tuple(widths), len(rows))
-    c = np.empty(rows.shape, dtype=np.float32)
-    for r0 in range(0, len(rows), ENCODE_ROWS):
-        c[r0:r0 + ENCODE_ROWS] = coefficients(rows[r0:r0 + ENCODE_ROWS], lb.u, stats.mean,
-                                              stats.scale)
+    if c is None:
+        c = analyze(arr, lb, kf, kl)[2]
+    layout = T.RowLayout(tuple(widths), len(c))
     codes, pos, val = T.encode_rows(c, layout, lb.tables)
     parts = {"codes": codes, "except": pack_exceptions(pos, val), "stats": stats.stored()}
     acc = ErrorAccumulator()

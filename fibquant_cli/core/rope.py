@@ -17,6 +17,8 @@ position 100,000 is as exact as position 0.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 STYLES = ("half", "interleaved")
@@ -70,3 +72,30 @@ def rotate(x: np.ndarray, positions: np.ndarray, theta: float, style: str) -> np
 def unrotate(x: np.ndarray, positions: np.ndarray, theta: float, style: str) -> np.ndarray:
     """The exact inverse of ``rotate``: turns each pair back by the same angle."""
     return _turn(x, -rope_angles(positions, x.shape[-1], theta), style)
+
+
+@functools.lru_cache(maxsize=64)
+def _cos_sin(first: int, count: int, head_dim: int, theta: float) -> tuple[np.ndarray, ...]:
+    angles = rope_angles(first + np.arange(count), head_dim, theta)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    cos.flags.writeable = sin.flags.writeable = False
+    return cos, sin
+
+
+def turn_span(x: np.ndarray, first: int, theta: float, style: str, *,
+              inverse: bool = False) -> np.ndarray:
+    """``rotate`` (``unrotate`` with ``inverse``) of float32 ``x (..., t, d)`` at positions
+    ``first .. first + t - 1``, in float32 with the sines and cosines cached (a codec turns
+    every layer's keys at the same positions)."""
+    x = np.asarray(x, dtype=np.float32)
+    cos, sin = _cos_sin(int(first), x.shape[-2], x.shape[-1], float(theta))
+    if inverse:
+        sin = -sin
+    a, b = _pairs(x, style)
+    out = np.empty_like(x)
+    ra, rb = _pairs(out, style)
+    np.multiply(a, cos, out=ra)
+    ra -= b * sin
+    np.multiply(a, sin, out=rb)
+    rb += b * cos
+    return out

@@ -36,7 +36,6 @@ are small.
 from __future__ import annotations
 
 import functools
-import heapq
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,10 +126,13 @@ def _scalar_codes(x: np.ndarray, levels: np.ndarray) -> np.ndarray:
 def _searcher(width: int):
     """A nearest-codeword searcher of the shipped ``vq[width]``, scaled into the unit disc (the
     k = 2 lookup grid covers it; nearest neighbours do not change under scaling)."""
+    from fibquant_cli.core.fastsearch import GRID_MAX_SIZE, GridSearcher
     from fibquant_cli.core.search import make_searcher
 
     cb = tables().vq[width].astype(np.float64)
     scale = 1.0 / (1.05 * float(np.sqrt((cb * cb).sum(axis=1).max())))
+    if 16 <= len(cb) <= GRID_MAX_SIZE:  # built now: the lazy start's exact fallback is slower
+        return GridSearcher(cb * scale), np.float32(scale)
     return make_searcher(cb * scale), np.float32(scale)
 
 
@@ -196,7 +198,9 @@ class RowLayout:
 
     @property
     def code_bytes(self) -> int:
-        return sum(g[3] for g in self.groups)
+        counts = np.bincount(np.asarray(self.widths, dtype=np.int64), minlength=WIDTHS[-1] + 1)
+        return sum(bitpack.packed_n_bytes(self.rows * int(n), w)
+                   for w, n in enumerate(counts) if w and n)
 
     @property
     def bits_per_row(self) -> int:
@@ -294,40 +298,58 @@ def hull_widths(delta: dict[int, float]) -> list[int]:
 
 
 def greedy_steps(variances: list[np.ndarray], weights: list[float],
-                 delta: dict[int, float] | None = None):
-    """The allocator's steps, best first: (matrix, pair, new width, bits) each raising one
-    pair to its next width on the hull of ``delta``, by the largest fall of
-    ``weights[m] * (var[2p] + var[2p + 1]) * delta`` per bit. The steps do not depend on the
-    budget: a budget takes the longest prefix it can pay for (``apply_steps``), so one run
-    serves a search over budgets."""
+                 delta: dict[int, float] | None = None) -> Steps:
+    """The allocator's steps, best first: each raises one pair of one matrix to its next width
+    on the hull of ``delta``, by the largest fall of ``weights[m] * (var[2p] + var[2p + 1])
+    * delta`` per bit. The steps do not depend on the budget: a budget takes the longest
+    prefix it can pay for (``Steps.widths``), so one ordering serves a search over budgets.
+
+    On a convex hull a pair's falls per bit decrease step by step, so sorting every (pair,
+    step) by its fall gives each pair's steps in order: the greedy allocator's sequence,
+    computed by one sort instead of a heap (ties: lower matrix, pair, step first).
+    """
     delta = delta or tables().delta
-    hull = hull_widths(delta)
-    heap = []
-    pair_var = []
-    for m, (var, w) in enumerate(zip(variances, weights)):
-        var = np.asarray(var, dtype=np.float64)
-        pv = w * (var[0::2] + var[1::2])
-        pair_var.append(pv)
-        for p, v in enumerate(pv):
-            if v > 0:
-                gain = v * (delta[hull[0]] - delta[hull[1]]) / (hull[1] - hull[0])
-                heap.append((-gain, m, p, 0))
-    heapq.heapify(heap)
-    while heap:
-        _, m, p, h = heapq.heappop(heap)
-        yield m, p, hull[h + 1], hull[h + 1] - hull[h]
-        if h + 2 < len(hull):
-            gain = pair_var[m][p] * (delta[hull[h + 1]] - delta[hull[h + 2]]) / (
-                hull[h + 2] - hull[h + 1])
-            heapq.heappush(heap, (-gain, m, p, h + 1))
+    hull = np.asarray(hull_widths(delta))
+    d = np.asarray([delta[int(w)] for w in hull])
+    per_bit = (d[:-1] - d[1:]) / np.diff(hull)  # (steps,) decreasing
+    pv = np.concatenate([w * (np.asarray(v, np.float64)[0::2] + np.asarray(v, np.float64)[1::2])
+                         for v, w in zip(variances, weights)]) if variances else np.zeros(0)
+    pairs = [len(v) // 2 for v in variances]
+    gain = pv[:, None] * per_bit[None, :]  # (all pairs, steps)
+    flat_pair = np.repeat(np.arange(len(pv)), len(per_bit))
+    flat_step = np.tile(np.arange(len(per_bit)), len(pv))
+    keep = gain.reshape(-1) > 0
+    order = np.lexsort((flat_step[keep], flat_pair[keep], -gain.reshape(-1)[keep]))
+    return Steps(flat_pair[keep][order], flat_step[keep][order], hull, pairs)
 
 
-def apply_steps(steps, pairs: list[int], count: int) -> list[tuple[int, ...]]:
-    """Widths per pair of each matrix after the first ``count`` of ``steps`` (a list)."""
-    widths = [[0] * n for n in pairs]
-    for m, p, w, _ in steps[:count]:
-        widths[m][p] = w
-    return [tuple(w) for w in widths]
+@dataclass(frozen=True)
+class Steps:
+    """The greedy allocator's steps in order: ``pair`` (over all matrices' pairs, matrix by
+    matrix) and ``step`` (its h-th raise: from hull[h] to hull[h + 1] bits)."""
+
+    pair: np.ndarray
+    step: np.ndarray
+    hull: np.ndarray
+    pairs: list[int]
+
+    def __len__(self) -> int:
+        return len(self.pair)
+
+    def bits(self, count: int) -> int:
+        """Bits per row the first ``count`` steps spend."""
+        h = self.step[:count]
+        return int((self.hull[h + 1] - self.hull[h]).sum())
+
+    def widths(self, count: int) -> list[tuple[int, ...]]:
+        """Widths per pair of each matrix after the first ``count`` steps."""
+        level = np.bincount(self.pair[:count], minlength=sum(self.pairs))
+        flat = self.hull[level]
+        out, start = [], 0
+        for n in self.pairs:
+            out.append(tuple(int(x) for x in flat[start:start + n]))
+            start += n
+        return out
 
 
 def allocate(variances: list[np.ndarray], weights: list[float], budget_bits: float,
@@ -337,15 +359,21 @@ def allocate(variances: list[np.ndarray], weights: list[float], budget_bits: flo
 
     ``variances[m]`` (D_m,) are the coefficient variances of matrix m (D_m even). Greedy on
     the convex hull (``greedy_steps``); a step that would exceed the budget is skipped, as
-    smaller steps elsewhere may still fit.
+    smaller steps elsewhere may still fit (a pair whose step was skipped climbs no further).
     """
-    widths = [[0] * (len(v) // 2) for v in variances]
+    steps = greedy_steps(variances, weights, delta)
+    hull = steps.hull
+    level = np.zeros(sum(steps.pairs), dtype=np.int64)
     spent = 0
-    for m, p, w, cost in greedy_steps(variances, weights, delta):
-        if spent + cost > budget_bits:
+    for p, h in zip(steps.pair.tolist(), steps.step.tolist()):
+        cost = int(hull[h + 1] - hull[h])
+        if level[p] != h or spent + cost > budget_bits:
             continue
-        if widths[m][p] != w - cost:
-            continue  # an earlier step of this pair was skipped: it cannot climb further
         spent += cost
-        widths[m][p] = w
-    return [tuple(w) for w in widths]
+        level[p] = h + 1
+    flat = hull[level]
+    out, start = [], 0
+    for n in steps.pairs:
+        out.append(tuple(int(x) for x in flat[start:start + n]))
+        start += n
+    return out

@@ -112,7 +112,7 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
             from fibquant_cli.formats.basis import load_basis
 
             basis = load_basis(spec.basis)
-            rep = _write_transform(dump, tmp, out, spec, basis, progress)
+            rep = _write_transform(dump, tmp, out, spec, basis, progress, jobs)
         else:
             rep = _write(dump, tmp, out, spec, compare, jobs, progress)
         rep.spec, rep.jobs = spec.to_json(), jobs
@@ -197,7 +197,7 @@ def copy_passthrough(w: StreamWriter, dump: Dump, source: Source, digests: dict)
 
 
 def _write_transform(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, basis,
-                     progress: Progress) -> CompressReport:
+                     progress: Progress, jobs: int = 1) -> CompressReport:
     """Transform-code ``dump`` against ``basis`` into ``tmp`` (ops/transform has the passes)."""
     from fibquant_cli.core import transform as T
     from fibquant_cli.ops import transform as tc
@@ -206,7 +206,7 @@ def _write_transform(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, basis
     kv_digests = check_and_digest(dump, progress)
     tab = T.tables()
     mats = tc.matrices(dump, basis, roles, spec, tab)
-    tc.gather_stats(dump, mats, progress)
+    tc.gather_stats(dump, mats, progress, jobs)
     base = Document(container.TRANSFORM_SINCE, f"fibquant {__version__}",
                     source_record(dump, kv_digests), dump.manifest, (), (), {})
     target = tc.target_bytes(dump, spec, tc.raw_bytes(dump))
@@ -218,7 +218,7 @@ def _write_transform(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, basis
         for name, arr in tc.shared_arrays(doc, basis, tab):
             w.write(name, arr)
             digests[name] = _array_digest(arr)
-        accs = tc.encode_all(dump, mats, widths, w, digests, progress, _array_digest)
+        accs = tc.encode_all(dump, mats, widths, w, digests, progress, _array_digest, jobs)
         final_source = copy_passthrough(w, dump, doc.source, digests)
         w.replace_metadata(container.metadata_for(
             dataclasses.replace(doc, source=final_source, arrays=digests)))

@@ -18,6 +18,8 @@ file -- header, tables, statistics, exceptions, kept tokens and codes -- fits th
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +57,7 @@ class Matrix:
     rows: int
     stats: codec.LayerStats | None = None
     over: np.ndarray | None = None  # per component: values beyond TAU
+    coefficients: np.ndarray | None = None  # from the statistics pass, when memory allows
 
 
 def check_basis(dump: Dump, basis) -> dict[str, int]:
@@ -105,13 +108,40 @@ def matrices(dump: Dump, basis, roles: dict[str, int], spec, tab: T.Tables) -> l
     return out
 
 
-def gather_stats(dump: Dump, mats: list[Matrix], progress: Progress) -> None:
+# Coefficients kept in memory between the statistics and the encoding (float32, all layers):
+# below this they are computed once, above it twice (the same arithmetic either way).
+KEEP_COEFFICIENTS_BYTES = 512 * 2**20
+
+
+def gather_stats(dump: Dump, mats: list[Matrix], progress: Progress, jobs: int = 1) -> None:
     progress.start(len(mats), "statistics")
-    for m in mats:
+    keep = sum(m.rows * m.lb.u.shape[0] * 4 for m in mats) <= KEEP_COEFFICIENTS_BYTES
+
+    def one(m: Matrix) -> Matrix:
         arr = read_layer(dump, dump.manifest.entries[m.entry], m.layer, check=False)
-        m.stats = codec.layer_stats(arr, m.lb, *m.keep)
-        m.over = codec.exceedances(arr, m.lb, m.stats, *m.keep)
+        m.stats, m.over, c = codec.analyze(arr, m.lb, *m.keep)
+        m.coefficients = c if keep else None
+        return m
+
+    for m in in_order(one, mats, jobs):
         progress.advance(f"entry {m.entry} layer {m.layer}")
+
+
+def in_order(fn, items, jobs: int):
+    """``fn(item)`` for each item, yielded in order, computed by ``jobs`` threads (numpy
+    releases the GIL in the heavy parts) with at most 2 * jobs in flight."""
+    if jobs <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="fibquant-transform") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * jobs:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def weights(mats: list[Matrix], basis, dump: Dump) -> list[float]:
@@ -196,29 +226,53 @@ def plan(dump: Dump, base: Document, mats, basis, spec, roles, target_bytes: flo
 
 
 def _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta):
-    """(weighted distortion, size, document, widths) of the longest prefix that fits."""
-    steps = list(T.greedy_steps(variances, w, delta))
-    pairs = [len(v) // 2 for v in variances]
+    """(weighted distortion, size, document, widths) of the longest prefix that fits.
+
+    The search runs on a running estimate (codes, exceptions and tables added to the exact
+    size of the empty allocation: what changes with the widths), then checks its answer
+    against the exact size, stepping back while it does not fit: one or two exact sizes
+    instead of one per bisection step (each builds the whole header).
+    """
+    steps = T.greedy_steps(variances, w, delta)
     chosen = stats_dtypes(mats)
 
-    def size(count: int) -> tuple[int, Document, list]:
-        widths = T.apply_steps(steps, pairs, count)
+    def exact(count: int) -> tuple[int, Document, list]:
+        widths = steps.widths(count)
         doc = transform_document(base, dump, mats, widths, basis, spec, roles)
         return file_bytes(doc, chosen), doc, widths
 
-    best = size(0)
-    if best[0] > target_bytes:
-        raise UsageError(f"even coding no coefficient takes {best[0]:,} bytes, above the "
+    def variable(count: int) -> int:
+        widths = steps.widths(count)
+        codes = sum(T.RowLayout(ws, m.rows).code_bytes for m, ws in zip(mats, widths))
+        exc = sum(int(m.over[codec.live_components(ws)].sum()) for m, ws in zip(mats, widths))
+        return codes + 6 * exc + table_bytes(max((x for ws in widths for x in ws), default=0))
+
+    empty = exact(0)
+    if empty[0] > target_bytes:
+        raise UsageError(f"even coding no coefficient takes {empty[0]:,} bytes, above the "
                          f"{int(target_bytes):,} the target allows: ask for more {{bits}} or "
                          "a smaller {ratio}", path=str(dump.path), options=("bits", "ratio"))
+    fixed = empty[0] - variable(0)
     lo, hi = 0, len(steps)
-    while lo < hi:
+    while lo < hi:  # the estimate grows with every step, like the file
         mid = (lo + hi + 1) // 2
-        got = size(mid)
-        if got[0] <= target_bytes:
-            lo, best = mid, got
+        if fixed + variable(mid) <= target_bytes:
+            lo = mid
         else:
             hi = mid - 1
+    best = exact(lo)
+    back = 1
+    while best[0] > target_bytes and lo > 0:  # the header's digits and runs moved a little
+        lo = max(0, lo - back)
+        back *= 2
+        best = exact(lo)
+    ahead = 16
+    while lo + ahead <= len(steps) and ahead >= 1:  # and the estimate erred on the safe side
+        got = exact(lo + ahead)
+        if got[0] <= target_bytes:
+            lo, best = lo + ahead, got
+        else:
+            ahead //= 4
     widths = best[2]
     distortion = sum(wm * float(np.sum((v[0::2] + v[1::2]) * np.array([delta[x] for x in ws])))
                      for v, wm, ws in zip(variances, w, widths))
@@ -226,12 +280,19 @@ def _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta
 
 
 def encode_all(dump: Dump, mats, widths, writer, digests: dict, progress: Progress,
-               array_digest) -> dict[int, ErrorAccumulator]:
+               array_digest, jobs: int = 1) -> dict[int, ErrorAccumulator]:
+    """Encode every layer (``jobs`` threads) and write its parts in order."""
     accs: dict[int, list] = {}
     progress.start(len(mats), "compressing (transform)")
-    for m, w in zip(mats, widths):
+
+    def one(item):
+        m, w = item
         arr = read_layer(dump, dump.manifest.entries[m.entry], m.layer, check=False)
-        parts, acc = codec.encode_layer(m.lb, arr, m.stats, w, *m.keep)
+        parts, acc = codec.encode_layer(m.lb, arr, m.stats, w, *m.keep, c=m.coefficients)
+        m.coefficients = None
+        return m, parts, acc
+
+    for m, parts, acc in in_order(one, list(zip(mats, widths)), jobs):
         for part, a in parts.items():
             name = part_name(m.entry, m.layer, part)
             writer.write(name, a)
