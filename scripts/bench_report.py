@@ -2,11 +2,11 @@
 
     .venv/bin/python scripts/bench_report.py [--output PATH]
 
-Runs ``scripts/bench.py`` and ``scripts/bench_pipeline.py`` with this Python, captures their
-stdout and writes one Markdown page: how to regenerate it, the date, the commit, the CPU, each
-script's output in a fenced block, and a fixed note on how to read the tables. The page is
-written only when both scripts succeed (temporary file, then ``os.replace``). This script does
-no measuring itself.
+Runs ``scripts/bench.py``, ``scripts/bench_pipeline.py`` and ``scripts/bench_transform.py``
+with this Python, captures their stdout and writes one Markdown page: how to regenerate it, the
+date, the commit, the CPU, each script's output in a fenced block, and a fixed note on how to
+read the tables. The page is written only when every script succeeds (temporary file, then
+``os.replace``). This script does no measuring itself.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ("scripts/bench.py", "scripts/bench_pipeline.py")
+SCRIPTS = ("scripts/bench.py", "scripts/bench_pipeline.py", "scripts/bench_transform.py")
 DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
 # Rich takes the table width from COLUMNS when stdout is not a terminal. (bench.py and
 # bench_pipeline.py set their own width, 170 and 200, in that case; COLUMNS covers others.)
@@ -57,6 +57,11 @@ ratios are more exposed to it.
   and Q4_0 rows have no file step: `core encode` is their encode (quantize) speed and
   `decompress` their decode (dequantize) speed. The second table repeats `--bits 3` on a
   dump of many small tensors, where per-tensor costs show.
+* **Transform table** (`bench_transform.py`). MB/s of fp16 KV input through `compress` and
+  `decompress` (whole files, in this process) for the per-vector codec at `--bits 3` and the
+  transform codec at `--ratio 8`, on the sample grown by tokens, best of interleaved rounds;
+  the last row is their ratio. The basis is fitted on the sample itself (speed does not depend
+  on the text it came from; quality numbers are in docs/transform.md).
 * **Peak RSS table** (`bench_pipeline.py`). Peak resident memory of one fresh `compress` and
   one fresh `decompress` process per dump. Compare rows: grown by layers, the dump gets more
   tensors of the same size and the peak should stay nearly flat; grown by tokens, the largest

@@ -1,0 +1,105 @@
+"""Transform codec throughput next to the per-vector codec, in the same interleaved rounds.
+
+    .venv/bin/python scripts/bench_transform.py [--times 16] [--rounds 3]
+
+Grows the sample dump by tokens (``scale_dump.py --axis tokens --kv-only``), fits a basis on
+the sample itself (``calibrate``: throughput does not depend on which text the basis came
+from), then times, round by round, ``compress --bits 3`` and ``compress --basis B --ratio 8``
+(no attention scoring) and the ``decompress`` of each, in this process. Prints MB/s of fp16
+KV input (best of the rounds) and the transform / per-vector ratios: read the ratios, the
+machine may be shared (docs/benchmarks.md, "How to read it").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "sample_data" / "kv_sample.safetensors"
+SMOLLM2_ROPE = {"theta": 100000.0, "style": "half", "first_position": 0}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fibquant_cli.ops.calibrate import calibrate
+    from fibquant_cli.ops.compress import compress
+    from fibquant_cli.ops.decompress import decompress
+    from fibquant_cli.ops.spec import resolve_spec
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--times", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fibquant-bench-transform-") as tmp:
+        tmp = Path(tmp)
+        big = tmp / "big.safetensors"
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "scale_dump.py"), str(SAMPLE),
+                        str(big), "--times", str(args.times), "--axis", "tokens", "--kv-only"],
+                       check=True, stdout=subprocess.DEVNULL)
+        sample = tmp / "sample.safetensors"
+        shutil.copyfile(SAMPLE, sample)
+        shutil.copyfile(SAMPLE.with_name("kv_sample.manifest.json"),
+                        tmp / "sample.manifest.json")
+        for dump in (sample, big):  # the sample is SmolLM2-135M's: RoPE theta 1e5, rotate-half
+            mpath = dump.with_name(dump.name.removesuffix(".safetensors") + ".manifest.json")
+            manifest = json.loads(mpath.read_text())
+            for entry in manifest["entries"]:
+                if entry["shape"]["role"] == "key":
+                    entry["rope"] = SMOLLM2_ROPE
+            mpath.write_text(json.dumps(manifest))
+        basis = tmp / "sample.basis.safetensors"
+        calibrate([str(sample)], output=str(basis))
+        mb = big.stat().st_size / 1e6
+        specs = {"per-vector --bits 3": resolve_spec(bits=3),
+                 "transform --ratio 8": resolve_spec(basis=str(basis), ratio=8.0)}
+        best: dict[tuple[str, str], float] = {}
+        ratios: dict[str, float] = {}
+        for _ in range(args.rounds):
+            for name, spec in specs.items():
+                out = tmp / "out.fq.safetensors"
+                rep = None
+
+                def enc(spec=spec, out=out):
+                    nonlocal rep
+                    rep = compress(big, output=out, spec=spec, force=True, attention=False)
+
+                t_enc = timed(enc)
+                ratios[name] = rep.total.ratio
+                t_dec = timed(lambda spec=spec, out=out: decompress(
+                    out, output=tmp / "r.safetensors", force=True, basis=spec.decode_basis))
+                for what, t in (("compress", t_enc), ("decompress", t_dec)):
+                    best[name, what] = max(best.get((name, what), 0.0), mb / t)
+    width = None if sys.stdout.isatty() else 160
+    table = Table(title=f"transform vs per-vector: sample x{args.times} by tokens, {mb:.1f} MB "
+                        f"fp16 KV, best of {args.rounds} interleaved rounds, "
+                        f"{os.cpu_count()} cores")
+    for col in ("codec", "ratio", "compress MB/s", "decompress MB/s"):
+        table.add_column(col, justify="right" if col != "codec" else "left")
+    for name in specs:
+        table.add_row(name, f"{ratios[name]:.2f}x", f"{best[name, 'compress']:.1f}",
+                      f"{best[name, 'decompress']:.1f}")
+    names = list(specs)
+    table.add_row("transform / per-vector", "",
+                  f"{best[names[1], 'compress'] / best[names[0], 'compress']:.2f}",
+                  f"{best[names[1], 'decompress'] / best[names[0], 'decompress']:.2f}")
+    Console(width=width).print(table)
+
+
+if __name__ == "__main__":
+    main()
