@@ -6,6 +6,7 @@ Runs ``fibquant compress --basis`` (the product's own code) on a dump with a bas
 * RoPE not undone (a basis from ``calibrate --no-rope-undo``);
 * no attention sink (``--keep-first 0``);
 * no sensitivity weights (each layer and role counts by its relative error);
+* no query weights (a key column's error counts by its variance alone);
 * no cross-layer allocation (every layer and role gets the same bits per row);
 * scalar Lloyd-Max coefficients instead of the 2-D VQ codebooks (whole bits per component);
 * no exceptions (coefficients beyond the codebooks' reach clipped);
@@ -112,6 +113,12 @@ def no_sensitivity():
 
 
 @contextlib.contextmanager
+def no_query_weights():
+    with patched(tc, "query_weight", lambda m, basis, dump: 1.0):
+        yield
+
+
+@contextlib.contextmanager
 def no_exceptions():
     with patched(T, "TAU", float("inf")):
         yield
@@ -167,6 +174,7 @@ def main() -> None:
                     ("RoPE not undone", plain, 1, contextlib.nullcontext),
                     ("no attention sink", basis, 0, contextlib.nullcontext),
                     ("no sensitivity weights", basis, 1, no_sensitivity),
+                    ("no query weights on keys", basis, 1, no_query_weights),
                     ("equal bits per layer and role", basis, 1, equal_bits_per_matrix),
                     ("scalar Lloyd-Max coefficients", basis, 1, scalar_coefficients),
                     ("no exceptions", basis, 1, no_exceptions)]

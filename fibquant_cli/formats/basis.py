@@ -14,12 +14,14 @@ variance    ``(D,) float32``, the rows' variance along each column (population v
             decreasing, >= 0).
 sensitivity ``(layers, 2) float32``, optional: per layer, column 0 keys and 1 values, the drop
             of the mean attention-output cosine per unit of relative MSE (docs/transform.md).
+query_weight ``(layers, D) float32``, optional: per layer, the calibration queries' energy
+            along each key column, relative to the mean column (docs/transform.md).
 
 Layout
 ------
 Tensors, in this order: for each layer ``l``, for ``r`` in (key, value):
 ``layer.{l}.{r}.mean``, ``layer.{l}.{r}.basis``, ``layer.{l}.{r}.variance``; then
-``sensitivity`` when present. All F32. The safetensors metadata holds one key,
+``sensitivity`` and ``query_weight`` when present. All F32. The safetensors metadata holds one key,
 ``fibquant_basis``, whose value is compact JSON with exactly these keys::
 
     {"schema": "fibquant_basis_v1", "layers", "kv_heads", "head_dim",
@@ -64,6 +66,7 @@ METADATA_KEY = "fibquant_basis"
 ROLES = ("key", "value")
 ROPE_STYLES = ("half", "interleaved")
 SENSITIVITY = "sensitivity"
+QUERY_WEIGHT = "query_weight"
 META_KEYS = ("schema", "layers", "kv_heads", "head_dim", "rope", "keep_first", "tokens",
              "sources", "digest")
 # The hashed part of the metadata (sources and the digest itself are not).
@@ -104,7 +107,8 @@ def tensor_names(layer: int, role: str) -> tuple[str, str, str]:
     return tuple(f"layer.{layer}.{role}.{part}" for part in ("mean", "basis", "variance"))
 
 
-def _expected_shapes(layers: int, dim: int, sensitivity: bool) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(layers: int, dim: int, sensitivity: bool,
+                     query_weight: bool = False) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for layer in range(layers):
         for role in ROLES:
@@ -112,6 +116,8 @@ def _expected_shapes(layers: int, dim: int, sensitivity: bool) -> dict[str, tupl
             shapes[mean], shapes[basis], shapes[variance] = (dim,), (dim, dim), (dim,)
     if sensitivity:
         shapes[SENSITIVITY] = (layers, len(ROLES))
+    if query_weight:
+        shapes[QUERY_WEIGHT] = (layers, dim)
     return shapes
 
 
@@ -128,9 +134,10 @@ def value_problem(name: str, arr: np.ndarray) -> str | None:
         if worst > ORTHONORMAL_TOLERANCE:
             return (f"columns are not orthonormal: |B^T B - I| reaches {worst:.3g} "
                     f"(at most {ORTHONORMAL_TOLERANCE:g})")
-    if (name.endswith(".variance") or name == SENSITIVITY) and arr.size and arr.min() < 0:
+    if (name.endswith(".variance") or name in (SENSITIVITY, QUERY_WEIGHT)) and arr.size \
+            and arr.min() < 0:
         pos = int(np.argmin(arr.reshape(-1)))
-        what = "variance" if name != SENSITIVITY else "sensitivity"
+        what = {SENSITIVITY: "sensitivity", QUERY_WEIGHT: "query weight"}.get(name, "variance")
         return f"negative {what} {float(arr.reshape(-1)[pos])} at flat index {pos}"
     return None
 
@@ -153,6 +160,7 @@ def encode_basis(*, layers: int, kv_heads: int, head_dim: int, rope: BasisRope |
                  keep_first: int, tokens: int, sources: Sequence[BasisSource],
                  matrices: Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray, np.ndarray]],
                  sensitivity: np.ndarray | None = None,
+                 query_weight: np.ndarray | None = None,
                  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors (in file order, float32) and metadata of a basis file.
 
@@ -164,7 +172,7 @@ def encode_basis(*, layers: int, kv_heads: int, head_dim: int, rope: BasisRope |
         InvalidInputError: a missing matrix, a wrong shape, or values ``load_basis`` refuses.
     """
     dim = kv_heads * head_dim
-    shapes = _expected_shapes(layers, dim, sensitivity is not None)
+    shapes = _expected_shapes(layers, dim, sensitivity is not None, query_weight is not None)
     tensors: dict[str, np.ndarray] = {}
     for layer in range(layers):
         for role in ROLES:
@@ -174,6 +182,8 @@ def encode_basis(*, layers: int, kv_heads: int, head_dim: int, rope: BasisRope |
                 tensors[name] = np.ascontiguousarray(arr, dtype=np.float32)
     if sensitivity is not None:
         tensors[SENSITIVITY] = np.ascontiguousarray(sensitivity, dtype=np.float32)
+    if query_weight is not None:
+        tensors[QUERY_WEIGHT] = np.ascontiguousarray(query_weight, dtype=np.float32)
     for name, arr in tensors.items():
         if arr.shape != shapes[name]:
             raise InvalidInputError(f"shape {list(arr.shape)}, expected {list(shapes[name])}",
@@ -207,6 +217,7 @@ class Basis:
     _header: stfile.Header
     _tensor_digests: Mapping[str, str]
     _sensitivity: np.ndarray | None
+    _query_weight: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -231,6 +242,12 @@ class Basis:
         if self._sensitivity is None:
             return None
         return float(self._sensitivity[layer, ROLES.index(role)])
+
+    def query_weight(self, layer: int) -> np.ndarray | None:
+        """(D,) float32: how much a unit of squared error along each key column moves the
+        attention logits, relative to the mean column (mean 1), or None without queries."""
+        self._check_index(layer, "key")
+        return None if self._query_weight is None else self._query_weight[layer]
 
     def _check_index(self, layer: int, role: str) -> None:
         if role not in ROLES:
@@ -323,7 +340,8 @@ def _parse_meta(header: stfile.Header) -> dict[str, Any]:
 
 
 def _check_layout(header: stfile.Header, layers: int, dim: int) -> None:
-    shapes = _expected_shapes(layers, dim, SENSITIVITY in header.tensors)
+    shapes = _expected_shapes(layers, dim, SENSITIVITY in header.tensors,
+                              QUERY_WEIGHT in header.tensors)
     for name, shape in shapes.items():
         info = header.tensors.get(name)
         if info is None:
@@ -360,7 +378,7 @@ def load_basis(path: str | os.PathLike) -> Basis:
         sources = _sources(meta["sources"])
         dim = meta["kv_heads"] * meta["head_dim"]
         _check_layout(header, meta["layers"], dim)
-        digests, problem, sensitivity = {}, None, None
+        digests, problem, sensitivity, query_weight = {}, None, None, None
         for name, info in header.tensors.items():
             raw = stfile.read_raw(header, name)
             digests[name] = tensor_digest(info.dtype, info.shape, raw)
@@ -370,6 +388,8 @@ def load_basis(path: str | os.PathLike) -> Basis:
                 problem = None if reason is None else InvalidInputError(reason, tensor=name)
             if name == SENSITIVITY:
                 sensitivity = arr.astype(np.float32)
+            if name == QUERY_WEIGHT:
+                query_weight = arr.astype(np.float32)
         if basis_digest(meta, digests) != meta["digest"]:
             raise IntegrityError("content does not match its digest (the file was changed or "
                                  "damaged after it was written)")
@@ -379,4 +399,4 @@ def load_basis(path: str | os.PathLike) -> Basis:
         raise err.at(path=where) from None
     return Basis(header.path, meta["layers"], meta["kv_heads"], meta["head_dim"], rope,
                  meta["keep_first"], meta["tokens"], sources, meta["digest"], header, digests,
-                 sensitivity)
+                 sensitivity, query_weight)

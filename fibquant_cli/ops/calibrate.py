@@ -7,7 +7,8 @@
    rows (tokens after ``keep_first``; keys with RoPE undone) per (layer, role).
 3. Per (layer, role): covariance, ``eigh``, columns by decreasing variance, signs fixed.
 4. With queries in a dump: the sensitivity of each (layer, role) to noise shaped like its data
-   (``_sensitivity``), averaged over those dumps.
+   (``_sensitivity``) and the queries' energy along each key column (``measure_query_weight``),
+   averaged over those dumps.
 5. Write the basis file (``storage/basis.write_basis``).
 """
 
@@ -274,6 +275,52 @@ def measure_sensitivity(sources: list[_Source], fits, layers: int, keep_first: i
     return total / len(with_queries) / SENSITIVITY_EPS
 
 
+def measure_query_weight(sources: list[_Source], fits, layers: int, keep_first: int,
+                         rope: BasisRope | None) -> np.ndarray | None:
+    """``(layers, D)``: per key column u_i, E[(q . u_i)^2] over the calibration queries,
+    relative to the mean column, averaged over the dumps with queries; None without any.
+
+    A key error e moves a logit by q . e, so e along a column the queries barely reach costs
+    little however large its variance. With RoPE undone, the query meets the key turned by
+    the tokens' relative angle; taking that angle as uniform, each channel pair's query energy
+    is shared equally by its two channels. Per KV head the energies of its query heads add.
+    """
+    with_queries = [s for s in sources if s.dump.manifest.attention is not None]
+    if not with_queries:
+        return None
+    total = None
+    for source in with_queries:
+        shape = source.dump.manifest.entries[source.key].shape
+        h, d, group = shape.kv_heads, shape.head_dim, shape.query_heads // shape.kv_heads
+        out = np.zeros((layers, h * d))
+        for layer in range(layers):
+            q = read_query_layer(source.dump, layer, slice(min(keep_first, shape.tokens),
+                                                           shape.tokens)).astype(np.float64)
+            energy = (q * q).mean(axis=(0, 2))  # (query heads, d)
+            if rope is not None:
+                pair = _pair_energy(energy, rope.style)
+                energy = pair / 2.0
+            per_channel = energy.reshape(h, group, d).sum(axis=1).reshape(-1)
+            u = fits[(layer, "key")][1]
+            g = (u * u * per_channel[:, None]).sum(axis=0)
+            out[layer] = g / g.mean() if g.mean() > 0 else 1.0
+        total = out if total is None else total + out
+    return total / len(with_queries)
+
+
+def _pair_energy(energy: np.ndarray, style: str) -> np.ndarray:
+    """Each channel's energy replaced by its RoPE pair's total (channels of a pair share it)."""
+    d = energy.shape[-1]
+    out = np.empty_like(energy)
+    if style == "half":
+        both = energy[:, :d // 2] + energy[:, d // 2:]
+        out[:, :d // 2], out[:, d // 2:] = both, both
+    else:
+        both = energy[:, 0::2] + energy[:, 1::2]
+        out[:, 0::2], out[:, 1::2] = both, both
+    return out
+
+
 # ------------------------------------------------------------------------- the command
 
 
@@ -322,10 +369,12 @@ def calibrate(paths: list[str], *, output: str, keep_first: int = DEFAULT_KEEP_F
         fits = {key: tuple(a.astype(np.float32).astype(np.float64) for a in m.fit())
                 for key, m in moments.items()}
         sensitivity = measure_sensitivity(sources, fits, layers, keep_first, rope, progress)
+        query_weight = measure_query_weight(sources, fits, layers, keep_first, rope)
     basis = write_basis(out, layers=layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
                         rope=rope, keep_first=keep_first, tokens=rows,
                         sources=[BasisSource(s.name, s.digest) for s in sources],
-                        matrices=fits, sensitivity=sensitivity, force=force)
+                        matrices=fits, sensitivity=sensitivity, query_weight=query_weight,
+                        force=force)
     top = max(1, math.ceil(TOP_FRACTION * dim))
     report = CalibrationReport(
         output=str(out), digest=basis.digest, layers=layers, kv_heads=shape.kv_heads,

@@ -144,6 +144,17 @@ def in_order(fn, items, jobs: int):
             yield pending.popleft().result()
 
 
+def query_weight(m: Matrix, basis, dump: Dump) -> np.ndarray | float:
+    """Per key column, the calibration queries' energy along it (mean 1): the allocator
+    weighs a key coefficient's squared error by how much it moves the logits. Measured on
+    SmolLM2 (pydocs cache, GPL-3 basis): 0.8992 -> 0.9025 attention cosine at 16x, 0.9739 ->
+    0.9749 at 8x. 1 for values, and without queries in the calibration."""
+    if dump.manifest.entries[m.entry].shape.role != "key":
+        return 1.0
+    g = basis.query_weight(m.layer)
+    return 1.0 if g is None else g.astype(np.float64)
+
+
 def weights(mats: list[Matrix], basis, dump: Dump) -> list[float]:
     """Per matrix: sensitivity (1 without one) per unit of its total coefficient variance."""
     out = []
@@ -209,7 +220,8 @@ def plan(dump: Dump, base: Document, mats, basis, spec, roles, target_bytes: flo
     widest widths and the one of least weighted distortion wins. Refuses a target below the
     file's fixed cost.
     """
-    variances = [m.stats.scale.astype(np.float64) ** 2 for m in mats]
+    variances = [m.stats.scale.astype(np.float64) ** 2 * query_weight(m, basis, dump)
+                 for m in mats]
     w = weights(mats, basis, dump)
     kv_bytes = target_bytes - raw_bytes(dump)
     choices = ([T.WIDTHS[-1]] if table_bytes(T.WIDTHS[-1]) <= TABLE_SHARE * kv_bytes

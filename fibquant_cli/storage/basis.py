@@ -16,7 +16,8 @@ def write_basis(path: str | os.PathLike, *, layers: int, kv_heads: int, head_dim
                 rope: BasisRope | None, keep_first: int, tokens: int,
                 sources: Sequence[BasisSource],
                 matrices: Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray, np.ndarray]],
-                sensitivity: np.ndarray | None = None, force: bool = False) -> Basis:
+                sensitivity: np.ndarray | None = None, query_weight: np.ndarray | None = None,
+                force: bool = False) -> Basis:
     """Write a basis file atomically (``storage.publish.publishing``) and return it loaded.
 
     Loading it back verifies what reached the disk, and hands the caller the same ``Basis``
@@ -37,7 +38,7 @@ def write_basis(path: str | os.PathLike, *, layers: int, kv_heads: int, head_dim
         tensors, metadata = encode_basis(layers=layers, kv_heads=kv_heads, head_dim=head_dim,
                                          rope=rope, keep_first=keep_first, tokens=tokens,
                                          sources=sources, matrices=matrices,
-                                         sensitivity=sensitivity)
+                                         sensitivity=sensitivity, query_weight=query_weight)
     except FibQuantError as err:
         raise err.at(path=str(path)) from None
     write_file(path, tensors, metadata, force=force)

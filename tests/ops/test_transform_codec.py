@@ -212,3 +212,33 @@ def test_basis_of_another_geometry_is_refused(cli, world, tmp_path):
     other = make_dump(tmp_path, "wide", head_dim=32, layers=LAYERS, kv_heads=HEADS)
     assert_error(cli("compress", other.path, "--basis", basis, "-o", tmp_path / "w.fq"),
                  3, "head_dim")
+
+
+def test_query_weight_is_the_queries_energy_along_each_key_column(world):
+    from fibquant_cli.formats.basis import load_basis
+
+    d, _, _, basis_path = world
+    basis = load_basis(basis_path)
+    calib = safetensors.numpy.load_file(str(d / "calib.safetensors"))
+    for layer in range(LAYERS):
+        q = calib[f"layer.{layer}.query"][:, :, 1:].astype(np.float64)  # after the sink
+        energy = (q * q).mean(axis=(0, 2))  # (query heads, D)
+        pair = energy[:, : D // 2] + energy[:, D // 2:]  # rotate-half pairs share it
+        per_head = np.concatenate([pair, pair], axis=1) / 2
+        per_channel = per_head.reshape(HEADS, QUERY_HEADS // HEADS, D).sum(axis=1).reshape(-1)
+        u = basis.matrix(layer, "key")[1].astype(np.float64)
+        g = (u * u * per_channel[:, None]).sum(axis=0)
+        np.testing.assert_allclose(basis.query_weight(layer), g / g.mean(), rtol=1e-5)
+
+
+def test_without_queries_there_is_no_query_weight(cli, tmp_path):
+    path, _ = structured_dump(tmp_path, "noq", seed=3)
+    manifest = json.loads((tmp_path / "noq.manifest.json").read_text())
+    del manifest["attention"]
+    (tmp_path / "noq.manifest.json").write_text(json.dumps(manifest))
+    from fibquant_cli.formats.basis import load_basis
+
+    out = tmp_path / "noq.basis.safetensors"
+    ok(cli("calibrate", path, "-o", out))
+    basis = load_basis(out)
+    assert basis.query_weight(0) is None and basis.sensitivity(0, "key") is None
