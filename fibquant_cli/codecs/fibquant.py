@@ -34,6 +34,7 @@ from fibquant_cli.core.layer import (
     SOURCE_DTYPES,
     LayerRows,
     cast_clamped,
+    copy_kept,
     decoded_segments,
     restore_into,
     round_to_dtype,
@@ -264,13 +265,8 @@ def decode_tokens(q: FibQuantizer, parts: dict, shape, entry, t0: int, t1: int,
     t_mid = t - kf - kl
     out = np.empty((b, h, t1 - t0, d), dtype=np.float32)
     if kf + kl:
-        kept = check_finite_part(parts["kept"].whole(), name_of("kept"))
-        lo, hi = t0, min(t1, kf)
-        if lo < hi:
-            out[:, :, lo - t0:hi - t0] = kept[:, :, lo:hi]
-        lo, hi = max(t0, t - kl), t1
-        if lo < hi:
-            out[:, :, lo - t0:hi - t0] = kept[:, :, kf + lo - (t - kl):kf + hi - (t - kl)]
+        copy_kept(out, check_finite_part(parts["kept"].whole(), name_of("kept")), t0, t1, t,
+                  kf, kl)
     lo, hi = max(t0, kf), min(t1, t - kl)
     if lo >= hi:
         return out

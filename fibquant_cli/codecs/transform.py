@@ -38,7 +38,7 @@ import numpy as np
 from fibquant_cli.core import bitpack
 from fibquant_cli.core import rope as rope_math
 from fibquant_cli.core import transform as T
-from fibquant_cli.core.layer import SOURCE_DTYPES, finite_max, round_to_dtype
+from fibquant_cli.core.layer import SOURCE_DTYPES, copy_kept, finite_max, round_to_dtype
 from fibquant_cli.core.metrics import ErrorAccumulator
 from fibquant_cli.errors import IntegrityError
 
@@ -318,13 +318,7 @@ def decode_tokens(lb: LayerBasis, parts: dict, shape, entry, t0: int, t1: int, n
     layout, codes, pos, val, mean, scale = _checked(whole, shape, entry, layer, name_of)
     out = np.empty((b, h, t1 - t0, d), dtype=np.float32)
     if kf + kl:
-        kept = whole["kept"].astype(np.float32)
-        lo, hi = t0, min(t1, kf)
-        if lo < hi:
-            out[:, :, lo - t0:hi - t0] = kept[:, :, lo:hi]
-        lo, hi = max(t0, t - kl), t1
-        if lo < hi:
-            out[:, :, lo - t0:hi - t0] = kept[:, :, kf + lo - (t - kl):kf + hi - (t - kl)]
+        copy_kept(out, whole["kept"].astype(np.float32), t0, t1, t, kf, kl)
     lo, hi = max(t0, kf), min(t1, t - kl)
     t_mid = t - kf - kl
     if lo < hi:

@@ -169,3 +169,15 @@ def restore_into(q: FibQuantizer, codes, norms: np.ndarray, mean, kept,
     t_mid = t - kf - kl
     for g, r0, r1, seg in decoded_segments(q, codes, norms, mean, t_mid, out.dtype):
         np.copyto(out3[g, kf + r0 - g * t_mid:kf + r1 - g * t_mid], seg, casting="unsafe")
+
+
+def copy_kept(out: np.ndarray, kept: np.ndarray, t0: int, t1: int, t: int, kf: int,
+              kl: int) -> None:
+    """Into ``out`` [b, h, t1 - t0, d] (tokens [t0, t1) of a layer of ``t`` tokens), the kept
+    tokens it covers: ``kept`` holds the first ``kf`` and the last ``kl``, in that order."""
+    lo, hi = t0, min(t1, kf)
+    if lo < hi:
+        out[:, :, lo - t0:hi - t0] = kept[:, :, lo:hi]
+    lo, hi = max(t0, t - kl), t1
+    if lo < hi:
+        out[:, :, lo - t0:hi - t0] = kept[:, :, kf + lo - (t - kl):kf + hi - (t - kl)]

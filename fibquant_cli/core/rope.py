@@ -45,10 +45,14 @@ def _turn(x: np.ndarray, angles: np.ndarray, style: str) -> np.ndarray:
     """Float32 in, float32 out (the angles' sines and cosines still from float64): what a
     codec needs at twice the speed; anything else is computed in float64."""
     dtype = np.float32 if np.asarray(x).dtype == np.float32 else np.float64
-    x64 = np.asarray(x, dtype=dtype)
-    a, b = _pairs(x64, style)
-    cos, sin = np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
-    out = np.empty_like(x64)
+    return _apply(np.asarray(x, dtype=dtype), np.cos(angles).astype(dtype),
+                  np.sin(angles).astype(dtype), style)
+
+
+def _apply(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> np.ndarray:
+    """Each channel pair (a, b) of ``x`` turned: (a cos - b sin, a sin + b cos)."""
+    a, b = _pairs(x, style)
+    out = np.empty_like(x)
     ra, rb = _pairs(out, style)
     np.multiply(a, cos, out=ra)
     ra -= b * sin
@@ -89,13 +93,4 @@ def turn_span(x: np.ndarray, first: int, theta: float, style: str, *,
     every layer's keys at the same positions)."""
     x = np.asarray(x, dtype=np.float32)
     cos, sin = _cos_sin(int(first), x.shape[-2], x.shape[-1], float(theta))
-    if inverse:
-        sin = -sin
-    a, b = _pairs(x, style)
-    out = np.empty_like(x)
-    ra, rb = _pairs(out, style)
-    np.multiply(a, cos, out=ra)
-    ra -= b * sin
-    np.multiply(a, sin, out=rb)
-    rb += b * cos
-    return out
+    return _apply(x, cos, -sin if inverse else sin, style)

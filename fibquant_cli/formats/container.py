@@ -453,6 +453,15 @@ def _parse_entry(obj: Any, field: str, version: int, shape, profiles) -> EntryRe
     if profiles[j].profile.head_dim != shape.head_dim:
         raise _Bad(f"{field}.profile", f"profile {j} has head_dim "
                                        f"{profiles[j].profile.head_dim}, the entry {shape.head_dim}")
+    layers, per_layer = _entry_counts(rec, field, shape)
+    return EntryRecord(codec, j, layers, per_layer,
+                       _int(rec["keep_first"], f"{field}.keep_first", high=MAX_KEEP),
+                       _int(rec["keep_last"], f"{field}.keep_last", high=MAX_KEEP),
+                       _bool(rec["center"], f"{field}.center"))
+
+
+def _entry_counts(rec: dict, field: str, shape) -> tuple[int, int]:
+    """An entry's ``layers`` and ``vectors_per_layer``, checked against its manifest shape."""
     layers = _int(rec["layers"], f"{field}.layers")
     if layers != shape.layers:
         raise _Bad(f"{field}.layers", f"found {layers}, the manifest says {shape.layers}")
@@ -460,10 +469,7 @@ def _parse_entry(obj: Any, field: str, version: int, shape, profiles) -> EntryRe
     if per_layer != shape.vector_count // shape.layers:
         raise _Bad(f"{field}.vectors_per_layer", f"found {per_layer}, the manifest's shape "
                                                  f"has {shape.vector_count // shape.layers}")
-    return EntryRecord(codec, j, layers, per_layer,
-                       _int(rec["keep_first"], f"{field}.keep_first", high=MAX_KEEP),
-                       _int(rec["keep_last"], f"{field}.keep_last", high=MAX_KEEP),
-                       _bool(rec["center"], f"{field}.center"))
+    return layers, per_layer
 
 
 def _parse_transform_entry(obj: Any, field: str, shape) -> EntryRecord:
@@ -471,13 +477,7 @@ def _parse_transform_entry(obj: Any, field: str, shape) -> EntryRecord:
     if rec["profile"] is not None:
         raise _Bad(f"{field}.profile", f"a transform entry has no profile, found "
                                        f"{_show(rec['profile'])}")
-    layers = _int(rec["layers"], f"{field}.layers")
-    if layers != shape.layers:
-        raise _Bad(f"{field}.layers", f"found {layers}, the manifest says {shape.layers}")
-    per_layer = _int(rec["vectors_per_layer"], f"{field}.vectors_per_layer")
-    if per_layer != shape.vector_count // shape.layers:
-        raise _Bad(f"{field}.vectors_per_layer", f"found {per_layer}, the manifest's shape "
-                                                 f"has {shape.vector_count // shape.layers}")
+    layers, per_layer = _entry_counts(rec, field, shape)
     keep_first = _int(rec["keep_first"], f"{field}.keep_first", high=MAX_KEEP)
     keep_last = _int(rec["keep_last"], f"{field}.keep_last", high=MAX_KEEP)
     if _bool(rec["center"], f"{field}.center"):
