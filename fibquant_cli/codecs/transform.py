@@ -38,7 +38,7 @@ import numpy as np
 from fibquant_cli.core import bitpack
 from fibquant_cli.core import rope as rope_math
 from fibquant_cli.core import transform as T
-from fibquant_cli.core.layer import SOURCE_DTYPES, copy_kept, finite_max, round_to_dtype
+from fibquant_cli.core.layer import SOURCE_DTYPES, copy_kept, finite_max
 from fibquant_cli.core.metrics import ErrorAccumulator
 from fibquant_cli.errors import IntegrityError
 
@@ -110,26 +110,17 @@ def to_rows(x: np.ndarray, rope, first: int = 0) -> np.ndarray:
     """[b, h, t, d] -> rows (b * t, h * d) float32, RoPE undone (``rope``: positions from
     ``rope.first_position + first``)."""
     b, h, t, d = x.shape
-    x = np.asarray(x, dtype=np.float32)
+    rows = np.ascontiguousarray(np.asarray(x, dtype=np.float32).transpose(0, 2, 1, 3))
     if rope is not None:
-        x = rope_math.turn_span(x, rope.first_position + first, rope.theta, rope.style,
-                                inverse=True)
-    return np.ascontiguousarray(x.transpose(0, 2, 1, 3).reshape(b * t, h * d))
-
-
-def from_rows(rows: np.ndarray, b: int, h: int, d: int, rope, first: int = 0) -> np.ndarray:
-    """rows (b * t, h * d) float32 -> [b, h, t, d] float32, RoPE re-applied."""
-    t = rows.shape[0] // b
-    x = rows.reshape(b, t, h, d).transpose(0, 2, 1, 3)
-    if rope is not None:
-        x = rope_math.turn_span(x, rope.first_position + first, rope.theta, rope.style)
-    return x
+        rows = rope_math.turn_tokens(rows, rope.first_position + first, rope.theta, rope.style,
+                                     inverse=True)
+    return rows.reshape(b * t, h * d)
 
 
 def synthesis_matrix(lb: LayerBasis, layout: T.RowLayout, scale) -> np.ndarray:
     """(live, D) float32: the live columns of U, transposed and scaled by their standard
     deviations, so that rows = live coefficients @ this + mean (one matrix product)."""
-    live = layout.live
+    live = layout.live_order
     return np.ascontiguousarray((lb.u[:, live] * scale[live]).T, dtype=np.float32)
 
 
@@ -215,16 +206,20 @@ def encode_layer(lb: LayerBasis, arr: np.ndarray, stats: LayerStats, widths, kf:
 
 
 def decode_middle(lb: LayerBasis, codes, pos, val, layout: T.RowLayout, mean, scale, h: int,
-                  d: int, first: int, out_dtype, r0: int, r1: int):
+                  d: int, first: int, out_dtype, r0: int, r1: int) -> np.ndarray:
     """Rows [r0, r1) of the middle, all of one batch row starting at token ``first``, as
-    [1, h, r1 - r0, d] float32 rounded as ``out_dtype`` rounds (float32: unrounded)."""
+    [h, r1 - r0, d] float32 (a transposed view), clipped to ``out_dtype``'s finite range: a
+    cast to it (an assignment) rounds them as the file restores them."""
     c = T.decode_live(codes, pos, val, layout, h * d, r0, r1, lb.tables)
     rows = c @ synthesis_matrix(lb, layout, scale)
     rows += mean
-    x = np.asarray(from_rows(rows, 1, h, d, lb.rope, first), dtype=np.float32)
+    x = rows.reshape(r1 - r0, h, d)
+    if lb.rope is not None:
+        x = rope_math.turn_tokens(x, lb.rope.first_position + first, lb.rope.theta,
+                                  lb.rope.style)
     top = finite_max(out_dtype)
     np.clip(x, -top, top, out=x)
-    return round_to_dtype(x, out_dtype)
+    return x.transpose(1, 0, 2)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -298,9 +293,9 @@ def restore_middle(lb: LayerBasis, layout: T.RowLayout, codes, pos, val, mean, s
     """The middle tokens of ``out`` [b, h, t, d] (source dtype), block by block."""
     b, h, _, d = out.shape
     for bi, s0, s1 in row_blocks(t_mid, b):
-        x = decode_middle(lb, codes, pos, val, layout, mean, scale, h, d, kf + s0, out.dtype,
-                          bi * t_mid + s0, bi * t_mid + s1)
-        out[bi:bi + 1, :, kf + s0:kf + s1] = x
+        out[bi, :, kf + s0:kf + s1] = decode_middle(lb, codes, pos, val, layout, mean, scale,
+                                                    h, d, kf + s0, out.dtype,
+                                                    bi * t_mid + s0, bi * t_mid + s1)
 
 
 def check_layer(lb: LayerBasis, parts: dict, shape, entry, name_of, layer: int) -> None:
@@ -326,7 +321,7 @@ def decode_tokens(lb: LayerBasis, parts: dict, shape, entry, t0: int, t1: int, n
             # float32, unrounded: the caller casts (clamped) to the source dtype, which rounds
             # exactly as the full decode's round_to_dtype does
             x = decode_middle(lb, codes, pos, val, layout, mean, scale, h, d, kf + s0,
-                              np.float32, bi * t_mid + s0, bi * t_mid + s1)[0]
+                              np.float32, bi * t_mid + s0, bi * t_mid + s1)
             a0, a1 = max(lo, kf + s0), min(hi, kf + s1)
             out[bi, :, a0 - t0:a1 - t0] = x[:, a0 - kf - s0:a1 - kf - s0]
     return out

@@ -86,11 +86,13 @@ def _cos_sin(first: int, count: int, head_dim: int, theta: float) -> tuple[np.nd
     return cos, sin
 
 
-def turn_span(x: np.ndarray, first: int, theta: float, style: str, *,
-              inverse: bool = False) -> np.ndarray:
-    """``rotate`` (``unrotate`` with ``inverse``) of float32 ``x (..., t, d)`` at positions
-    ``first .. first + t - 1``, in float32 with the sines and cosines cached (a codec turns
-    every layer's keys at the same positions)."""
+def turn_tokens(x: np.ndarray, first: int, theta: float, style: str, *,
+                inverse: bool = False) -> np.ndarray:
+    """``rotate`` (``unrotate`` with ``inverse``) of float32 ``x (..., t, heads, d)``, token
+    axis third from last, at positions ``first .. first + t - 1``: in float32, with the sines
+    and cosines cached (a codec turns every layer's keys at the same positions), on rows of
+    heads side by side as a transform codec holds them."""
     x = np.asarray(x, dtype=np.float32)
-    cos, sin = _cos_sin(int(first), x.shape[-2], x.shape[-1], float(theta))
+    cos, sin = _cos_sin(int(first), x.shape[-3], x.shape[-1], float(theta))
+    cos, sin = cos[:, None, :], sin[:, None, :]
     return _apply(x, cos, -sin if inverse else sin, style)

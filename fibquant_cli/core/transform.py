@@ -211,13 +211,18 @@ class RowLayout:
         return int(sum(self.widths))
 
     @functools.cached_property
-    def live_groups(self) -> list[tuple[int, np.ndarray, int, int, np.ndarray]]:
-        """``groups`` with each group's columns among the live components (``live`` order)."""
-        w = np.asarray(self.widths)
-        rank = np.cumsum(w > 0) - 1  # a live pair's place among the live pairs
-        return [(width, idx, offset, n,
-                 np.stack([2 * rank[idx], 2 * rank[idx] + 1], axis=1).reshape(-1))
-                for width, idx, offset, n in self.groups]
+    def live_order(self) -> np.ndarray:
+        """The coded components group by group (ascending width, then pair): the column order
+        ``decode_live`` returns, so each width's coefficients land in one contiguous block."""
+        parts = [np.stack([2 * idx, 2 * idx + 1], axis=1).reshape(-1) for _, idx, _, _ in self.groups]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    @functools.cached_property
+    def live_slot(self) -> np.ndarray:
+        """(D,) the column of each coded component in ``live_order`` (-1 for dropped ones)."""
+        slot = np.full(2 * len(self.widths), -1, dtype=np.int64)
+        slot[self.live_order] = np.arange(len(self.live_order))
+        return slot
 
     @functools.cached_property
     def live(self) -> np.ndarray:
@@ -256,26 +261,27 @@ def decode_rows(codes: np.ndarray, positions: np.ndarray, values: np.ndarray,
     """Coefficients of rows [r0, r1) (r1 - r0, D) float32: only those rows are unpacked."""
     r1 = layout.rows if r1 is None else r1
     out = np.zeros((r1 - r0, d), dtype=np.float32)
-    out[:, layout.live] = decode_live(codes, positions, values, layout, d, r0, r1, tab)
+    out[:, layout.live_order] = decode_live(codes, positions, values, layout, d, r0, r1, tab)
     return out
 
 
 def decode_live(codes: np.ndarray, positions: np.ndarray, values: np.ndarray,
                 layout: RowLayout, d: int, r0: int, r1: int,
                 tab: Tables | None = None) -> np.ndarray:
-    """The live (coded) coefficients of rows [r0, r1), (r1 - r0, len(layout.live)) float32,
-    in ``layout.live`` order: what synthesis multiplies, without the dropped columns."""
+    """The coded coefficients of rows [r0, r1), (r1 - r0, coded components) float32, in
+    ``layout.live_order``: what synthesis multiplies, without the dropped columns."""
     tab = tab or tables()
-    out = np.empty((r1 - r0, len(layout.live)), dtype=np.float32)
-    for width, idx, offset, n, cols in layout.live_groups:
+    out = np.empty((r1 - r0, len(layout.live_order)), dtype=np.float32)
+    col = 0
+    for width, idx, offset, n in layout.groups:
         k = len(idx)
         ids = bitpack.unpack_range(codes[offset:offset + n], r0 * k, r1 * k, width)
-        out[:, cols] = decode_pairs(ids, width, tab).reshape(r1 - r0, 2 * k)
+        out[:, col:col + 2 * k] = decode_pairs(ids, width, tab).reshape(r1 - r0, 2 * k)
+        col += 2 * k
     lo, hi = np.searchsorted(positions, [r0 * d, r1 * d])
     if hi > lo:
         p = positions[lo:hi].astype(np.int64) - r0 * d
-        col = np.searchsorted(layout.live, p % d)  # exceptions lie in live components
-        out[p // d, col] = values[lo:hi].astype(np.float32)
+        out[p // d, layout.live_slot[p % d]] = values[lo:hi].astype(np.float32)
     return out
 
 
