@@ -20,7 +20,7 @@ from fibquant_cli.core.codebook import STREAM_ROTATION, stream
 from fibquant_cli.core.layer import SOURCE_DTYPES
 from fibquant_cli.core.rotation import haar_rotation
 from fibquant_cli.core.scalar import ScalarQuantizer
-from fibquant_cli.errors import InvalidInputError
+from fibquant_cli.errors import InvalidInputError, UsageError
 from fibquant_cli.formats import dtypes
 from fibquant_cli.formats.kvdump import Dump, open_dump, read_layer
 from fibquant_cli.formats.peers import available_peers
@@ -195,7 +195,8 @@ def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
             try:
                 point, _ = run_fibquant(dump, spec, Path(tmp), max_queries)
                 rep.points.append(point)
-            except InvalidInputError as err:  # e.g. a block length that does not divide d
+            except (InvalidInputError, UsageError) as err:
+                # e.g. a block length that does not divide d, a ratio below a file's fixed cost
                 rep.skipped[spec.label()] = err.reason
             progress.advance(spec.label())
     if scalar:

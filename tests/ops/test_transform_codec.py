@@ -242,3 +242,18 @@ def test_without_queries_there_is_no_query_weight(cli, tmp_path):
     ok(cli("calibrate", path, "-o", out))
     basis = load_basis(out)
     assert basis.query_weight(0) is None and basis.sensitivity(0, "key") is None
+
+
+def test_sweep_adds_the_transform_ladder(world):
+    from fibquant_cli.ops.sweep import TRANSFORM_RATIOS, sweep
+
+    d, evald, _, basis = world
+    rep = sweep(evald, specs=[], peers=False, scalar=False, basis=basis, max_queries=64)
+    points = [p for p in rep.points if p.method == "transform"]
+    assert points and len(points) + len(rep.skipped) == len(TRANSFORM_RATIOS)
+    for p in points:  # each point at (at least) its target ratio, ordered as the sweep sorts
+        target = float(p.label.split()[1].rstrip("x"))
+        assert p.ratio >= target * (1 - 1e-9)
+    cosines = [p.cosine_mean for p in sorted(points, key=lambda p: p.ratio)]
+    assert cosines[0] > cosines[-1]
+    assert all("bytes" in reason for reason in rep.skipped.values())  # too small a file
