@@ -180,9 +180,12 @@ def compress(
                              "--no-center-keys", options=("target_cosine",))
         from fibquant_cli.ops.target import choose_for_target
 
+        if ratio is not None or embed_basis:
+            raise UsageError("{target_cosine} picks the ratio itself: drop --ratio and "
+                             "--embed-basis", options=("target_cosine",))
         with RichProgress() as progress:
             spec, choice = choose_for_target(path, target_cosine, manifest=manifest, seed=seed,
-                                             max_queries=max_queries or 2048,
+                                             max_queries=max_queries or 2048, basis=basis,
                                              progress=progress)
         options = {}
     else:

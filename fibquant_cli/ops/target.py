@@ -36,16 +36,24 @@ class TargetChoice:
         return asdict(self)
 
 
+# --target-cosine with --basis: the ratios searched (a bisection on log ratio) and its steps.
+TRANSFORM_RATIO_RANGE = (2.0, 32.0)
+TRANSFORM_SEARCH_STEPS = 7  # ratio found within 2^(log2(16) / 2^7) ~ 2% of the best
+
+
 def choose_for_target(source, target: float, *, manifest=None, seed: int = 0,
-                      max_queries: int = DEFAULT_MAX_QUERIES,
+                      max_queries: int = DEFAULT_MAX_QUERIES, basis=None,
                       progress: Progress | None = None) -> tuple[CompressSpec, TargetChoice]:
-    """The cheapest FibQuant operating point whose attention cosine (mean) meets ``target``."""
+    """The cheapest FibQuant operating point whose attention cosine (mean) meets ``target``;
+    with ``basis``, the highest transform ratio that does."""
     if not 0.0 < target <= 1.0:
         raise UsageError(f"{{target_cosine}} must be in (0, 1], got {target}",
                          options=("target_cosine",))
     progress = progress or Progress()
     dump = open_dump(source, manifest)
     pair = require_kv_pair(dump, "a target cosine")
+    if basis is not None:
+        return _transform_ratio(dump, target, basis, max_queries, progress)
     shape = dump.manifest.entries[pair[0]].shape
     specs = sorted(fibquant_specs(seed),
                    key=lambda s: estimated_bits_per_value(s, shape.head_dim, shape.tokens))
@@ -67,3 +75,43 @@ def choose_for_target(source, target: float, *, manifest=None, seed: int = 0,
     detail = f"; the best is {best['cosine_mean']:.4f} ({best['label']})" if best else ""
     raise UsageError(f"no FibQuant operating point reaches attention cosine {target}{detail}",
                      path=str(dump.path))
+
+
+def _transform_ratio(dump, target: float, basis, max_queries: int,
+                     progress: Progress) -> tuple[CompressSpec, TargetChoice]:
+    """Bisection on log ratio between ``TRANSFORM_RATIO_RANGE``: the cosine falls as the ratio
+    grows (fewer bits everywhere), so the last ratio that met the target is kept."""
+    import math
+
+    from fibquant_cli.ops.sweep import transform_specs
+
+    choice = TargetChoice(target, None, None)
+    lo, hi = (math.log2(r) for r in TRANSFORM_RATIO_RANGE)
+    best = None
+    progress.start(TRANSFORM_SEARCH_STEPS + 1, f"searching for cosine >= {target}")
+    with tempfile.TemporaryDirectory(prefix="fibquant-target-") as tmp:
+        for step in range(TRANSFORM_SEARCH_STEPS + 1):
+            ratio = 2 ** (lo if step == 0 else (lo + hi) / 2)
+            spec = transform_specs(basis, (round(ratio, 3),))[0]
+            try:
+                point, _ = run_fibquant(dump, spec, Path(tmp), max_queries)
+                ok = point.cosine_mean >= target
+                choice.tried.append({"label": spec.label(), "ratio": point.ratio,
+                                     "cosine_mean": point.cosine_mean})
+            except UsageError:  # the ratio is below the file's fixed cost
+                ok = False
+            progress.advance(spec.label())
+            if step == 0 and not ok:
+                break  # even the lowest ratio misses
+            if ok:
+                best = (spec, point.cosine_mean)
+                lo = math.log2(ratio) if step else lo
+            else:
+                hi = math.log2(ratio)
+    if best is None:
+        top = max(choice.tried, key=lambda t: t["cosine_mean"], default=None)
+        detail = f"; {top['label']} reaches {top['cosine_mean']:.4f}" if top else ""
+        raise UsageError(f"no transform ratio of at least {TRANSFORM_RATIO_RANGE[0]:g}x reaches "
+                         f"attention cosine {target}{detail}", path=str(dump.path))
+    choice.chosen, choice.measured_cosine = best[0].to_json(), best[1]
+    return best[0], choice

@@ -257,3 +257,18 @@ def test_sweep_adds_the_transform_ladder(world):
     cosines = [p.cosine_mean for p in sorted(points, key=lambda p: p.ratio)]
     assert cosines[0] > cosines[-1]
     assert all("bytes" in reason for reason in rep.skipped.values())  # too small a file
+
+
+def test_target_cosine_picks_the_highest_ratio_that_meets_it(cli, world):
+    d, evald, _, basis = world
+    out = d / "target.fq.safetensors"
+    res = json.loads(ok(cli("compress", evald, "--basis", basis, "--target-cosine", "0.99",
+                            "-o", out, "--force", "--json", "--max-queries", "4096")).stdout)
+    chosen = res["target"]["chosen"]["ratio"]
+    tried = {float(t["label"].split()[1].rstrip("x")): t["cosine_mean"]
+             for t in res["target"]["tried"]}
+    assert res["target"]["measured_cosine"] >= 0.99 and tried[chosen] >= 0.99
+    # every ratio tried above the chosen one missed the target, every one below met it
+    assert all(cos < 0.99 for r, cos in tried.items() if r > chosen)
+    assert all(cos >= 0.99 for r, cos in tried.items() if r < chosen)
+    assert len(tried) >= 6 and res["total"]["ratio"] >= chosen * (1 - 1e-9)
