@@ -272,3 +272,72 @@ def test_target_cosine_picks_the_highest_ratio_that_meets_it(cli, world):
     assert all(cos < 0.99 for r, cos in tried.items() if r > chosen)
     assert all(cos >= 0.99 for r, cos in tried.items() if r < chosen)
     assert len(tried) >= 6 and res["total"]["ratio"] >= chosen * (1 - 1e-9)
+
+
+def _bits_lsb_first(data: bytes, count: int, width: int) -> list[int]:
+    """``count`` indices of ``width`` bits, LSB-first (docs/container.md), read by hand."""
+    value = int.from_bytes(data, "little")
+    return [(value >> (i * width)) & ((1 << width) - 1) for i in range(count)]
+
+
+def test_a_layer_decodes_by_hand_from_the_documented_bytes(cli, world, tmp_path):
+    """docs/container.md, "Format 4", followed by hand: widths and exceptions from the
+    document, indices from the bit streams, codewords from the stored tables, the embedded
+    basis, then RoPE; the result equals what decompress restores."""
+    from safetensors import safe_open
+
+    d, evald, tensors, _ = world
+    out, _ = compress(cli, world, "hand.fq.safetensors", "--bits", "12", "--embed-basis",
+                      "--no-attention")
+    restored_path = tmp_path / "hand.safetensors"
+    ok(cli("decompress", out, "-o", restored_path))
+    restored = load(restored_path)
+    with safe_open(str(out), "np") as f:
+        doc = json.loads(f.metadata()["fibquant"])
+        arrays = {name: f.get_tensor(name) for name in f.keys()}
+    assert doc["format_version"] == 4 and doc["transform"]["embedded"]
+    used = {w for e in doc["entries"] for runs in e["widths"] for w, _ in runs}
+    assert max(used) > 10 and used & set(range(1, 11))  # both scalar and 2-D codebook pairs
+    assert sum(e["exceptions"][1] for e in doc["entries"]) > 0
+    tokens, dim = 400, HEADS * D
+    for i, role in enumerate(("key", "value")):
+        entry = doc["entries"][i]
+        assert entry["codec"] == "transform"
+        layer = 1
+        widths = [w for w, n in entry["widths"][layer] for _ in range(n)]
+        rows = tokens - entry["keep_first"]
+        codes = arrays[f"fq/e{i}/l{layer}/codes"].tobytes()
+        c = np.zeros((rows, dim))
+        offset = 0
+        for width in sorted(set(widths) - {0}):
+            pairs = [p for p, w in enumerate(widths) if w == width]
+            n_bytes = (rows * len(pairs) * width + 7) // 8
+            idx = _bits_lsb_first(codes[offset:offset + n_bytes], rows * len(pairs), width)
+            offset += n_bytes
+            for k, code in enumerate(idx):
+                r, p = divmod(k, len(pairs))
+                if width <= 10:
+                    c[r, 2 * pairs[p]:2 * pairs[p] + 2] = arrays[f"fq/t/vq{width}"][code]
+                else:
+                    levels = arrays[f"fq/t/scalar{width // 2}"]
+                    c[r, 2 * pairs[p]] = levels[code >> (width // 2)]
+                    c[r, 2 * pairs[p] + 1] = levels[code & ((1 << (width // 2)) - 1)]
+        assert offset == len(codes)
+        exc = arrays[f"fq/e{i}/l{layer}/except"].tobytes()
+        n = entry["exceptions"][layer]
+        for k in range(n):
+            pos = int.from_bytes(exc[4 * k:4 * k + 4], "little")
+            c[pos // dim, pos % dim] = float(np.frombuffer(exc[4 * n + 2 * k:4 * n + 2 * k + 2],
+                                                           "<f2")[0])
+        mean, scale = arrays[f"fq/e{i}/l{layer}/stats"].astype(np.float64)
+        u = arrays[f"fq/b/l{layer}/{role}"].astype(np.float64)
+        x = (c * scale) @ u.T + mean  # rows: tokens 1.. of the (only) batch row
+        x = x.reshape(rows, HEADS, D).transpose(1, 0, 2)[None]
+        if role == "key":
+            x = R.rotate(x, np.arange(1, tokens), ROPE["theta"], ROPE["style"])
+        got = restored[f"layer.{layer}.{role}"][:, :, 1:].astype(np.float64)
+        # float64 here, float32 in the codec: equal to fp16's rounding of either
+        spacing = np.abs(np.spacing(got.astype(np.float16))).astype(np.float64)
+        assert np.all(np.abs(got - x) <= spacing + 1e-4), role
+        assert bits_equal(restored[f"layer.{layer}.{role}"][:, :, :1],
+                          tensors[f"layer.{layer}.{role}"][:, :, :1])
