@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from fibquant_cli.errors import InvalidInputError, UsageError
-from fibquant_cli.formats import stfile
 from fibquant_cli.hf.capture import build_cache, run_prefix
 from fibquant_cli.hf.kvfile import NUMPY_DTYPES, as_dtype, read_kv, write_dump
-from fibquant_cli.hf.model import LoadedModel, load_model
+from fibquant_cli.hf.model import LoadedModel, load_model, read_token_ids
 from fibquant_cli.hf.scoring import compare, continuation_logp, full_logp
 from fibquant_cli.ops.compress import compress
 from fibquant_cli.ops.decompress import decompress
@@ -74,40 +73,6 @@ class ModelEvalReport:
     @property
     def checks_passed(self) -> bool:
         return all(c["passed"] for c in self.checks)
-
-
-def read_token_ids(lm: LoadedModel, *, text: Path | None, ids_from: Path | None,
-                   needed: int) -> np.ndarray:
-    """``(1, needed) int64`` token ids from a text file (the model's tokenizer, no special
-    tokens added) or from a dump's ``input_ids``; InvalidInputError when there are fewer."""
-    if (text is None) == (ids_from is None):
-        raise UsageError("give exactly one of --text FILE and --ids DUMP")
-    if text is not None:
-        if lm.tokenizer is None:
-            raise UsageError("this model has no tokenizer: give token ids with --ids DUMP",
-                             path=str(lm.path))
-        try:
-            content = Path(text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise InvalidInputError(f"cannot read text ({err})", path=str(text)) from None
-        ids = np.asarray(lm.tokenizer(content, add_special_tokens=False)["input_ids"],
-                         dtype=np.int64)[None, :]
-        where = str(text)
-    else:
-        header = stfile.read_header(ids_from)
-        if "input_ids" not in header.tensors:
-            raise InvalidInputError("no 'input_ids' tensor", path=str(ids_from))
-        ids = np.asarray(stfile.read_tensor(header, "input_ids"), dtype=np.int64)
-        ids = ids.reshape(1, -1) if ids.ndim == 1 else ids[:1]
-        where = str(ids_from)
-    if ids.shape[1] < needed:
-        raise InvalidInputError(f"text too short: {ids.shape[1]} tokens, needs {needed} "
-                                "(prefix + continuation + 1)", path=where)
-    vocab = lm.model.config.vocab_size
-    if ids.min() < 0 or ids.max() >= vocab:
-        raise InvalidInputError(f"token id {int(ids.max())} outside the model's vocabulary "
-                                f"of {vocab}", path=where)
-    return ids[:, :needed]
 
 
 class Session:

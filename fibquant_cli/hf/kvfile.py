@@ -106,8 +106,7 @@ def dump_model(model, *, out, text=None, ids_from=None, tokens: int = 1024, dtyp
     Returns a summary: the outputs, the geometry, the RoPE and the key-recompute error.
     """
     from fibquant_cli.hf.capture import run_prefix
-    from fibquant_cli.hf.evaluate import read_token_ids
-    from fibquant_cli.hf.model import load_model
+    from fibquant_cli.hf.model import load_model, read_token_ids
 
     out = Path(out)
     if out.suffix != ".safetensors":
