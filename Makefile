@@ -13,11 +13,12 @@ install: $(STAMP)
 TORCH  ?= torch==2.13.0
 
 # Re-installs only when pyproject.toml changes, so a second `make install` is instant.
-# The hf extra (torch, transformers) is for the --model commands and their tests.
+# The hf extra (torch, transformers) is for the --model commands and their tests; batch
+# (dask distributed, fsspec) for `fibquant batch` and its tests.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check '$(TORCH)'
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,hf]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,hf,batch]'
 	touch $(STAMP)
 
 test: install

@@ -76,7 +76,7 @@ AUTO_JOBS_MIN_BYTES = 16 * 2**20
 def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = None,
              compare: bool = False, force: bool = False, attention: bool = True,
              max_queries: int | None = None, jobs: int = 0,
-             progress: Progress | None = None) -> CompressReport:
+             progress: Progress | None = None, encoder=None) -> CompressReport:
     """Compress a KV dump into one self-contained ``.fq.safetensors`` file.
 
     ``source`` is a dump's path, or a ``Dump`` already open (``kvdump.dump_of_arrays``: arrays
@@ -85,6 +85,10 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
     BLAS runs single-threaded: the encoder's matmuls are skinny ((m, k) x (k, N)), for which
     OpenBLAS threads cost more than they give (2.3x slower measured on 2 cores); the cores are
     used by the encoder threads instead.
+
+    ``encoder`` replaces ``encoded_layers`` (same arguments, same EncodedLayers in plan order):
+    ``ops.batch`` hands the layer ranges of a large dump to other workers with it. Whoever
+    encodes, the file is written here, so its bytes are the same.
     """
     start = time.perf_counter()
     progress = progress or Progress()
@@ -114,7 +118,7 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
             basis = load_basis(spec.basis)
             rep = _write_transform(dump, tmp, out, spec, basis, progress, jobs)
         else:
-            rep = _write(dump, tmp, out, spec, compare, jobs, progress)
+            rep = _write(dump, tmp, out, spec, compare, jobs, progress, encoder or encoded_layers)
         rep.spec, rep.jobs = spec.to_json(), jobs
         if attention:
             from fibquant_cli.ops.fidelity import DEFAULT_LAYER_SAMPLE, DEFAULT_QUERY_SAMPLE, measure
@@ -136,7 +140,7 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
 
 
 def _write(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, compare: bool, jobs: int,
-           progress: Progress) -> CompressReport:
+           progress: Progress, encoder) -> CompressReport:
     """Encode ``dump`` into the file ``tmp``; the report (sizes and errors)."""
     profiles = entry_profiles(dump, spec)
     quantizers = make_quantizers(profiles, progress)
@@ -156,7 +160,7 @@ def _write(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, compare: bool, 
                 w.write(name, arr)
                 digests[name] = _array_digest(arr)
         progress.start(len(plans), f"compressing ({jobs} job{'s' if jobs > 1 else ''})")
-        for result in encoded_layers(dump, quantizers, profiles, plans, compare, jobs):
+        for result in encoder(dump, quantizers, profiles, plans, compare, jobs):
             plan = result.plan
             for part, arr in result.parts.items():
                 name = part_name(plan.entry, plan.layer, part)
