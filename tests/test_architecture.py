@@ -35,7 +35,7 @@ THIRD_PARTY = {
     "codecs": {"numpy"},
     "formats": {"numpy", "blake3", "ml_dtypes", "gguf"},
     "storage": {"numpy"},
-    "ops": {"numpy", "threadpoolctl"},
+    "ops": {"numpy", "threadpoolctl", "distributed", "fsspec"},  # the last two: ops/batch only
     "api": {"numpy", "ml_dtypes", "threadpoolctl"},  # torch tensors are converted, never imported
     "hf": {"numpy", "ml_dtypes", "safetensors", "torch", "transformers", "tokenizers"},
     "cli": {"typer", "rich", "matplotlib"},
@@ -86,10 +86,12 @@ def _loaded_by(code: str) -> set[str]:
 def test_importing_the_cli_loads_no_numerics():
     """``fibquant --help`` must start fast: no numpy, ml_dtypes, blake3, rich or numeric core."""
     loaded = _loaded_by("import fibquant_cli.cli")
-    heavy = {"numpy", "ml_dtypes", "blake3", "rich", "safetensors", "threadpoolctl", "scipy"}
+    heavy = {"numpy", "ml_dtypes", "blake3", "rich", "safetensors", "threadpoolctl", "scipy",
+             "dask", "distributed", "fsspec"}
     assert not heavy & loaded, sorted(heavy & loaded)
     project = {m for m in loaded if m.startswith("fibquant_cli.")}
     assert project <= {"fibquant_cli.cli", "fibquant_cli.cli.app", "fibquant_cli.cli.console",
+                       "fibquant_cli.cli.batch",
                        "fibquant_cli.cli.progress", "fibquant_cli.cli.errors",
                        "fibquant_cli.cli.options", "fibquant_cli.errors", "fibquant_cli.ops",
                        "fibquant_cli.ops.progress"}, sorted(project)

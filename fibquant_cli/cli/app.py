@@ -11,16 +11,23 @@ from typing import Annotated
 import typer
 
 from fibquant_cli.cli import console
+from fibquant_cli.cli.batch import batch_app
 from fibquant_cli.cli.errors import OneLineErrors, handle_errors, state
 from fibquant_cli.cli.options import (
     AttentionOpt,
     BasisOpt,
     BitsOpt,
+    CenterKeysOpt,
     ContinuationOpt,
     DtypeOpt,
     ForceOpt,
     IdsOpt,
     JsonOpt,
+    KeepFirstOpt,
+    KeepLastOpt,
+    KeyBitsOpt,
+    KeyKOpt,
+    KeyNOpt,
     KOpt,
     ManifestOpt,
     ModelOpt,
@@ -32,6 +39,9 @@ from fibquant_cli.cli.options import (
     ScoringQueriesOpt,
     SeedOpt,
     TextOpt,
+    ValueBitsOpt,
+    ValueKOpt,
+    ValueNOpt,
 )
 from fibquant_cli.cli.progress import RichProgress
 from fibquant_cli.errors import UsageError
@@ -129,20 +139,15 @@ def compress(
     bits: BitsOpt = None,
     block_dim: KOpt = None,
     size: NOpt = None,
-    key_bits: Annotated[float | None, typer.Option(help="Preset for keys only.")] = None,
-    value_bits: Annotated[float | None, typer.Option(help="Preset for values only.")] = None,
-    key_block_dim: Annotated[int | None, typer.Option(help="k for keys only.")] = None,
-    key_size: Annotated[int | None, typer.Option(help="N for keys only.")] = None,
-    value_block_dim: Annotated[int | None, typer.Option(help="k for values only.")] = None,
-    value_size: Annotated[int | None, typer.Option(help="N for values only.")] = None,
-    keep_first: Annotated[int, typer.Option(
-        help="Store the first T tokens of every layer uncompressed (the attention sink; "
-        "0 compresses it too).")] = 1,  # ops.spec.DEFAULT_KEEP_FIRST (not imported at start-up)
-    keep_last: Annotated[int, typer.Option(
-        help="Store the last T tokens of every layer uncompressed.")] = 0,
-    center_keys: Annotated[bool, typer.Option(
-        "--center-keys/--no-center-keys",
-        help="Subtract each head's mean key before encoding (stored; exact for attention).")] = True,
+    key_bits: KeyBitsOpt = None,
+    value_bits: ValueBitsOpt = None,
+    key_block_dim: KeyKOpt = None,
+    key_size: KeyNOpt = None,
+    value_block_dim: ValueKOpt = None,
+    value_size: ValueNOpt = None,
+    keep_first: KeepFirstOpt = 1,  # ops.spec.DEFAULT_KEEP_FIRST (not imported at start-up)
+    keep_last: KeepLastOpt = 0,
+    center_keys: CenterKeysOpt = True,
     seed: SeedOpt = 0,
     compare: Annotated[bool, typer.Option(
         "--compare", help="Also measure the scalar baseline at the same rate.")] = False,
@@ -494,6 +499,10 @@ def sweep(
         console.stdout().print(tables.sweep_table(rep))
         if plot is not None:
             console.stdout().print(f"frontier plot: {plot}")
+
+
+# `fibquant batch compress|decompress|validate` (cli/batch; dask is imported only when it runs).
+app.add_typer(batch_app, name="batch")
 
 
 def main() -> None:

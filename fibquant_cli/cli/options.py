@@ -44,3 +44,19 @@ BasisOpt = Annotated[str | None, typer.Option(
     "checked; not needed when the file embeds it).")]
 RatioOpt = Annotated[float | None, typer.Option(
     "--ratio", help="With --basis: the compression ratio to reach, all inclusive.")]
+
+# compress's rate and token options (compress and batch compress).
+KeyBitsOpt = Annotated[float | None, typer.Option(help="Preset for keys only.")]
+ValueBitsOpt = Annotated[float | None, typer.Option(help="Preset for values only.")]
+KeyKOpt = Annotated[int | None, typer.Option(help="k for keys only.")]
+KeyNOpt = Annotated[int | None, typer.Option(help="N for keys only.")]
+ValueKOpt = Annotated[int | None, typer.Option(help="k for values only.")]
+ValueNOpt = Annotated[int | None, typer.Option(help="N for values only.")]
+KeepFirstOpt = Annotated[int, typer.Option(
+    help="Store the first T tokens of every layer uncompressed (the attention sink; "
+    "0 compresses it too).")]  # default ops.spec.DEFAULT_KEEP_FIRST (not imported at start-up)
+KeepLastOpt = Annotated[int, typer.Option(
+    help="Store the last T tokens of every layer uncompressed.")]
+CenterKeysOpt = Annotated[bool, typer.Option(
+    "--center-keys/--no-center-keys",
+    help="Subtract each head's mean key before encoding (stored; exact for attention).")]
