@@ -253,3 +253,31 @@ def roundtrip(cli, dump, tmp_path, *extra: str) -> tuple[dict, dict, dict]:
     report = json.loads(res.stdout)
     ok(cli("decompress", comp, "-o", restored))
     return report, load(restored), st_dtype_of(comp)
+
+
+@pytest.fixture(scope="session")
+def crash_dir(tmp_path_factory) -> Path:
+    """The folder of ``ops.batch``'s crash-once triggers, seen by the cluster's workers."""
+    return tmp_path_factory.mktemp("crash-once")
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(crash_dir):
+    """One real local Dask cluster for the session: 2 worker processes, 1 thread each.
+
+    Made on first use only (a few seconds); workers inherit this environment (the private
+    codebook cache) plus the crash-once folder.
+    """
+    distributed = pytest.importorskip("distributed")
+    import logging
+    import warnings
+
+    from fibquant_cli.ops.batch import CRASH_ONCE_ENV
+
+    with warnings.catch_warnings():  # port 8787 taken: its HTTP server takes another
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=logging.ERROR,
+                                           env={CRASH_ONCE_ENV: str(crash_dir)})
+    with cluster, distributed.Client(cluster, set_as_default=False) as client:
+        yield client

@@ -44,8 +44,10 @@ COMPRESSED_SUFFIX = ".fq.safetensors"
 # Names compress-all and decompress write beside dumps: never inputs of batch compress.
 NOT_DUMPS = (COMPRESSED_SUFFIX, ".restored.safetensors")
 DEFAULT_SPLIT_BYTES = 256 << 20
-# Test hook: with this set to a folder, a task whose input is NAME exits its worker process
-# (as a kill would) once, when NAME.crash-once exists there (the file is removed first).
+SCHEDULER_TIMEOUT = "10s"  # to connect to --scheduler
+# Test hook: with this set to a folder, a compress task whose input is NAME exits its worker
+# process (as a kill would) once, after writing a layer, when NAME.crash-once exists there (the
+# file is removed first).
 CRASH_ONCE_ENV = "FIBQUANT_BATCH_CRASH_ONCE"
 
 
@@ -187,7 +189,6 @@ def run_task(task: Task) -> TaskResult:
     """Do one task on this worker; every error becomes a "failed" result naming file and reason."""
     start = time.perf_counter()
     try:
-        _crash_once(task)
         stamp = up_to_date(task, hash_on_doubt=False)
         if stamp is None:
             stamp = up_to_date(task, hash_on_doubt=True)
@@ -346,6 +347,12 @@ class RangeEncoder:
         self.task, self.source, self.ranges = task, source, 1
 
     def __call__(self, dump, quantizers, profiles, plans, compare, jobs):
+        for i, layer in enumerate(self._layers(dump, quantizers, profiles, plans, compare, jobs)):
+            if i == 1:
+                _crash_once(self.task)  # test hook: die with a partial output written
+            yield layer
+
+    def _layers(self, dump, quantizers, profiles, plans, compare, jobs):
         from fibquant_cli.ops.compress import encoded_layers
 
         ranges = layer_ranges(dump, plans, self.task.split_bytes)
@@ -459,7 +466,7 @@ def _run_all(client, tasks):
 
     futures = {client.submit(run_task, task, pure=False, key=f"fibquant-{task.kind}-{i}-"
                              f"{os.urandom(4).hex()}"): task for i, task in enumerate(tasks)}
-    for future in as_completed(futures):
+    for future in as_completed(futures, loop=client.loop):
         task = futures[future]
         try:
             result = future.result()
@@ -483,7 +490,8 @@ def _cluster(client, scheduler: str | None, workers: int):
             from None
     if scheduler is not None:
         try:
-            made = distributed.Client(scheduler, timeout="10s")
+            made = distributed.Client(scheduler, timeout=SCHEDULER_TIMEOUT,
+                                      set_as_default=False)
         except (OSError, TimeoutError) as err:
             raise UsageError(f"cannot reach the scheduler at {scheduler}: {err}",
                              options=("scheduler",)) from None
@@ -491,9 +499,12 @@ def _cluster(client, scheduler: str | None, workers: int):
             yield made, len(made.nthreads())
         return
     import logging
+    import warnings
 
     n = workers or os.cpu_count() or 1
-    with distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
-            distributed.Client(cluster) as made:
+    with warnings.catch_warnings():  # "port 8787 in use": its HTTP server then takes another
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
+        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=logging.ERROR)
+    with cluster, distributed.Client(cluster, set_as_default=False) as made:
         yield made, n
