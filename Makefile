@@ -40,13 +40,16 @@ $(VENV)/.bench-installed: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,peers,plot]'
 	touch $@
 
-# Runs scripts/bench.py and scripts/bench_pipeline.py and writes their tables to docs/benchmarks.md.
+# Runs scripts/bench.py, bench_pipeline.py and bench_batch.py (batch throughput with 1 and 2
+# workers next to compress-all) and writes their tables to docs/benchmarks.md.
 bench: $(VENV)/.bench-installed
 	$(BIN)/python scripts/bench_report.py
 
 # Batch: compress every dump X.safetensors (with X.manifest.json) of DIR into OUT, in parallel
 # with make's -j, skipping outputs newer than their dump and manifest:
 #   make -j2 compress-all DIR=dumps BITS=2
+# `fibquant batch compress DIR OUT --bits 2` does the same on a Dask cluster (one machine or
+# many; docs/batch.md), skipping by content digests and options rather than times.
 DIR   ?= sample_data
 BITS  ?= 3
 OUT   ?= $(DIR)/fq-bits$(BITS)

