@@ -1,6 +1,6 @@
 """Batch throughput: `fibquant batch compress` with 1 and 2 workers next to `make compress-all`.
 
-    .venv/bin/python scripts/bench_batch.py [--dumps 8] [--times 32] [--rounds 2]
+    .venv/bin/python scripts/bench_batch.py [--dumps 8] [--times 32] [--rounds 3]
 
 Makes a folder of ``--dumps`` dumps (the sample grown ``--times`` by layers,
 ``scripts/scale_dump.py``) in a temporary folder and times, in each round and in this order,
@@ -9,7 +9,9 @@ whole commands as a user runs them (cluster start-up and worker imports included
 ``make -j2 compress-all``, all ``--bits 3 --no-attention``. Reports the best round of each, the
 ratio 2 workers / 1 worker, whether every output is byte-identical across the four, a rerun (all
 skipped), a run with one corrupt dump added, and one large dump encoded whole or as layer ranges
-on 2 workers. Prints plain text; measures only (``bench_report.py`` writes the page).
+on 2 workers. Other jobs on the machine take cores from the 2-worker runs first, so it also
+measures how many cores were free (``free_cores``). Prints plain text; measures only
+(``bench_report.py`` writes the page).
 """
 
 from __future__ import annotations
@@ -38,6 +40,21 @@ def run(cmd: list[str], ok_codes=(0,)) -> tuple[float, subprocess.CompletedProce
         sys.stderr.write(res.stdout + res.stderr)
         raise SystemExit(f"bench_batch: {' '.join(cmd[:3])} ... exited {res.returncode}")
     return seconds, res
+
+
+SPIN = "x = 0\nfor i in range(15_000_000):\n    x += i\n"
+
+
+def free_cores() -> float:
+    """Cores this run really had: 2 x (time of one CPU-bound process / time of two at once).
+    2.0 on an idle 2-core machine; about 1 when other jobs hold a core (then no parallel
+    speed-up can show)."""
+    one, _ = run([sys.executable, "-c", SPIN])
+    start = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(2)]
+    for p in procs:
+        p.wait()
+    return 2 * one / (time.perf_counter() - start)
 
 
 def make_dump(out: Path, times: int) -> None:
@@ -70,7 +87,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dumps", type=int, default=8)
     ap.add_argument("--times", type=int, default=32, help="grow the sample's layers this much")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fibquant-bench-batch-"))
     try:
@@ -92,6 +109,7 @@ def _bench(tmp: Path, args) -> int:
         "make -j2 compress-all": lambda out: make_cmd(source, out, 2),
     }
     best = {name: float("inf") for name in runs}
+    cores_before = free_cores()
     for r in range(args.rounds):
         for i, (name, cmd) in enumerate(runs.items()):
             out = tmp / f"out{i}"
@@ -99,6 +117,7 @@ def _bench(tmp: Path, args) -> int:
             seconds, _ = run(cmd(out))
             best[name] = min(best[name], seconds)
             print(f"bench_batch: round {r + 1}: {name}: {seconds:.2f} s", file=sys.stderr)
+    cores_after = free_cores()
     files = [outputs(tmp / f"out{i}") for i in range(len(runs))]
     identical = len(files[0]) == args.dumps and all(f == files[0] for f in files[1:])
 
@@ -127,6 +146,8 @@ def _bench(tmp: Path, args) -> int:
     print(f"Batch throughput: {args.dumps} dumps of {base.stat().st_size / 1e6:.1f} MB "
           f"({total_mb:.0f} MB in all), {' '.join(FLAGS)}, best of {args.rounds} rounds; "
           "wall time of the whole command (cluster start-up included)")
+    print(f"cores free for this run (2 CPU-bound processes vs 1; 2.00 = both): "
+          f"{cores_before:.2f} before, {cores_after:.2f} after")
     print()
     print(f"| {'run':<37} | {'wall s':>7} | {'MB/s':>6} | {'/ batch 1 worker':>16} |")
     print(f"|{'-' * 39}|{'-' * 9}|{'-' * 8}|{'-' * 18}|")
