@@ -35,7 +35,7 @@ THIRD_PARTY = {
     "codecs": {"numpy"},
     "formats": {"numpy", "blake3", "ml_dtypes", "gguf"},
     "storage": {"numpy"},
-    "ops": {"numpy", "threadpoolctl", "distributed", "fsspec"},  # the last two: ops/batch only
+    "ops": {"numpy", "threadpoolctl", "dask", "distributed", "fsspec"},  # the last 3: ops/batch
     "api": {"numpy", "ml_dtypes", "threadpoolctl"},  # torch tensors are converted, never imported
     "hf": {"numpy", "ml_dtypes", "safetensors", "torch", "transformers", "tokenizers"},
     "cli": {"typer", "rich", "matplotlib"},
