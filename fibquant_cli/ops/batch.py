@@ -9,7 +9,7 @@ Glossary:
   (each task already uses a core), or an existing scheduler at ``scheduler``'s address.
 * **layer range** -- a run of consecutive layers of one dump. A compress task whose dump holds
   more than ``split_bytes`` of KV data encodes its layer ranges as further tasks on any worker
-  (``encode_range``) and writes their results in order into the one output itself, through the
+  (``ops.batch_ranges``) and writes their results in order into the one output itself, through the
   same ``ops.compress`` code as a single ``fibquant compress`` (the ``encoder`` hook), so the
   file is byte-identical. Ranges of remote (non-local) inputs are not split: a range task would
   have to download the whole dump again.
@@ -33,6 +33,7 @@ from pathlib import Path
 from fibquant_cli import __version__
 from fibquant_cli.errors import FibQuantError, InvalidInputError, UsageError
 from fibquant_cli.ops import batch_files as files
+from fibquant_cli.ops.batch_ranges import RangeEncoder
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.spec import CompressSpec
 
@@ -218,7 +219,10 @@ def _compress(task: Task, source: Path, outputs: list[Path]) -> TaskResult:
     from fibquant_cli.ops.compress import compress
 
     force = task.force or files.read_stamp(task.stamp) is not None  # our own stale output
-    encoder = None if files.is_remote(task.source) else RangeEncoder(task, source)
+    encoder = None
+    if not files.is_remote(task.source):  # remote dumps are not split (a range would download all)
+        encoder = RangeEncoder(source, task.split_bytes, in_worker=_worker_name() is not None,
+                               on_layer=lambda i: i == 1 and _crash_once(task))
     rep = compress(source, output=outputs[0], spec=task.spec, attention=task.attention,
                    force=force, jobs=1, encoder=encoder)
     return TaskResult(task.name, "done", task.outputs[0], ratio=rep.total.ratio,
@@ -322,7 +326,7 @@ def _worker_name() -> str | None:
         return None
 
 
-def _crash_once(task: Task) -> None:
+def _crash_once(task: Task) -> None:  # called after the first layer is written
     folder = os.environ.get(CRASH_ONCE_ENV)
     if not folder:
         return
@@ -332,81 +336,6 @@ def _crash_once(task: Task) -> None:
     except FileNotFoundError:
         return
     os._exit(70)  # as a kill would: no cleanup, no result
-
-
-# --------------------------------------------------------------------------- layer ranges
-
-
-class RangeEncoder:
-    """``ops.compress``'s encoder for a dump above ``split_bytes``: its layer ranges are
-    encoded by other tasks (``encode_range``), at most ``2 x workers`` ranges ahead of the
-    writer, and handed back in plan order. Outside a worker, or for a small dump, it is
-    ``encoded_layers`` itself."""
-
-    def __init__(self, task: Task, source: Path):
-        self.task, self.source, self.ranges = task, source, 1
-
-    def __call__(self, dump, quantizers, profiles, plans, compare, jobs):
-        for i, layer in enumerate(self._layers(dump, quantizers, profiles, plans, compare, jobs)):
-            if i == 1:
-                _crash_once(self.task)  # test hook: die with a partial output written
-            yield layer
-
-    def _layers(self, dump, quantizers, profiles, plans, compare, jobs):
-        from fibquant_cli.ops.compress import encoded_layers
-
-        ranges = layer_ranges(dump, plans, self.task.split_bytes)
-        if len(ranges) < 2 or _worker_name() is None:
-            yield from encoded_layers(dump, quantizers, profiles, plans, compare, jobs)
-            return
-        from distributed import worker_client
-
-        self.ranges = len(ranges)
-        with worker_client() as client:  # secedes: this thread waits without holding a slot
-            window = 2 * max(1, len(client.nthreads()))
-            pending = []
-            todo = iter(ranges)
-            for a, b in todo:
-                pending.append(client.submit(encode_range, str(self.source), profiles,
-                                             plans[a:b], compare, pure=False))
-                if len(pending) >= window:
-                    break
-            while pending:
-                future = pending.pop(0)
-                yield from future.result()
-                future.release()
-                for a, b in todo:
-                    pending.append(client.submit(encode_range, str(self.source), profiles,
-                                                 plans[a:b], compare, pure=False))
-                    break
-
-
-def layer_ranges(dump, plans, split_bytes: int) -> list[tuple[int, int]]:
-    """[start, stop) runs of ``plans`` holding about ``split_bytes`` of source KV data each."""
-    from fibquant_cli.core.layer import SOURCE_DTYPES
-    from fibquant_cli.formats import dtypes
-
-    ranges, start, size = [], 0, 0
-    for i, plan in enumerate(plans):
-        shape = dump.manifest.entries[plan.entry].shape
-        itemsize = dtypes.numpy_dtype_for(SOURCE_DTYPES[shape.dtype]).itemsize
-        size += shape.element_count // shape.layers * itemsize
-        if size >= split_bytes:
-            ranges.append((start, i + 1))
-            start, size = i + 1, 0
-    if start < len(plans):
-        ranges.append((start, len(plans)))
-    return ranges
-
-
-def encode_range(source: str, profiles, plans, compare: bool) -> list:
-    """The EncodedLayers of ``plans`` (one range of a dump), encoded here (a worker)."""
-    from fibquant_cli.formats.kvdump import open_dump
-    from fibquant_cli.ops.compress import encoded_layers, make_quantizers
-
-    dump = open_dump(source)
-    quantizers = make_quantizers(profiles, Progress())
-    return list(encoded_layers(dump, quantizers, profiles, plans, compare, 1))
 
 
 # --------------------------------------------------------------------------- the batch
