@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fibquant_cli import __version__
-from fibquant_cli.errors import FibQuantError, InvalidInputError, UsageError
+from fibquant_cli.errors import FibQuantError, InvalidInputError, OutputExistsError, UsageError
 from fibquant_cli.ops import batch_files as files
 from fibquant_cli.ops.batch_ranges import RangeEncoder
 from fibquant_cli.ops.progress import Progress
@@ -190,14 +190,18 @@ def run_task(task: Task) -> TaskResult:
     """Do one task on this worker; every error becomes a "failed" result naming file and reason."""
     start = time.perf_counter()
     try:
-        stamp = up_to_date(task, hash_on_doubt=False)
-        if stamp is None:
+        stamp = None if task.force else up_to_date(task, hash_on_doubt=False)
+        if stamp is None and not task.force:
             stamp = up_to_date(task, hash_on_doubt=True)
             if stamp is not None:  # touched, same bytes: record the new times
                 _write_stamp(task, stamp["result"])
         if stamp is not None:
             return replace(skipped(task, stamp), seconds=time.perf_counter() - start,
                            worker=_worker_name())
+        if not task.force and task.stamp is not None and files.read_stamp(task.stamp) is None:
+            for loc in task.outputs:  # not written by batch (no stamp): keep it
+                if files.file_info(loc) is not None:
+                    raise OutputExistsError(path=loc)
         with _staged(task) as (source, outputs, unstage):
             result = _RUNNERS[task.kind](task, source, outputs)
             unstage()
@@ -218,13 +222,12 @@ def run_task(task: Task) -> TaskResult:
 def _compress(task: Task, source: Path, outputs: list[Path]) -> TaskResult:
     from fibquant_cli.ops.compress import compress
 
-    force = task.force or files.read_stamp(task.stamp) is not None  # our own stale output
     encoder = None
     if not files.is_remote(task.source):  # remote dumps are not split (a range would download all)
         encoder = RangeEncoder(source, task.split_bytes, in_worker=_worker_name() is not None,
                                on_layer=lambda i: i == 1 and _crash_once(task))
     rep = compress(source, output=outputs[0], spec=task.spec, attention=task.attention,
-                   force=force, jobs=1, encoder=encoder)
+                   force=True, jobs=1, encoder=encoder)  # run_task kept foreign outputs
     return TaskResult(task.name, "done", task.outputs[0], ratio=rep.total.ratio,
                       rel_mse=rep.total.rel_mse, ranges=encoder.ranges if encoder else 1)
 
@@ -232,8 +235,7 @@ def _compress(task: Task, source: Path, outputs: list[Path]) -> TaskResult:
 def _decompress(task: Task, source: Path, outputs: list[Path]) -> TaskResult:
     from fibquant_cli.ops.decompress import decompress
 
-    force = task.force or files.read_stamp(task.stamp) is not None
-    decompress(source, output=outputs[0], force=force, jobs=1)
+    decompress(source, output=outputs[0], force=True, jobs=1)  # run_task kept foreign outputs
     ratio = outputs[0].stat().st_size / source.stat().st_size  # restored / compressed
     return TaskResult(task.name, "done", task.outputs[0], ratio=ratio)
 

@@ -210,7 +210,13 @@ def test_memory_urls_in_one_process(tmp_path):
             again = run_batch("compress", "memory://kv", "memory://out", spec=SPEC,
                               attention=False, client=client)
             assert [r.status for r in again.results] == ["skipped", "skipped"]
+            fs.pipe_file("/back/a.safetensors", b"foreign")  # not batch's: kept
             back = run_batch("decompress", "memory://out", "memory://back", client=client)
+            assert [r.status for r in back.results] == ["failed", "done"], back.to_json()
+            assert "memory://back/a.safetensors" in back.results[0].message()
+            assert fs.cat_file("/back/a.safetensors") == b"foreign"
+            back = run_batch("decompress", "memory://out", "memory://back", client=client,
+                             force=True)
             assert [r.status for r in back.results] == ["done", "done"], back.to_json()
         assert fs.cat_file("/out/sub/b.fq.safetensors") == \
             single(dumps["sub/b"], tmp_path / "single")
