@@ -1,6 +1,6 @@
 """Batch throughput: `fibquant batch compress` with 1 and 2 workers next to `make compress-all`.
 
-    .venv/bin/python scripts/bench_batch.py [--dumps 8] [--times 32] [--rounds 3]
+    .venv/bin/python scripts/bench_batch.py [--dumps 8] [--times 48] [--rounds 3]
 
 Makes a folder of ``--dumps`` dumps (the sample grown ``--times`` by layers,
 ``scripts/scale_dump.py``) in a temporary folder and times, in each round and in this order,
@@ -86,7 +86,9 @@ def outputs(folder: Path) -> dict[str, bytes]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dumps", type=int, default=8)
-    ap.add_argument("--times", type=int, default=32, help="grow the sample's layers this much")
+    ap.add_argument("--times", type=int, default=48, help="grow the sample's layers this much")
+    ap.add_argument("--large-times", type=int, default=128,
+                    help="the one large dump: the sample's layers grown this much")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fibquant-bench-batch-"))
@@ -135,7 +137,7 @@ def _bench(tmp: Path, args) -> int:
 
     one = tmp / "one"
     one.mkdir()
-    make_dump(one / "large.safetensors", args.times * 4)
+    make_dump(one / "large.safetensors", args.large_times)
     large_mb = (one / "large.safetensors").stat().st_size / 1e6
     whole_s, _ = run(batch_cmd(one, tmp / "whole", 2, "--split-mb", "100000"))
     split_s, res = run(batch_cmd(one, tmp / "split", 2, "--split-mb", "32", "--json"))
