@@ -16,7 +16,7 @@ from fibquant_cli.ops.compress import compress
 from fibquant_cli.ops.decompress import decompress
 from fibquant_cli.ops.spec import resolve_spec
 
-from conftest import make_dump
+from conftest import invoke, make_dump, ok
 
 pytest.importorskip("distributed")
 
@@ -57,6 +57,10 @@ def test_a_folder_compresses_to_the_bytes_of_single_runs_and_a_rerun_does_nothin
     for name, dump in dumps.items():
         got = out / (name + ".fq.safetensors")
         assert got.read_bytes() == single(dump, tmp_path / "single" / name), name
+    ok(invoke("compress", dumps["sub/d"], "--bits", "2", "--keep-last", "2", "--no-attention",
+              "-o", tmp_path / "cli.fq.safetensors"))  # the command itself, flags and all
+    assert (tmp_path / "cli.fq.safetensors").read_bytes() == \
+        (out / "sub" / "d.fq.safetensors").read_bytes()
     summary = json.loads((out / SUMMARY_NAME).read_text())
     assert summary["counts"] == {"done": 4, "ok": 0, "skipped": 0, "failed": 0}
     assert [t["name"] for t in summary["tasks"]] == [n + ".safetensors" for n in NAMES]
