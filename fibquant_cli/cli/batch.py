@@ -14,6 +14,7 @@ from fibquant_cli.cli import console
 from fibquant_cli.cli.errors import flag, handle_errors
 from fibquant_cli.cli.options import (
     AttentionOpt,
+    BasisOpt,
     BitsOpt,
     CenterKeysOpt,
     ForceOpt,
@@ -25,6 +26,7 @@ from fibquant_cli.cli.options import (
     KeyNOpt,
     KOpt,
     NOpt,
+    RatioOpt,
     SeedOpt,
     ValueBitsOpt,
     ValueKOpt,
@@ -98,6 +100,12 @@ def compress(
     center_keys: CenterKeysOpt = True,
     seed: SeedOpt = 0,
     attention: AttentionOpt = True,
+    basis: Annotated[str | None, typer.Option(
+        "--basis", help="Transform-code against this basis (as 'compress --basis'); every "
+        "worker must be able to read it.")] = None,
+    embed_basis: Annotated[bool, typer.Option(
+        "--embed-basis", help="With --basis: store the basis in each file.")] = False,
+    ratio: RatioOpt = None,
     workers: WorkersOpt = 0,
     scheduler: SchedulerOpt = None,
     split_mb: SplitOpt = 256.0,
@@ -112,7 +120,8 @@ def compress(
     spec = resolve_spec(bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
                         value_bits=value_bits, key_block_dim=key_block_dim, key_size=key_size,
                         value_block_dim=value_block_dim, value_size=value_size, seed=seed,
-                        keep_first=keep_first, keep_last=keep_last, center_keys=center_keys)
+                        keep_first=keep_first, keep_last=keep_last, center_keys=center_keys,
+                        basis=basis, embed_basis=embed_basis, ratio=ratio)
     _run("compress", source, out, as_json, spec=spec, attention=attention, force=force,
          workers=workers, scheduler=scheduler, split_bytes=_split_bytes(split_mb))
 
@@ -124,11 +133,13 @@ def decompress(
     out: OutArg,
     workers: WorkersOpt = 0,
     scheduler: SchedulerOpt = None,
+    basis: BasisOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore every X.fq.safetensors under IN as OUT/X.safetensors and OUT/X.manifest.json."""
-    _run("decompress", source, out, as_json, force=force, workers=workers, scheduler=scheduler)
+    _run("decompress", source, out, as_json, force=force, workers=workers, scheduler=scheduler,
+         basis=basis)
 
 
 @batch_app.command("validate", epilog=EXIT_NOTE)
@@ -140,11 +151,12 @@ def validate(
         show_default=False)] = None,
     workers: WorkersOpt = 0,
     scheduler: SchedulerOpt = None,
+    basis: BasisOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Validate every .safetensors file under IN: dumps against their manifests, compressed
     files completely."""
-    _run("validate", source, out, as_json, workers=workers, scheduler=scheduler)
+    _run("validate", source, out, as_json, workers=workers, scheduler=scheduler, basis=basis)
 
 
 def batch_table(rep):

@@ -63,6 +63,7 @@ class Task:
     attention: bool = True
     force: bool = False
     split_bytes: int = DEFAULT_SPLIT_BYTES
+    basis: str | None = None  # decompress, validate: the basis transform-coded files need
 
     @property
     def manifest(self) -> str | None:
@@ -78,7 +79,11 @@ class Task:
 
     @property
     def inputs(self) -> list[str]:
-        return [self.source] + ([self.manifest] if self.manifest else [])
+        """What decides the output besides the options: the dump, its manifest and, for the
+        transform codec, the basis file (a changed basis redoes the output)."""
+        basis = self.spec.basis if self.spec is not None else None
+        return ([self.source] + ([self.manifest] if self.manifest else [])
+                + ([basis] if basis else []))
 
 
 @dataclass
@@ -137,7 +142,7 @@ class BatchReport:
 
 def plan_tasks(kind: str, source: str, out: str | None, *, spec: CompressSpec | None = None,
                attention: bool = True, force: bool = False,
-               split_bytes: int = DEFAULT_SPLIT_BYTES) -> list[Task]:
+               split_bytes: int = DEFAULT_SPLIT_BYTES, basis: str | None = None) -> list[Task]:
     """One task per input file under ``source``, outputs at the same relative path in ``out``."""
     if kind not in KINDS:
         raise UsageError(f"unknown batch command {kind!r}; one of {', '.join(KINDS)}")
@@ -162,7 +167,7 @@ def plan_tasks(kind: str, source: str, out: str | None, *, spec: CompressSpec | 
             kind, name, files.join(source, name), tuple(files.join(out, o) for o in outputs),
             files.stamp_location(out, outputs[0]) if outputs else None,
             spec=spec if kind == "compress" else None, attention=attention, force=force,
-            split_bytes=split_bytes))
+            split_bytes=split_bytes, basis=basis if kind != "compress" else None))
     return tasks
 
 
@@ -235,7 +240,8 @@ def _compress(task: Task, source: Path, outputs: list[Path]) -> TaskResult:
 def _decompress(task: Task, source: Path, outputs: list[Path]) -> TaskResult:
     from fibquant_cli.ops.decompress import decompress
 
-    decompress(source, output=outputs[0], force=True, jobs=1)  # run_task kept foreign outputs
+    decompress(source, output=outputs[0], force=True, jobs=1,  # run_task kept foreign outputs
+               basis=task.basis)
     ratio = outputs[0].stat().st_size / source.stat().st_size  # restored / compressed
     return TaskResult(task.name, "done", task.outputs[0], ratio=ratio)
 
@@ -243,7 +249,7 @@ def _decompress(task: Task, source: Path, outputs: list[Path]) -> TaskResult:
 def _validate(task: Task, source: Path, outputs: list[Path]) -> TaskResult:
     from fibquant_cli.ops.inspect import validate
 
-    rep = validate(source)
+    rep = validate(source, basis=task.basis)
     if rep.error is not None:
         raise rep.error
     return TaskResult(task.name, "ok")
@@ -346,7 +352,7 @@ def _crash_once(task: Task) -> None:  # called after the first layer is written
 def run_batch(kind: str, source: str, out: str | None = None, *,
               spec: CompressSpec | None = None, attention: bool = True, force: bool = False,
               workers: int = 0, scheduler: str | None = None, client=None,
-              split_bytes: int = DEFAULT_SPLIT_BYTES,
+              split_bytes: int = DEFAULT_SPLIT_BYTES, basis: str | None = None,
               progress: Progress | None = None) -> BatchReport:
     """Run ``kind`` on every file under ``source`` on a Dask cluster; the summary is written to
     ``out``/fibquant-batch.json (when there is an ``out``).
@@ -354,6 +360,8 @@ def run_batch(kind: str, source: str, out: str | None = None, *,
     ``client`` (a ``distributed.Client``) is used as it is; else ``scheduler`` is the address of
     a running scheduler; else a local cluster of ``workers`` processes (0: one per core) is
     started and stopped here. Outputs already up to date are skipped before any cluster starts.
+    ``basis``: for decompress and validate, the basis file transform-coded files need (a
+    transform ``spec`` carries its own); it must be where every worker can read it.
     """
     start = time.perf_counter()
     progress = progress or Progress()
@@ -364,7 +372,7 @@ def run_batch(kind: str, source: str, out: str | None = None, *,
                          options=("split_bytes",))
     spec = spec or (CompressSpec() if kind == "compress" else None)
     tasks = plan_tasks(kind, source, out, spec=spec, attention=attention, force=force,
-                       split_bytes=split_bytes)
+                       split_bytes=split_bytes, basis=basis)
     results: dict[str, TaskResult] = {}
     todo = []
     for task in tasks:  # the cheap check (sizes, times): a rerun starts no cluster at all

@@ -231,3 +231,30 @@ def test_memory_urls_in_one_process(tmp_path):
         for folder in ("/kv", "/out", "/back"):
             if fs.exists(folder):
                 fs.rm(folder, recursive=True)
+
+
+def test_transform_coding_a_folder_against_a_basis(tmp_path, dask_cluster):
+    """--basis reaches the workers: the same bytes as a single run; decompress and validate
+    take the basis; a changed basis file redoes the outputs."""
+    dumps = make_folder(tmp_path / "in", names=("a", "b"), tokens=160, head_dim=16)
+    basis = tmp_path / "m.basis.safetensors"
+    ok(invoke("calibrate", dumps["a"], "-o", basis, "--no-rope-undo"))
+    spec = resolve_spec(basis=str(basis), ratio=4.0)
+    rep = run_batch("compress", str(tmp_path / "in"), str(tmp_path / "fq"), spec=spec,
+                    attention=False, client=dask_cluster)
+    assert [r.status for r in rep.results] == ["done", "done"], rep.to_json()
+    for name, dump in dumps.items():
+        assert (tmp_path / "fq" / f"{name}.fq.safetensors").read_bytes() == \
+            single(dump, tmp_path / "single", spec), name
+    back = run_batch("decompress", str(tmp_path / "fq"), str(tmp_path / "back"),
+                     basis=str(basis), client=dask_cluster)
+    assert [r.status for r in back.results] == ["done", "done"], back.to_json()
+    checked = run_batch("validate", str(tmp_path / "fq"), None, basis=str(basis),
+                        client=dask_cluster)
+    assert [r.status for r in checked.results] == ["ok", "ok"], checked.to_json()
+    missing = run_batch("validate", str(tmp_path / "fq"), None, client=dask_cluster)
+    assert all(r.status == "failed" and "basis" in r.error for r in missing.results)
+    ok(invoke("calibrate", dumps["b"], "-o", basis, "--force", "--no-rope-undo"))  # same path
+    again = run_batch("compress", str(tmp_path / "in"), str(tmp_path / "fq"), spec=spec,
+                      attention=False, client=dask_cluster)
+    assert [r.status for r in again.results] == ["done", "done"], again.to_json()
