@@ -106,6 +106,8 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
         dump = open_dump(source, manifest)
         out = out or default_compressed_path(source)
         inputs = {source: "input file", dump.manifest_path: "manifest file"}
+        if spec.basis is not None:
+            inputs[Path(spec.basis)] = "basis file"
     with publishing([out], force=force, inputs=inputs) as (tmp,), \
             threadpool_limits(1):
         jobs = jobs or auto_jobs(dump)

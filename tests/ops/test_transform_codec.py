@@ -341,3 +341,10 @@ def test_a_layer_decodes_by_hand_from_the_documented_bytes(cli, world, tmp_path)
         assert np.all(np.abs(got - x) <= spacing + 1e-4), role
         assert bits_equal(restored[f"layer.{layer}.{role}"][:, :, :1],
                           tensors[f"layer.{layer}.{role}"][:, :, :1])
+
+
+def test_the_basis_file_is_never_an_output(cli, world):
+    d, evald, _, basis = world
+    before = basis.read_bytes()
+    assert_error(cli("compress", evald, "--basis", basis, "-o", basis, "--force"), 2, "basis")
+    assert basis.read_bytes() == before
