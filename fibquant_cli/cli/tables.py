@@ -48,7 +48,12 @@ def validate_table(rep) -> Table:
     table.add_column("check")
     table.add_column("result")
     table.add_column("detail", overflow="fold")
+    options = getattr(rep.error, "options", ()) or ()
     for name, ok, detail in rep.checks:
+        if not ok and options:  # the failure's reason names options as flags, as errors do
+            from fibquant_cli.cli.errors import flag
+
+            detail = detail.format(**{o: flag(o) for o in options})
         table.add_row(name, _mark(ok), detail)
     return table
 

@@ -348,3 +348,11 @@ def test_the_basis_file_is_never_an_output(cli, world):
     before = basis.read_bytes()
     assert_error(cli("compress", evald, "--basis", basis, "-o", basis, "--force"), 2, "basis")
     assert basis.read_bytes() == before
+
+
+def test_validate_without_the_basis_names_the_flag_in_its_table_too(cli, world):
+    d, evald, _, basis = world
+    out, _ = compress(cli, world, "val.fq.safetensors", "--ratio", "5", "--no-attention")
+    res = cli("validate", out)
+    assert res.exit_code == 2
+    assert "--basis" in res.stdout and "{basis}" not in res.stdout + res.stderr
