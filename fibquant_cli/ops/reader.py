@@ -171,8 +171,12 @@ class TransformState:
 
 
 def _checked_read(comp: container.Container, name: str) -> np.ndarray:
+    """A shared transform array, checked against its digest and for finite values (a table
+    or basis with NaN would restore NaN everywhere it is used)."""
     arr = stfile.read_tensor(comp.header, name)
     container.check_array(comp, name, arr)
+    if not np.all(np.isfinite(arr)):
+        raise IntegrityError("holds non-finite values", path=str(comp.path), tensor=name)
     return arr
 
 

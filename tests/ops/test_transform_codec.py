@@ -356,3 +356,46 @@ def test_validate_without_the_basis_names_the_flag_in_its_table_too(cli, world):
     res = cli("validate", out)
     assert res.exit_code == 2
     assert "--basis" in res.stdout and "{basis}" not in res.stdout + res.stderr
+
+
+def _forged(src, dst, *, tensor_edit=None, doc_edit=None):
+    """A copy of a compressed file with an array and/or the document changed and every
+    digest recomputed: only the document's validation and the value checks can catch it."""
+    from fibquant_cli.formats import stfile
+    from fibquant_cli.formats.digest import CONTAINER_SCHEMA, bytes_digest, tensor_digest
+    from fibquant_cli.storage.stwriter import write_file
+
+    header = stfile.read_header(src)
+    raws = {n: stfile.read_raw(header, n) for n in header.tensors}
+    doc = json.loads(header.metadata["fibquant"])
+    if tensor_edit is not None:
+        name, fn = tensor_edit
+        info = header.tensors[name]
+        arr = fn(np.frombuffer(raws[name], dtype="<f4").copy())
+        raws[name] = arr.astype("<f4").tobytes()
+        doc["arrays"][name] = tensor_digest(info.dtype, info.shape, raws[name])
+    if doc_edit is not None:
+        doc_edit(doc)
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    meta = {"fibquant_format": str(doc["format_version"]), "fibquant": text,
+            "fibquant_digest": bytes_digest(CONTAINER_SCHEMA, text.encode())}
+    tensors = {n: stfile.RawTensor(i.dtype, i.shape, raws[n]) for n, i in header.tensors.items()}
+    write_file(dst, tensors, meta)
+    return dst
+
+
+def test_forged_tables_and_widths_are_refused(cli, world, tmp_path):
+    d, evald, _, basis = world
+    out, _ = compress(cli, world, "forge.fq.safetensors", "--bits", "6", "--embed-basis",
+                      "--no-attention")
+    nan_table = _forged(out, tmp_path / "nan.fq.safetensors",
+                        tensor_edit=("fq/t/vq2", lambda a: np.full_like(a, np.nan)))
+    assert_error(cli("decompress", nan_table, "-o", tmp_path / "a.safetensors"), 4,
+                 "fq/t/vq2", "non-finite")
+
+    def short_runs(doc):
+        doc["entries"][0]["widths"][0][-1][1] -= 1
+
+    runs = _forged(out, tmp_path / "runs.fq.safetensors", doc_edit=short_runs)
+    assert_error(cli("validate", runs), 4, "widths[0]", "pairs")
+    assert not (tmp_path / "a.safetensors").exists()
