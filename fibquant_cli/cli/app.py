@@ -18,8 +18,10 @@ from fibquant_cli.cli.options import (
     BasisOpt,
     BitsOpt,
     CenterKeysOpt,
+    CodeBasisOpt,
     ContinuationOpt,
     DtypeOpt,
+    EmbedBasisOpt,
     ForceOpt,
     IdsOpt,
     JsonOpt,
@@ -160,12 +162,8 @@ def compress(
     target_cosine: Annotated[float | None, typer.Option(
         "--target-cosine", help="Pick the cheapest operating point whose attention cosine "
         "(mean) on this dump meets C.")] = None,
-    basis: Annotated[str | None, typer.Option(
-        "--basis", help="Transform-code against this basis (from 'fibquant calibrate'); "
-        "--bits then means all-inclusive bits per value (default 2.5).")] = None,
-    embed_basis: Annotated[bool, typer.Option(
-        "--embed-basis", help="With --basis: store the basis in the file (self-contained, "
-        "larger).")] = False,
+    basis: CodeBasisOpt = None,
+    embed_basis: EmbedBasisOpt = False,
     ratio: RatioOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,

@@ -17,6 +17,8 @@ from fibquant_cli.cli.options import (
     BasisOpt,
     BitsOpt,
     CenterKeysOpt,
+    CodeBasisOpt,
+    EmbedBasisOpt,
     ForceOpt,
     JsonOpt,
     KeepFirstOpt,
@@ -100,11 +102,8 @@ def compress(
     center_keys: CenterKeysOpt = True,
     seed: SeedOpt = 0,
     attention: AttentionOpt = True,
-    basis: Annotated[str | None, typer.Option(
-        "--basis", help="Transform-code against this basis (as 'compress --basis'); every "
-        "worker must be able to read it.")] = None,
-    embed_basis: Annotated[bool, typer.Option(
-        "--embed-basis", help="With --basis: store the basis in each file.")] = False,
+    basis: CodeBasisOpt = None,  # every worker must be able to read it
+    embed_basis: EmbedBasisOpt = False,
     ratio: RatioOpt = None,
     workers: WorkersOpt = 0,
     scheduler: SchedulerOpt = None,

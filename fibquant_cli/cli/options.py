@@ -60,3 +60,9 @@ KeepLastOpt = Annotated[int, typer.Option(
 CenterKeysOpt = Annotated[bool, typer.Option(
     "--center-keys/--no-center-keys",
     help="Subtract each head's mean key before encoding (stored; exact for attention).")]
+CodeBasisOpt = Annotated[str | None, typer.Option(
+    "--basis", help="Transform-code against this basis (from 'fibquant calibrate'); --bits then "
+    "means all-inclusive bits per value (default 2.5).")]
+EmbedBasisOpt = Annotated[bool, typer.Option(
+    "--embed-basis", help="With --basis: store the basis in the file (self-contained, "
+    "larger).")]
