@@ -83,10 +83,7 @@ def codebook(
     profile = profile_from_options(head_dim, block_dim, size, seed)
     with RichProgress() as progress:
         rep = codebook_report(profile, eval_vectors, progress)
-    if as_json:
-        console.print_json(rep.to_json())
-    else:
-        console.stdout().print(tables.codebook_table(rep))
+    console.show(rep, as_json, tables.codebook_table)
 
 
 # Paths are taken as typed (str): ``Path`` would drop a trailing '/', and ``kv.safetensors/``
@@ -103,10 +100,7 @@ def validate(path: PathArg, manifest: ManifestOpt = None, basis: BasisOpt = None
     from fibquant_cli.ops.inspect import validate as run
 
     rep = run(path, manifest, basis)
-    if as_json:
-        console.print_json(rep.to_json())
-    else:
-        console.stdout().print(tables.validate_table(rep))
+    console.show(rep, as_json, tables.validate_table)
     if rep.error is not None:
         raise rep.error
 
@@ -252,10 +246,7 @@ def decompress(
     with RichProgress() as progress:
         rep = decompress_file(path, output, layers=layers, tokens=tokens, force=force,
                               jobs=jobs, basis=basis, progress=progress)
-    if as_json:
-        console.print_json(rep.to_json())
-    else:
-        console.stdout().print(tables.decompress_table(rep))
+    console.show(rep, as_json, tables.decompress_table)
 
 
 
@@ -285,12 +276,9 @@ def calibrate(
     with RichProgress() as progress:
         rep = run(dumps, output=output, keep_first=keep_first, rope_undo=rope_undo,
                   force=force, progress=progress)
-    if as_json:
-        console.print_json(rep.to_json())
-    else:
-        from fibquant_cli.cli import tables
+    from fibquant_cli.cli import tables
 
-        console.stdout().print(tables.calibrate_table(rep))
+    console.show(rep, as_json, tables.calibrate_table)
 
 
 def _model_inputs(model, text, ids, what: str) -> None:
@@ -491,12 +479,9 @@ def sweep(
         from fibquant_cli.cli.plot import plot_frontier
 
         plot_frontier(rep, plot)
-    if as_json:
-        console.print_json(rep.to_json())
-    else:
-        console.stdout().print(tables.sweep_table(rep))
-        if plot is not None:
-            console.stdout().print(f"frontier plot: {plot}")
+    console.show(rep, as_json, tables.sweep_table)
+    if plot is not None and not as_json:
+        console.stdout().print(f"frontier plot: {plot}")
 
 
 # `fibquant batch compress|decompress|validate` (cli/batch; dask is imported only when it runs).

@@ -69,10 +69,7 @@ def _run(kind: str, source: str, out: str | None, as_json: bool, **kwargs) -> No
 
     with RichProgress() as progress:
         rep = run_batch(kind, source, out, progress=progress, **kwargs)
-    if as_json:
-        console.print_json(rep.to_json())
-    else:
-        console.stdout().print(batch_table(rep))
+    console.show(rep, as_json, batch_table)
     if rep.failed:
         first = rep.failed[0].message(flag)
         raise InvalidInputError(f"{len(rep.failed)} of {len(rep.results)} failed; first: "

@@ -36,3 +36,12 @@ def print_error(message: str) -> None:
 
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def show(rep, as_json: bool, table) -> None:
+    """A command's result: its ``to_json()`` with ``--json``, else ``table(rep)`` on stdout
+    (``table`` from cli.tables, imported by the caller only when a table is wanted)."""
+    if as_json:
+        print_json(rep.to_json())
+    else:
+        stdout().print(table(rep))
