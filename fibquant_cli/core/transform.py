@@ -206,10 +206,6 @@ class RowLayout:
         return sum(bitpack.packed_n_bytes(self.rows * int(n), w)
                    for w, n in enumerate(counts) if w and n)
 
-    @property
-    def bits_per_row(self) -> int:
-        return int(sum(self.widths))
-
     @functools.cached_property
     def live_order(self) -> np.ndarray:
         """The coded components group by group (ascending width, then pair): the column order

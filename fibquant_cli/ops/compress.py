@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +63,7 @@ from fibquant_cli.ops.compress_report import CompressReport, compress_report
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import open_verified, reconstructor
 from fibquant_cli.ops.spec import CompressSpec
+from fibquant_cli.ops.threads import in_order
 from fibquant_cli.storage.codebook_cache import quantizer_for, training_note
 from fibquant_cli.storage.publish import output_path, publishing
 from fibquant_cli.storage.stwriter import StreamWriter
@@ -394,13 +393,8 @@ def document(dump: Dump, quantizers, kv_digests: dict, spec: CompressSpec) -> Do
 
 
 def encoded_layers(dump: Dump, quantizers, profiles, plans, compare: bool, jobs: int):
-    """Yield EncodedLayers in plan order, computed here or by ``jobs`` threads.
-
-    numpy releases the GIL in the heavy parts (matmuls, gathers, casts), so threads use the
-    cores without the start-up and hand-off costs of processes (measured equal to a fork pool,
-    1.3-1.4x a single job on 2 cores). At most 2 * jobs layers are in flight, so memory stays
-    bounded.
-    """
+    """Yield EncodedLayers in plan order, computed here or by ``jobs`` threads
+    (``ops/threads.in_order``: at most 2 * jobs layers in flight)."""
     codec = codecs.get("fibquant")
 
     def encode(plan: LayerPlan) -> EncodedLayer:
@@ -408,18 +402,7 @@ def encoded_layers(dump: Dump, quantizers, profiles, plans, compare: bool, jobs:
         arr = read_layer(dump, entry, plan.layer, check=False)  # the pre-pass checked it
         return codec.encode_layer(quantizers[profiles[plan.entry]], arr, plan, compare)
 
-    if jobs <= 1 or len(plans) < 2:
-        for plan in plans:
-            yield encode(plan)
-        return
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="fibquant-encode") as pool:
-        pending: deque = deque()
-        for plan in plans:
-            pending.append(pool.submit(encode, plan))
-            if len(pending) >= 2 * jobs:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    yield from in_order(encode, plans, jobs if len(plans) >= 2 else 1, "fibquant-encode")
 
 
 def auto_jobs(dump: Dump) -> int:

@@ -18,8 +18,6 @@ file -- header, tables, statistics, exceptions, kept tokens and codes -- fits th
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +40,7 @@ from fibquant_cli.formats.container import (
 from fibquant_cli.formats.kvdump import Dump, read_layer
 from fibquant_cli.ops.compress_report import CompressReport, role_stats, total_stats
 from fibquant_cli.ops.progress import Progress
+from fibquant_cli.ops.threads import in_order
 
 SEARCH_STEPS = 40  # bisection steps over the allocator's prefix (2**40 >> any step count)
 
@@ -86,9 +85,7 @@ def check_basis(dump: Dump, basis) -> dict[str, int]:
             raise InvalidInputError(
                 f"the keys' RoPE (theta {key.rope.theta:g}, {key.rope.style}) is not the "
                 f"basis's (theta {basis.rope.theta:g}, {basis.rope.style})", path=str(dump.path))
-    elif key.shape.rope_state == "post_rope" and key.rope is not None:
-        pass  # a basis fitted on keys as stored codes them as stored
-    return roles
+    return roles  # a basis fitted on keys as stored (rope null) codes them as stored
 
 
 def matrices(dump: Dump, basis, roles: dict[str, int], spec, tab: T.Tables) -> list[Matrix]:
@@ -123,25 +120,8 @@ def gather_stats(dump: Dump, mats: list[Matrix], progress: Progress, jobs: int =
         m.coefficients = c if keep else None
         return m
 
-    for m in in_order(one, mats, jobs):
+    for m in in_order(one, mats, jobs, "fibquant-transform"):
         progress.advance(f"entry {m.entry} layer {m.layer}")
-
-
-def in_order(fn, items, jobs: int):
-    """``fn(item)`` for each item, yielded in order, computed by ``jobs`` threads (numpy
-    releases the GIL in the heavy parts) with at most 2 * jobs in flight."""
-    if jobs <= 1:
-        for item in items:
-            yield fn(item)
-        return
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="fibquant-transform") as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * jobs:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def query_weight(m: Matrix, basis, dump: Dump) -> np.ndarray | float:
@@ -304,7 +284,7 @@ def encode_all(dump: Dump, mats, widths, writer, digests: dict, progress: Progre
         m.coefficients = None
         return m, parts, acc
 
-    for m, parts, acc in in_order(one, list(zip(mats, widths)), jobs):
+    for m, parts, acc in in_order(one, list(zip(mats, widths)), jobs, "fibquant-transform"):
         for part, a in parts.items():
             name = part_name(m.entry, m.layer, part)
             writer.write(name, a)
