@@ -106,15 +106,28 @@ def block_bytes(part: str, dtype: str, profile) -> int | None:
 # --------------------------------------------------------------------------- rows <-> layers
 
 
+def heads_side_by_side(x: np.ndarray) -> np.ndarray:
+    """A layer ``[b, h, t, d]`` as rows ``(b * t, h * d)``: one token's heads side by side,
+    head-major (the row every basis and codec of transform coding works on)."""
+    b, h, t, d = x.shape
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).reshape(b * t, h * d)
+
+
+def heads_apart(rows: np.ndarray, batch: int, kv_heads: int) -> np.ndarray:
+    """The inverse of ``heads_side_by_side``: rows ``(b * t, h * d)`` -> ``[b, h, t, d]``."""
+    n, dim = rows.shape
+    return rows.reshape(batch, n // batch, kv_heads, dim // kv_heads).transpose(0, 2, 1, 3)
+
+
 def to_rows(x: np.ndarray, rope, first: int = 0) -> np.ndarray:
     """[b, h, t, d] -> rows (b * t, h * d) float32, RoPE undone (``rope``: positions from
     ``rope.first_position + first``)."""
     b, h, t, d = x.shape
-    rows = np.ascontiguousarray(np.asarray(x, dtype=np.float32).transpose(0, 2, 1, 3))
+    rows = heads_side_by_side(np.asarray(x, dtype=np.float32))
     if rope is not None:
-        rows = rope_math.turn_tokens(rows, rope.first_position + first, rope.theta, rope.style,
-                                     inverse=True)
-    return rows.reshape(b * t, h * d)
+        rows = rope_math.turn_tokens(rows.reshape(b, t, h, d), rope.first_position + first,
+                                     rope.theta, rope.style, inverse=True).reshape(b * t, h * d)
+    return rows
 
 
 def synthesis_matrix(lb: LayerBasis, layout: T.RowLayout, scale) -> np.ndarray:

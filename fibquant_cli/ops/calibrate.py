@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from fibquant_cli.codecs.transform import heads_apart, heads_side_by_side
 from fibquant_cli.core.attention import FidelityStats, attention_fidelity
 from fibquant_cli.core.rope import rotate, unrotate
 from fibquant_cli.errors import InvalidInputError, UsageError
@@ -154,18 +155,6 @@ def positions(source: _Source, tokens: int) -> np.ndarray:
     return (0 if rope is None else rope.first_position) + np.arange(tokens)
 
 
-def to_rows(x: np.ndarray) -> np.ndarray:
-    """``x [batch, kv_heads, tokens, head_dim]`` -> rows ``(batch * tokens, D)``, head-major."""
-    b, h, t, d = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(b * t, h * d)
-
-
-def from_rows(rows: np.ndarray, batch: int, kv_heads: int) -> np.ndarray:
-    """The inverse of ``to_rows``."""
-    n, dim = rows.shape
-    return rows.reshape(batch, n // batch, kv_heads, dim // kv_heads).transpose(0, 2, 1, 3)
-
-
 def _fit_rows(source: _Source, role: str, layer: int, keep_first: int,
               rope: BasisRope | None) -> np.ndarray:
     """Float64 rows of one layer and role, tokens ``keep_first:``, RoPE undone on keys."""
@@ -174,7 +163,7 @@ def _fit_rows(source: _Source, role: str, layer: int, keep_first: int,
     if role == "key" and rope is not None:
         pos = positions(source, entry.shape.tokens)[keep_first:]
         x = unrotate(x, pos, rope.theta, rope.style)
-    return to_rows(x)
+    return heads_side_by_side(x)
 
 
 class Moments:
@@ -222,11 +211,11 @@ def _probe(x: np.ndarray, fit, layer: int, role: str, keep_first: int,
     tail = x[:, :, keep_first:].astype(np.float64)
     if role == "key" and rope is not None:
         tail = unrotate(tail, pos[keep_first:], rope.theta, rope.style)
-    rows = to_rows(tail)
+    rows = heads_side_by_side(tail)
     rng = np.random.default_rng((SENSITIVITY_SEED, layer, ROLES.index(role)))
     z = rng.standard_normal(rows.shape)
     rows = rows + (z * np.sqrt(SENSITIVITY_EPS * variance)) @ basis.T
-    tail = from_rows(rows, b, h)
+    tail = heads_apart(rows, b, h)
     if role == "key" and rope is not None:
         tail = rotate(tail, pos[keep_first:], rope.theta, rope.style)
     out = x.astype(np.float32)
