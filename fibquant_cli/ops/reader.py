@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -151,8 +152,7 @@ class TransformState:
                                  options=("basis",))
             from fibquant_cli.formats.basis import load_basis
 
-            model = basis if not isinstance(basis, (str, bytes)) and hasattr(
-                basis, "digest") else load_basis(basis)
+            model = load_basis(basis) if isinstance(basis, (str, os.PathLike)) else basis
             if model.digest != rec.basis_digest:
                 raise InvalidInputError(f"the basis {model.path} has digest {model.digest}; this "
                                         f"file was coded against {rec.basis_digest}",
