@@ -342,11 +342,6 @@ class Steps:
     def __len__(self) -> int:
         return len(self.pair)
 
-    def bits(self, count: int) -> int:
-        """Bits per row the first ``count`` steps spend."""
-        h = self.step[:count]
-        return int((self.hull[h + 1] - self.hull[h]).sum())
-
     def widths(self, count: int) -> list[tuple[int, ...]]:
         """Widths per pair of each matrix after the first ``count`` steps."""
         level = np.bincount(self.pair[:count], minlength=sum(self.pairs))
@@ -361,25 +356,10 @@ class Steps:
 def allocate(variances: list[np.ndarray], weights: list[float], budget_bits: float,
              delta: dict[int, float] | None = None) -> list[tuple[int, ...]]:
     """Widths per pair of each matrix, minimising sum_m weights[m] * sum_i var[m][i] *
-    delta(width of i's pair) with at most ``budget_bits`` bits per row over all matrices.
-
-    ``variances[m]`` (D_m,) are the coefficient variances of matrix m (D_m even). Greedy on
-    the convex hull (``greedy_steps``); a step that would exceed the budget is skipped, as
-    smaller steps elsewhere may still fit (a pair whose step was skipped climbs no further).
+    delta(width of i's pair) with at most ``budget_bits`` bits per row over all matrices:
+    the longest prefix of ``greedy_steps`` within the budget. (``ops/transform`` takes the
+    longest prefix whose whole file fits instead: the same steps, another measure of cost.)
     """
     steps = greedy_steps(variances, weights, delta)
-    hull = steps.hull
-    level = np.zeros(sum(steps.pairs), dtype=np.int64)
-    spent = 0
-    for p, h in zip(steps.pair.tolist(), steps.step.tolist()):
-        cost = int(hull[h + 1] - hull[h])
-        if level[p] != h or spent + cost > budget_bits:
-            continue
-        spent += cost
-        level[p] = h + 1
-    flat = hull[level]
-    out, start = [], 0
-    for n in steps.pairs:
-        out.append(tuple(int(x) for x in flat[start:start + n]))
-        start += n
-    return out
+    spent = np.cumsum(steps.hull[steps.step + 1] - steps.hull[steps.step])
+    return steps.widths(int(np.searchsorted(spent, budget_bits, side="right")))
