@@ -9,6 +9,7 @@ middle are counted in (batch, head, token) order, ``t_mid`` rows per head.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,6 +41,26 @@ def cast_clamped(x: np.ndarray, dtype) -> np.ndarray:
     if x.size and max(float(x.max()), -float(x.min())) > top:  # no |x| temporary
         x = np.clip(x, -top, top)
     return x.astype(dtype)
+
+
+@functools.cache
+def _f16_table() -> np.ndarray:
+    table = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    table.flags.writeable = False
+    return table
+
+
+def widen(x: np.ndarray) -> np.ndarray:
+    """``x`` (float16, bfloat16 or float32, any strides) as a new C-contiguous float32 array,
+    bit for bit what ``x.astype(np.float32)`` gives: fp16 through a table of all 65,536
+    values (numpy converts fp16 one value at a time; the table lookup is 2x faster), bf16 by
+    a 16-bit shift (it is float32's upper half)."""
+    x = np.asarray(x)
+    if x.dtype == np.float16:
+        return np.take(_f16_table(), x.view(np.uint16))
+    if x.dtype.name == "bfloat16":
+        return (x.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return np.array(x, dtype=np.float32, order="C")
 
 
 _F32_EXPONENT = np.uint32(0x7F800000)

@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from fibquant_cli.core.codec import DECODE_ROWS
-from fibquant_cli.core.layer import decoded_segments, restore_into, round_to_dtype
+from fibquant_cli.core.layer import decoded_segments, restore_into, round_to_dtype, widen
 from fibquant_cli.core.params import Profile
 from fibquant_cli.ops import decompress as pipeline
 from fibquant_cli.ops.compress import compress
@@ -91,6 +91,22 @@ def test_round_to_dtype_equals_the_casts(dtype):
     got = round_to_dtype(x.copy(), dtype)
     expected = x.astype(dtype).astype(np.float32)
     np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+
+
+def test_widen_equals_the_cast_bit_for_bit():
+    every_f16 = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    expected = every_f16.astype(np.float32)
+    got = widen(every_f16)
+    # NaNs included: same bits, not just the same value
+    np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
+    bf = every_f16.view(np.uint16).view(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(widen(bf).view(np.uint32),
+                                  bf.astype(np.float32).view(np.uint32))
+    strided = every_f16.reshape(4, 128, 128).transpose(1, 0, 2)[:, :, 5:70]
+    out = widen(strided)
+    assert out.flags.c_contiguous and out.shape == strided.shape
+    np.testing.assert_array_equal(out.view(np.uint32),
+                                  strided.astype(np.float32).view(np.uint32))
 
 
 def test_restore_into_clamps_only_past_the_dtype_range():
