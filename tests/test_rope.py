@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 
-from fibquant_cli.core.rope import rope_angles, rotate, unrotate
+from fibquant_cli.core.rope import pair_order, pairs_view, rope_angles, rotate, turn_pairs, unrotate
 from fibquant_cli.errors import InvalidInputError
 from fibquant_cli.formats.manifest import load_manifest, parse_manifest
 
@@ -41,6 +41,26 @@ def test_styles_are_complex_multiplication_on_their_pairs():
     z = (x[:, :4] + 1j * x[:, 4:]) * turn
     assert np.allclose(half[:, :4], z.real, atol=1e-14)
     assert np.allclose(half[:, 4:], z.imag, atol=1e-14)
+
+
+@pytest.mark.parametrize("style", ["half", "interleaved"])
+def test_turn_pairs_is_rotate_on_pair_ordered_channels(style):
+    """The codecs' float32 turn: channels in pair_order, one complex multiply per pair."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((40, 3, 16))  # (tokens, heads, d)
+    order = pair_order(16, style)
+    assert sorted(order) == list(range(16))
+    first = 70_000
+    want = rotate(x.transpose(1, 0, 2), first + np.arange(40), 1e4, style).transpose(1, 0, 2)
+    y = np.ascontiguousarray(x[..., order], dtype=np.float32)
+    turn_pairs(y, first, 1e4)
+    assert np.abs(y - want[..., order]).max() < 2e-5
+    turn_pairs(y, first, 1e4, inverse=True)
+    assert np.abs(y - x[..., order]).max() < 2e-5
+    # pairs_view is a view (writes land in z) reading a head in the same order
+    z = np.empty_like(x)
+    pairs_view(z, style)[...] = x[..., order].reshape(40, 3, 8, 2)
+    np.testing.assert_array_equal(z, x)
 
 
 def test_half_style_matches_transformers_rotate_half():

@@ -31,6 +31,7 @@ a token slice decodes only its rows.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,7 @@ import numpy as np
 from fibquant_cli.core import bitpack
 from fibquant_cli.core import rope as rope_math
 from fibquant_cli.core import transform as T
-from fibquant_cli.core.layer import SOURCE_DTYPES, copy_kept, finite_max
+from fibquant_cli.core.layer import SOURCE_DTYPES, copy_kept, finite_max, round_to_dtype, widen
 from fibquant_cli.core.metrics import ErrorAccumulator
 from fibquant_cli.errors import IntegrityError
 
@@ -51,12 +52,44 @@ DECODE_ROWS = 4096  # tokens of one batch row decoded at once (``row_blocks``)
 
 @dataclass(frozen=True)
 class LayerBasis:
-    """What decoding one layer needs beyond its parts: the basis columns U (D, D) float32,
-    the coefficient tables, and the RoPE to re-apply (None: the rows are stored as given)."""
+    """What coding one layer needs beyond its parts: the basis columns U (D, D) float32, the
+    coefficient tables, the RoPE to undo and re-apply (None: the rows are coded as given),
+    and the head_dim.
+
+    Inside the codec a row's channels are in *pair order* when RoPE is turned: each head's
+    RoPE pairs side by side (``core/rope.pair_order``), so turning a row is one complex
+    multiply. ``u_rows`` is U with its rows in that order; ``to_codec`` moves a vector (the
+    mean) there. Files store everything in the heads' own channel order: only the arithmetic
+    moves.
+    """
 
     u: np.ndarray
     tables: T.Tables
     rope: object | None  # formats.manifest.RopeSpec
+    head_dim: int
+
+    @functools.cached_property
+    def order(self) -> np.ndarray | None:
+        """(D,) the stored channel of each codec channel, or None (the same order)."""
+        if self.rope is None:
+            return None
+        one = rope_math.pair_order(self.head_dim, self.rope.style)
+        heads = self.u.shape[0] // self.head_dim
+        return (np.arange(heads)[:, None] * self.head_dim + one[None, :]).reshape(-1)
+
+    @functools.cached_property
+    def u_rows(self) -> np.ndarray:
+        return self.u if self.order is None else np.ascontiguousarray(self.u[self.order])
+
+    def to_codec(self, v: np.ndarray) -> np.ndarray:
+        return v if self.order is None else v[..., self.order]
+
+    def to_stored(self, v: np.ndarray) -> np.ndarray:
+        if self.order is None:
+            return v
+        out = np.empty_like(v)
+        out[..., self.order] = v
+        return out
 
 
 def expand_widths(runs) -> tuple[int, ...]:
@@ -119,22 +152,41 @@ def heads_apart(rows: np.ndarray, batch: int, kv_heads: int) -> np.ndarray:
     return rows.reshape(batch, n // batch, kv_heads, dim // kv_heads).transpose(0, 2, 1, 3)
 
 
-def to_rows(x: np.ndarray, rope, first: int = 0) -> np.ndarray:
-    """[b, h, t, d] -> rows (b * t, h * d) float32, RoPE undone (``rope``: positions from
-    ``rope.first_position + first``)."""
+def codec_rows(x: np.ndarray, lb: LayerBasis, first: int, *, undo_rope: bool = True) -> np.ndarray:
+    """[b, h, t, d] (any float dtype) -> rows (b * t, h * d) float32 in the codec's channel
+    order, RoPE undone unless ``undo_rope`` is False (positions from ``rope.first_position +
+    first``): a cast, a transposing copy and one complex multiply."""
     b, h, t, d = x.shape
-    rows = heads_side_by_side(np.asarray(x, dtype=np.float32))
-    if rope is not None:
-        rows = rope_math.turn_tokens(rows.reshape(b, t, h, d), rope.first_position + first,
-                                     rope.theta, rope.style, inverse=True).reshape(b * t, h * d)
-    return rows
+    rows = np.empty((b, t, h, d), dtype=np.float32)
+    src = widen(x).transpose(0, 2, 1, 3)  # cast first: moving float32 is 5x cheaper than fp16
+    if lb.rope is None:
+        rows[...] = src
+        return rows.reshape(b * t, h * d)
+    rows.reshape(b, t, h, d // 2, 2)[...] = rope_math.pairs_view(src, lb.rope.style)
+    if undo_rope:
+        for bi in range(b):
+            rope_math.turn_pairs(rows[bi], lb.rope.first_position + first, lb.rope.theta,
+                                 inverse=True)
+    return rows.reshape(b * t, h * d)
+
+
+def place(lb: LayerBasis, x: np.ndarray, dest: np.ndarray) -> None:
+    """Rows ``x (n, h, d)`` in the codec's order into ``dest (h, n, d)``, a view of an output
+    in the heads' order (the assignment casts to its dtype)."""
+    if lb.rope is None:
+        dest[...] = x.transpose(1, 0, 2)
+        return
+    n, h, d = x.shape
+    rope_math.pairs_view(dest, lb.rope.style)[...] = x.reshape(n, h, d // 2, 2).transpose(
+        1, 0, 2, 3)
 
 
 def synthesis_matrix(lb: LayerBasis, layout: T.RowLayout, scale) -> np.ndarray:
     """(live, D) float32: the live columns of U, transposed and scaled by their standard
-    deviations, so that rows = live coefficients @ this + mean (one matrix product)."""
+    deviations, so that rows = live coefficients @ this + mean (one matrix product), in the
+    codec's channel order."""
     live = layout.live_order
-    return np.ascontiguousarray((lb.u[:, live] * scale[live]).T, dtype=np.float32)
+    return np.ascontiguousarray((lb.u_rows[:, live] * scale[live]).T, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -164,7 +216,7 @@ def analyze(arr: np.ndarray, lb: LayerBasis, kf: int, kl: int):
     components. ``encode_layer`` codes exactly these coefficients.
     """
     b, h, t, d = arr.shape
-    rows = to_rows(arr[:, :, kf:t - kl], lb.rope, kf)
+    rows = codec_rows(arr[:, :, kf:t - kl], lb, kf)
     n = len(rows)
     mean = rows.mean(axis=0, dtype=np.float64).astype(np.float32) if n else \
         np.zeros(h * d, np.float32)
@@ -172,15 +224,15 @@ def analyze(arr: np.ndarray, lb: LayerBasis, kf: int, kl: int):
     var = np.zeros(h * d, dtype=np.float64)
     for r0 in range(0, n, ENCODE_ROWS):
         block = c[r0:r0 + ENCODE_ROWS]
-        np.matmul(rows[r0:r0 + ENCODE_ROWS] - mean, lb.u, out=block)
+        np.matmul(rows[r0:r0 + ENCODE_ROWS] - mean, lb.u_rows, out=block)
         var += np.einsum("ij,ij->j", block, block, dtype=np.float64)
     scale = np.sqrt(var / max(n, 1))
     dtype = "F16" if max(float(np.abs(mean).max(initial=0)), float(scale.max(initial=0))) \
         < FP16_MAX else "F32"
     as_stored = STATS_DTYPES[dtype]
-    stats = LayerStats(mean.astype(as_stored).astype(np.float32),
+    stats = LayerStats(lb.to_stored(mean).astype(as_stored).astype(np.float32),
                        scale.astype(as_stored).astype(np.float32), dtype)
-    shift = (mean - stats.mean) @ lb.u
+    shift = (mean - lb.to_codec(stats.mean)) @ lb.u_rows
     inv = np.where(stats.scale > 0, 1.0 / np.where(stats.scale > 0, stats.scale, 1.0),
                    0.0).astype(np.float32)
     c += shift
@@ -198,7 +250,9 @@ def encode_layer(lb: LayerBasis, arr: np.ndarray, stats: LayerStats, widths, kf:
     """(parts, ErrorAccumulator of the restored values) of one layer [b, h, t, d].
 
     ``c``: the layer's coefficients from ``analyze`` when kept; otherwise computed again by
-    it (the same arithmetic, so the same exceptions the document counted)."""
+    it (the same arithmetic, so the same exceptions the document counted). The error is of
+    the values decompress restores: the same blocks through ``synthesize``, clipped, and
+    rounded as the cast to the source dtype rounds them (``round_to_dtype``)."""
     b, h, t, d = arr.shape
     if c is None:
         c = analyze(arr, lb, kf, kl)[2]
@@ -206,33 +260,34 @@ def encode_layer(lb: LayerBasis, arr: np.ndarray, stats: LayerStats, widths, kf:
     codes, pos, val = T.encode_rows(c, layout, lb.tables)
     parts = {"codes": codes, "except": pack_exceptions(pos, val), "stats": stats.stored()}
     acc = ErrorAccumulator()
-    restored = np.empty_like(arr)  # decoded exactly as decompress will (the same blocks)
-    restore_middle(lb, layout, codes, pos, val, stats.mean, stats.scale, restored, kf, t - kf - kl)
-    x = arr[:, :, kf:t - kl].astype(np.float32).reshape(-1, d)
-    acc.add(x, restored[:, :, kf:t - kl].astype(np.float32).reshape(-1, d))
+    top = finite_max(arr.dtype)
+    t_mid = t - kf - kl
+    for bi, s0, s1 in row_blocks(t_mid, b):
+        x_hat = synthesize(lb, codes, pos, val, layout, stats.mean, stats.scale, h, d, kf + s0,
+                           bi * t_mid + s0, bi * t_mid + s1)
+        np.clip(x_hat, -top, top, out=x_hat)
+        x = codec_rows(arr[bi:bi + 1, :, kf + s0:kf + s1], lb, kf + s0, undo_rope=False)
+        acc.add(x.reshape(-1, d), round_to_dtype(x_hat, arr.dtype).reshape(-1, d))
     if kf + kl:
         kept = np.ascontiguousarray(np.concatenate([arr[:, :, :kf], arr[:, :, t - kl:]], axis=2))
-        kx = kept.reshape(-1, d).astype(np.float32)
+        kx = widen(kept).reshape(-1, d)
         acc.add(kx, kx)
         parts["kept"] = kept
     return parts, acc
 
 
-def decode_middle(lb: LayerBasis, codes, pos, val, layout: T.RowLayout, mean, scale, h: int,
-                  d: int, first: int, out_dtype, r0: int, r1: int) -> np.ndarray:
-    """Rows [r0, r1) of the middle, all of one batch row starting at token ``first``, as
-    [h, r1 - r0, d] float32 (a transposed view), clipped to ``out_dtype``'s finite range: a
-    cast to it (an assignment) rounds them as the file restores them."""
+def synthesize(lb: LayerBasis, codes, pos, val, layout: T.RowLayout, mean, scale, h: int,
+               d: int, first: int, r0: int, r1: int) -> np.ndarray:
+    """Middle rows [r0, r1), all of one batch row starting at token ``first``, as restored
+    before rounding: (r1 - r0, h, d) float32 in the codec's channel order (``place`` puts
+    them in an output)."""
     c = T.decode_live(codes, pos, val, layout, h * d, r0, r1, lb.tables)
     rows = c @ synthesis_matrix(lb, layout, scale)
-    rows += mean
+    rows += lb.to_codec(mean)
     x = rows.reshape(r1 - r0, h, d)
     if lb.rope is not None:
-        x = rope_math.turn_tokens(x, lb.rope.first_position + first, lb.rope.theta,
-                                  lb.rope.style)
-    top = finite_max(out_dtype)
-    np.clip(x, -top, top, out=x)
-    return x.transpose(1, 0, 2)
+        rope_math.turn_pairs(x, lb.rope.first_position + first, lb.rope.theta)
+    return x
 
 
 # --------------------------------------------------------------------------- decoding
@@ -305,10 +360,12 @@ def restore_middle(lb: LayerBasis, layout: T.RowLayout, codes, pos, val, mean, s
                    out: np.ndarray, kf: int, t_mid: int) -> None:
     """The middle tokens of ``out`` [b, h, t, d] (source dtype), block by block."""
     b, h, _, d = out.shape
+    top = finite_max(out.dtype)
     for bi, s0, s1 in row_blocks(t_mid, b):
-        out[bi, :, kf + s0:kf + s1] = decode_middle(lb, codes, pos, val, layout, mean, scale,
-                                                    h, d, kf + s0, out.dtype,
-                                                    bi * t_mid + s0, bi * t_mid + s1)
+        x = synthesize(lb, codes, pos, val, layout, mean, scale, h, d, kf + s0,
+                       bi * t_mid + s0, bi * t_mid + s1)
+        np.clip(x, -top, top, out=x)
+        place(lb, x, out[bi, :, kf + s0:kf + s1])
 
 
 def check_layer(lb: LayerBasis, parts: dict, shape, entry, name_of, layer: int) -> None:
@@ -333,8 +390,8 @@ def decode_tokens(lb: LayerBasis, parts: dict, shape, entry, t0: int, t1: int, n
         for bi, s0, s1 in row_blocks(t_mid, b, lo - kf, hi - kf):
             # float32, unrounded: the caller casts (clamped) to the source dtype, which rounds
             # exactly as the full decode's round_to_dtype does
-            x = decode_middle(lb, codes, pos, val, layout, mean, scale, h, d, kf + s0,
-                              np.float32, bi * t_mid + s0, bi * t_mid + s1)
+            x = synthesize(lb, codes, pos, val, layout, mean, scale, h, d, kf + s0,
+                           bi * t_mid + s0, bi * t_mid + s1)
             a0, a1 = max(lo, kf + s0), min(hi, kf + s1)
-            out[bi, :, a0 - t0:a1 - t0] = x[:, a0 - kf - s0:a1 - kf - s0]
+            place(lb, x[a0 - kf - s0:a1 - kf - s0], out[bi, :, a0 - t0:a1 - t0])
     return out

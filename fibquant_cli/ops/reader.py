@@ -167,7 +167,8 @@ class TransformState:
         from fibquant_cli.codecs.transform import LayerBasis
 
         rope = entry.rope if self.rope and entry.shape.role == "key" else None
-        return LayerBasis(self.matrices[layer, entry.shape.role], self.tables, rope)
+        return LayerBasis(self.matrices[layer, entry.shape.role], self.tables, rope,
+                          entry.shape.head_dim)
 
 
 def _checked_read(comp: container.Container, name: str) -> np.ndarray:

@@ -100,7 +100,7 @@ def matrices(dump: Dump, basis, roles: dict[str, int], spec, tab: T.Tables) -> l
         kl = min(spec.keep_last, t - kf)
         for layer in range(entry.shape.layers):
             u = np.ascontiguousarray(basis.matrix(layer, role)[1], dtype=np.float32)
-            out.append(Matrix(i, layer, codec.LayerBasis(u, tab, rope), (kf, kl),
+            out.append(Matrix(i, layer, codec.LayerBasis(u, tab, rope, entry.shape.head_dim), (kf, kl),
                               entry.shape.batch * (t - kf - kl)))
     return out
 
