@@ -246,11 +246,14 @@ class GridSearcher:
     codebook : (N, 2) float array
     side : int, keyword-only; cells per side of the finest grid, a power of two.
     lazy : bool, keyword-only; build the table only once enough blocks have been searched.
+    reach : float, keyword-only; the grid covers [-reach, reach]^2 (points beyond go to the
+        exact fallback); default: 1.5x the codebook's largest norm, within [0.5, 1].
     """
 
     method = "grid"
 
-    def __init__(self, codebook: np.ndarray, *, side: int = GRID_SIDE, lazy: bool = False):
+    def __init__(self, codebook: np.ndarray, *, side: int = GRID_SIDE, lazy: bool = False,
+                 reach: float | None = None):
         cb = np.ascontiguousarray(codebook, dtype=np.float64)
         if cb.ndim != 2 or cb.shape[1] != 2:
             raise ValueError(f"GridSearcher needs a (N, 2) codebook, got shape {cb.shape}")
@@ -264,8 +267,10 @@ class GridSearcher:
         # Lazy: the exact fallback serves until the blocks seen would have paid for the table,
         # so a small input never waits for it; the codes are the same either way.
         self._blocks_left = max(LAZY_GRID_WORK // len(cb), LAZY_GRID_BLOCKS) if lazy else 0
-        reach = float(np.clip(GRID_REACH * np.sqrt(np.einsum("ij,ij->i", cb, cb).max()),
-                              MIN_GRID_REACH, 1.0))
+        if reach is None:
+            reach = float(np.clip(GRID_REACH * np.sqrt(np.einsum("ij,ij->i", cb, cb).max()),
+                                  MIN_GRID_REACH, 1.0))
+        self.reach = reach
         # A power-of-two cell width and corners on whole cells make y / h - lo / h exact in
         # float64 for float32 y (|y| >= 2^-29), so a block lands in the cell that holds it.
         self.cell = 2.0 ** math.ceil(math.log2(2.0 * reach / side))
@@ -274,7 +279,8 @@ class GridSearcher:
             self.build()
 
     def __reduce__(self):
-        return (rebuild, (GridSearcher, self.codebook, {"side": self.side, "lazy": True}))
+        return (rebuild, (GridSearcher, self.codebook,
+                          {"side": self.side, "lazy": True, "reach": self.reach}))
 
     def build(self) -> None:
         """Build the lookup table (a lazy searcher does it on its first large ``nearest``)."""
