@@ -162,7 +162,10 @@ def codec_rows(x: np.ndarray, lb: LayerBasis, first: int, *, undo_rope: bool = T
     if lb.rope is None:
         rows[...] = src
         return rows.reshape(b * t, h * d)
-    rows.reshape(b, t, h, d // 2, 2)[...] = rope_math.pairs_view(src, lb.rope.style)
+    z = rows.view(np.complex64)  # (b, t, h, d / 2): pair j is a_j + i b_j
+    a, b_ = rope_math.pair_halves(src, lb.rope.style)
+    z.real[...] = a
+    z.imag[...] = b_
     if undo_rope:
         for bi in range(b):
             rope_math.turn_pairs(rows[bi], lb.rope.first_position + first, lb.rope.theta,
@@ -176,9 +179,10 @@ def place(lb: LayerBasis, x: np.ndarray, dest: np.ndarray) -> None:
     if lb.rope is None:
         dest[...] = x.transpose(1, 0, 2)
         return
-    n, h, d = x.shape
-    rope_math.pairs_view(dest, lb.rope.style)[...] = x.reshape(n, h, d // 2, 2).transpose(
-        1, 0, 2, 3)
+    z = x.view(np.complex64).transpose(1, 0, 2)  # (h, n, d / 2)
+    a, b = rope_math.pair_halves(dest, lb.rope.style)
+    a[...] = z.real
+    b[...] = z.imag
 
 
 def synthesis_matrix(lb: LayerBasis, layout: T.RowLayout, scale) -> np.ndarray:

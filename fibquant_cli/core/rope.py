@@ -78,25 +78,18 @@ def unrotate(x: np.ndarray, positions: np.ndarray, theta: float, style: str) -> 
     return _turn(x, -rope_angles(positions, x.shape[-1], theta), style)
 
 
-def pairs_view(x: np.ndarray, style: str) -> np.ndarray:
-    """A view (..., d/2, 2) of ``x (..., d)`` whose [..., j, :] is RoPE
-    pair j, (a_j, b_j): assigning to or from it moves channels between a head's stored order
-    and the order ``turn_pairs`` works in, in the same pass as any transpose or cast."""
-    d = x.shape[-1]
-    view = x.view()
-    if style == "half":
-        view.shape = (*x.shape[:-1], 2, d // 2)  # raises instead of copying
-        return view.swapaxes(-1, -2)
-    if style == "interleaved":
-        view.shape = (*x.shape[:-1], d // 2, 2)
-        return view
-    raise ValueError(f"RoPE style {style!r} is not one of {', '.join(STYLES)}")
+def pair_halves(x: np.ndarray, style: str) -> tuple[np.ndarray, np.ndarray]:
+    """Views (a, b) of ``x (..., d)``, (..., d/2) each: RoPE pair j is (a[..., j], b[..., j]).
+    Copying them to the real and imaginary parts of a complex64 array (and back) moves a
+    head between its stored channel order and ``pair_order`` with long inner loops."""
+    return _pairs(x, style)
 
 
 def pair_order(d: int, style: str) -> np.ndarray:
-    """(d,) the channels of a head in the order ``pairs_view`` reads them: RoPE pair j at
-    2j and 2j + 1."""
-    return pairs_view(np.arange(d), style).reshape(-1)
+    """(d,) a head's channels with each RoPE pair side by side, (a_j, b_j) at 2j and 2j + 1
+    (``pair_halves``): the layout whose complex64 view is ``a_j + i b_j``."""
+    a, b = _pairs(np.arange(d), style)
+    return np.stack([a, b], axis=1).reshape(-1)
 
 
 @functools.lru_cache(maxsize=64)
