@@ -248,12 +248,15 @@ class GridSearcher:
     lazy : bool, keyword-only; build the table only once enough blocks have been searched.
     reach : float, keyword-only; the grid covers [-reach, reach]^2 (points beyond go to the
         exact fallback); default: 1.5x the codebook's largest norm, within [0.5, 1].
+    fallback : an exact searcher of the same codebook for the blocks off the grid (and the
+        lazy start); default the exact matmul search. A coarser grid of wider reach keeps
+        outliers cheap while this one stays fine. Not pickled (the default is rebuilt).
     """
 
     method = "grid"
 
     def __init__(self, codebook: np.ndarray, *, side: int = GRID_SIDE, lazy: bool = False,
-                 reach: float | None = None):
+                 reach: float | None = None, fallback: Searcher | None = None):
         cb = np.ascontiguousarray(codebook, dtype=np.float64)
         if cb.ndim != 2 or cb.shape[1] != 2:
             raise ValueError(f"GridSearcher needs a (N, 2) codebook, got shape {cb.shape}")
@@ -261,7 +264,7 @@ class GridSearcher:
             raise ValueError(f"side must be a power of two >= 2, got {side}")
         self.codebook = cb
         self.side = side
-        self.fallback = MatmulSearcher(cb, exact=True)
+        self.fallback = fallback or MatmulSearcher(cb, exact=True)
         self.table = None
         self._lock = threading.Lock()
         # Lazy: the exact fallback serves until the blocks seen would have paid for the table,
@@ -358,21 +361,23 @@ class GridSearcher:
                 if self.table is None:
                     self.build()
         codes = np.empty(m, dtype=np.uint32)
-        inv = 1.0 / self.cell
-        shift = self.lo * inv - 1.0  # the off-grid ring shifts every index by one
-        top = float(self.side + 1)
+        # The cell width is a power of two, so y / cell is exact in y's float32 and floor()
+        # of it is the cell; the corner and the off-grid ring (+1) shift it by a whole number
+        # and the clip keeps it on the padded table, so every step after the floor is exact
+        # (integers below 2^24; larger ones are clipped whatever their rounding).
+        inv = np.float32(1.0 / self.cell)
+        first = np.float32(self.lo / self.cell - 1.0)
+        top = np.float32(self.side + 1)
+        row = np.float32(self.side + 2)
         for start in range(0, m, GRID_ROWS):
             block = y[start:start + GRID_ROWS]
-            index = []
-            for axis in (0, 1):
-                t = np.multiply(block[:, axis], inv, dtype=np.float64)
-                t -= shift
-                np.clip(t, 0.0, top, out=t)
-                index.append(t.astype(np.int32))
-            cell = index[0]
-            cell *= self.side + 2
-            cell += index[1]
-            entry = np.take(self.table, cell)
+            t = np.multiply(block, inv)
+            np.floor(t, out=t)
+            t -= first
+            np.clip(t, 0, top, out=t)
+            at = t[:, 0] * row
+            at += t[:, 1]
+            entry = np.take(self.table, at.astype(np.int32))
             out = codes[start:start + len(block)]
             np.subtract(entry, self.code_offset, out=out, casting="unsafe")
             special = np.flatnonzero(entry < self.code_offset)
