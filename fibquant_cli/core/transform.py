@@ -348,10 +348,10 @@ class Steps:
     def widths(self, count: int) -> list[tuple[int, ...]]:
         """Widths per pair of each matrix after the first ``count`` steps."""
         level = np.bincount(self.pair[:count], minlength=sum(self.pairs))
-        flat = self.hull[level]
+        flat = self.hull[level].tolist()
         out, start = [], 0
         for n in self.pairs:
-            out.append(tuple(int(x) for x in flat[start:start + n]))
+            out.append(tuple(flat[start:start + n]))
             start += n
         return out
 

@@ -220,10 +220,10 @@ def plan(dump: Dump, base: Document, mats, basis, spec, roles, target_bytes: flo
 def _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta):
     """(weighted distortion, size, document, widths) of the longest prefix that fits.
 
-    The search runs on a running estimate (codes, exceptions and tables added to the exact
-    size of the empty allocation: what changes with the widths), then checks its answer
-    against the exact size, stepping back while it does not fit: one or two exact sizes
-    instead of one per bisection step (each builds the whole header).
+    The search runs on an estimate (codes, exceptions and tables added to the exact size of
+    the empty allocation: what changes with the widths), then checks its answer against the
+    exact size, stepping back while it does not fit and forward while the next steps do: a
+    few exact sizes instead of one per bisection step (each builds the whole header).
     """
     steps = T.greedy_steps(variances, w, delta)
     chosen = stats_dtypes(mats)
@@ -233,38 +233,46 @@ def _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta
         doc = transform_document(base, dump, mats, widths, basis, spec, roles)
         return file_bytes(doc, chosen), doc, widths
 
-    def variable(count: int) -> int:
-        widths = steps.widths(count)
-        codes = sum(T.RowLayout(ws, m.rows).code_bytes for m, ws in zip(mats, widths))
-        exc = sum(int(m.over[codec.live_components(ws)].sum()) for m, ws in zip(mats, widths))
-        return codes + 6 * exc + table_bytes(max((x for ws in widths for x in ws), default=0))
+    # The estimate after each prefix of the steps: code bits, exceptions (a pair's count joins
+    # when it is first coded) and tables, without the streams' byte padding; one cumulative sum
+    # instead of rebuilding every layout per bisection step.
+    pair_rows = np.repeat([m.rows for m in mats], steps.pairs)
+    pair_over = np.concatenate([m.over[0::2] + m.over[1::2] for m in mats]) if mats \
+        else np.zeros(0, np.int64)
+    lo_w, hi_w = steps.hull[steps.step], steps.hull[steps.step + 1]
+    bits = np.cumsum(pair_rows[steps.pair] * (hi_w - lo_w), dtype=np.int64)
+    exc = np.cumsum(np.where(steps.step == 0, pair_over[steps.pair], 0), dtype=np.int64)
+    widest = np.maximum.accumulate(hi_w) if len(steps) else np.zeros(0, np.int64)
+    tables = np.array([table_bytes(x) for x in range(int(steps.hull[-1]) + 1)])
+    variable = np.concatenate([[0], (bits + 7) // 8 + 6 * exc + tables[widest]])
 
     empty = exact(0)
     if empty[0] > target_bytes:
         raise UsageError(f"even coding no coefficient takes {empty[0]:,} bytes, above the "
                          f"{int(target_bytes):,} the target allows: ask for more {{bits}} or "
                          "a smaller {ratio}", path=str(dump.path), options=("bits", "ratio"))
-    fixed = empty[0] - variable(0)
-    lo, hi = 0, len(steps)
-    while lo < hi:  # the estimate grows with every step, like the file
-        mid = (lo + hi + 1) // 2
-        if fixed + variable(mid) <= target_bytes:
-            lo = mid
-        else:
-            hi = mid - 1
+    # The estimate grows with every step, like the file; what it leaves out (padding, the
+    # header's digits and runs) is nearly constant near the answer: measure it once there.
+    estimate = empty[0] + variable
+    lo = max(0, int(np.searchsorted(estimate, target_bytes, side="right")) - 1)
+    missed = exact(lo)[0] - int(estimate[lo])
+    lo = max(0, int(np.searchsorted(estimate + missed, target_bytes, side="right")) - 1)
     best = exact(lo)
     back = 1
-    while best[0] > target_bytes and lo > 0:  # the header's digits and runs moved a little
+    while best[0] > target_bytes and lo > 0:  # still too big: step back
         lo = max(0, lo - back)
         back *= 2
         best = exact(lo)
-    ahead = 16
-    while lo + ahead <= len(steps) and ahead >= 1:  # and the estimate erred on the safe side
+    ahead = 1
+    while lo + ahead <= len(steps):  # and forward while the next steps fit
         got = exact(lo + ahead)
-        if got[0] <= target_bytes:
-            lo, best = lo + ahead, got
-        else:
-            ahead //= 4
+        if got[0] > target_bytes:
+            if ahead == 1:
+                break
+            ahead = 1
+            continue
+        lo, best = lo + ahead, got
+        ahead *= 2
     widths = best[2]
     distortion = sum(wm * float(np.sum((v[0::2] + v[1::2]) * np.array([delta[x] for x in ws])))
                      for v, wm, ws in zip(variances, w, widths))
