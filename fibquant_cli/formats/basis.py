@@ -127,8 +127,9 @@ def value_problem(name: str, arr: np.ndarray) -> str | None:
         pos = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
         return f"non-finite value {arr[pos]} at position {list(pos)}"
     if name.endswith(".basis"):
-        a64 = arr.astype(np.float64)
-        gram = a64.T @ a64
+        # float32 products err by ~1e-5 here (D terms of 2^-24), far below the tolerance
+        a32 = np.asarray(arr, dtype=np.float32)
+        gram = (a32.T @ a32).astype(np.float64)
         gram[np.diag_indices_from(gram)] -= 1.0
         worst = float(np.abs(gram).max()) if gram.size else 0.0
         if worst > ORTHONORMAL_TOLERANCE:

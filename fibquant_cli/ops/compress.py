@@ -145,7 +145,7 @@ def _write(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, compare: bool, 
     """Encode ``dump`` into the file ``tmp``; the report (sizes and errors)."""
     profiles = entry_profiles(dump, spec)
     quantizers = make_quantizers(profiles, progress)
-    plans, kv_digests = prepass(dump, spec, progress)
+    plans, kv_digests = prepass(dump, spec, progress, jobs)
     doc = document(dump, quantizers, kv_digests, spec)
     norms_dtypes = {part_name(p.entry, p.layer, "norms"): p.norms_dtype for p in plans}
     specs = doc.expected_layout(norms_dtypes)
@@ -208,7 +208,7 @@ def _write_transform(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, basis
     from fibquant_cli.ops import transform as tc
 
     roles = tc.check_basis(dump, basis)
-    kv_digests = check_and_digest(dump, progress)
+    kv_digests = check_and_digest(dump, progress, jobs=jobs)
     tab = T.tables()
     mats = tc.matrices(dump, basis, roles, spec, tab)
     tc.gather_stats(dump, mats, progress, jobs)
@@ -259,29 +259,33 @@ def make_quantizers(profiles, progress: Progress) -> dict[Profile, FibQuantizer]
     return quantizers
 
 
-def check_and_digest(dump: Dump, progress: Progress, also=None) -> dict[str, str]:
+def check_and_digest(dump: Dump, progress: Progress, also=None, jobs: int = 1) -> dict[str, str]:
     """One read of every KV tensor: its digest and a NaN/Inf check (naming the position);
     ``also(name, info, raw, largest |value|)`` sees each tensor's bytes while they are in
-    memory."""
+    memory, in the reading thread. ``jobs`` threads read and digest tensors side by side (all
+    of it before a single byte is written, so it is wall time); errors come in file order."""
     digests = {}
     progress.start(len(dump.kv_names), "checking")
-    for name in dump.header.tensors:
-        if name not in dump.kv_names:
-            continue
+
+    def one(name: str):
         info = dump.header.tensors[name]
         raw = stfile.read_raw(dump.header, name)
-        digests[name] = tensor_digest(info.dtype, info.shape, raw)
         top = largest_magnitude(raw, info.dtype)
+        if np.isfinite(top) and also is not None:
+            also(name, info, raw, top)
+        return name, info, raw, tensor_digest(info.dtype, info.shape, raw), top
+
+    names = [name for name in dump.header.tensors if name in dump.kv_names]
+    for name, info, raw, digest, top in in_order(one, names, jobs, "fibquant-check"):
+        digests[name] = digest
         if not np.isfinite(top):
             arr = np.frombuffer(raw, dtype=info.numpy_dtype.newbyteorder("<"))
             check_finite(dump.header, name, arr.reshape(info.shape))  # names the position
-        if also is not None:
-            also(name, info, raw, top)
         progress.advance(name)
     return digests
 
 
-def prepass(dump: Dump, spec: CompressSpec, progress: Progress):
+def prepass(dump: Dump, spec: CompressSpec, progress: Progress, jobs: int = 1):
     """One read of every KV tensor: its digest, a NaN/Inf check, and a plan per layer.
 
     Returns (plans, KV source digests). Nothing is written before this has passed, so bad
@@ -295,7 +299,7 @@ def prepass(dump: Dump, spec: CompressSpec, progress: Progress):
         amax[name] = top
         amin_rows[name] = smallest_row_magnitude(raw, info.dtype, info.shape[-1])
 
-    digests = check_and_digest(dump, progress, bounds)
+    digests = check_and_digest(dump, progress, bounds, jobs)
     plans = []
     for i, entry in enumerate(dump.manifest.entries):
         center = spec.center_keys and entry.shape.role == "key"
