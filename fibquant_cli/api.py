@@ -324,11 +324,12 @@ def save_dump(kv, path, *, manifest: Manifest | Mapping | None = None,
 # --------------------------------------------------------------------------- reading
 
 
-def decompress(path) -> dict[str, np.ndarray]:
+def decompress(path, *, basis=None, jobs: int = 0) -> dict[str, np.ndarray]:
     """Every source tensor of the compressed file ``path``, ``{name: array}`` in the source's
-    order, names, shapes and dtypes as compressed (``Reader.read_all``)."""
-    with open_compressed(path) as reader:
-        return reader.read_all()
+    order, names, shapes and dtypes as compressed (``Reader.read_all``; ``basis``: the basis
+    file a transform-coded file was coded against, unless it embeds its own)."""
+    with open_compressed(path, basis) as reader:
+        return reader.read_all(jobs)
 
 
 def decompress_file(path, output=None, *, layers=None, tokens=None, force: bool = False,
@@ -452,12 +453,23 @@ class Reader:
             return cast_clamped(decode_slice(self._opened, i, layer, sel.start, sel.stop),
                                 numpy_dtype_for(SOURCE_DTYPES[shape.dtype]))
 
-    def read_all(self) -> dict[str, np.ndarray]:
-        """Every source tensor, ``{name: array}`` in the source's order; then every stored
-        array not read on the way is verified too, as ``decompress`` does."""
-        from fibquant_cli.ops.reader import verify_unread
+    def read_all(self, jobs: int = 0) -> dict[str, np.ndarray]:
+        """Every source tensor, ``{name: array}`` in the source's order, decoded by ``jobs``
+        threads (0: as many as ``decompress`` uses); then every stored array not read on the
+        way is verified too, as ``decompress`` does."""
+        import os
 
-        out = {name: self.read(name) for name in self.names}
+        from threadpoolctl import threadpool_limits
+
+        from fibquant_cli.ops.decompress import DECODE_THREADS
+        from fibquant_cli.ops.reader import verify_unread
+        from fibquant_cli.ops.threads import in_order
+
+        if jobs < 0:
+            raise UsageError(f"jobs must be >= 0, got {jobs}", path=str(self.path))
+        jobs = jobs or min(DECODE_THREADS, os.cpu_count() or 1)
+        with threadpool_limits(1):  # set once here: the threads' own limits then agree
+            out = dict(zip(self.names, in_order(self.read, self.names, jobs, "fibquant-read")))
         verify_unread(self._opened)
         return out
 

@@ -107,6 +107,13 @@ def test_ratio_is_met_all_inclusive_and_the_file_restores(cli, world, tmp_path):
     # the report's error is that of the file as restored
     assert kv_rel_mse(tensors, restored) == pytest.approx(rep["total"]["rel_mse"], rel=1e-5)
     assert rep["total"]["rel_mse"] < 0.01
+    # the Python API decodes the same values into memory, in threads or not
+    from fibquant_cli import api
+
+    for jobs in (1, 2):
+        in_memory = api.decompress(out, basis=basis, jobs=jobs)
+        assert list(in_memory) == list(restored)
+        assert all(bits_equal(in_memory[name], restored[name]) for name in restored)
 
 
 def test_more_bytes_buy_less_error(cli, world):
