@@ -5,9 +5,12 @@
 Grows the sample dump by tokens (``scale_dump.py --axis tokens --kv-only``), fits a basis on
 the sample itself (``calibrate``: throughput does not depend on which text the basis came
 from), then times, round by round, ``compress --bits 3`` and ``compress --basis B --ratio 8``
-(no attention scoring) and the ``decompress`` of each, in this process. Prints MB/s of fp16
-KV input (best of the rounds) and the transform / per-vector ratios: read the ratios, the
-machine may be shared (docs/benchmarks.md, "How to read it").
+(no attention scoring), the ``decompress`` of each to a file, and ``api.decompress`` of each
+into memory (the decode without the disk: writing and fsyncing the output), in this process.
+The previous round's outputs are deleted untimed (replacing a file is the file system's cost,
+not the codec's). Prints MB/s of fp16 KV input (best of the rounds) and the transform /
+per-vector ratios: read the ratios, the machine may be shared (docs/benchmarks.md, "How to
+read it").
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from fibquant_cli import api
     from fibquant_cli.ops.calibrate import calibrate
     from fibquant_cli.ops.compress import compress
     from fibquant_cli.ops.decompress import decompress
@@ -79,25 +83,29 @@ def main() -> None:
                     nonlocal rep
                     rep = compress(big, output=out, spec=spec, force=True, attention=False)
 
+                restored = tmp / "r.safetensors"
+                out.unlink(missing_ok=True)
                 t_enc = timed(enc)
                 ratios[name] = rep.total.ratio
+                restored.unlink(missing_ok=True)
                 t_dec = timed(lambda spec=spec, out=out: decompress(
-                    out, output=tmp / "r.safetensors", force=True, basis=spec.decode_basis))
-                for what, t in (("compress", t_enc), ("decompress", t_dec)):
+                    out, output=restored, force=True, basis=spec.decode_basis))
+                t_mem = timed(lambda spec=spec, out=out: api.decompress(
+                    out, basis=spec.decode_basis))
+                for what, t in (("compress", t_enc), ("decompress", t_dec), ("memory", t_mem)):
                     best[name, what] = max(best.get((name, what), 0.0), mb / t)
     width = None if sys.stdout.isatty() else 160
     table = Table(title=f"transform vs per-vector: sample x{args.times} by tokens, {mb:.1f} MB "
                         f"fp16 KV, best of {args.rounds} interleaved rounds, "
                         f"{os.cpu_count()} cores")
-    for col in ("codec", "ratio", "compress MB/s", "decompress MB/s"):
+    whats = ("compress", "decompress", "memory")
+    for col in ("codec", "ratio", "compress MB/s", "decompress MB/s", "decode to memory MB/s"):
         table.add_column(col, justify="right" if col != "codec" else "left")
     for name in specs:
-        table.add_row(name, f"{ratios[name]:.2f}x", f"{best[name, 'compress']:.1f}",
-                      f"{best[name, 'decompress']:.1f}")
+        table.add_row(name, f"{ratios[name]:.2f}x", *(f"{best[name, w]:.1f}" for w in whats))
     names = list(specs)
     table.add_row("transform / per-vector", "",
-                  f"{best[names[1], 'compress'] / best[names[0], 'compress']:.2f}",
-                  f"{best[names[1], 'decompress'] / best[names[0], 'decompress']:.2f}")
+                  *(f"{best[names[1], w] / best[names[0], w]:.2f}" for w in whats))
     Console(width=width).print(table)
 
 
