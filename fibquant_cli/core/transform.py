@@ -127,23 +127,20 @@ def _scalar_codes(x: np.ndarray, levels: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _searcher(width: int):
-    """The lookup-grid searcher (``core/fastsearch``, exact) of the shipped ``vq[width]``,
-    scaled so that its grid covers the codebook and at least ``SEARCH_FINE`` standard
-    deviations (nearest neighbours do not change under scaling). Coefficients beyond it go
-    to a second, coarse grid reaching ``SEARCH_COVER`` standard deviations, and only rarer
-    ones to the slow exact search: with the grid ending just past the codebook, 3% of the
-    pairs at width 4 took that search; one grid to 6 sigma made 14% of the cells mixed.
+    """The lookup-grid searcher (``core/fastsearch``, exact) of the shipped ``vq[width]``: a
+    fine grid over the codebook and at least ``SEARCH_FINE`` standard deviations; the
+    coefficients beyond it go to a second, coarse grid reaching ``SEARCH_COVER``, and only
+    rarer ones to the slow exact search. (With one grid ending just past the codebook, 3% of
+    the pairs at width 4 took that search; one grid to 6 sigma made 14% of the cells mixed.)
     Built at once on a 256-cell side: for these codebooks 6x faster to build than the
     default 1,024 and as fast to search (0.17 s and 10 M pairs/s at 1,024 codewords); for
     2-8 codewords 3x faster than a matrix-product search."""
     from fibquant_cli.core.fastsearch import GridSearcher
 
     cb = tables().vq[width].astype(np.float64)
-    scale = 1.0 / max(SEARCH_FINE, 1.05 * float(np.sqrt((cb * cb).sum(axis=1).max())))
-    wide = GridSearcher(cb * scale, side=SEARCH_GRID_SIDE,
-                        reach=max(1.0, SEARCH_COVER * scale))
-    return GridSearcher(cb * scale, side=SEARCH_GRID_SIDE, reach=1.0,
-                        fallback=wide), np.float32(scale)
+    fine = max(SEARCH_FINE, 1.05 * float(np.sqrt((cb * cb).sum(axis=1).max())))
+    wide = GridSearcher(cb, side=SEARCH_GRID_SIDE, reach=max(fine, SEARCH_COVER))
+    return GridSearcher(cb, side=SEARCH_GRID_SIDE, reach=fine, fallback=wide)
 
 
 def encode_pairs(c: np.ndarray, width: int, tab: Tables | None = None) -> np.ndarray:
@@ -166,8 +163,7 @@ def nearest_codeword(y: np.ndarray, width: int, tab: Tables) -> np.ndarray:
 
         return brute_nearest_f64(np.asarray(y, dtype=np.float64),
                                  tab.vq[width].astype(np.float64)).astype(np.uint32)
-    searcher, scale = _searcher(width)
-    return searcher.nearest(np.ascontiguousarray(y, dtype=np.float32) * scale)
+    return _searcher(width).nearest(np.ascontiguousarray(y, dtype=np.float32))
 
 
 def decode_pairs(codes: np.ndarray, width: int, tab: Tables | None = None) -> np.ndarray:
