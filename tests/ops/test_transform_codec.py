@@ -406,3 +406,28 @@ def test_forged_tables_and_widths_are_refused(cli, world, tmp_path):
     runs = _forged(out, tmp_path / "runs.fq.safetensors", doc_edit=short_runs)
     assert_error(cli("validate", runs), 4, "widths[0]", "pairs")
     assert not (tmp_path / "a.safetensors").exists()
+
+
+@pytest.mark.parametrize("style", ["half", "interleaved"])
+def test_codec_rows_are_the_basis_rows_in_pair_order(style):
+    """The codec turns keys on pair-ordered channels (one complex multiply) and moves them
+    back on output: the same rows calibrate fits its basis on, RoPE undone in float64."""
+    from types import SimpleNamespace
+
+    from fibquant_cli.codecs import transform as C
+    from fibquant_cli.core import transform as T
+
+    rng = np.random.default_rng(5)
+    b, h, t, d, first = 2, 3, 20, 8, 5
+    x = rng.standard_normal((b, h, t, d)).astype(np.float16)
+    rope = SimpleNamespace(theta=500.0, style=style, first_position=100)
+    lb = C.LayerBasis(np.eye(h * d, dtype=np.float32), T.tables(), rope, d)
+    got = C.codec_rows(x, lb, first)
+    plain = R.unrotate(x.astype(np.float64), 100 + first + np.arange(t), 500.0, style)
+    want = C.heads_side_by_side(plain)
+    assert np.abs(got - want[:, lb.order]).max() < 1e-5
+    assert np.abs(lb.to_stored(got) - want).max() < 1e-5
+    # and back: place() puts pair-ordered rows of one batch row into the heads' own order
+    dest = np.empty((h, t, d), dtype=np.float32)
+    C.place(lb, got[:t].reshape(t, h, d), dest)
+    assert np.abs(dest - plain[0]).max() < 1e-5
