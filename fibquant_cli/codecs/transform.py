@@ -94,7 +94,7 @@ class LayerBasis:
 
 def expand_widths(runs) -> tuple[int, ...]:
     """[[width, pairs], ...] -> the width of each pair."""
-    return tuple(int(w) for w, n in runs for _ in range(int(n)))
+    return tuple(x for w, n in runs for x in [int(w)] * int(n))
 
 
 def compress_widths(widths) -> list[list[int]]:
