@@ -87,7 +87,7 @@ class CalibrationReport:
 # ------------------------------------------------------------------------- opening the dumps
 
 
-def _dump_digest(dump: Dump) -> str:
+def dump_digest(dump: Dump) -> str:
     """``file_digest`` of the whole dump (every tensor), as ``fibquant digest`` prints it."""
     digests = {name: tensor_digest_of_chunks(info.dtype, info.shape,
                                              stfile.iter_raw(dump.header, name))
@@ -95,7 +95,7 @@ def _dump_digest(dump: Dump) -> str:
     return file_digest(digests)
 
 
-def _key_rope(source: _Source, rope_undo: bool) -> BasisRope | None:
+def key_rope(source: _Source, rope_undo: bool) -> BasisRope | None:
     """The RoPE to undo on this dump's keys, or None (pre-RoPE keys, or not asked to)."""
     entry = source.dump.manifest.entries[source.key]
     if not rope_undo or entry.shape.rope_state != "post_rope":
@@ -111,7 +111,7 @@ def _key_rope(source: _Source, rope_undo: bool) -> BasisRope | None:
 
 def _geometry(source: _Source, rope_undo: bool) -> dict:
     shape = source.dump.manifest.entries[source.key].shape
-    rope = _key_rope(source, rope_undo)
+    rope = key_rope(source, rope_undo)
     return {"layers": shape.layers, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim,
             "key rope_state": shape.rope_state,
             "rope theta": None if rope is None else rope.theta,
@@ -128,7 +128,7 @@ def open_sources(paths: list[str], rope_undo: bool, progress: Progress) -> list[
         if pair is None:
             raise InvalidInputError("calibrate needs exactly one key and one value entry of the "
                                     "same geometry", path=str(dump.manifest_path))
-        sources.append(_Source(dump, _dump_digest(dump), *pair))
+        sources.append(_Source(dump, dump_digest(dump), *pair))
         progress.advance("digest dumps")
     first = _geometry(sources[0], rope_undo)
     for source in sources[1:]:
@@ -310,6 +310,63 @@ def _pair_energy(energy: np.ndarray, style: str) -> np.ndarray:
     return out
 
 
+# ------------------------------------------------------------------------- the fit
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What calibrate learns from its dumps, before it is written: per (layer, role) the
+    ``(mean, basis, variance)`` float64 (float32 values, as the file stores them), the
+    sensitivity and query-weight tables (None without queries), the rows fitted per matrix."""
+
+    matrices: dict
+    sensitivity: np.ndarray | None
+    query_weight: np.ndarray | None
+    rows: int
+    dim: int
+
+
+def source_of(dump: Dump, digest: str) -> _Source:
+    """An open dump as a calibration source (``compress``'s own basis fits one)."""
+    pair = kv_entries(dump)
+    if pair is None:
+        raise InvalidInputError("fitting a basis needs exactly one key and one value entry of "
+                                "the same geometry", path=str(dump.manifest_path or dump.path))
+    return _Source(dump, digest, *pair)
+
+
+def fit_sources(sources: list[_Source], keep_first: int, rope: BasisRope | None,
+                progress: Progress) -> Fit:
+    """The basis of ``sources`` (in the order given; ``open_sources`` sorts them by digest):
+    moments, ``eigh``, then sensitivity and query weights from the dumps with queries.
+
+    Raises:
+        InvalidInputError: fewer than D + 1 rows per matrix after ``keep_first``.
+    """
+    shape = sources[0].dump.manifest.entries[sources[0].key].shape
+    layers, dim = shape.layers, shape.kv_heads * shape.head_dim
+    rows = sum(s.dump.manifest.entries[s.key].shape.batch
+               * max(0, s.dump.manifest.entries[s.key].shape.tokens - keep_first)
+               for s in sources)
+    if rows < dim + 1:
+        raise InvalidInputError(
+            f"too few tokens: a {dim}-dimensional basis needs at least {dim + 1} rows per "
+            f"matrix after the first {keep_first} token(s), the dumps give {rows}",
+            path=str(sources[0].dump.path))
+    moments = {(layer, role): Moments(dim) for layer in range(layers) for role in ROLES}
+    progress.start(len(sources) * layers, "fit")
+    for source in sources:
+        for layer in range(layers):
+            for role in ROLES:
+                moments[(layer, role)].add(_fit_rows(source, role, layer, keep_first, rope))
+            progress.advance("fit")
+    fits = {key: tuple(a.astype(np.float32).astype(np.float64) for a in m.fit())
+            for key, m in moments.items()}
+    sensitivity = measure_sensitivity(sources, fits, layers, keep_first, rope, progress)
+    query_weight = measure_query_weight(sources, fits, layers, keep_first, rope)
+    return Fit(fits, sensitivity, query_weight, rows, dim)
+
+
 # ------------------------------------------------------------------------- the command
 
 
@@ -338,36 +395,18 @@ def calibrate(paths: list[str], *, output: str, keep_first: int = DEFAULT_KEEP_F
     with threadpool_limits(1):  # small matmuls (see ops/fidelity); one thread is also repeatable
         sources = open_sources(paths, rope_undo, progress)
         shape = sources[0].dump.manifest.entries[sources[0].key].shape
-        layers, dim = shape.layers, shape.kv_heads * shape.head_dim
-        rope = _key_rope(sources[0], rope_undo)
-        rows = sum(s.dump.manifest.entries[s.key].shape.batch
-                   * max(0, s.dump.manifest.entries[s.key].shape.tokens - keep_first)
-                   for s in sources)
-        if rows < dim + 1:
-            raise InvalidInputError(
-                f"too few tokens: a {dim}-dimensional basis needs at least {dim + 1} rows per "
-                f"matrix after the first {keep_first} token(s), the dumps give {rows}",
-                path=str(sources[0].dump.path))
-        moments = {(layer, role): Moments(dim) for layer in range(layers) for role in ROLES}
-        progress.start(len(sources) * layers, "fit")
-        for source in sources:
-            for layer in range(layers):
-                for role in ROLES:
-                    moments[(layer, role)].add(_fit_rows(source, role, layer, keep_first, rope))
-                progress.advance("fit")
-        fits = {key: tuple(a.astype(np.float32).astype(np.float64) for a in m.fit())
-                for key, m in moments.items()}
-        sensitivity = measure_sensitivity(sources, fits, layers, keep_first, rope, progress)
-        query_weight = measure_query_weight(sources, fits, layers, keep_first, rope)
+        rope = key_rope(sources[0], rope_undo)
+        fit = fit_sources(sources, keep_first, rope, progress)
+    layers, dim, fits, sensitivity = shape.layers, fit.dim, fit.matrices, fit.sensitivity
     basis = write_basis(out, layers=layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
-                        rope=rope, keep_first=keep_first, tokens=rows,
+                        rope=rope, keep_first=keep_first, tokens=fit.rows,
                         sources=[BasisSource(s.name, s.digest) for s in sources],
-                        matrices=fits, sensitivity=sensitivity, query_weight=query_weight,
-                        force=force)
+                        matrices=fit.matrices, sensitivity=fit.sensitivity,
+                        query_weight=fit.query_weight, force=force)
     top = max(1, math.ceil(TOP_FRACTION * dim))
     report = CalibrationReport(
         output=str(out), digest=basis.digest, layers=layers, kv_heads=shape.kv_heads,
-        head_dim=shape.head_dim, dim=dim, tokens=rows, rope_undone=rope is not None,
+        head_dim=shape.head_dim, dim=dim, tokens=fit.rows, rope_undone=rope is not None,
         keep_first=keep_first,
         sources=[{"file": str(s.dump.path), "digest": s.digest,
                   "queries": s.dump.manifest.attention is not None} for s in sources],
