@@ -124,10 +124,12 @@ def compress_file(path, output=None, *, manifest=None, bits: float | None = None
                   ratio: float | None = None, spec: CompressSpec | None = None,
                   compare: bool = False,
                   attention: bool = True, max_queries: int | None = None, jobs: int = 0,
+                  own_basis: str = "auto",
                   force: bool = False, progress: Progress | None = None) -> CompressReport:
     """Compress the dump file ``path`` (with its manifest) into ``output`` (default: beside it,
     ``X.fq.safetensors``): ``fibquant compress``. Options as in ``compress``; ``compare``
-    also measures the scalar baseline at the same rate."""
+    also measures the scalar baseline at the same rate; ``own_basis`` (auto, always, never)
+    as ``--own-basis``."""
     from fibquant_cli.ops.compress import compress as run
 
     spec = _spec(spec, bits=bits, block_dim=block_dim, size=size, key_bits=key_bits,
@@ -136,7 +138,8 @@ def compress_file(path, output=None, *, manifest=None, bits: float | None = None
                  keep_first=keep_first, keep_last=keep_last, center_keys=center_keys,
                  basis=basis, embed_basis=embed_basis or None, ratio=ratio)
     return run(path, manifest=manifest, output=output, spec=spec, compare=compare, force=force,
-               attention=attention, max_queries=max_queries, jobs=jobs, progress=progress)
+               attention=attention, max_queries=max_queries, jobs=jobs, progress=progress,
+               own_basis=own_basis)
 
 
 def _spec(spec: CompressSpec | None, **options) -> CompressSpec:

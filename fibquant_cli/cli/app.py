@@ -35,6 +35,7 @@ from fibquant_cli.cli.options import (
     ModelOpt,
     NOpt,
     OutOpt,
+    OwnBasisOpt,
     PathArg,
     PrefixOpt,
     RatioOpt,
@@ -159,6 +160,7 @@ def compress(
     basis: CodeBasisOpt = None,
     embed_basis: EmbedBasisOpt = False,
     ratio: RatioOpt = None,
+    own_basis: OwnBasisOpt = "auto",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -177,9 +179,10 @@ def compress(
                              "--no-center-keys", options=("target_cosine",))
         from fibquant_cli.ops.target import choose_for_target
 
-        if ratio is not None or embed_basis:
-            raise UsageError("{target_cosine} picks the ratio itself: drop --ratio and "
-                             "--embed-basis", options=("target_cosine",))
+        if ratio is not None or embed_basis or own_basis == "always":
+            raise UsageError("{target_cosine} picks the ratio itself: drop --ratio, "
+                             "--embed-basis and --own-basis always", options=("target_cosine",))
+        own_basis = "never"  # the target was measured with the codec it picked
         with RichProgress() as progress:
             spec, choice = choose_for_target(path, target_cosine, manifest=manifest, seed=seed,
                                              max_queries=max_queries or 2048, basis=basis,
@@ -195,7 +198,7 @@ def compress(
     with RichProgress() as progress:
         rep = compress_file(path, output, manifest=manifest, spec=spec, compare=compare,
                             force=force, attention=attention, max_queries=max_queries, jobs=jobs,
-                            progress=progress, **options)
+                            own_basis=own_basis, progress=progress, **options)
     if as_json:
         from fibquant_cli.ops.fidelity import headline
 
@@ -214,6 +217,8 @@ def compress(
                                f"({'PROXY, ' if rep.attention.proxy else ''}the statistic that "
                                "ranks operating points like the model's own KL)")
     console.stdout().print(tables.compress_table(rep, compare))
+    if rep.own_basis is not None:
+        console.stdout().print(tables.own_basis_line(rep.own_basis))
     if rep.attention is not None:
         console.stdout().print(tables.fidelity_table(rep.attention, "fidelity"))
     elif attention:

@@ -66,3 +66,7 @@ CodeBasisOpt = Annotated[str | None, typer.Option(
 EmbedBasisOpt = Annotated[bool, typer.Option(
     "--embed-basis", help="With --basis: store the basis in the file (self-contained, "
     "larger).")]
+OwnBasisOpt = Annotated[str, typer.Option(
+    "--own-basis", help="Without --basis: auto transform-codes against a basis fitted on the "
+    "dump and embedded when that measures better at the same size (long dumps); always, "
+    "never.")]

@@ -194,3 +194,13 @@ def calibrate_table(rep) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def own_basis_line(dec: dict) -> str:
+    """compress without --basis: what was chosen between the per-vector codec and an own
+    basis, and the measurement behind it."""
+    line = f"own basis ({dec['mode']}): {dec['choice']}; {dec['reason']}"
+    if dec["basis_bytes"] is not None:
+        line += (f". Own basis {_size(dec['basis_bytes'])}, {dec['basis_share']:.1%} of the "
+                 f"KV bytes of a {_size(dec['budget_bytes'])} file; {dec['seconds']:.1f} s")
+    return line

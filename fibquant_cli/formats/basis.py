@@ -215,10 +215,11 @@ class Basis:
     tokens: int
     sources: tuple[BasisSource, ...]
     digest: str
-    _header: stfile.Header
+    _header: stfile.Header | None  # None: held in memory (``_arrays``)
     _tensor_digests: Mapping[str, str]
     _sensitivity: np.ndarray | None
     _query_weight: np.ndarray | None = None
+    _arrays: Mapping[str, np.ndarray] | None = None  # a basis held in memory (``basis_of``)
 
     @property
     def dim(self) -> int:
@@ -257,12 +258,27 @@ class Basis:
             raise ValueError(f"layer {layer} is outside [0, {self.layers})")
 
     def _read(self, name: str) -> np.ndarray:
+        if self._arrays is not None:
+            return self._arrays[name].copy()
         info = self._header.tensors[name]
         raw = stfile.read_raw(self._header, name)
         if tensor_digest(info.dtype, info.shape, raw) != self._tensor_digests[name]:
             raise IntegrityError("the tensor changed since the basis was loaded",
                                  path=str(self.path), tensor=name)
         return np.frombuffer(raw, dtype="<f4").reshape(info.shape).astype(np.float32)
+
+
+def basis_of(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str],
+             path: str | os.PathLike) -> Basis:
+    """A basis held in memory, from ``encode_basis``'s tensors and metadata (checked there):
+    what ``compress`` fits on a dump itself and embeds instead of writing a file. ``path``
+    names it in messages (the dump it was fitted on)."""
+    meta = json.loads(metadata[METADATA_KEY])
+    arrays = {name: np.asarray(arr, dtype=np.float32) for name, arr in tensors.items()}
+    return Basis(Path(path), meta["layers"], meta["kv_heads"], meta["head_dim"],
+                 _rope(meta["rope"]), meta["keep_first"], meta["tokens"],
+                 _sources(meta["sources"]), meta["digest"], None, {},
+                 arrays.get(SENSITIVITY), arrays.get(QUERY_WEIGHT), arrays)
 
 
 def _fail(reason: str, field: str | None = None) -> InvalidInputError:

@@ -9,7 +9,9 @@ format version, the document (``Document``) and the document's digest.
 Versions: 1 (no ``codec`` per entry: read as ``fibquant``), 2 (entries name their codec),
 3 (``blocks``: per-block digests of codes and norms, so random access checks what it reads),
 4 (``transform``: entries of the transform codec, their widths and exceptions per layer, the
-coefficient tables ``fq/t/...`` and the basis, by digest or embedded as ``fq/b/...``).
+coefficient tables ``fq/t/...`` and the basis, by digest or embedded as ``fq/b/...``),
+5 (an embedded basis keeps only its coded columns, in fp16; ``transform.own`` says whether it
+was fitted on the dump itself).
 
 ``open_container`` checks, in order: the metadata keys, the document digest, the version (a
 mismatch with the verified document is corruption, not "upgrade"), the document
@@ -44,7 +46,7 @@ from fibquant_cli.formats.digest import (
 from fibquant_cli.formats.kvlayout import check_manifest_against_dump
 from fibquant_cli.formats.manifest import Manifest, parse_manifest
 
-FORMAT_VERSION = 4  # the newest this fibquant reads and writes
+FORMAT_VERSION = 5  # the newest this fibquant reads and writes
 PER_VECTOR_VERSION = 3  # what files of the per-vector codec alone are written as, so that
 # fibquant 0.2 (formats 1-3) reads them; transform files need TRANSFORM_SINCE
 OLDEST_VERSION = 1
@@ -56,6 +58,9 @@ DOC_KEYS = ("format_version", "tool", "source", "manifest", "profiles", "entries
 BLOCKS_SINCE = 3  # the first format version with ``blocks``
 TRANSFORM_SINCE = 4  # the first with ``transform`` (and entries of the transform codec)
 TRANSFORM_KEYS = ("basis_digest", "embedded", "rope")
+# The first with the compact embedded basis (only the coded columns, F16) and ``transform.own``;
+# transform files whose basis is not embedded are still written as TRANSFORM_SINCE.
+COMPACT_BASIS_SINCE = 5
 TRANSFORM_ENTRY_KEYS = ("widths", "exceptions")
 SOURCE_KEYS = ("file", "file_digest", "tensor_order", "metadata", "tensors")
 PROFILE_KEYS = ("profile", "profile_digest", "codebook_digest", "rotation_digest")
@@ -85,6 +90,12 @@ def scalar_table_name(bits: int) -> str:
 def basis_name(layer: int, role: str) -> str:
     """An embedded basis matrix (columns) of one layer and role."""
     return f"fq/b/l{layer}/{role}"
+
+
+def live_columns(runs) -> int:
+    """The coded components of a row (two per pair of width > 0) of run-length widths
+    ``[[width, pairs], ...]``: the columns of a compact embedded basis."""
+    return 2 * sum(int(n) for w, n in runs if w)
 
 
 def part_name(i: int, layer: int, part: str) -> str:
@@ -180,9 +191,13 @@ class TransformRecord:
     basis_digest: str
     embedded: bool
     rope: bool
+    own: bool = False  # format >= 5: the basis was fitted on this dump (compress --own-basis)
 
-    def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in TRANSFORM_KEYS}
+    def to_json(self, version: int = TRANSFORM_SINCE) -> dict:
+        out = {k: getattr(self, k) for k in TRANSFORM_KEYS}
+        if version >= COMPACT_BASIS_SINCE:
+            out["own"] = self.own
+        return out
 
 
 @dataclass(frozen=True)
@@ -207,7 +222,8 @@ class Document:
         if self.format_version >= BLOCKS_SINCE:
             obj["blocks"] = {n: b.to_json() for n, b in self.blocks.items()}
         if self.format_version >= TRANSFORM_SINCE:
-            obj["transform"] = None if self.transform is None else self.transform.to_json()
+            obj["transform"] = (None if self.transform is None
+                                else self.transform.to_json(self.format_version))
         return obj
 
     def transform_widths(self) -> tuple[list[int], list[int]]:
@@ -261,15 +277,34 @@ class Document:
                 blocks[name] = _parse_blocks(rec, f"blocks['{stfile.label(name)}']")
         transform = None
         if version >= TRANSFORM_SINCE and top["transform"] is not None:
-            rec = _object(top["transform"], "transform", TRANSFORM_KEYS)
+            compact = version >= COMPACT_BASIS_SINCE
+            rec = _object(top["transform"], "transform",
+                          TRANSFORM_KEYS + (("own",) if compact else ()))
             _digest(rec["basis_digest"], "transform.basis_digest")
             transform = TransformRecord(rec["basis_digest"],
                                         _bool(rec["embedded"], "transform.embedded"),
-                                        _bool(rec["rope"], "transform.rope"))
+                                        _bool(rec["rope"], "transform.rope"),
+                                        compact and _bool(rec["own"], "transform.own"))
+            if transform.own and not transform.embedded:
+                raise _Bad("transform.own", "a basis fitted on the dump itself must be "
+                                            "embedded, found embedded false")
         if any(e.codec == "transform" for e in entries) and transform is None:
             raise _Bad("transform", "transform entries need the transform record, found null")
         return cls(version, tool, source, manifest, profiles, entries, dict(arrays), blocks,
                    transform)
+
+    def _basis_layout(self) -> list[tuple[str, str, tuple]]:
+        """The embedded basis: format 4 every column (D, D) F32; from 5 the coded columns of
+        each layer (D, live) F16, in ascending component order (docs/container.md)."""
+        compact = self.format_version >= COMPACT_BASIS_SINCE
+        specs = []
+        for entry, rec in zip(self.manifest.entries, self.entries):
+            if rec.codec == "transform":
+                d = entry.shape.kv_heads * entry.shape.head_dim
+                specs += [(basis_name(layer, entry.shape.role), "F16" if compact else "F32",
+                           (d, live_columns(rec.widths[layer]) if compact else d))
+                          for layer in range(entry.shape.layers)]
+        return specs
 
     def expected_blocks(self, layout: list[tuple[str, str, tuple]]) -> dict[str, int]:
         """name -> block bytes of every array that has block digests (format >= 3), given the
@@ -303,11 +338,7 @@ class Document:
         specs += [(vq_table_name(w), "F32", (2**w, 2)) for w in vq]
         specs += [(scalar_table_name(b), "F32", (2**b,)) for b in scalar]
         if self.transform is not None and self.transform.embedded:
-            for entry, rec in zip(self.manifest.entries, self.entries):
-                if rec.codec == "transform":
-                    d = entry.shape.kv_heads * entry.shape.head_dim
-                    specs += [(basis_name(layer, entry.shape.role), "F32", (d, d))
-                              for layer in range(entry.shape.layers)]
+            specs += self._basis_layout()
         for i, (entry, rec) in enumerate(zip(self.manifest.entries, self.entries)):
             codec = codecs.get(rec.codec)
             profile = None if rec.profile is None else self.profiles[rec.profile].profile

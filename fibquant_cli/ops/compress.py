@@ -75,7 +75,8 @@ AUTO_JOBS_MIN_BYTES = 16 * 2**20
 def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = None,
              compare: bool = False, force: bool = False, attention: bool = True,
              max_queries: int | None = None, jobs: int = 0,
-             progress: Progress | None = None, encoder=None) -> CompressReport:
+             progress: Progress | None = None, encoder=None,
+             own_basis: str = "never") -> CompressReport:
     """Compress a KV dump into one self-contained ``.fq.safetensors`` file.
 
     ``source`` is a dump's path, or a ``Dump`` already open (``kvdump.dump_of_arrays``: arrays
@@ -88,12 +89,19 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
     ``encoder`` replaces ``encoded_layers`` (same arguments, same EncodedLayers in plan order):
     ``ops.batch`` hands the layer ranges of a large dump to other workers with it. Whoever
     encodes, the file is written here, so its bytes are the same.
+
+    ``own_basis`` (without ``spec.basis``): ``auto`` transform-codes the dump against a basis
+    fitted on itself and embedded when that measures better at the per-vector file's size,
+    ``always`` does so unmeasured, ``never`` (the default here; ``fibquant compress``'s is
+    auto) keeps the per-vector codec (``ops/own_basis``).
     """
+    from fibquant_cli.ops.own_basis import check_mode
     start = time.perf_counter()
     progress = progress or Progress()
     spec = spec or CompressSpec()
     if jobs < 0:
         raise UsageError(f"{{jobs}} must be >= 0, got {jobs}", options=("jobs",))
+    check_mode(own_basis, spec)
     in_memory = isinstance(source, Dump)
     source = source if in_memory else untrusted.input_path(source)
     out = output_path(output) if output is not None else None
@@ -112,15 +120,22 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
         jobs = jobs or auto_jobs(dump)
         if attention:
             check_queries_finite(dump, None if max_queries else scored_layers(dump))
-        basis = None
+        basis = decision = planned = None
+        if spec.basis is None and own_basis != "never":
+            from fibquant_cli.ops.own_basis import decide
+
+            decision, planned, basis = decide(dump, spec, own_basis, progress, jobs)
         if spec.basis is not None:
             from fibquant_cli.formats.basis import load_basis
 
             basis = load_basis(spec.basis)
             rep = _write_transform(dump, tmp, out, spec, basis, progress, jobs)
+        elif planned is not None:
+            rep = _write_transform(dump, tmp, out, spec, basis, progress, jobs, planned)
         else:
             rep = _write(dump, tmp, out, spec, compare, jobs, progress, encoder or encoded_layers)
         rep.spec, rep.jobs = spec.to_json(), jobs
+        rep.own_basis = None if decision is None else decision.to_json()
         if attention:
             from fibquant_cli.ops.fidelity import DEFAULT_LAYER_SAMPLE, DEFAULT_QUERY_SAMPLE, measure
 
@@ -128,7 +143,7 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
             # Decoded from the file just written; its array digests were computed moments ago
             # from the same bytes, so hashing them again would only repeat that work.
             written = open_verified(tmp, verify_arrays=False,
-                                    basis=None if spec.embed_basis else basis)
+                                    basis=None if spec.embed_basis or planned else basis)
             # Default: a sample of query positions over the whole context (bounded cost);
             # max_queries: the last N positions (N >= tokens scores every one).
             if max_queries:
@@ -181,6 +196,21 @@ def _write(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, compare: bool, 
     return compress_report(dump, out, tmp.stat().st_size, n_bytes, quantizers, profiles, runs)
 
 
+def per_vector_bytes(dump: Dump, spec: CompressSpec, progress: Progress) -> int:
+    """The size of the file ``_write`` makes of ``dump`` with ``spec``, without encoding (norms
+    taken as fp16: a file with an f32 norms layer is a few bytes larger)."""
+    quantizers = make_quantizers(entry_profiles(dump, spec), progress)
+    doc = document(dump, quantizers, {}, spec)
+    specs = doc.expected_layout({})
+    n_bytes = {name: stfile.tensor_n_bytes(dtype, dims) for name, dtype, dims in specs}
+    blocks = {name: BlockDigests(size, (PLACEHOLDER_DIGEST,) * -(-n_bytes[name] // size))
+              for name, size in doc.expected_blocks(specs).items()}
+    metadata = container.metadata_for(dataclasses.replace(
+        doc, arrays={name: PLACEHOLDER_DIGEST for name in n_bytes}, blocks=blocks))
+    header = stfile.header_bytes(stfile.plan_layout(specs, "<planned>"), metadata, "<planned>")
+    return len(header) + sum(n_bytes.values())
+
+
 def copy_passthrough(w: StreamWriter, dump: Dump, source: Source, digests: dict) -> Source:
     """Stream every tensor no entry compresses, bit-exact, hashing it as it is written; the
     source record with their digests and the file digest filled in."""
@@ -201,34 +231,58 @@ def copy_passthrough(w: StreamWriter, dump: Dump, source: Source, digests: dict)
         file_digest=file_digest({n: t.digest for n, t in source_tensors.items()}))
 
 
-def _write_transform(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, basis,
-                     progress: Progress, jobs: int = 1) -> CompressReport:
-    """Transform-code ``dump`` against ``basis`` into ``tmp`` (ops/transform has the passes)."""
+@dataclasses.dataclass
+class TransformPlan:
+    """A transform-coded file planned but not yet written: its document, widths and the
+    matrices with their statistics (``prepare_transform``)."""
+
+    doc: Document
+    mats: list
+    widths: list
+    tables: object  # core.transform.Tables
+
+
+def prepare_transform(dump: Dump, spec: CompressSpec, basis, progress: Progress, jobs: int = 1,
+                      *, target: float | None = None, kv_digests: dict | None = None,
+                      own: bool = False) -> TransformPlan:
+    """Check, gather statistics and allocate for a file of at most ``target`` bytes (default:
+    what ``spec`` asks for); ``own``: ``basis`` was fitted on ``dump`` (embedded)."""
     from fibquant_cli.core import transform as T
     from fibquant_cli.ops import transform as tc
 
     roles = tc.check_basis(dump, basis)
-    kv_digests = check_and_digest(dump, progress, jobs=jobs)
+    kv_digests = kv_digests or check_and_digest(dump, progress, jobs=jobs)
     tab = T.tables()
-    mats = tc.matrices(dump, basis, roles, spec, tab)
+    mats = tc.matrices(dump, basis, roles, spec, tab, own)
     tc.gather_stats(dump, mats, progress, jobs)
     base = Document(container.TRANSFORM_SINCE, f"fibquant {__version__}",
                     source_record(dump, kv_digests), dump.manifest, (), (), {})
-    target = tc.target_bytes(dump, spec, tc.raw_bytes(dump))
-    _, doc, widths = tc.plan(dump, base, mats, basis, spec, roles, target, progress)
-    specs = doc.expected_layout(tc.stats_dtypes(mats))
+    if target is None:
+        target = tc.target_bytes(dump, spec, tc.raw_bytes(dump))
+    _, doc, widths = tc.plan(dump, base, mats, basis, spec, roles, target, progress, own)
+    return TransformPlan(doc, mats, widths, tab)
+
+
+def _write_transform(dump: Dump, tmp: Path, out: Path, spec: CompressSpec, basis,
+                     progress: Progress, jobs: int = 1,
+                     planned: TransformPlan | None = None) -> CompressReport:
+    """Transform-code ``dump`` against ``basis`` into ``tmp`` (ops/transform has the passes)."""
+    from fibquant_cli.ops import transform as tc
+
+    p = planned or prepare_transform(dump, spec, basis, progress, jobs)
+    specs = p.doc.expected_layout(tc.stats_dtypes(p.mats))
     digests = {name: PLACEHOLDER_DIGEST for name, _, _ in specs}
-    metadata = container.metadata_for(dataclasses.replace(doc, arrays=digests))
+    metadata = container.metadata_for(dataclasses.replace(p.doc, arrays=digests))
     with StreamWriter(tmp, specs, metadata, publish=False) as w:
-        for name, arr in tc.shared_arrays(doc, basis, tab):
+        for name, arr in tc.shared_arrays(p.doc, p.mats, p.tables):
             w.write(name, arr)
             digests[name] = _array_digest(arr)
-        accs = tc.encode_all(dump, mats, widths, w, digests, progress, _array_digest, jobs)
-        final_source = copy_passthrough(w, dump, doc.source, digests)
+        accs = tc.encode_all(dump, p.mats, p.widths, w, digests, progress, _array_digest, jobs)
+        final_source = copy_passthrough(w, dump, p.doc.source, digests)
         w.replace_metadata(container.metadata_for(
-            dataclasses.replace(doc, source=final_source, arrays=digests)))
+            dataclasses.replace(p.doc, source=final_source, arrays=digests)))
         n_bytes = {info.name: info.n_bytes for info in w.layout}
-    return tc.report(dump, out, tmp.stat().st_size, n_bytes, accs, mats, widths)
+    return tc.report(dump, out, tmp.stat().st_size, n_bytes, accs, p.mats, p.widths)
 
 
 # --------------------------------------------------------------------------- planning

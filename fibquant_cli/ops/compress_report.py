@@ -45,6 +45,7 @@ class CompressReport:
     spec: dict | None = None
     seconds: float = 0.0
     jobs: int = 1
+    own_basis: dict | None = None  # compress without --basis: ops/own_basis.OwnBasisDecision
 
     def to_json(self) -> dict:
         out = asdict(self)

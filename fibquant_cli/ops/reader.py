@@ -142,9 +142,13 @@ class TransformState:
             if basis is not None:
                 raise UsageError("this file embeds its basis: drop {basis}", path=str(comp.path),
                                  options=("basis",))
-            for role, layers in roles:
+            compact = comp.doc.format_version >= container.COMPACT_BASIS_SINCE
+            for (role, layers), rec_i in zip(roles, [r for r in comp.doc.entries
+                                                     if r.codec == "transform"]):
                 for layer in range(layers):
-                    matrices[layer, role] = _checked_read(comp, container.basis_name(layer, role))
+                    u = _checked_read(comp, container.basis_name(layer, role))
+                    matrices[layer, role] = (_expand_columns(comp, container.basis_name(
+                        layer, role), u, rec_i.widths[layer]) if compact else u)
         else:
             if basis is None:
                 raise UsageError(f"this file was coded against the basis {rec.basis_digest}: "
@@ -169,6 +173,31 @@ class TransformState:
         rope = entry.rope if self.rope and entry.shape.role == "key" else None
         return LayerBasis(self.matrices[layer, entry.shape.role], self.tables, rope,
                           entry.shape.head_dim)
+
+
+# An embedded basis' stored columns, rounded to fp16 from orthonormal ones, have |U^T U - I|
+# below about 2 * 2**-11; a forged or damaged one beyond this is refused.
+EMBEDDED_ORTHONORMAL_TOLERANCE = 1e-2
+
+
+def _expand_columns(comp: container.Container, name: str, stored: np.ndarray,
+                    runs) -> np.ndarray:
+    """The (D, D) float32 basis of a compact embedded layer (format >= 5): the stored coded
+    columns (D, live) in place, zeros in the columns no pair codes (decoding never reads them)."""
+    from fibquant_cli.codecs.transform import expand_widths, live_components
+
+    live = live_components(expand_widths(runs))
+    u = stored.astype(np.float32)
+    gram = u.astype(np.float64).T @ u.astype(np.float64)
+    gram[np.diag_indices_from(gram)] -= 1.0
+    if gram.size and float(np.abs(gram).max()) > EMBEDDED_ORTHONORMAL_TOLERANCE:
+        raise IntegrityError(f"embedded basis columns are not orthonormal: |U^T U - I| reaches "
+                             f"{float(np.abs(gram).max()):.3g} (at most "
+                             f"{EMBEDDED_ORTHONORMAL_TOLERANCE:g})", path=str(comp.path),
+                             tensor=name)
+    out = np.zeros((u.shape[0], u.shape[0]), dtype=np.float32)
+    out[:, live] = u
+    return out
 
 
 def _checked_read(comp: container.Container, name: str) -> np.ndarray:

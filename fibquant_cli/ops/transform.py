@@ -88,8 +88,18 @@ def check_basis(dump: Dump, basis) -> dict[str, int]:
     return roles  # a basis fitted on keys as stored (rope null) codes them as stored
 
 
-def matrices(dump: Dump, basis, roles: dict[str, int], spec, tab: T.Tables) -> list[Matrix]:
+def embeds(spec, own: bool) -> bool:
+    """Whether the file stores its basis: asked for (``--embed-basis``), or fitted on the dump."""
+    return spec.embed_basis or own
+
+
+def matrices(dump: Dump, basis, roles: dict[str, int], spec, tab: T.Tables,
+             own: bool = False) -> list[Matrix]:
+    """The matrices to code. An embedded basis is stored in fp16 (docs/container.md, format
+    5), so its columns are rounded here: the encoder projects with exactly what decoding
+    reads, and the statistics and errors it measures are the file's."""
     out = []
+    rounded = embeds(spec, own)
     for role in ("key", "value"):
         i = roles[role]
         entry = dump.manifest.entries[i]
@@ -100,7 +110,10 @@ def matrices(dump: Dump, basis, roles: dict[str, int], spec, tab: T.Tables) -> l
         kl = min(spec.keep_last, t - kf)
         for layer in range(entry.shape.layers):
             u = np.ascontiguousarray(basis.matrix(layer, role)[1], dtype=np.float32)
-            out.append(Matrix(i, layer, codec.LayerBasis(u, tab, rope, entry.shape.head_dim), (kf, kl),
+            if rounded:
+                u = u.astype(np.float16).astype(np.float32)
+            out.append(Matrix(i, layer, codec.LayerBasis(u, tab, rope, entry.shape.head_dim),
+                              (kf, kl),
                               entry.shape.batch * (t - kf - kl)))
     return out
 
@@ -147,7 +160,7 @@ def weights(mats: list[Matrix], basis, dump: Dump) -> list[float]:
 
 
 def transform_document(base: Document, dump: Dump, mats, widths, basis, spec,
-                       roles: dict[str, int]) -> Document:
+                       roles: dict[str, int], own: bool = False) -> Document:
     entries: list = [None] * len(dump.manifest.entries)
     for i in roles.values():
         shape = dump.manifest.entries[i].shape
@@ -158,9 +171,12 @@ def transform_document(base: Document, dump: Dump, mats, widths, basis, spec,
             tuple(tuple(tuple(r) for r in codec.compress_widths(w)) for _, w in mine),
             tuple(int(m.over[codec.live_components(w)].sum()) for m, w in mine))
     rope = basis.rope is not None
+    embedded = embeds(spec, own)
     return dataclasses.replace(
-        base, profiles=(), entries=tuple(entries),
-        transform=TransformRecord(basis.digest, spec.embed_basis, rope))
+        base, format_version=(container.COMPACT_BASIS_SINCE if embedded
+                              else container.TRANSFORM_SINCE),
+        profiles=(), entries=tuple(entries),
+        transform=TransformRecord(basis.digest, embedded, rope, own))
 
 
 def stats_dtypes(mats) -> dict[str, str]:
@@ -190,7 +206,7 @@ def table_bytes(widest: int) -> int:
 
 
 def plan(dump: Dump, base: Document, mats, basis, spec, roles, target_bytes: float,
-         progress: Progress):
+         progress: Progress, own: bool = False):
     """The widths of every matrix for a file of at most ``target_bytes``.
 
     The allocator's steps are taken while the file fits (a search over their prefix: the size
@@ -210,14 +226,15 @@ def plan(dump: Dump, base: Document, mats, basis, spec, roles, target_bytes: flo
     best = None
     for widest in choices or [2]:
         delta = {k: v for k, v in T.tables().delta.items() if k <= widest}
-        got = _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta)
+        got = _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta,
+                   own)
         if best is None or got[0] < best[0]:
             best = got
         progress.advance(f"widest width {widest}")
     return best[1:]
 
 
-def _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta):
+def _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta, own):
     """(weighted distortion, size, document, widths) of the longest prefix that fits.
 
     The search runs on an estimate (codes, exceptions and tables added to the exact size of
@@ -230,7 +247,7 @@ def _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta
 
     def exact(count: int) -> tuple[int, Document, list]:
         widths = steps.widths(count)
-        doc = transform_document(base, dump, mats, widths, basis, spec, roles)
+        doc = transform_document(base, dump, mats, widths, basis, spec, roles, own)
         return file_bytes(doc, chosen), doc, widths
 
     # The estimate after each prefix of the steps: code bits, exceptions (a pair's count joins
@@ -244,7 +261,10 @@ def _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta
     exc = np.cumsum(np.where(steps.step == 0, pair_over[steps.pair], 0), dtype=np.int64)
     widest = np.maximum.accumulate(hi_w) if len(steps) else np.zeros(0, np.int64)
     tables = np.array([table_bytes(x) for x in range(int(steps.hull[-1]) + 1)])
-    variable = np.concatenate([[0], (bits + 7) // 8 + 6 * exc + tables[widest]])
+    # an embedded basis stores the two columns of a pair (F16, D each) once it is coded
+    column_bytes = 2 * mats[0].lb.u.shape[0] if mats and embeds(spec, own) else 0
+    columns = np.cumsum(np.where(steps.step == 0, 2 * column_bytes, 0), dtype=np.int64)
+    variable = np.concatenate([[0], (bits + 7) // 8 + 6 * exc + columns + tables[widest]])
 
     empty = exact(0)
     if empty[0] > target_bytes:
@@ -302,17 +322,20 @@ def encode_all(dump: Dump, mats, widths, writer, digests: dict, progress: Progre
     return accs
 
 
-def shared_arrays(doc: Document, basis, tab: T.Tables) -> list[tuple[str, np.ndarray]]:
+def shared_arrays(doc: Document, mats, tab: T.Tables) -> list[tuple[str, np.ndarray]]:
+    """The coefficient tables and, when embedded, the basis: of each matrix only the columns
+    its pairs code, in ascending component order, fp16 (``matrices`` rounded them already,
+    so these are the very values the encoder projected with)."""
     vq, scalar = doc.transform_widths()
     out = [(vq_table_name(w), tab.vq[w]) for w in vq]
     out += [(scalar_table_name(b), tab.scalar[b]) for b in scalar]
     if doc.transform.embedded:
-        for entry, rec in zip(doc.manifest.entries, doc.entries):
-            if rec.codec == "transform":
-                out += [(basis_name(layer, entry.shape.role),
-                         np.ascontiguousarray(basis.matrix(layer, entry.shape.role)[1],
-                                              dtype=np.float32))
-                        for layer in range(entry.shape.layers)]
+        for m in sorted(mats, key=lambda m: (m.entry, m.layer)):  # the layout's order
+            runs = doc.entries[m.entry].widths[m.layer]
+            live = codec.live_components(codec.expand_widths(runs))
+            role = doc.manifest.entries[m.entry].shape.role
+            out.append((basis_name(m.layer, role),
+                        np.ascontiguousarray(m.lb.u[:, live].astype(np.float16))))
     return out
 
 

@@ -143,14 +143,53 @@ def test_embedded_basis_is_self_contained(cli, world, tmp_path):
                                 "--no-attention")
     emb, rep_emb = compress(cli, world, "emb.fq.safetensors", "--bits", "4", "--embed-basis",
                             "--no-attention")
-    # the embedded matrices (float32, D x D per layer and role) are counted in the file
-    basis_bytes = LAYERS * 2 * (HEADS * D) ** 2 * 4
-    assert emb.stat().st_size > basis_bytes
+    # the embedded basis (its coded columns, fp16) is counted in the file, at the same size
+    assert emb.stat().st_size == pytest.approx(plain.stat().st_size, rel=0.01)
+    assert rep_emb["total"]["rel_mse"] > rep_plain["total"]["rel_mse"]  # fewer bytes for codes
     ok(cli("decompress", emb, "-o", tmp_path / "e.safetensors"))
     ok(cli("decompress", plain, "--basis", basis, "-o", tmp_path / "p.safetensors"))
     assert_error(cli("decompress", emb, "--basis", basis, "-o", tmp_path / "z.safetensors"), 2,
                  "--basis")
     ok(cli("validate", emb))
+
+
+def test_format_4_files_with_an_embedded_basis_still_decode(cli, world, tmp_path):
+    """Format 4 stored every column in F32 (D, D). The same file written that way -- the
+    basis rounded as the encoder used it, every digest recomputed -- restores to the same
+    bytes as its format-5 original."""
+    from fibquant_cli.formats import stfile
+    from fibquant_cli.formats.basis import load_basis
+    from fibquant_cli.formats.digest import CONTAINER_SCHEMA, bytes_digest, tensor_digest
+    from fibquant_cli.storage.stwriter import write_file
+
+    d, evald, _, basis = world
+    v5, _ = compress(cli, world, "v5.fq.safetensors", "--bits", "3", "--embed-basis",
+                     "--no-attention")
+    header = stfile.read_header(v5)
+    doc = json.loads(header.metadata["fibquant"])
+    doc["format_version"] = 4
+    del doc["transform"]["own"]
+    model = load_basis(basis)
+    tensors = {}
+    for name, info in header.tensors.items():
+        raw, dtype, shape = stfile.read_raw(header, name), info.dtype, info.shape
+        if name.startswith("fq/b/"):
+            layer, role = int(name.split("/")[2][1:]), name.split("/")[3]
+            u = model.matrix(layer, role)[1].astype(np.float16).astype("<f4")
+            assert info.shape[1] < u.shape[1]  # format 5 stored fewer columns
+            raw, dtype, shape = u.tobytes(), "F32", u.shape
+            doc["arrays"][name] = tensor_digest(dtype, shape, raw)
+        tensors[name] = stfile.RawTensor(dtype, shape, raw)
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    meta = {"fibquant_format": "4", "fibquant": text,
+            "fibquant_digest": bytes_digest(CONTAINER_SCHEMA, text.encode())}
+    v4 = tmp_path / "v4.fq.safetensors"
+    write_file(v4, tensors, meta)
+    ok(cli("validate", v4))
+    ok(cli("decompress", v4, "-o", tmp_path / "a.safetensors"))
+    ok(cli("decompress", v5, "-o", tmp_path / "b.safetensors"))
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert v4.stat().st_size > v5.stat().st_size
 
 
 def test_slices_are_bit_identical_to_the_full_decode(cli, world, tmp_path):
@@ -288,9 +327,10 @@ def _bits_lsb_first(data: bytes, count: int, width: int) -> list[int]:
 
 
 def test_a_layer_decodes_by_hand_from_the_documented_bytes(cli, world, tmp_path):
-    """docs/container.md, "Format 4", followed by hand: widths and exceptions from the
-    document, indices from the bit streams, codewords from the stored tables, the embedded
-    basis, then RoPE; the result equals what decompress restores."""
+    """docs/container.md, "Format 4" and "Format 5", followed by hand: widths and exceptions
+    from the document, indices from the bit streams, codewords from the stored tables, the
+    embedded basis (its coded columns, fp16), then RoPE; the result equals what decompress
+    restores."""
     from safetensors import safe_open
 
     d, evald, tensors, _ = world
@@ -302,7 +342,8 @@ def test_a_layer_decodes_by_hand_from_the_documented_bytes(cli, world, tmp_path)
     with safe_open(str(out), "np") as f:
         doc = json.loads(f.metadata()["fibquant"])
         arrays = {name: f.get_tensor(name) for name in f.keys()}
-    assert doc["format_version"] == 4 and doc["transform"]["embedded"]
+    assert doc["format_version"] == 5 and doc["transform"]["embedded"]
+    assert doc["transform"]["own"] is False
     used = {w for e in doc["entries"] for runs in e["widths"] for w, _ in runs}
     assert max(used) > 10 and used & set(range(1, 11))  # both scalar and 2-D codebook pairs
     assert sum(e["exceptions"][1] for e in doc["entries"]) > 0
@@ -337,8 +378,11 @@ def test_a_layer_decodes_by_hand_from_the_documented_bytes(cli, world, tmp_path)
             c[pos // dim, pos % dim] = float(np.frombuffer(exc[4 * n + 2 * k:4 * n + 2 * k + 2],
                                                            "<f2")[0])
         mean, scale = arrays[f"fq/e{i}/l{layer}/stats"].astype(np.float64)
-        u = arrays[f"fq/b/l{layer}/{role}"].astype(np.float64)
-        x = (c * scale) @ u.T + mean  # rows: tokens 1.. of the (only) batch row
+        stored = arrays[f"fq/b/l{layer}/{role}"]
+        live = [2 * p + k for p, w in enumerate(widths) if w for k in (0, 1)]  # ascending
+        assert stored.dtype == np.float16 and stored.shape == (dim, len(live))
+        u = stored.astype(np.float64)
+        x = (c[:, live] * scale[live]) @ u.T + mean  # rows: tokens 1.. of the only batch row
         x = x.reshape(rows, HEADS, D).transpose(1, 0, 2)[None]
         if role == "key":
             x = R.rotate(x, np.arange(1, tokens), ROPE["theta"], ROPE["style"])

@@ -1,0 +1,218 @@
+"""compress without ``--basis``: a basis fitted on the dump itself, when storing it pays.
+
+The transform codec needs a basis; a model-level one (``fibquant calibrate``) is a file every
+cache of the model shares. A long enough dump can instead carry its own: fitted here with
+calibrate's code (``calibrate.fit_sources``: moments, ``eigh``, sensitivity and query weights
+from the dump's own queries), embedded in the file (only the coded columns, fp16:
+docs/container.md, format 5), and counted in its size. Whether it pays is measured per run
+(``decide``):
+
+1. the budget is the size of the file the per-vector codec writes for the options given;
+2. when the own basis with every column would take more than ``SKIP_SHARE`` of that budget's
+   KV bytes, it cannot pay and nothing is tried (short dumps: today's file, at no cost);
+3. otherwise the basis is fitted and the transform codec planned for the same budget (the
+   basis columns it codes counted like any other byte), and a sample of layers is encoded
+   both ways and scored: attention-output cosine with the dump's queries (the keys stand in
+   without them, as compress's own scoring does). The better codec writes the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from fibquant_cli.errors import UsageError
+from fibquant_cli.formats.kvdump import Dump, read_layer
+from fibquant_cli.ops.progress import Progress
+
+MODES = ("auto", "always", "never")
+# The trial is skipped when the own basis with every column, in fp16, would exceed this share
+# of the per-vector file's KV bytes. Measured on SmolLM2-135M (docs/transform.md, "An own
+# basis"): the own basis lost the trial at every length where it took more than a fifth
+# of the budget, so at a half it cannot win and the fit would be wasted work.
+SKIP_SHARE = 0.5
+# The trial's sample: layers spread over the depth (``fidelity.sample_layers``) and query
+# positions in windows over the context (``fidelity.sample_windows``).
+TRIAL_LAYERS = 6
+TRIAL_QUERIES = 256
+PER_VECTOR, OWN = "per-vector", "own basis"
+
+
+@dataclass
+class OwnBasisDecision:
+    """How compress chose between the per-vector codec and an own basis, and why."""
+
+    mode: str  # auto, always
+    choice: str  # PER_VECTOR or OWN
+    reason: str
+    budget_bytes: int  # the per-vector file's size: both are compared at it
+    basis_bytes_bound: int  # the own basis with every column (fp16)
+    basis_bytes: int | None = None  # the columns the transform codes (in its file)
+    basis_share: float | None = None  # of the file's KV bytes (pass-through tensors aside)
+    metric: str | None = None  # what was measured (attention cosine, or the key proxy)
+    per_vector: float | None = None
+    own: float | None = None
+    layers: list | None = None  # the layers scored
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_mode(mode: str, spec) -> None:
+    if mode not in MODES:
+        raise UsageError(f"{{own_basis}} must be one of {', '.join(MODES)}, got {mode!r}",
+                         options=("own_basis",))
+    if mode == "always" and spec.basis is not None:
+        raise UsageError("{own_basis} always fits a basis on the dump; {basis} gives one: drop "
+                         "one of them", options=("own_basis", "basis"))
+
+
+def fit_own_basis(dump: Dump, keep_first: int, progress: Progress):
+    """The dump's own basis, in memory (``formats.basis.basis_of``): calibrate's fit of this
+    one dump, keys with RoPE undone when the manifest says how, the first ``keep_first``
+    tokens left out (compress keeps them exactly)."""
+    from fibquant_cli.formats.basis import BasisSource, basis_of, encode_basis
+    from fibquant_cli.ops.calibrate import dump_digest, fit_sources, key_rope, source_of
+    from fibquant_cli.ops.compress import check_queries_finite
+
+    check_queries_finite(dump)  # the sensitivity reads every layer's queries
+    source = source_of(dump, dump_digest(dump))
+    key = dump.manifest.entries[source.key]
+    rope = key_rope(source, key.rope is not None)
+    fit = fit_sources([source], keep_first, rope, progress)
+    tensors, metadata = encode_basis(
+        layers=key.shape.layers, kv_heads=key.shape.kv_heads, head_dim=key.shape.head_dim,
+        rope=rope, keep_first=keep_first, tokens=fit.rows,
+        sources=[BasisSource(dump.path.name, source.digest)], matrices=fit.matrices,
+        sensitivity=fit.sensitivity, query_weight=fit.query_weight)
+    return basis_of(tensors, metadata, dump.path)
+
+
+def _why_not(dump: Dump, spec) -> str | None:
+    """Why an own basis cannot be fitted on ``dump`` at all (None: it can)."""
+    from fibquant_cli.ops.fidelity import kv_entries
+
+    roles = sorted(e.shape.role for e in dump.manifest.entries)
+    if roles != ["key", "value"] or kv_entries(dump) is None:
+        return "needs exactly one key and one value entry of the same geometry"
+    shape = dump.manifest.entries[0].shape
+    dim = shape.kv_heads * shape.head_dim
+    rows = shape.batch * max(0, shape.tokens - spec.keep_first)
+    if rows < dim + 1:
+        return f"too few tokens: a {dim}-dimensional basis needs {dim + 1} rows, the dump has {rows}"
+    return None
+
+
+def decide(dump: Dump, spec, mode: str, progress: Progress, jobs: int = 1):
+    """``(OwnBasisDecision, TransformPlan or None, basis or None)``: the plan and basis when
+    the own basis is chosen. ``mode`` auto measures (see the module docstring), always takes
+    the own basis unmeasured."""
+    from fibquant_cli.ops.compress import per_vector_bytes, prepare_transform
+    from fibquant_cli.ops.transform import raw_bytes
+
+    start = time.perf_counter()
+    budget = per_vector_bytes(dump, spec, progress)
+    shape = dump.manifest.entries[0].shape
+    dim = shape.kv_heads * shape.head_dim
+    bound = 2 * dim * dim * shape.layers * len(dump.manifest.entries)
+    dec = OwnBasisDecision(mode, PER_VECTOR, "", budget, bound)
+    kv_budget = budget - raw_bytes(dump)
+    why = _why_not(dump, spec)
+    if why is not None:
+        if mode == "always":
+            raise UsageError(f"{{own_basis}} always: an own basis {why}", path=str(dump.path),
+                             options=("own_basis",))
+        dec.reason = f"not tried: an own basis {why}"
+    elif mode == "auto" and bound > SKIP_SHARE * kv_budget:
+        dec.reason = (f"not tried: the own basis with every column would take "
+                      f"{bound / kv_budget:.0%} of the per-vector file's KV bytes (more than "
+                      f"{SKIP_SHARE:.0%}: it cannot pay)")
+    if dec.reason:
+        dec.seconds = time.perf_counter() - start
+        return dec, None, None
+    basis = fit_own_basis(dump, spec.keep_first, progress)
+    planned = prepare_transform(dump, spec, basis, progress, jobs, target=budget, own=True)
+    dec.basis_bytes = sum(2 * math.prod(dims) for name, _, dims in
+                          planned.doc.expected_layout({}) if name.startswith("fq/b/"))
+    dec.basis_share = dec.basis_bytes / kv_budget
+    if mode == "always":
+        dec.choice, dec.reason = OWN, "always: taken without measuring"
+    else:
+        _trial(dump, spec, planned, dec, progress)
+    dec.seconds = time.perf_counter() - start
+    return dec, (planned if dec.choice == OWN else None), (basis if dec.choice == OWN else None)
+
+
+def _trial(dump: Dump, spec, planned, dec: OwnBasisDecision, progress: Progress) -> None:
+    """Encode and decode the sampled layers both ways, score both, keep the better."""
+    from fibquant_cli.ops.fidelity import HEADLINE_LABELS, measure, sample_layers
+
+    progress.start(2, "own basis: trial")
+    per_vector = _per_vector_reconstructor(dump, spec)
+    own = _transform_reconstructor(dump, planned)
+    fid_pv = measure(dump, per_vector, sample=TRIAL_QUERIES, layers=TRIAL_LAYERS)
+    progress.advance("per-vector")
+    fid_own = measure(dump, own, sample=TRIAL_QUERIES, layers=TRIAL_LAYERS)
+    progress.advance("own basis")
+    dec.metric = HEADLINE_LABELS["cosine_mean"] + (" (key self-attention proxy)"
+                                                   if fid_pv.proxy else "")
+    dec.per_vector = float(fid_pv.overall["cosine_mean"])
+    dec.own = float(fid_own.overall["cosine_mean"])
+    dec.layers = sample_layers(dump.manifest.entries[0].shape.layers, TRIAL_LAYERS)
+    better = dec.own > dec.per_vector
+    dec.choice = OWN if better else PER_VECTOR
+    dec.reason = (f"measured at {dec.budget_bytes:,} bytes: {dec.metric} {dec.own:.4f} with "
+                  f"the own basis ({dec.basis_share:.1%} of the KV bytes), {dec.per_vector:.4f} "
+                  "per-vector")
+
+
+def _per_vector_reconstructor(dump: Dump, spec):
+    """(entry, layer) -> the layer as the per-vector codec would restore it (float32)."""
+    from fibquant_cli import codecs
+    from fibquant_cli.codecs.fibquant import LayerPlan, norms_dtype
+    from fibquant_cli.formats.container import part_name
+    from fibquant_cli.ops.compress import document, entry_profiles, make_quantizers
+
+    profiles = entry_profiles(dump, spec)
+    quantizers = make_quantizers(profiles, Progress())
+    doc = document(dump, quantizers, {}, spec)
+    codec = codecs.get("fibquant")
+
+    def restore(i: int, layer: int) -> np.ndarray:
+        entry, rec = dump.manifest.entries[i], doc.entries[i]
+        arr = read_layer(dump, entry, layer, check=False)
+        kf, kl = rec.keep(entry.shape.tokens)
+        plan = LayerPlan(i, layer, kf, kl, rec.center, norms_dtype(arr, rec.center, kf, kl))
+        q = quantizers[profiles[i]]
+        parts = codec.encode_layer(q, arr, plan, False).parts
+        out = np.empty_like(arr)
+        codec.restore_layer(q, parts, entry.shape, rec, out,
+                            lambda part: part_name(i, layer, part), layer)
+        return out.astype(np.float32)
+
+    return restore
+
+
+def _transform_reconstructor(dump: Dump, planned):
+    """(entry, layer) -> the layer as the planned transform file restores it (float32)."""
+    from fibquant_cli.codecs import transform as codec
+    from fibquant_cli.formats.container import part_name
+
+    mats = {(m.entry, m.layer): (m, w) for m, w in zip(planned.mats, planned.widths)}
+
+    def restore(i: int, layer: int) -> np.ndarray:
+        m, widths = mats[i, layer]
+        entry = dump.manifest.entries[i]
+        arr = read_layer(dump, entry, layer, check=False)
+        parts, _ = codec.encode_layer(m.lb, arr, m.stats, widths, *m.keep, c=m.coefficients)
+        out = np.empty_like(arr)
+        codec.restore_layer(m.lb, parts, entry.shape, planned.doc.entries[i], out,
+                            lambda part: part_name(i, layer, part), layer)
+        return out.astype(np.float32)
+
+    return restore

@@ -1,0 +1,182 @@
+"""compress without --basis: the dump's own basis, fitted, embedded and chosen when it pays
+(ops/own_basis.py; docs/transform.md, "An own basis"; docs/container.md, "Format 5")."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ops.test_transform_codec import HEADS, D, _forged, structured_dump
+
+from conftest import assert_error, bits_equal, header_order, load, ok
+
+LONG = 2400  # tokens: the own basis (every column, fp16) is ~10% of the per-vector file
+SHORT = 64  # the own basis would outweigh the per-vector file: the trial is skipped
+
+
+@pytest.fixture(scope="module")
+def dumps(tmp_path_factory):
+    d = tmp_path_factory.mktemp("own")
+    long_path, long_tensors = structured_dump(d, "long", tokens=LONG, seed=3)
+    short_path, short_tensors = structured_dump(d, "short", tokens=SHORT, seed=4)
+    return d, (long_path, long_tensors), (short_path, short_tensors)
+
+
+def _compress(cli, path, out, *extra):
+    res = ok(cli("compress", path, "-o", out, "--force", "--json", *extra))
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def long_auto(dumps):
+    from conftest import invoke
+
+    d, (path, _), _ = dumps
+    out = d / "long.fq.safetensors"
+    return out, _compress(invoke, path, out)
+
+
+def test_auto_picks_the_own_basis_on_a_long_correlated_dump(cli, dumps, long_auto, tmp_path):
+    d, (path, tensors), _ = dumps
+    out, rep = long_auto
+    dec = rep["own_basis"]
+    assert dec["mode"] == "auto" and dec["choice"] == "own basis"
+    assert dec["own"] > dec["per_vector"]  # the measured figures behind the choice
+    assert dec["metric"] == "attention cosine, mean" and len(dec["layers"]) == 2
+    # the file is the size of the per-vector file it was compared with, basis included
+    never = _compress(cli, path, tmp_path / "never.fq.safetensors", "--own-basis", "never")
+    assert never["own_basis"] is None
+    assert out.stat().st_size <= (tmp_path / "never.fq.safetensors").stat().st_size
+    assert rep["file_bytes"] <= dec["budget_bytes"]
+    # and better: the report's own error measurement agrees with the trial's choice
+    assert rep["attention"]["overall"]["cosine_mean"] > never["attention"]["overall"][
+        "cosine_mean"]
+    assert rep["total"]["rel_mse"] < never["total"]["rel_mse"]
+    from safetensors import safe_open
+
+    with safe_open(str(out), "np") as f:
+        doc = json.loads(f.metadata()["fibquant"])
+        basis = {n: f.get_tensor(n) for n in f.keys() if n.startswith("fq/b/")}
+    assert doc["format_version"] == 5
+    assert doc["transform"]["own"] is True and doc["transform"]["embedded"] is True
+    # only the coded columns are stored, fp16: the report's basis bytes are exactly these
+    assert sum(a.nbytes for a in basis.values()) == dec["basis_bytes"]
+    assert all(a.dtype == np.float16 and a.shape[0] == HEADS * D for a in basis.values())
+    assert dec["basis_bytes"] <= dec["basis_bytes_bound"]
+    assert dec["basis_share"] == pytest.approx(
+        dec["basis_bytes"] / (dec["budget_bytes"] - rep["passthrough_bytes"]))
+
+
+def test_an_own_basis_file_restores_without_basis(cli, dumps, long_auto, tmp_path):
+    d, (path, tensors), _ = dumps
+    out, rep = long_auto
+    restored_path = tmp_path / "r.safetensors"
+    ok(cli("decompress", out, "-o", restored_path))
+    ok(cli("validate", out))
+    restored = load(restored_path)
+    assert header_order(restored_path) == header_order(path)
+    for name, x in tensors.items():
+        assert restored[name].dtype == x.dtype and restored[name].shape == x.shape
+        if not name.endswith((".key", ".value")):
+            assert bits_equal(restored[name], x)  # pass-through, bit-exact
+        else:
+            assert bits_equal(restored[name][:, :, :1], x[:, :, :1])  # the kept sink
+    # the report's error is that of the file as restored, and a slice equals the full decode
+    num = den = 0.0
+    for name, x in tensors.items():
+        if name.endswith((".key", ".value")):
+            x64 = x.astype(np.float64)
+            num += float(((restored[name].astype(np.float64) - x64) ** 2).sum())
+            den += float((x64 ** 2).sum())
+    assert num / den == pytest.approx(rep["total"]["rel_mse"], rel=1e-5)
+    part = tmp_path / "part.safetensors"
+    ok(cli("decompress", out, "-o", part, "--layers", "1:2", "--tokens", "100:1000"))
+    assert bits_equal(load(part)["layer.1.key"], restored["layer.1.key"][:, :, 100:1000])
+    assert_error(cli("decompress", out, "--basis", path, "-o", tmp_path / "x.safetensors"), 2,
+                 "--basis")
+
+
+def test_a_short_dump_keeps_the_per_vector_file_byte_for_byte(cli, dumps, tmp_path):
+    d, _, (path, _) = dumps
+    auto = _compress(cli, path, tmp_path / "auto.fq.safetensors", "--no-attention")
+    never = _compress(cli, path, tmp_path / "never.fq.safetensors", "--no-attention",
+                      "--own-basis", "never")
+    assert (tmp_path / "auto.fq.safetensors").read_bytes() == \
+        (tmp_path / "never.fq.safetensors").read_bytes()
+    dec = auto["own_basis"]
+    assert dec["choice"] == "per-vector" and dec["reason"].startswith("not tried")
+    assert dec["per_vector"] is None and dec["own"] is None  # nothing was fitted or encoded
+    assert dec["basis_bytes_bound"] == 2 * 2 * 2 * (HEADS * D) ** 2  # layers, roles, fp16
+    assert dec["basis_bytes_bound"] > 0.5 * (dec["budget_bytes"] - auto["passthrough_bytes"])
+    assert never["own_basis"] is None
+    # the budget both were to be compared at is the per-vector file's size
+    assert dec["budget_bytes"] == (tmp_path / "never.fq.safetensors").stat().st_size
+
+
+def test_own_basis_always_and_the_report_table(cli, dumps, tmp_path):
+    d, _, (path, _) = dumps
+    res = ok(cli("compress", path, "-o", tmp_path / "a.fq.safetensors", "--own-basis", "always",
+                 "--no-attention"))
+    assert "own basis (always): own basis" in " ".join(res.stdout.split())
+    ok(cli("validate", tmp_path / "a.fq.safetensors"))
+    res = ok(cli("compress", path, "-o", tmp_path / "b.fq.safetensors", "--no-attention"))
+    assert "own basis (auto): per-vector; not tried" in " ".join(res.stdout.split())
+
+
+def test_own_basis_option_conflicts(cli, dumps, tmp_path):
+    d, _, (path, _) = dumps
+    assert_error(cli("compress", path, "-o", tmp_path / "x.fq.safetensors", "--own-basis",
+                     "sometimes"), 2, "--own-basis")
+    assert_error(cli("compress", path, "-o", tmp_path / "x.fq.safetensors", "--own-basis",
+                     "always", "--basis", path), 2, "--own-basis", "--basis")
+    tiny, _ = structured_dump(tmp_path, "tiny", tokens=20)
+    assert_error(cli("compress", tiny, "-o", tmp_path / "x.fq.safetensors", "--own-basis",
+                     "always"), 2, "too few tokens")
+    assert not (tmp_path / "x.fq.safetensors").exists()
+
+
+def _rewrite_basis(src, dst, fn):
+    """A copy whose ``fq/b/l0/key`` is ``fn(columns)`` (F16, any shape), digests recomputed."""
+    from fibquant_cli.formats import stfile
+    from fibquant_cli.formats.digest import CONTAINER_SCHEMA, bytes_digest, tensor_digest
+    from fibquant_cli.storage.stwriter import write_file
+
+    header = stfile.read_header(src)
+    doc = json.loads(header.metadata["fibquant"])
+    tensors = {}
+    for name, info in header.tensors.items():
+        raw, dtype, shape = stfile.read_raw(header, name), info.dtype, info.shape
+        if name == "fq/b/l0/key":
+            arr = fn(np.frombuffer(raw, "<f2").reshape(shape).copy()).astype("<f2")
+            raw, shape = arr.tobytes(), arr.shape
+            doc["arrays"][name] = tensor_digest(dtype, shape, raw)
+        tensors[name] = stfile.RawTensor(dtype, shape, raw)
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    meta = {"fibquant_format": str(doc["format_version"]), "fibquant": text,
+            "fibquant_digest": bytes_digest(CONTAINER_SCHEMA, text.encode())}
+    write_file(dst, tensors, meta)
+    return dst
+
+
+def test_forged_embedded_columns_are_refused(cli, long_auto, tmp_path):
+    out, _ = long_auto
+    fewer = _rewrite_basis(out, tmp_path / "fewer.fq.safetensors", lambda u: u[:, :-1])
+    assert_error(cli("decompress", fewer, "-o", tmp_path / "a.safetensors"), 4,
+                 "fq/b/l0/key", "the document implies F16")
+    skewed = _rewrite_basis(out, tmp_path / "skew.fq.safetensors", lambda u: u * 1.5)
+    assert_error(cli("decompress", skewed, "-o", tmp_path / "a.safetensors"), 4,
+                 "fq/b/l0/key", "not orthonormal")
+    assert_error(cli("validate", skewed), 4, "not orthonormal")
+
+    def not_embedded(doc):
+        doc["transform"]["embedded"] = False
+
+    def no_own(doc):
+        del doc["transform"]["own"]
+
+    lost = _forged(out, tmp_path / "lost.fq.safetensors", doc_edit=not_embedded)
+    assert_error(cli("validate", lost), 4, "transform.own")
+    v4 = _forged(out, tmp_path / "v4.fq.safetensors", doc_edit=no_own)
+    assert_error(cli("validate", v4), 4, "transform")
+    assert not (tmp_path / "a.safetensors").exists()
