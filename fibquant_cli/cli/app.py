@@ -343,6 +343,7 @@ def evaluate(
         "text); --bits is then all-inclusive bits per value. Without: the basis OTHER needs.")
     ] = None,
     ratio: RatioOpt = None,
+    own_basis: OwnBasisOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Attention fidelity of a compressed file, or with --model the model's own loss.
@@ -365,7 +366,7 @@ def evaluate(
             rep = evaluate_model(model, text=text, ids_from=ids, specs=[spec],
                                  prefix=prefix_tokens, continuation=continuation_tokens,
                                  dtype=dtype, attention=True, max_queries=max_queries,
-                                 progress=progress)
+                                 progress=progress, own_basis=own_basis)
         _print_model_report(rep, as_json)
         return
     if original is None or other is None:

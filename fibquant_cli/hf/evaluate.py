@@ -120,18 +120,22 @@ class Session:
         return compare(self.logp_ref, self._logp(*read_kv(path)), self.targets)
 
     def run_spec(self, spec: CompressSpec, *, attention: bool = False,
-                 max_queries: int | None = None) -> ModelPoint:
-        """Compress and restore the prefix's dump with ``spec``; score the continuation."""
+                 max_queries: int | None = None, own_basis: str = "never") -> ModelPoint:
+        """Compress and restore the prefix's dump with ``spec`` (and ``own_basis``, as
+        compress's); score the continuation."""
         fq = self.workdir / "point.fq.safetensors"
         restored = self.workdir / "point.restored.safetensors"
         start = time.perf_counter()
         rep = compress(self.dump, output=fq, spec=spec, force=True, attention=attention,
-                       max_queries=max_queries)
+                       max_queries=max_queries, own_basis=own_basis)
         decompress(fq, output=restored, force=True, basis=spec.decode_basis)
         seconds = time.perf_counter() - start
         result = self.score_restored(restored)
         fid = None if rep.attention is None else rep.attention.overall
-        return ModelPoint(spec.codec, spec.label(), rep.total.ratio, rep.total.bits_per_value,
+        own = rep.own_basis is not None and rep.own_basis["choice"] == "own basis"
+        return ModelPoint("transform" if own else spec.codec,
+                          spec.label() + (" -> own basis" if own else ""),
+                          rep.total.ratio, rep.total.bits_per_value,
                           result.nll, result.delta_nll, result.kl, result.top1, seconds,
                           attention=fid, spec=spec.to_json())
 
@@ -182,8 +186,9 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
                    prefix: int = DEFAULT_PREFIX_TOKENS,
                    continuation: int = DEFAULT_CONTINUATION_TOKENS, dtype: str = "f16",
                    attention: bool = False, max_queries: int | None = None,
-                   progress=None) -> ModelEvalReport:
-    """Score each of ``specs`` (and each peer) on ``model`` with ``text``'s continuation."""
+                   progress=None, own_basis: str = "never") -> ModelEvalReport:
+    """Score each of ``specs`` (and each peer) on ``model`` with ``text``'s continuation;
+    ``own_basis`` as compress's (the per-vector specs may become an own basis)."""
     from fibquant_cli.ops.progress import Progress
 
     progress = progress or Progress()
@@ -201,7 +206,8 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
         for spec in specs:
             try:
                 rep.points.append(session.run_spec(spec, attention=attention,
-                                                   max_queries=max_queries))
+                                                   max_queries=max_queries,
+                                                   own_basis=own_basis))
             except InvalidInputError as err:  # e.g. a block length that does not divide d
                 rep.skipped[spec.label()] = err.reason
             progress.advance(spec.label())

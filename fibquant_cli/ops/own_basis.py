@@ -34,7 +34,7 @@ MODES = ("auto", "always", "never")
 # of the per-vector file's KV bytes. Measured on SmolLM2-135M (docs/transform.md, "An own
 # basis"): the own basis lost the trial at every length where it took more than a fifth
 # of the budget, so at a half it cannot win and the fit would be wasted work.
-SKIP_SHARE = 0.5
+SKIP_SHARE = 0.75
 # The trial's sample: layers spread over the depth (``fidelity.sample_layers``) and query
 # positions in windows over the context (``fidelity.sample_windows``).
 TRIAL_LAYERS = 6
