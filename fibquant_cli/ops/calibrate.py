@@ -87,7 +87,7 @@ class CalibrationReport:
 # ------------------------------------------------------------------------- opening the dumps
 
 
-def dump_digest(dump: Dump) -> str:
+def _dump_digest(dump: Dump) -> str:
     """``file_digest`` of the whole dump (every tensor), as ``fibquant digest`` prints it."""
     digests = {name: tensor_digest_of_chunks(info.dtype, info.shape,
                                              stfile.iter_raw(dump.header, name))
@@ -128,7 +128,7 @@ def open_sources(paths: list[str], rope_undo: bool, progress: Progress) -> list[
         if pair is None:
             raise InvalidInputError("calibrate needs exactly one key and one value entry of the "
                                     "same geometry", path=str(dump.manifest_path))
-        sources.append(_Source(dump, dump_digest(dump), *pair))
+        sources.append(_Source(dump, _dump_digest(dump), *pair))
         progress.advance("digest dumps")
     first = _geometry(sources[0], rope_undo)
     for source in sources[1:]:

@@ -77,11 +77,14 @@ def fit_own_basis(dump: Dump, keep_first: int, progress: Progress):
     one dump, keys with RoPE undone when the manifest says how, the first ``keep_first``
     tokens left out (compress keeps them exactly)."""
     from fibquant_cli.formats.basis import BasisSource, basis_of, encode_basis
-    from fibquant_cli.ops.calibrate import dump_digest, fit_sources, key_rope, source_of
+    from fibquant_cli.formats.container import PLACEHOLDER_DIGEST
+    from fibquant_cli.ops.calibrate import fit_sources, key_rope, source_of
     from fibquant_cli.ops.compress import check_queries_finite
 
     check_queries_finite(dump)  # the sensitivity reads every layer's queries
-    source = source_of(dump, dump_digest(dump))
+    # A basis file names its sources by digest; this one is never written as a file (the
+    # compressed file records only the basis' own digest), so hashing the dump is skipped.
+    source = source_of(dump, PLACEHOLDER_DIGEST)
     key = dump.manifest.entries[source.key]
     rope = key_rope(source, key.rope is not None)
     fit = fit_sources([source], keep_first, rope, progress)
@@ -99,12 +102,13 @@ def _why_not(dump: Dump, spec) -> str | None:
 
     roles = sorted(e.shape.role for e in dump.manifest.entries)
     if roles != ["key", "value"] or kv_entries(dump) is None:
-        return "needs exactly one key and one value entry of the same geometry"
+        return "an own basis needs exactly one key and one value entry of the same geometry"
     shape = dump.manifest.entries[0].shape
     dim = shape.kv_heads * shape.head_dim
     rows = shape.batch * max(0, shape.tokens - spec.keep_first)
     if rows < dim + 1:
-        return f"too few tokens: a {dim}-dimensional basis needs {dim + 1} rows, the dump has {rows}"
+        return (f"too few tokens for an own basis: a {dim}-dimensional basis needs {dim + 1} "
+                f"rows, the dump has {rows}")
     return None
 
 
@@ -125,9 +129,9 @@ def decide(dump: Dump, spec, mode: str, progress: Progress, jobs: int = 1):
     why = _why_not(dump, spec)
     if why is not None:
         if mode == "always":
-            raise UsageError(f"{{own_basis}} always: an own basis {why}", path=str(dump.path),
+            raise UsageError(f"{{own_basis}} always: {why}", path=str(dump.path),
                              options=("own_basis",))
-        dec.reason = f"not tried: an own basis {why}"
+        dec.reason = f"not tried: {why}"
     elif mode == "auto" and bound > SKIP_SHARE * kv_budget:
         dec.reason = (f"not tried: the own basis with every column would take "
                       f"{bound / kv_budget:.0%} of the per-vector file's KV bytes (more than "

@@ -4,23 +4,31 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
-from ops.test_transform_codec import HEADS, D, _forged, structured_dump
+from ops.test_transform_codec import (
+    HEADS,
+    D,
+    _forged,
+    check_restored,
+    kv_rel_mse,
+    structured_dump,
+)
 
 from conftest import assert_error, bits_equal, header_order, load, ok
 
 LONG = 2400  # tokens: the own basis (every column, fp16) is ~10% of the per-vector file
-SHORT = 64  # the own basis would outweigh the per-vector file: the trial is skipped
+MID = 400
 
 
 @pytest.fixture(scope="module")
 def dumps(tmp_path_factory):
     d = tmp_path_factory.mktemp("own")
     long_path, long_tensors = structured_dump(d, "long", tokens=LONG, seed=3)
-    short_path, short_tensors = structured_dump(d, "short", tokens=SHORT, seed=4)
-    return d, (long_path, long_tensors), (short_path, short_tensors)
+    mid_path, mid_tensors = structured_dump(d, "mid", tokens=MID, seed=4)
+    return d, (long_path, long_tensors), (mid_path, mid_tensors)
 
 
 def _compress(cli, path, out, *extra):
@@ -76,20 +84,9 @@ def test_an_own_basis_file_restores_without_basis(cli, dumps, long_auto, tmp_pat
     ok(cli("validate", out))
     restored = load(restored_path)
     assert header_order(restored_path) == header_order(path)
-    for name, x in tensors.items():
-        assert restored[name].dtype == x.dtype and restored[name].shape == x.shape
-        if not name.endswith((".key", ".value")):
-            assert bits_equal(restored[name], x)  # pass-through, bit-exact
-        else:
-            assert bits_equal(restored[name][:, :, :1], x[:, :, :1])  # the kept sink
+    check_restored(restored, tensors)
     # the report's error is that of the file as restored, and a slice equals the full decode
-    num = den = 0.0
-    for name, x in tensors.items():
-        if name.endswith((".key", ".value")):
-            x64 = x.astype(np.float64)
-            num += float(((restored[name].astype(np.float64) - x64) ** 2).sum())
-            den += float((x64 ** 2).sum())
-    assert num / den == pytest.approx(rep["total"]["rel_mse"], rel=1e-5)
+    assert kv_rel_mse(tensors, restored) == pytest.approx(rep["total"]["rel_mse"], rel=1e-5)
     part = tmp_path / "part.safetensors"
     ok(cli("decompress", out, "-o", part, "--layers", "1:2", "--tokens", "100:1000"))
     assert bits_equal(load(part)["layer.1.key"], restored["layer.1.key"][:, :, 100:1000])
@@ -97,8 +94,12 @@ def test_an_own_basis_file_restores_without_basis(cli, dumps, long_auto, tmp_pat
                  "--basis")
 
 
-def test_a_short_dump_keeps_the_per_vector_file_byte_for_byte(cli, dumps, tmp_path):
-    d, _, (path, _) = dumps
+def test_the_sample_keeps_the_per_vector_file_byte_for_byte(cli, tmp_path):
+    """make demo's sample (384 tokens, D = 192): an own basis would outweigh the per-vector
+    file, so nothing is fitted and the file is today's, to the byte."""
+    from conftest import SAMPLE_DIR
+
+    path = SAMPLE_DIR / "kv_sample.safetensors"
     auto = _compress(cli, path, tmp_path / "auto.fq.safetensors", "--no-attention")
     never = _compress(cli, path, tmp_path / "never.fq.safetensors", "--no-attention",
                       "--own-basis", "never")
@@ -107,8 +108,8 @@ def test_a_short_dump_keeps_the_per_vector_file_byte_for_byte(cli, dumps, tmp_pa
     dec = auto["own_basis"]
     assert dec["choice"] == "per-vector" and dec["reason"].startswith("not tried")
     assert dec["per_vector"] is None and dec["own"] is None  # nothing was fitted or encoded
-    assert dec["basis_bytes_bound"] == 2 * 2 * 2 * (HEADS * D) ** 2  # layers, roles, fp16
-    assert dec["basis_bytes_bound"] > 0.5 * (dec["budget_bytes"] - auto["passthrough_bytes"])
+    assert dec["basis_bytes_bound"] == 2 * 4 * 2 * 192 ** 2  # fp16, layers, roles, D x D
+    assert dec["basis_bytes_bound"] > 0.75 * (dec["budget_bytes"] - auto["passthrough_bytes"])
     assert never["own_basis"] is None
     # the budget both were to be compared at is the per-vector file's size
     assert dec["budget_bytes"] == (tmp_path / "never.fq.safetensors").stat().st_size
@@ -118,10 +119,18 @@ def test_own_basis_always_and_the_report_table(cli, dumps, tmp_path):
     d, _, (path, _) = dumps
     res = ok(cli("compress", path, "-o", tmp_path / "a.fq.safetensors", "--own-basis", "always",
                  "--no-attention"))
-    assert "own basis (always): own basis" in " ".join(res.stdout.split())
+    assert "own basis (always): own basis; always: taken without measuring" in \
+        " ".join(res.stdout.split())
     ok(cli("validate", tmp_path / "a.fq.safetensors"))
     res = ok(cli("compress", path, "-o", tmp_path / "b.fq.safetensors", "--no-attention"))
-    assert "own basis (auto): per-vector; not tried" in " ".join(res.stdout.split())
+    line = " ".join(res.stdout.split())
+    assert re.search(r"own basis \(auto\): own basis; measured at [\d,]+ bytes: attention "
+                     r"cosine, mean 0\.\d{4} with the own basis \(\d+\.\d% of the KV bytes\), "
+                     r"0\.\d{4} per-vector\. Own basis [\d.]+ KiB", line), line
+    tiny, _ = structured_dump(tmp_path, "tiny", tokens=20)
+    res = ok(cli("compress", tiny, "-o", tmp_path / "c.fq.safetensors", "--no-attention"))
+    assert "own basis (auto): per-vector; not tried: too few tokens for an own basis: a " \
+        "32-dimensional basis needs 33 rows, the dump has 19" in " ".join(res.stdout.split())
 
 
 def test_own_basis_option_conflicts(cli, dumps, tmp_path):
