@@ -140,7 +140,15 @@ def decide(dump: Dump, spec, mode: str, progress: Progress, jobs: int = 1):
         dec.seconds = time.perf_counter() - start
         return dec, None, None
     basis = fit_own_basis(dump, spec.keep_first, progress)
-    planned = prepare_transform(dump, spec, basis, progress, jobs, target=budget, own=True)
+    try:
+        planned = prepare_transform(dump, spec, basis, progress, jobs, target=budget, own=True)
+    except UsageError:  # the transform file's fixed cost alone exceeds the budget
+        if mode == "always":
+            raise
+        dec.reason = ("not tried: the transform file's fixed cost (kept tokens, statistics, "
+                      "header) alone exceeds the per-vector file's size")
+        dec.seconds = time.perf_counter() - start
+        return dec, None, None
     dec.basis_bytes = sum(2 * math.prod(dims) for name, _, dims in
                           planned.doc.expected_layout({}) if name.startswith("fq/b/"))
     dec.basis_share = dec.basis_bytes / kv_budget
