@@ -224,7 +224,7 @@ def _probe(x: np.ndarray, fit, layer: int, role: str, keep_first: int,
 
 
 def _layer_drops(source: _Source, layer: int, fits, keep_first: int,
-                 rope: BasisRope | None) -> list[float]:
+                 rope: BasisRope | None, queries: int = SENSITIVITY_QUERIES) -> list[float]:
     """Per role, 1 - mean attention cosine of this layer with only that matrix perturbed."""
     entries = source.dump.manifest.entries
     k = read_layer(source.dump, entries[source.key], layer).astype(np.float32)
@@ -232,7 +232,7 @@ def _layer_drops(source: _Source, layer: int, fits, keep_first: int,
     tokens = k.shape[2]
     pos = positions(source, tokens)
     causal = source.dump.manifest.attention.causal
-    windows = sample_windows(tokens, SENSITIVITY_QUERIES)
+    windows = sample_windows(tokens, queries)
     queries = [read_query_layer(source.dump, layer, w) for w in windows]
     drops = []
     for role in ROLES:
@@ -250,8 +250,10 @@ def _layer_drops(source: _Source, layer: int, fits, keep_first: int,
 
 
 def measure_sensitivity(sources: list[_Source], fits, layers: int, keep_first: int,
-                        rope: BasisRope | None, progress: Progress) -> np.ndarray | None:
-    """``(layers, 2)`` mean over the dumps with queries of drop / eps, or None without any."""
+                        rope: BasisRope | None, progress: Progress,
+                        queries: int = SENSITIVITY_QUERIES) -> np.ndarray | None:
+    """``(layers, 2)`` mean over the dumps with queries of drop / eps, or None without any;
+    ``queries`` positions scored per layer."""
     with_queries = [s for s in sources if s.dump.manifest.attention is not None]
     if not with_queries:
         return None
@@ -259,7 +261,7 @@ def measure_sensitivity(sources: list[_Source], fits, layers: int, keep_first: i
     progress.start(len(with_queries) * layers, "sensitivity")
     for source in with_queries:
         for layer in range(layers):
-            total[layer] += _layer_drops(source, layer, fits, keep_first, rope)
+            total[layer] += _layer_drops(source, layer, fits, keep_first, rope, queries)
             progress.advance("sensitivity")
     return total / len(with_queries) / SENSITIVITY_EPS
 
@@ -336,9 +338,10 @@ def source_of(dump: Dump, digest: str) -> _Source:
 
 
 def fit_sources(sources: list[_Source], keep_first: int, rope: BasisRope | None,
-                progress: Progress) -> Fit:
+                progress: Progress, sensitivity_queries: int = SENSITIVITY_QUERIES) -> Fit:
     """The basis of ``sources`` (in the order given; ``open_sources`` sorts them by digest):
-    moments, ``eigh``, then sensitivity and query weights from the dumps with queries.
+    moments, ``eigh``, then sensitivity (``sensitivity_queries`` positions per layer) and
+    query weights from the dumps with queries.
 
     Raises:
         InvalidInputError: fewer than D + 1 rows per matrix after ``keep_first``.
@@ -362,7 +365,8 @@ def fit_sources(sources: list[_Source], keep_first: int, rope: BasisRope | None,
             progress.advance("fit")
     fits = {key: tuple(a.astype(np.float32).astype(np.float64) for a in m.fit())
             for key, m in moments.items()}
-    sensitivity = measure_sensitivity(sources, fits, layers, keep_first, rope, progress)
+    sensitivity = measure_sensitivity(sources, fits, layers, keep_first, rope, progress,
+                                      sensitivity_queries)
     query_weight = measure_query_weight(sources, fits, layers, keep_first, rope)
     return Fit(fits, sensitivity, query_weight, rows, dim)
 

@@ -39,6 +39,11 @@ SKIP_SHARE = 0.75
 # positions in windows over the context (``fidelity.sample_windows``).
 TRIAL_LAYERS = 6
 TRIAL_QUERIES = 256
+# Query positions per layer the own basis' sensitivity is measured on (calibrate: 256). The
+# sensitivity only weighs layers against each other: on SmolLM2-135M at 4,096 tokens, 64
+# positions gave the same file quality (attention cosine 0.9951 vs 0.9950 with 256, all
+# layers, last 512 positions) for half the fit's time (10.9 s vs 23.1 s).
+SENSITIVITY_QUERIES = 64
 PER_VECTOR, OWN = "per-vector", "own basis"
 
 
@@ -87,7 +92,7 @@ def fit_own_basis(dump: Dump, keep_first: int, progress: Progress):
     source = source_of(dump, PLACEHOLDER_DIGEST)
     key = dump.manifest.entries[source.key]
     rope = key_rope(source, key.rope is not None)
-    fit = fit_sources([source], keep_first, rope, progress)
+    fit = fit_sources([source], keep_first, rope, progress, SENSITIVITY_QUERIES)
     tensors, metadata = encode_basis(
         layers=key.shape.layers, kv_heads=key.shape.kv_heads, head_dim=key.shape.head_dim,
         rope=rope, keep_first=keep_first, tokens=fit.rows,
