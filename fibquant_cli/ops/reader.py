@@ -108,10 +108,17 @@ def open_verified(path, progress: Progress | None = None, checks: list | None = 
     if comp.doc.transform is not None:
         transform = TransformState.load(comp, basis)
         note("transform basis", f"basis {comp.doc.transform.basis_digest[:16]}... "
-             f"({'embedded' if comp.doc.transform.embedded else 'given'}) and coefficient "
+             f"({_basis_kind(comp.doc.transform)}) and coefficient "
              "tables match their digests")
     return Opened(comp, quantizers, verify_on_read,
                   set(names + shared) if verify_on_read else set(), transform)
+
+
+def _basis_kind(rec: container.TransformRecord) -> str:
+    """How a transform file's basis is held, for validate's checks."""
+    if rec.own:
+        return "fitted on the dump, embedded"
+    return "embedded" if rec.embedded else "given"
 
 
 @dataclass
