@@ -221,7 +221,9 @@ def _per_vector_reconstructor(dump: Dump, spec):
 
 
 def _transform_reconstructor(dump: Dump, planned):
-    """(entry, layer) -> the layer as the planned transform file restores it (float32)."""
+    """(entry, layer) -> the layer as the planned transform file restores it (float32). The
+    encoded parts are kept on the matrix: if the own basis wins, the file is written from them
+    (``transform.encode_all``) instead of encoding every layer again."""
     from fibquant_cli.codecs import transform as codec
     from fibquant_cli.formats.container import part_name
 
@@ -231,7 +233,9 @@ def _transform_reconstructor(dump: Dump, planned):
         m, widths = mats[i, layer]
         entry = dump.manifest.entries[i]
         arr = read_layer(dump, entry, layer, check=False)
-        parts, _ = codec.encode_layer(m.lb, arr, m.stats, widths, *m.keep, c=m.coefficients)
+        m.encoded = codec.encode_layer(m.lb, arr, m.stats, widths, *m.keep, c=m.coefficients)
+        m.coefficients = None  # encoded: the file is written from ``m.encoded``
+        parts = m.encoded[0]
         out = np.empty_like(arr)
         codec.restore_layer(m.lb, parts, entry.shape, planned.doc.entries[i], out,
                             lambda part: part_name(i, layer, part), layer)

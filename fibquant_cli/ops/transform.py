@@ -57,6 +57,7 @@ class Matrix:
     stats: codec.LayerStats | None = None
     over: np.ndarray | None = None  # per component: values beyond TAU
     coefficients: np.ndarray | None = None  # from the statistics pass, when memory allows
+    encoded: tuple | None = None  # (parts, ErrorAccumulator), when a trial encoded it already
 
 
 def check_basis(dump: Dump, basis) -> dict[str, int]:
@@ -307,6 +308,9 @@ def encode_all(dump: Dump, mats, widths, writer, digests: dict, progress: Progre
 
     def one(item):
         m, w = item
+        if m.encoded is not None:  # the same call, made by the own basis' trial
+            (parts, acc), m.encoded = m.encoded, None
+            return m, parts, acc
         arr = read_layer(dump, dump.manifest.entries[m.entry], m.layer, check=False)
         parts, acc = codec.encode_layer(m.lb, arr, m.stats, w, *m.keep, c=m.coefficients)
         m.coefficients = None
