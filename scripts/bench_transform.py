@@ -37,6 +37,9 @@ def timed(fn) -> float:
 
 
 def main() -> None:
+    from fibquant_cli.ops.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the command line does at start-up
     from rich.console import Console
     from rich.table import Table
 

@@ -495,7 +495,9 @@ app.add_typer(batch_app, name="batch")
 
 
 def main() -> None:
+    from fibquant_cli.ops.allocator import keep_freed_memory
     from fibquant_cli.storage.publish import install_signal_handlers
 
     install_signal_handlers()
+    keep_freed_memory()
     app(prog_name="fibquant")
