@@ -59,10 +59,11 @@ ratios are more exposed to it.
   `decompress` their decode (dequantize) speed. The second table repeats `--bits 3` on a
   dump of many small tensors, where per-tensor costs show.
 * **Transform table** (`bench_transform.py`). MB/s of fp16 KV input through `compress` and
-  `decompress` (whole files, in this process) for the per-vector codec at `--bits 3` and the
-  transform codec at `--ratio 8`, on the sample grown by tokens, best of interleaved rounds;
-  the last row is their ratio. The basis is fitted on the sample itself (speed does not depend
-  on the text it came from; quality numbers are in docs/transform.md).
+  `decompress` (whole files, in this process) and `api.decompress` (decoded into memory: no
+  output written or fsynced) for the per-vector codec at `--bits 3` and the transform codec at
+  `--ratio 8`, on the sample grown by tokens, best of interleaved rounds; the last row is their
+  ratio. The basis is fitted on the sample itself (speed does not depend on the text it came
+  from; quality numbers are in docs/transform.md).
 * **Peak RSS table** (`bench_pipeline.py`). Peak resident memory of one fresh `compress` and
   one fresh `decompress` process per dump. Compare rows: grown by layers, the dump gets more
   tensors of the same size and the peak should stay nearly flat; grown by tokens, the largest
