@@ -84,7 +84,8 @@ def encode_range(source: str, profiles, plans, compare: bool) -> list:
     """The EncodedLayers of ``plans`` (one range of the dump at ``source``), encoded here."""
     from fibquant_cli.formats.kvdump import open_dump
     from fibquant_cli.ops.allocator import keep_freed_memory
-    from fibquant_cli.ops.compress import encoded_layers, make_quantizers
+    from fibquant_cli.ops.compress import encoded_layers
+    from fibquant_cli.ops.compress_plan import make_quantizers
 
     keep_freed_memory()
     dump = open_dump(source)

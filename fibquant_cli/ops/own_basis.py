@@ -90,7 +90,7 @@ def fit_own_basis(dump: Dump, keep_first: int, progress: Progress):
     from fibquant_cli.formats.basis import BasisSource, basis_of, encode_basis
     from fibquant_cli.formats.container import PLACEHOLDER_DIGEST
     from fibquant_cli.ops.calibrate import fit_sources, key_rope, source_of
-    from fibquant_cli.ops.compress import check_queries_finite
+    from fibquant_cli.ops.compress_plan import check_queries_finite
 
     check_queries_finite(dump)  # the sensitivity reads every layer's queries
     # A basis file names its sources by digest; this one is never written as a file (the
@@ -127,7 +127,7 @@ def decide(dump: Dump, spec, mode: str, progress: Progress, jobs: int = 1):
     """``(OwnBasisDecision, TransformPlan or None, basis or None)``: the plan and basis when
     the own basis is chosen. ``mode`` auto measures (see the module docstring), always takes
     the own basis unmeasured."""
-    from fibquant_cli.ops.compress import per_vector_bytes, prepare_transform
+    from fibquant_cli.ops.compress_plan import per_vector_bytes, prepare_transform
     from fibquant_cli.ops.transform import raw_bytes
 
     start = time.perf_counter()
@@ -199,7 +199,7 @@ def _per_vector_reconstructor(dump: Dump, spec):
     from fibquant_cli import codecs
     from fibquant_cli.codecs.fibquant import LayerPlan, norms_dtype
     from fibquant_cli.formats.container import part_name
-    from fibquant_cli.ops.compress import document, entry_profiles, make_quantizers
+    from fibquant_cli.ops.compress_plan import document, entry_profiles, make_quantizers
 
     profiles = entry_profiles(dump, spec)
     quantizers = make_quantizers(profiles, Progress())

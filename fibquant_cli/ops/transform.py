@@ -2,7 +2,7 @@
 
 Three passes over the KV layers, nothing written before the third:
 
-1. the usual check (NaN/Inf, source digests: ``compress.check_and_digest``);
+1. the usual check (NaN/Inf, source digests: ``compress_plan.check_and_digest``);
 2. statistics: per layer and role, the rows' mean, each coefficient's standard deviation
    (``scale``) and how many of its values lie beyond the codebooks' reach (exceptions);
 3. after one allocation for the whole file, the layers coded by ``codecs/transform`` and

@@ -164,7 +164,7 @@ def test_normalize_refuses_norms_beyond_float32():
 def test_largest_magnitude_matches_numpy(dtype, st):
     import ml_dtypes
 
-    from fibquant_cli.ops.compress import largest_magnitude
+    from fibquant_cli.ops.compress_plan import largest_magnitude
 
     dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype
     x = (np.random.default_rng(5).standard_normal(999) * 300).astype(dt)
