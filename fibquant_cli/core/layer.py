@@ -53,8 +53,9 @@ def _f16_table() -> np.ndarray:
 def widen(x: np.ndarray) -> np.ndarray:
     """``x`` (float16, bfloat16 or float32, any strides) as a new C-contiguous float32 array,
     bit for bit what ``x.astype(np.float32)`` gives: fp16 through a table of all 65,536
-    values (numpy converts fp16 one value at a time; the table lookup is 2x faster), bf16 by
-    a 16-bit shift (it is float32's upper half)."""
+    values (numpy converts fp16 one value at a time; the lookup measured 1.5x faster on a
+    1,024-token layer, the same on a 6,144-token one, where memory traffic bounds both), bf16
+    by a 16-bit shift (it is float32's upper half)."""
     x = np.asarray(x)
     if x.dtype == np.float16:
         return np.take(_f16_table(), x.view(np.uint16))
