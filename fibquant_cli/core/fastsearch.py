@@ -248,15 +248,12 @@ class GridSearcher:
     lazy : bool, keyword-only; build the table only once enough blocks have been searched.
     reach : float, keyword-only; the grid covers [-reach, reach]^2 (points beyond go to the
         exact fallback); default: 1.5x the codebook's largest norm, within [0.5, 1].
-    fallback : an exact searcher of the same codebook for the blocks off the grid (and the
-        lazy start); default the exact matmul search. A coarser grid of wider reach keeps
-        outliers cheap while this one stays fine. Not pickled (the default is rebuilt).
     """
 
     method = "grid"
 
     def __init__(self, codebook: np.ndarray, *, side: int = GRID_SIDE, lazy: bool = False,
-                 reach: float | None = None, fallback: Searcher | None = None):
+                 reach: float | None = None):
         cb = np.ascontiguousarray(codebook, dtype=np.float64)
         if cb.ndim != 2 or cb.shape[1] != 2:
             raise ValueError(f"GridSearcher needs a (N, 2) codebook, got shape {cb.shape}")
@@ -264,7 +261,7 @@ class GridSearcher:
             raise ValueError(f"side must be a power of two >= 2, got {side}")
         self.codebook = cb
         self.side = side
-        self.fallback = fallback or MatmulSearcher(cb, exact=True)
+        self.fallback = MatmulSearcher(cb, exact=True)
         self.table = None
         self._lock = threading.Lock()
         # Lazy: the exact fallback serves until the blocks seen would have paid for the table,
@@ -300,6 +297,17 @@ class GridSearcher:
         # lookup needs no separate range test.
         self.outside = len(lists)
         self.code_offset = len(lists) + 1
+        # A block beyond the square is nearest to a codeword that is nearest to some point of
+        # the square's edge (the segment between them stays in that codeword's convex Voronoi
+        # cell), or to a codeword outside the square: only those can win, so blocks off the
+        # grid are searched exactly among them, a few dozen, not the whole codebook.
+        grid = table.reshape(side, side)
+        edge = np.concatenate([grid[0], grid[-1], grid[:, 0], grid[:, -1]])
+        held = [edge[edge >= 0], lists[-1 - edge[edge < 0]].reshape(-1)]
+        outer = np.flatnonzero(np.abs(self.codebook).max(axis=1) >= self.lo + self.cell * side)
+        codes = np.unique(np.concatenate([*held, outer]))
+        self.edge_codes = codes[codes >= 0].astype(np.uint32)
+        self.edge_search = MatmulSearcher(self.codebook[self.edge_codes], exact=True)
         entry = np.where(table >= 0, table + self.code_offset, -1 - table)
         padded = np.full((side + 2, side + 2), self.outside, dtype=np.int32)
         padded[1:-1, 1:-1] = entry.reshape(side, side)
@@ -388,7 +396,7 @@ class GridSearcher:
                     out[special[mixed]] = self._nearest_mixed(block[special[mixed]], kind[mixed])
                 if not mixed.all():
                     off = special[~mixed]
-                    out[off] = self.fallback.nearest(block[off])
+                    out[off] = self.edge_codes[self.edge_search.nearest(block[off])]
         return codes
 
     def _nearest_mixed(self, y: np.ndarray, lists: np.ndarray) -> np.ndarray:

@@ -47,8 +47,7 @@ VQ_MAX_WIDTH = 10
 SCALAR_WIDTHS = (12, 14, 16)
 WIDTHS = tuple(range(VQ_MAX_WIDTH + 1)) + SCALAR_WIDTHS
 SEARCH_GRID_SIDE = 256
-SEARCH_FINE = 3.0  # standard deviations the fine lookup grid covers at least
-SEARCH_COVER = 6.0  # and the coarse one (outliers)
+SEARCH_FINE = 3.0  # standard deviations the lookup grid covers at least
 TAU = 4.0  # |coefficient| above which a coded coefficient is an exception (stored exactly)
 TABLES_PATH = Path(__file__).resolve().parent.parent / "codebooks" / "gauss_v1.npz"
 
@@ -127,20 +126,17 @@ def _scalar_codes(x: np.ndarray, levels: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _searcher(width: int):
-    """The lookup-grid searcher (``core/fastsearch``, exact) of the shipped ``vq[width]``: a
-    fine grid over the codebook and at least ``SEARCH_FINE`` standard deviations; the
-    coefficients beyond it go to a second, coarse grid reaching ``SEARCH_COVER``, and only
-    rarer ones to the slow exact search. (With one grid ending just past the codebook, 3% of
-    the pairs at width 4 took that search; one grid to 6 sigma made 14% of the cells mixed.)
-    Built at once on a 256-cell side: for these codebooks 6x faster to build than the
-    default 1,024 and as fast to search (0.17 s and 10 M pairs/s at 1,024 codewords); for
-    2-8 codewords 3x faster than a matrix-product search."""
+    """The lookup-grid searcher (``core/fastsearch``, exact) of the shipped ``vq[width]``, its
+    grid over the codebook and at least ``SEARCH_FINE`` standard deviations; the rarer
+    coefficients beyond it are searched exactly among the few codewords that can win there.
+    Built at once on a 256-cell side: for these codebooks 6x faster to build than the default
+    1,024 and as fast to search (0.17 s and 10 M pairs/s at 1,024 codewords); for 2-8
+    codewords 3x faster than a matrix-product search."""
     from fibquant_cli.core.fastsearch import GridSearcher
 
     cb = tables().vq[width].astype(np.float64)
-    fine = max(SEARCH_FINE, 1.05 * float(np.sqrt((cb * cb).sum(axis=1).max())))
-    wide = GridSearcher(cb, side=SEARCH_GRID_SIDE, reach=max(fine, SEARCH_COVER))
-    return GridSearcher(cb, side=SEARCH_GRID_SIDE, reach=fine, fallback=wide)
+    reach = max(SEARCH_FINE, 1.05 * float(np.sqrt((cb * cb).sum(axis=1).max())))
+    return GridSearcher(cb, side=SEARCH_GRID_SIDE, reach=reach)
 
 
 def encode_pairs(c: np.ndarray, width: int, tab: Tables | None = None) -> np.ndarray:

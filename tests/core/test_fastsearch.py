@@ -255,3 +255,20 @@ def test_codec_caches_one_searcher_and_encodes_exactly(shipped, monkeypatch):
     u = (x.astype(np.float64) / np.where(nu > 0, nu, 1.0)[:, None]).astype(np.float32)
     y = (u @ q.rotation.T.astype(np.float32)).reshape(-1, 2)
     np.testing.assert_array_equal(codes.ravel(), reference(y, q.codebook))
+
+
+def test_blocks_off_the_grid_are_searched_among_the_edge_codes_exactly():
+    """Beyond the grid's square only codewords nearest to its edge (or outside it) can win:
+    a few of them are searched, and the codes still equal brute force, far outliers too."""
+    rng = np.random.default_rng(11)
+    cb = rng.standard_normal((512, 2)) * np.array([1.0, 0.5])
+    grid = fs.GridSearcher(cb, side=64, reach=1.0)  # most codewords lie beyond the square
+    assert 0 < len(grid.edge_codes) < len(cb)
+    y = np.concatenate([rng.standard_normal((20_000, 2)) * 3,
+                        rng.standard_normal((2_000, 2)) * 1e3]).astype(np.float32)
+    expected = fs.brute_nearest_f64(y.astype(np.float64), cb)
+    np.testing.assert_array_equal(grid.nearest(y), expected)
+    tight = fs.GridSearcher(cb * 0.1, side=64, reach=1.0)  # the codebook inside the square
+    assert len(tight.edge_codes) < len(cb) // 4
+    np.testing.assert_array_equal(tight.nearest(y), fs.brute_nearest_f64(y.astype(np.float64),
+                                                                         cb * 0.1))
