@@ -32,7 +32,10 @@ def rope_angles(positions: np.ndarray, head_dim: int, theta: float) -> np.ndarra
     return np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
 
 
-def _pairs(x: np.ndarray, style: str) -> tuple[np.ndarray, np.ndarray]:
+def pair_halves(x: np.ndarray, style: str) -> tuple[np.ndarray, np.ndarray]:
+    """Views (a, b) of ``x (..., d)``, (..., d/2) each: RoPE pair j is (a[..., j], b[..., j]).
+    Copying them to the real and imaginary parts of a complex64 array (and back) moves a
+    head between its stored channel order and ``pair_order`` with long inner loops."""
     half = x.shape[-1] // 2
     if style == "half":
         return x[..., :half], x[..., half:]
@@ -51,9 +54,9 @@ def _turn(x: np.ndarray, angles: np.ndarray, style: str) -> np.ndarray:
 
 def _apply(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, style: str) -> np.ndarray:
     """Each channel pair (a, b) of ``x`` turned: (a cos - b sin, a sin + b cos)."""
-    a, b = _pairs(x, style)
+    a, b = pair_halves(x, style)
     out = np.empty_like(x)
-    ra, rb = _pairs(out, style)
+    ra, rb = pair_halves(out, style)
     np.multiply(a, cos, out=ra)
     ra -= b * sin
     np.multiply(a, sin, out=rb)
@@ -78,17 +81,10 @@ def unrotate(x: np.ndarray, positions: np.ndarray, theta: float, style: str) -> 
     return _turn(x, -rope_angles(positions, x.shape[-1], theta), style)
 
 
-def pair_halves(x: np.ndarray, style: str) -> tuple[np.ndarray, np.ndarray]:
-    """Views (a, b) of ``x (..., d)``, (..., d/2) each: RoPE pair j is (a[..., j], b[..., j]).
-    Copying them to the real and imaginary parts of a complex64 array (and back) moves a
-    head between its stored channel order and ``pair_order`` with long inner loops."""
-    return _pairs(x, style)
-
-
 def pair_order(d: int, style: str) -> np.ndarray:
     """(d,) a head's channels with each RoPE pair side by side, (a_j, b_j) at 2j and 2j + 1
     (``pair_halves``): the layout whose complex64 view is ``a_j + i b_j``."""
-    a, b = _pairs(np.arange(d), style)
+    a, b = pair_halves(np.arange(d), style)
     return np.stack([a, b], axis=1).reshape(-1)
 
 
