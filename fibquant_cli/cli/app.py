@@ -58,7 +58,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
@@ -123,8 +122,6 @@ def digest(
         tables.print_digests(rep)
     if rep.error is not None:
         raise rep.error
-
-
 
 
 @app.command()
@@ -252,8 +249,6 @@ def decompress(
         rep = decompress_file(path, output, layers=layers, tokens=tokens, force=force,
                               jobs=jobs, basis=basis, progress=progress)
     console.show(rep, as_json, tables.decompress_table)
-
-
 
 
 @app.command()
