@@ -123,11 +123,13 @@ def norms_dtype(arr: np.ndarray, center: bool, keep_first: int, keep_last: int) 
 
 
 def encode_layer(q: FibQuantizer, arr: np.ndarray, plan: LayerPlan,
-                 compare: bool) -> EncodedLayer:
+                 compare: bool, restored: np.ndarray | None = None) -> EncodedLayer:
     """Encode one layer [b, h, t, d] (source dtype), ``ENCODE_ROWS`` vectors at a time.
 
     The error statistics are those of the restored values, decoded exactly as decompress
     does; with ``compare``, also those of the scalar baseline at the same whole-bit rate.
+    ``restored`` ([b, h, t, d], C-contiguous float32 or the source dtype) receives those
+    values: the layer as decompress will restore it, without decoding it again.
     """
     out_dtype = arr.dtype
     rows = LayerRows(arr, plan.center, plan.keep_first, plan.keep_last)
@@ -148,9 +150,13 @@ def encode_layer(q: FibQuantizer, arr: np.ndarray, plan: LayerPlan,
         stored[...] = norms
         chunk = bitpack.pack(codes, width)
         packed[c0 * bpv * width // 8:][:chunk.size] = chunk
-        for _, r0, r1, seg in decoded_segments(q, codes, stored.astype(np.float32), rows.mean, t,
+        for g, r0, r1, seg in decoded_segments(q, codes, stored.astype(np.float32), rows.mean, t,
                                                out_dtype, offset=c0):
-            acc.add(x[r0 - c0:r1 - c0], round_to_dtype(seg, out_dtype))
+            seg = round_to_dtype(seg, out_dtype)
+            acc.add(x[r0 - c0:r1 - c0], seg)
+            if restored is not None:
+                heads = restored.reshape(b * h, -1, d)
+                heads[g, plan.keep_first + r0 - g * t:plan.keep_first + r1 - g * t] = seg
         if scalar is not None:
             scalar_acc.add(x, cast_clamped(scalar.decode(*scalar.encode(x)), out_dtype))
     parts = {"codes": packed, "norms": stored_norms.reshape(b, h, t)}
@@ -162,6 +168,10 @@ def encode_layer(q: FibQuantizer, arr: np.ndarray, plan: LayerPlan,
         if scalar_acc is not None:
             scalar_acc.add(kept_x, kept_x)
         parts["kept"] = np.ascontiguousarray(rows.kept)
+        if restored is not None:
+            end = restored.shape[2] - plan.keep_last
+            restored[:, :, :plan.keep_first] = rows.kept[:, :, :plan.keep_first]
+            restored[:, :, end:] = rows.kept[:, :, plan.keep_first:]
     return EncodedLayer(plan, parts, acc, scalar_acc, sum(a.nbytes for a in parts.values()))
 
 

@@ -250,13 +250,15 @@ def live_components(widths) -> np.ndarray:
 
 
 def encode_layer(lb: LayerBasis, arr: np.ndarray, stats: LayerStats, widths, kf: int, kl: int,
-                 c: np.ndarray | None = None):
+                 c: np.ndarray | None = None, restored: np.ndarray | None = None):
     """(parts, ErrorAccumulator of the restored values) of one layer [b, h, t, d].
 
     ``c``: the layer's coefficients from ``analyze`` when kept; otherwise computed again by
     it (the same arithmetic, so the same exceptions the document counted). The error is of
     the values decompress restores: the same blocks through ``synthesize``, clipped, and
-    rounded as the cast to the source dtype rounds them (``round_to_dtype``)."""
+    rounded as the cast to the source dtype rounds them (``round_to_dtype``). ``restored``
+    ([b, h, t, d], float32 or the source dtype) receives those values: the layer as
+    decompress will restore it, without decoding it again."""
     b, h, t, d = arr.shape
     if c is None:
         c = analyze(arr, lb, kf, kl)[2]
@@ -271,8 +273,14 @@ def encode_layer(lb: LayerBasis, arr: np.ndarray, stats: LayerStats, widths, kf:
                            bi * t_mid + s0, bi * t_mid + s1)
         np.clip(x_hat, -top, top, out=x_hat)
         x = codec_rows(arr[bi:bi + 1, :, kf + s0:kf + s1], lb, kf + s0, undo_rope=False)
-        acc.add(x.reshape(-1, d), round_to_dtype(x_hat, arr.dtype).reshape(-1, d))
+        x_hat = round_to_dtype(x_hat, arr.dtype)
+        acc.add(x.reshape(-1, d), x_hat.reshape(-1, d))
+        if restored is not None:
+            place(lb, x_hat, restored[bi, :, kf + s0:kf + s1])
     if kf + kl:
+        if restored is not None:
+            restored[:, :, :kf] = arr[:, :, :kf]
+            restored[:, :, t - kl:] = arr[:, :, t - kl:]
         kept = np.ascontiguousarray(np.concatenate([arr[:, :, :kf], arr[:, :, t - kl:]], axis=2))
         kx = widen(kept).reshape(-1, d)
         acc.add(kx, kx)

@@ -198,7 +198,6 @@ def _per_vector_reconstructor(dump: Dump, spec):
     """(entry, layer) -> the layer as the per-vector codec would restore it (float32)."""
     from fibquant_cli import codecs
     from fibquant_cli.codecs.fibquant import LayerPlan, norms_dtype
-    from fibquant_cli.formats.container import part_name
     from fibquant_cli.ops.compress_plan import document, entry_profiles, make_quantizers
 
     profiles = entry_profiles(dump, spec)
@@ -211,12 +210,9 @@ def _per_vector_reconstructor(dump: Dump, spec):
         arr = read_layer(dump, entry, layer, check=False)
         kf, kl = rec.keep(entry.shape.tokens)
         plan = LayerPlan(i, layer, kf, kl, rec.center, norms_dtype(arr, rec.center, kf, kl))
-        q = quantizers[profiles[i]]
-        parts = codec.encode_layer(q, arr, plan, False).parts
-        out = np.empty_like(arr)
-        codec.restore_layer(q, parts, entry.shape, rec, out,
-                            lambda part: part_name(i, layer, part), layer)
-        return out.astype(np.float32)
+        out = np.empty(arr.shape, dtype=np.float32)
+        codec.encode_layer(quantizers[profiles[i]], arr, plan, False, restored=out)
+        return out
 
     return restore
 
@@ -226,20 +222,16 @@ def _transform_reconstructor(dump: Dump, planned):
     encoded parts are kept on the matrix: if the own basis wins, the file is written from them
     (``transform.encode_all``) instead of encoding every layer again."""
     from fibquant_cli.codecs import transform as codec
-    from fibquant_cli.formats.container import part_name
 
     mats = {(m.entry, m.layer): (m, w) for m, w in zip(planned.mats, planned.widths)}
 
     def restore(i: int, layer: int) -> np.ndarray:
         m, widths = mats[i, layer]
-        entry = dump.manifest.entries[i]
-        arr = read_layer(dump, entry, layer, check=False)
-        m.encoded = codec.encode_layer(m.lb, arr, m.stats, widths, *m.keep, c=m.coefficients)
+        arr = read_layer(dump, dump.manifest.entries[i], layer, check=False)
+        out = np.empty(arr.shape, dtype=np.float32)
+        m.encoded = codec.encode_layer(m.lb, arr, m.stats, widths, *m.keep, c=m.coefficients,
+                                       restored=out)
         m.coefficients = None  # encoded: the file is written from ``m.encoded``
-        parts = m.encoded[0]
-        out = np.empty_like(arr)
-        codec.restore_layer(m.lb, parts, entry.shape, planned.doc.entries[i], out,
-                            lambda part: part_name(i, layer, part), layer)
-        return out.astype(np.float32)
+        return out
 
     return restore

@@ -189,3 +189,30 @@ def test_forged_embedded_columns_are_refused(cli, long_auto, tmp_path):
     v4 = _forged(out, tmp_path / "v4.fq.safetensors", doc_edit=no_own)
     assert_error(cli("validate", v4), 4, "transform")
     assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_the_trial_scores_the_values_the_files_restore(cli, dumps, long_auto, tmp_path):
+    """The trial's layers come from encode_layer(restored=): the values decompress writes,
+    for both candidates, without decoding each layer a second time."""
+    from threadpoolctl import threadpool_limits
+
+    from fibquant_cli.formats.kvdump import open_dump
+    from fibquant_cli.ops import own_basis
+    from fibquant_cli.ops.progress import Progress
+    from fibquant_cli.ops.spec import resolve_spec
+
+    d, (path, _), _ = dumps
+    dump, spec = open_dump(path), resolve_spec()
+    never = tmp_path / "never.fq.safetensors"
+    _compress(cli, path, never, "--own-basis", "never", "--no-attention")
+    _, planned, _ = own_basis.decide(dump, spec, "always", Progress())
+    candidates = ((never, own_basis._per_vector_reconstructor(dump, spec)),
+                  (long_auto[0], own_basis._transform_reconstructor(dump, planned)))
+    for compressed, reconstruct in candidates:
+        restored_path = tmp_path / "r.safetensors"
+        ok(cli("decompress", compressed, "-o", restored_path, "--force"))
+        restored = load(restored_path)
+        for i, role in enumerate(("key", "value")):
+            with threadpool_limits(1):  # as compress runs the trial: the same rounding
+                got = reconstruct(i, 1)
+            assert bits_equal(got, restored[f"layer.1.{role}"].astype(np.float32))
