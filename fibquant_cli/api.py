@@ -356,9 +356,12 @@ def open_compressed(path, basis=None) -> Reader:
     """Open the compressed file ``path`` for random access (named so as not to shadow the
     built-in ``open``). The header, document, codebooks and rotations are verified now;
     every other byte when it is read. ``basis``: as for ``decompress_file``."""
+    from threadpoolctl import threadpool_limits
+
     from fibquant_cli.ops.reader import open_verified
 
-    return Reader(open_verified(path, verify_arrays=False, verify_on_read=True, basis=basis))
+    with threadpool_limits(1):  # the basis checks' products: see ops/process, "BLAS"
+        return Reader(open_verified(path, verify_arrays=False, verify_on_read=True, basis=basis))
 
 
 class Reader:

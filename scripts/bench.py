@@ -242,9 +242,9 @@ def print_machine(console: Console, facts: dict, sizes: dict, quick: bool) -> No
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from fibquant_cli.ops.allocator import keep_freed_memory
+    from fibquant_cli.ops import process
 
-    keep_freed_memory()  # as the command line does at start-up
+    process.start()  # as the command line does at start-up
     start = time.perf_counter()
     sizes = dict(QUICK if args.quick else FULL)
     sizes["eval_vectors"] = args.eval_vectors or sizes["eval_vectors"]

@@ -193,9 +193,9 @@ def peak_rss(dumps: list[tuple[str, Path]], workdir: Path) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from fibquant_cli.ops.allocator import keep_freed_memory
+    from fibquant_cli.ops import process
 
-    keep_freed_memory()  # as the command line does at start-up
+    process.start()  # as the command line does at start-up
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller dumps, fewer rounds (smoke test)")
     ap.add_argument("--json", type=Path)

@@ -37,9 +37,9 @@ def timed(fn) -> float:
 
 
 def main() -> None:
-    from fibquant_cli.ops.allocator import keep_freed_memory
+    from fibquant_cli.ops import process
 
-    keep_freed_memory()  # as the command line does at start-up
+    process.start()  # as the command line does at start-up
     from rich.console import Console
     from rich.table import Table
 

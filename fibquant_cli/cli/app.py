@@ -490,9 +490,9 @@ app.add_typer(batch_app, name="batch")
 
 
 def main() -> None:
-    from fibquant_cli.ops.allocator import keep_freed_memory
+    from fibquant_cli.ops import process
     from fibquant_cli.storage.publish import install_signal_handlers
 
     install_signal_handlers()
-    keep_freed_memory()
+    process.start()
     app(prog_name="fibquant")

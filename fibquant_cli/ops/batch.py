@@ -193,9 +193,9 @@ def skipped(task: Task, stamp: dict) -> TaskResult:
 
 def run_task(task: Task) -> TaskResult:
     """Do one task on this worker; every error becomes a "failed" result naming file and reason."""
-    from fibquant_cli.ops.allocator import keep_freed_memory
+    from fibquant_cli.ops import process
 
-    keep_freed_memory()  # once per worker process, as the command line does
+    process.start()  # once per worker process, as the command line does
     start = time.perf_counter()
     try:
         stamp = None if task.force else up_to_date(task, hash_on_doubt=False)

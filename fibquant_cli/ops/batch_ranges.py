@@ -83,11 +83,11 @@ def layer_ranges(dump, plans, split_bytes: int) -> list[tuple[int, int]]:
 def encode_range(source: str, profiles, plans, compare: bool) -> list:
     """The EncodedLayers of ``plans`` (one range of the dump at ``source``), encoded here."""
     from fibquant_cli.formats.kvdump import open_dump
-    from fibquant_cli.ops.allocator import keep_freed_memory
+    from fibquant_cli.ops import process
     from fibquant_cli.ops.compress import encoded_layers
     from fibquant_cli.ops.compress_plan import make_quantizers
 
-    keep_freed_memory()
+    process.start()
     dump = open_dump(source)
     quantizers = make_quantizers(profiles, Progress())
     return list(encoded_layers(dump, quantizers, profiles, plans, compare, 1))
