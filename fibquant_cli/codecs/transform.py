@@ -39,7 +39,7 @@ import numpy as np
 from fibquant_cli.core import bitpack
 from fibquant_cli.core import rope as rope_math
 from fibquant_cli.core import transform as T
-from fibquant_cli.core.layer import SOURCE_DTYPES, copy_kept, finite_max, round_to_dtype, widen
+from fibquant_cli.core.layer import SOURCE_DTYPES, copy_kept, finite_max, narrow, round_to_dtype, widen
 from fibquant_cli.core.metrics import ErrorAccumulator
 from fibquant_cli.errors import IntegrityError
 
@@ -174,15 +174,17 @@ def codec_rows(x: np.ndarray, lb: LayerBasis, first: int, *, undo_rope: bool = T
 
 
 def place(lb: LayerBasis, x: np.ndarray, dest: np.ndarray) -> None:
-    """Rows ``x (n, h, d)`` in the codec's order into ``dest (h, n, d)``, a view of an output
-    in the heads' order (the assignment casts to its dtype)."""
+    """Rows ``x (n, h, d)`` float32 in the codec's order into ``dest (h, n, d)``, a view of an
+    output in the heads' order, cast to its dtype (fp16 by ``narrow`` first, then moved)."""
+    if dest.dtype == np.float16:
+        x = narrow(x)
     if lb.rope is None:
         dest[...] = x.transpose(1, 0, 2)
         return
-    z = x.view(np.complex64).transpose(1, 0, 2)  # (h, n, d / 2)
     a, b = rope_math.pair_halves(dest, lb.rope.style)
-    a[...] = z.real
-    b[...] = z.imag
+    pairs = x.reshape(*x.shape[:2], -1, 2).transpose(1, 0, 2, 3)  # (h, n, d / 2, 2)
+    a[...] = pairs[..., 0]
+    b[...] = pairs[..., 1]
 
 
 def synthesis_matrix(lb: LayerBasis, layout: T.RowLayout, scale) -> np.ndarray:

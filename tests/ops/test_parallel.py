@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from fibquant_cli.core.codec import DECODE_ROWS
-from fibquant_cli.core.layer import decoded_segments, restore_into, round_to_dtype, widen
+from fibquant_cli.core.layer import decoded_segments, narrow, restore_into, round_to_dtype, widen
 from fibquant_cli.core.params import Profile
 from fibquant_cli.ops import decompress as pipeline
 from fibquant_cli.ops.compress import compress
@@ -107,6 +107,23 @@ def test_widen_equals_the_cast_bit_for_bit():
     assert out.flags.c_contiguous and out.shape == strided.shape
     np.testing.assert_array_equal(out.view(np.uint32),
                                   strided.astype(np.float32).view(np.uint32))
+
+
+def test_narrow_equals_the_cast_bit_for_bit():
+    rng = np.random.default_rng(11)
+    x = _finite_f32(rng, 400_000, 65504.0)
+    # every float32 exponent that fp16 can reach, both signs, 1 in 997 bit patterns of it
+    sweep = np.arange(0, 0x477FE000, 997, dtype=np.uint32).view(np.float32)
+    x = np.concatenate([x, sweep, -sweep, rng.standard_normal(50_000).astype(np.float32) * 4])
+    spread = x[rng.permutation(x.size)]  # small values few in every chunk: fixed one by one
+    for x in (spread, np.sort(x)):  # ... and chunks of nothing else: fixed chunk-wide
+        got = narrow(x)
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got.view(np.uint16), x.astype(np.float16).view(np.uint16))
+    block = x[:3 * 5 * 64].reshape(3, 5, 64)[:, ::2]  # any shape and strides in, C order out
+    assert narrow(block).flags.c_contiguous
+    np.testing.assert_array_equal(narrow(block).view(np.uint16),
+                                  block.astype(np.float16).view(np.uint16))
 
 
 def test_restore_into_clamps_only_past_the_dtype_range():
