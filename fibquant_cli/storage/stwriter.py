@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from fibquant_cli.formats.dtypes import NUMPY_DTYPES, little_endian, st_dtype_fo
 from fibquant_cli.formats.stfile import RawTensor, TensorInfo, header_bytes, label, plan_layout
 from fibquant_cli.storage.publish import publishing
 
-# Bytes written between two write-back hints (see StreamWriter.write).
+# Bytes written between two background syncs (see StreamWriter._start_writeback).
 WRITEBACK_BYTES = 4 << 20
 
 
@@ -60,6 +61,8 @@ class StreamWriter:
         self._current = 0
         self._unsynced = 0
         self._file = None
+        self._syncing: threading.Thread | None = None
+        self._sync_error: OSError | None = None
 
     def __enter__(self) -> StreamWriter:
         target = self.path
@@ -102,15 +105,33 @@ class StreamWriter:
         self._written[i] += data.nbytes
 
     def _start_writeback(self) -> None:
-        """Start the kernel's write-back now, in the background, so the final fsync finds
-        most pages on disk already instead of waiting for all of them."""
+        """Sync what is written so far in a background thread while the caller goes on
+        (decoding the next tensors), so the final fsync finds the pages on disk already.
+
+        Hints do not do it here: after ``posix_fadvise(DONTNEED)`` or ``sync_file_range``
+        the final fsync of 19 MB on ext4 still took 26-31 ms, as without them, a fifth of a
+        decompress. At most one sync runs at a time; the final fsync (``storage.publish``)
+        still makes the file durable, and a sync's error fails the write as its own would.
+        """
         self._file.flush()
         self._unsynced = 0
-        if hasattr(os, "posix_fadvise"):
-            try:
-                os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass  # only a hint: a file system without it just syncs later
+        if self._syncing is not None and self._syncing.is_alive():
+            return
+        self._syncing = threading.Thread(target=self._datasync, args=(self._file.fileno(),),
+                                         name="fibquant-sync", daemon=True)
+        self._syncing.start()
+
+    def _datasync(self, fd: int) -> None:
+        try:
+            getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
+        except OSError as err:
+            self._sync_error = err
+
+    def _join_sync(self) -> None:
+        """Wait for a background sync (before the file closes: its descriptor must stay open)."""
+        if self._syncing is not None:
+            self._syncing.join()
+            self._syncing = None
 
     def replace_metadata(self, metadata: Mapping[str, str] | None) -> None:
         """Rewrite the header's metadata in place; the new header must have the same length.
@@ -179,6 +200,9 @@ class StreamWriter:
             try:
                 self._check_complete()
                 self._file.flush()
+                self._join_sync()
+                if self._sync_error is not None:
+                    raise self._sync_error
             except OSError as err:
                 error = output_failure(err, self.path)
             except BaseException as err:  # noqa: BLE001 -- re-raised below, after cleanup
@@ -203,6 +227,7 @@ class StreamWriter:
                 )
 
     def _close(self) -> None:
+        self._join_sync()
         if self._file is not None:
             self._file.close()
             self._file = None
