@@ -116,10 +116,11 @@ def test_narrow_equals_the_cast_bit_for_bit():
     sweep = np.arange(0, 0x477FE000, 997, dtype=np.uint32).view(np.float32)
     x = np.concatenate([x, sweep, -sweep, rng.standard_normal(50_000).astype(np.float32) * 4])
     spread = x[rng.permutation(x.size)]  # small values few in every chunk: fixed one by one
-    for x in (spread, np.sort(x)):  # ... and chunks of nothing else: fixed chunk-wide
-        got = narrow(x)
+    for values in (spread, np.sort(x)):  # ... and chunks of nothing else: fixed chunk-wide
+        got = narrow(values)
         assert got.dtype == np.float16
-        np.testing.assert_array_equal(got.view(np.uint16), x.astype(np.float16).view(np.uint16))
+        np.testing.assert_array_equal(got.view(np.uint16),
+                                      values.astype(np.float16).view(np.uint16))
     block = x[:3 * 5 * 64].reshape(3, 5, 64)[:, ::2]  # any shape and strides in, C order out
     assert narrow(block).flags.c_contiguous
     np.testing.assert_array_equal(narrow(block).view(np.uint16),
