@@ -28,6 +28,7 @@ from fibquant_cli.cli.options import (
     KeyNOpt,
     KOpt,
     NOpt,
+    OwnBasisOpt,
     RatioOpt,
     SeedOpt,
     ValueBitsOpt,
@@ -102,6 +103,7 @@ def compress(
     basis: CodeBasisOpt = None,  # every worker must be able to read it
     embed_basis: EmbedBasisOpt = False,
     ratio: RatioOpt = None,
+    own_basis: OwnBasisOpt = "auto",
     workers: WorkersOpt = 0,
     scheduler: SchedulerOpt = None,
     split_mb: SplitOpt = 256.0,
@@ -119,7 +121,8 @@ def compress(
                         keep_first=keep_first, keep_last=keep_last, center_keys=center_keys,
                         basis=basis, embed_basis=embed_basis, ratio=ratio)
     _run("compress", source, out, as_json, spec=spec, attention=attention, force=force,
-         workers=workers, scheduler=scheduler, split_bytes=_split_bytes(split_mb))
+         workers=workers, scheduler=scheduler, split_bytes=_split_bytes(split_mb),
+         own_basis=own_basis)
 
 
 @batch_app.command("decompress", epilog=EXIT_NOTE)

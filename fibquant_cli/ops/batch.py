@@ -64,6 +64,7 @@ class Task:
     force: bool = False
     split_bytes: int = DEFAULT_SPLIT_BYTES
     basis: str | None = None  # decompress, validate: the basis transform-coded files need
+    own_basis: str = "never"  # compress without a basis: ops.own_basis's mode
 
     @property
     def manifest(self) -> str | None:
@@ -75,7 +76,10 @@ class Task:
     @property
     def options(self) -> dict:
         """What decides the output's bytes (recorded in the stamp)."""
-        return {} if self.spec is None else self.spec.to_json()
+        if self.spec is None:
+            return {}
+        mode = {} if self.own_basis == "never" else {"own_basis": self.own_basis}
+        return {**self.spec.to_json(), **mode}
 
     @property
     def inputs(self) -> list[str]:
@@ -142,7 +146,8 @@ class BatchReport:
 
 def plan_tasks(kind: str, source: str, out: str | None, *, spec: CompressSpec | None = None,
                attention: bool = True, force: bool = False,
-               split_bytes: int = DEFAULT_SPLIT_BYTES, basis: str | None = None) -> list[Task]:
+               split_bytes: int = DEFAULT_SPLIT_BYTES, basis: str | None = None,
+               own_basis: str = "never") -> list[Task]:
     """One task per input file under ``source``, outputs at the same relative path in ``out``."""
     if kind not in KINDS:
         raise UsageError(f"unknown batch command {kind!r}; one of {', '.join(KINDS)}")
@@ -167,7 +172,8 @@ def plan_tasks(kind: str, source: str, out: str | None, *, spec: CompressSpec | 
             kind, name, files.join(source, name), tuple(files.join(out, o) for o in outputs),
             files.stamp_location(out, outputs[0]) if outputs else None,
             spec=spec if kind == "compress" else None, attention=attention, force=force,
-            split_bytes=split_bytes, basis=basis if kind != "compress" else None))
+            split_bytes=split_bytes, basis=basis if kind != "compress" else None,
+            own_basis=own_basis if kind == "compress" else "never"))
     return tasks
 
 
@@ -235,7 +241,8 @@ def _compress(task: Task, source: Path, outputs: list[Path]) -> TaskResult:
         encoder = RangeEncoder(source, task.split_bytes, in_worker=_worker_name() is not None,
                                on_layer=lambda i: i == 1 and _crash_once(task))
     rep = compress(source, output=outputs[0], spec=task.spec, attention=task.attention,
-                   force=True, jobs=1, encoder=encoder)  # run_task kept foreign outputs
+                   force=True, jobs=1, encoder=encoder,  # run_task kept foreign outputs
+                   own_basis=task.own_basis)
     return TaskResult(task.name, "done", task.outputs[0], ratio=rep.total.ratio,
                       rel_mse=rep.total.rel_mse, ranges=encoder.ranges if encoder else 1)
 
@@ -356,7 +363,7 @@ def run_batch(kind: str, source: str, out: str | None = None, *,
               spec: CompressSpec | None = None, attention: bool = True, force: bool = False,
               workers: int = 0, scheduler: str | None = None, client=None,
               split_bytes: int = DEFAULT_SPLIT_BYTES, basis: str | None = None,
-              progress: Progress | None = None) -> BatchReport:
+              own_basis: str = "never", progress: Progress | None = None) -> BatchReport:
     """Run ``kind`` on every file under ``source`` on a Dask cluster; the summary is written to
     ``out``/fibquant-batch.json (when there is an ``out``).
 
@@ -365,6 +372,8 @@ def run_batch(kind: str, source: str, out: str | None = None, *,
     started and stopped here. Outputs already up to date are skipped before any cluster starts.
     ``basis``: for decompress and validate, the basis file transform-coded files need (a
     transform ``spec`` carries its own); it must be where every worker can read it.
+    ``own_basis``: for compress without a basis, as ``ops.compress`` (a dump that takes its
+    own basis is encoded by its own task, not in layer ranges).
     """
     start = time.perf_counter()
     progress = progress or Progress()
@@ -374,8 +383,12 @@ def run_batch(kind: str, source: str, out: str | None = None, *,
         raise UsageError(f"{{split_bytes}} must be >= 1, got {split_bytes}",
                          options=("split_bytes",))
     spec = spec or (CompressSpec() if kind == "compress" else None)
+    if kind == "compress":
+        from fibquant_cli.ops.own_basis import check_mode
+
+        check_mode(own_basis, spec)
     tasks = plan_tasks(kind, source, out, spec=spec, attention=attention, force=force,
-                       split_bytes=split_bytes, basis=basis)
+                       split_bytes=split_bytes, basis=basis, own_basis=own_basis)
     results: dict[str, TaskResult] = {}
     todo = []
     for task in tasks:  # the cheap check (sizes, times): a rerun starts no cluster at all

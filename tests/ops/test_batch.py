@@ -258,3 +258,36 @@ def test_transform_coding_a_folder_against_a_basis(tmp_path, dask_cluster):
     again = run_batch("compress", str(tmp_path / "in"), str(tmp_path / "fq"), spec=spec,
                       attention=False, client=dask_cluster)
     assert [r.status for r in again.results] == ["done", "done"], again.to_json()
+
+
+def test_own_basis_reaches_the_workers(tmp_path, dask_cluster):
+    """--own-basis auto (the command line's default) as 'fibquant compress' has it: every
+    dump byte for byte as a single run, the long one with its own basis; the mode is in the
+    stamp, so another mode redoes the outputs; a bad mode is refused before any work."""
+    from ops.test_own_basis import LONG, MID
+    from ops.test_transform_codec import structured_dump
+
+    from fibquant_cli.errors import UsageError
+
+    (tmp_path / "in").mkdir()
+    dumps = {name: structured_dump(tmp_path / "in", name, tokens=tokens, seed=seed)[0]
+             for name, tokens, seed in (("long", LONG, 3), ("mid", MID, 4))}
+    spec = resolve_spec()
+    rep = run_batch("compress", str(tmp_path / "in"), str(tmp_path / "fq"), spec=spec,
+                    attention=False, own_basis="auto", client=dask_cluster)
+    assert [r.status for r in rep.results] == ["done", "done"], rep.to_json()
+    for name, dump in dumps.items():
+        out = tmp_path / "single" / f"{name}.fq.safetensors"
+        out.parent.mkdir(exist_ok=True)
+        single_rep = compress(dump, output=out, spec=spec, attention=False, jobs=1,
+                              own_basis="auto")
+        assert name != "long" or single_rep.own_basis["choice"] == "own basis"
+        assert (tmp_path / "fq" / out.name).read_bytes() == out.read_bytes(), name
+    again = by_name(run_batch("compress", str(tmp_path / "in"), str(tmp_path / "fq"), spec=spec,
+                              attention=False, own_basis="never", client=dask_cluster))
+    assert again["long.safetensors"].status == again["mid.safetensors"].status == "done"
+    assert (tmp_path / "fq" / "long.fq.safetensors").read_bytes() != \
+        (tmp_path / "single" / "long.fq.safetensors").read_bytes()
+    with pytest.raises(UsageError, match="own_basis"):
+        run_batch("compress", str(tmp_path / "in"), str(tmp_path / "fq"), spec=spec,
+                  own_basis="sometimes", client=dask_cluster)
