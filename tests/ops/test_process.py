@@ -70,7 +70,8 @@ print(changed, blas[0] if blas else -1, round((cpu() - before) * 1000))
 
 
 def blas_probe(mode: str, **env) -> tuple[bool, int, int]:
-    environ = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    # OpenBLAS also reads OMP_NUM_THREADS, which dask sets in this process (test_batch)
+    environ = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", BLAS_PROBE, mode], capture_output=True,
                          text=True, check=True, env={**environ, **env}).stdout.split()
     return out[0] == "True", int(out[1]), int(out[2])
