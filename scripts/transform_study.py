@@ -81,20 +81,20 @@ def equal_bits_per_matrix():
     """Each matrix's own greedy order, interleaved so every matrix spends the same bits."""
     greedy = T.greedy_steps
 
-    def interleaved(variances, weights, delta=None):
+    def interleaved(variances, weights, delta=None, open_bits=None):
         merged = []
         offset = 0
         hull = None
-        for v in variances:
-            own = greedy([v], [1.0], delta)
+        for i, v in enumerate(variances):
+            own = greedy([v], [1.0], delta, None if open_bits is None else [open_bits[i]])
             hull = own.hull
-            spent = np.cumsum(own.hull[own.step + 1] - own.hull[own.step])
-            merged += [(s, offset + p, h) for s, p, h in zip(spent, own.pair, own.step)]
+            spent = np.cumsum(own.hull[own.to] - own.hull[own.step])
+            merged += [(s, offset + p, h, t)
+                       for s, p, h, t in zip(spent, own.pair, own.step, own.to)]
             offset += len(v) // 2
         merged.sort(key=lambda x: (x[0], x[1]))
-        pair = np.array([m[1] for m in merged], dtype=np.int64)
-        step = np.array([m[2] for m in merged], dtype=np.int64)
-        return T.Steps(pair, step, hull, [len(v) // 2 for v in variances])
+        pair, step, to = (np.array([m[i] for m in merged], dtype=np.int64) for i in (1, 2, 3))
+        return T.Steps(pair, step, to, hull, [len(v) // 2 for v in variances])
 
     with patched(T, "greedy_steps", interleaved):
         yield

@@ -316,11 +316,18 @@ def hull_widths(delta: dict[int, float]) -> list[int]:
 
 
 def greedy_steps(variances: list[np.ndarray], weights: list[float],
-                 delta: dict[int, float] | None = None) -> Steps:
+                 delta: dict[int, float] | None = None,
+                 open_bits: list[float] | None = None) -> Steps:
     """The allocator's steps, best first: each raises one pair of one matrix to its next width
     on the hull of ``delta``, by the largest fall of ``weights[m] * (var[2p] + var[2p + 1])
     * delta`` per bit. The steps do not depend on the budget: a budget takes the longest
     prefix it can pay for (``Steps.widths``), so one ordering serves a search over budgets.
+
+    ``open_bits[m]``: bits per row that coding a pair of matrix m costs once, whatever its
+    width (an embedded basis stores the pair's two columns). Its first step then goes from 0
+    straight to the width whose fall per bit, that cost included, is largest: the lower hull
+    of the pair's (bits, distortion) points from 0. Later steps are the hull's own, and fall
+    less per bit than the first (that width beat every later one from 0).
 
     On a convex hull a pair's falls per bit decrease step by step, so sorting every (pair,
     step) by its fall gives each pair's steps in order: the greedy allocator's sequence,
@@ -328,26 +335,42 @@ def greedy_steps(variances: list[np.ndarray], weights: list[float],
     """
     delta = delta or tables().delta
     hull = np.asarray(hull_widths(delta))
-    d = np.asarray([delta[int(w)] for w in hull])
-    per_bit = (d[:-1] - d[1:]) / np.diff(hull)  # (steps,) decreasing
-    pv = np.concatenate([w * (np.asarray(v, np.float64)[0::2] + np.asarray(v, np.float64)[1::2])
-                         for v, w in zip(variances, weights)]) if variances else np.zeros(0)
     pairs = [len(v) // 2 for v in variances]
-    gain = pv[:, None] * per_bit[None, :]  # (all pairs, steps)
-    flat_pair = np.repeat(np.arange(len(pv)), len(per_bit))
-    flat_step = np.tile(np.arange(len(per_bit)), len(pv))
-    keep = gain.reshape(-1) > 0
-    order = np.lexsort((flat_step[keep], flat_pair[keep], -gain.reshape(-1)[keep]))
-    return Steps(flat_pair[keep][order], flat_step[keep][order], hull, pairs)
+    d = np.asarray([delta[int(w)] for w in hull])
+    per_bit = (d[:-1] - d[1:]) / np.diff(hull)  # (levels - 1,) decreasing
+    open_bits = open_bits if open_bits is not None else [0.0] * len(variances)
+    pair, step, to, gain = [], [], [], []
+    offset = 0
+    for v, wm, cost in zip(variances, weights, open_bits):
+        n = len(v) // 2
+        if n and len(hull) > 1:
+            v = np.asarray(v, np.float64)
+            pv = wm * (v[0::2] + v[1::2])
+            first = 1 + int(np.argmax((d[0] - d[1:]) / (hull[1:] + cost)))  # cost 0: level 1
+            lo = np.concatenate([[0], np.arange(first, len(hull) - 1)])
+            rate = np.concatenate([[(d[0] - d[first]) / (hull[first] + cost)], per_bit[first:]])
+            pair.append(np.repeat(offset + np.arange(n), len(lo)))
+            step.append(np.tile(lo, n))
+            to.append(np.tile(np.concatenate([[first], lo[1:] + 1]), n))
+            gain.append((pv[:, None] * rate[None, :]).reshape(-1))
+        offset += n
+    pair, step, to, gain = (np.concatenate(a) if a else np.zeros(0, np.int64)
+                            for a in (pair, step, to, gain))
+    gain = gain.astype(np.float64)
+    keep = gain > 0
+    order = np.lexsort((step[keep], pair[keep], -gain[keep]))
+    return Steps(pair[keep][order], step[keep][order], to[keep][order], hull, pairs)
 
 
 @dataclass(frozen=True)
 class Steps:
     """The greedy allocator's steps in order: ``pair`` (over all matrices' pairs, matrix by
-    matrix) and ``step`` (its h-th raise: from hull[h] to hull[h + 1] bits)."""
+    matrix) raised from width ``hull[step]`` to ``hull[to]`` (``to`` is ``step + 1`` but
+    for a first step that opening costs made skip levels; ``step == 0``: the pair is opened)."""
 
     pair: np.ndarray
     step: np.ndarray
+    to: np.ndarray
     hull: np.ndarray
     pairs: list[int]
 
@@ -356,7 +379,8 @@ class Steps:
 
     def widths(self, count: int) -> list[tuple[int, ...]]:
         """Widths per pair of each matrix after the first ``count`` steps."""
-        level = np.bincount(self.pair[:count], minlength=sum(self.pairs))
+        level = np.zeros(sum(self.pairs), dtype=np.int64)
+        np.maximum.at(level, self.pair[:count], self.to[:count])  # a pair's steps ascend
         flat = self.hull[level].tolist()
         out, start = [], 0
         for n in self.pairs:
@@ -373,5 +397,5 @@ def allocate(variances: list[np.ndarray], weights: list[float], budget_bits: flo
     longest prefix whose whole file fits instead: the same steps, another measure of cost.)
     """
     steps = greedy_steps(variances, weights, delta)
-    spent = np.cumsum(steps.hull[steps.step + 1] - steps.hull[steps.step])
+    spent = np.cumsum(steps.hull[steps.to] - steps.hull[steps.step])
     return steps.widths(int(np.searchsorted(spent, budget_bits, side="right")))

@@ -243,7 +243,11 @@ def _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta
     exact size, stepping back while it does not fit and forward while the next steps do: a
     few exact sizes instead of one per bisection step (each builds the whole header).
     """
-    steps = T.greedy_steps(variances, w, delta)
+    # an embedded basis stores the two columns of a pair (F16, D each) once it is coded: the
+    # allocator prices that when it opens a pair, the estimate below counts it
+    column_bytes = 2 * mats[0].lb.u.shape[0] if mats and embeds(spec, own) else 0
+    steps = T.greedy_steps(variances, w, delta,
+                           [16 * column_bytes / max(m.rows, 1) for m in mats])
     chosen = stats_dtypes(mats)
 
     def exact(count: int) -> tuple[int, Document, list]:
@@ -257,13 +261,11 @@ def _fit(dump, base, mats, basis, spec, roles, target_bytes, variances, w, delta
     pair_rows = np.repeat([m.rows for m in mats], steps.pairs)
     pair_over = np.concatenate([m.over[0::2] + m.over[1::2] for m in mats]) if mats \
         else np.zeros(0, np.int64)
-    lo_w, hi_w = steps.hull[steps.step], steps.hull[steps.step + 1]
+    lo_w, hi_w = steps.hull[steps.step], steps.hull[steps.to]
     bits = np.cumsum(pair_rows[steps.pair] * (hi_w - lo_w), dtype=np.int64)
     exc = np.cumsum(np.where(steps.step == 0, pair_over[steps.pair], 0), dtype=np.int64)
     widest = np.maximum.accumulate(hi_w) if len(steps) else np.zeros(0, np.int64)
     tables = np.array([table_bytes(x) for x in range(int(steps.hull[-1]) + 1)])
-    # an embedded basis stores the two columns of a pair (F16, D each) once it is coded
-    column_bytes = 2 * mats[0].lb.u.shape[0] if mats and embeds(spec, own) else 0
     columns = np.cumsum(np.where(steps.step == 0, 2 * column_bytes, 0), dtype=np.int64)
     variable = np.concatenate([[0], (bits + 7) // 8 + 6 * exc + columns + tables[widest]])
 

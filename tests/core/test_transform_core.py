@@ -90,6 +90,35 @@ def test_allocation_is_optimal_against_exhaustive_search(seed):
     assert _objective(variances, weights, got, delta) == pytest.approx(best, rel=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_steps_priced_with_opening_costs_are_lagrangian_optimal(seed):
+    """With a cost per opened pair (an embedded basis' columns), every prefix of the steps
+    minimises distortion + lambda * bits over all allocations, opening costs counted, at the
+    lambda of its last step: no choice of widths, hull or not, does better at that price."""
+    rng = np.random.default_rng(seed)
+    delta = {w: 2.0 ** (-1.8 * w) * (1 + 0.1 * w) for w in range(6)}
+    delta[0] = 1.0
+    variances = [np.sort(rng.gamma(1.0, size=4))[::-1] for _ in range(2)]
+    weights = list(rng.uniform(0.2, 3.0, size=2))
+    open_bits = list(rng.uniform(0.5, 6.0, size=2))
+    steps = T.greedy_steps(variances, weights, delta, open_bits)
+    assert any(t > 1 for s_, t in zip(steps.step, steps.to) if s_ == 0)  # a jump at opening
+
+    def cost_and_distortion(widths):
+        bits = sum(w + (f if w else 0) for ws, f in zip(widths, open_bits) for w in ws)
+        return bits, _objective(variances, weights, widths, delta)
+
+    for k in range(1, len(steps) + 1):
+        m = int(steps.pair[k - 1] >= 2)
+        p, lo, to = int(steps.pair[k - 1]) - 2 * m, int(steps.step[k - 1]), int(steps.to[k - 1])
+        pv = weights[m] * (variances[m][2 * p] + variances[m][2 * p + 1])
+        price = pv * (delta[lo] - delta[to]) / (to - lo + (open_bits[m] if lo == 0 else 0))
+        got_bits, got = cost_and_distortion(steps.widths(k))
+        best = min(d + price * b for b, d in (
+            cost_and_distortion((c[:2], c[2:])) for c in itertools.product(range(6), repeat=4)))
+        assert got + price * got_bits <= best + 1e-12
+
+
 def test_allocation_moves_bits_to_the_heavier_weight():
     var = [np.ones(8), np.ones(8)]
     light, heavy = T.allocate(var, [1.0, 100.0], 24)
