@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from fibquant_cli.core import bitpack
 from fibquant_cli.core import transform as T
 from fibquant_cli.core.fastsearch import brute_nearest_f64
 
@@ -61,6 +62,23 @@ def test_vq_codes_are_the_nearest_codewords():
         d_ref = ((y - cb[ref]) ** 2).sum(1)
         d_got = ((y - cb[got]) ** 2).sum(1)
         np.testing.assert_allclose(d_got, d_ref, rtol=0, atol=1e-6)  # ties may pick either
+
+
+@pytest.mark.parametrize("width", T.WIDTHS[1:])
+def test_decode_range_equals_unpacking_code_by_code(width):
+    """Several codes per table lookup, the same coefficients as one by one: aligned and
+    unaligned starts, and stream ends that stop inside a lookup (padded)."""
+    rng = np.random.default_rng(width)
+    for n in (4096 * 3, 8 * 37 + 5, 1):
+        ids = rng.integers(0, 2**width, n, dtype=np.uint32)
+        stream = bitpack.pack(ids, width)
+        for start, stop in ((0, n), (n // 3, n), (0, n - n // 4), (1, n), (n - 1, n)):
+            if start >= stop:
+                continue
+            expected = T.decode_pairs(ids[start:stop], width)
+            got = T.decode_range(stream, width, start, stop)
+            assert got.dtype == np.float32 and got.shape == (stop - start, 2)
+            np.testing.assert_array_equal(got, expected)
 
 
 def test_hull_drops_points_above_the_chord():
