@@ -436,6 +436,9 @@ def sweep(
     dtype: DtypeOpt = "f16",
     basis: Annotated[str | None, typer.Option(
         "--basis", help="Add the transform codec against this basis at ratios 4x..20x.")] = None,
+    own_basis: Annotated[bool, typer.Option(
+        "--own-basis", help="Add the transform codec at ratios 4x..20x against a basis fitted "
+        "on the dump, embedded in every file (what compress does for long dumps).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run many operating points and print the memory-fidelity frontier.
@@ -449,6 +452,10 @@ def sweep(
     if model is not None:
         if path is not None:
             raise UsageError("sweep --model takes no dump argument (it builds the cache itself)")
+        if own_basis:
+            raise UsageError("{own_basis} sweeps a dump; with {model}, score its files with "
+                             "'fibquant eval --model --own-basis always'",
+                             options=("own_basis", "model"))
         from fibquant_cli.hf.evaluate import MODEL_PEERS, evaluate_model, model_specs
 
         if plot is not None:
@@ -475,7 +482,7 @@ def sweep(
 
     with RichProgress() as progress:
         rep = run(path, manifest=manifest, max_queries=max_queries or 2048, peers=peers,
-                  basis=basis, progress=progress)
+                  basis=basis, own_basis=own_basis, progress=progress)
     if plot is not None:
         from fibquant_cli.cli.plot import plot_frontier
 

@@ -8,7 +8,7 @@ from fibquant_cli.errors import UsageError
 from fibquant_cli.storage.publish import output_path, publishing
 
 MARKERS = {"fibquant": ("o", "tab:blue"), "transform": ("D", "tab:green"),
-           "scalar": ("s", "tab:gray")}
+           "own basis": ("P", "tab:red"), "scalar": ("s", "tab:gray")}
 
 
 def plot_frontier(rep, path, *, force: bool = True) -> None:

@@ -23,6 +23,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -87,27 +88,43 @@ def fit_own_basis(dump: Dump, keep_first: int, progress: Progress):
     """The dump's own basis, in memory (``formats.basis.basis_of``): calibrate's fit of this
     one dump, keys with RoPE undone when the manifest says how, the first ``keep_first``
     tokens left out (compress keeps them exactly)."""
-    from fibquant_cli.formats.basis import BasisSource, basis_of, encode_basis
+    from fibquant_cli.formats.basis import basis_of, encode_basis
+
+    return basis_of(*encode_basis(**_fit(dump, keep_first, progress)), dump.path)
+
+
+def write_own_basis(dump: Dump, keep_first: int, progress: Progress, path: Path):
+    """``fit_own_basis`` written as a basis file at ``path`` (for ``sweep --own-basis``,
+    whose ladder of ratios then embeds it like ``--embed-basis``); returns it loaded."""
+    from fibquant_cli.storage.basis import write_basis
+
+    return write_basis(path, **_fit(dump, keep_first, progress), force=True)
+
+
+def _fit(dump: Dump, keep_first: int, progress: Progress) -> dict:
+    """The arguments of ``encode_basis`` (and ``write_basis``) for the dump's own basis."""
+    from fibquant_cli.formats.basis import BasisSource
     from fibquant_cli.formats.container import PLACEHOLDER_DIGEST
     from fibquant_cli.ops.calibrate import fit_sources, key_rope, source_of
     from fibquant_cli.ops.compress_plan import check_queries_finite
 
+    why = _why_not(dump, keep_first)
+    if why is not None:
+        raise UsageError(why, path=str(dump.path))
     check_queries_finite(dump)  # the sensitivity reads every layer's queries
-    # A basis file names its sources by digest; this one is never written as a file (the
-    # compressed file records only the basis' own digest), so hashing the dump is skipped.
+    # A basis file names its sources by digest; this one is never published (a compressed
+    # file records only the basis' own digest), so hashing the dump is skipped.
     source = source_of(dump, PLACEHOLDER_DIGEST)
     key = dump.manifest.entries[source.key]
     rope = key_rope(source, key.rope is not None)
     fit = fit_sources([source], keep_first, rope, progress, SENSITIVITY_QUERIES)
-    tensors, metadata = encode_basis(
-        layers=key.shape.layers, kv_heads=key.shape.kv_heads, head_dim=key.shape.head_dim,
-        rope=rope, keep_first=keep_first, tokens=fit.rows,
-        sources=[BasisSource(dump.path.name, source.digest)], matrices=fit.matrices,
-        sensitivity=fit.sensitivity, query_weight=fit.query_weight)
-    return basis_of(tensors, metadata, dump.path)
+    return dict(layers=key.shape.layers, kv_heads=key.shape.kv_heads,
+                head_dim=key.shape.head_dim, rope=rope, keep_first=keep_first, tokens=fit.rows,
+                sources=[BasisSource(dump.path.name, source.digest)], matrices=fit.matrices,
+                sensitivity=fit.sensitivity, query_weight=fit.query_weight)
 
 
-def _why_not(dump: Dump, spec) -> str | None:
+def _why_not(dump: Dump, keep_first: int) -> str | None:
     """Why an own basis cannot be fitted on ``dump`` at all (None: it can)."""
     from fibquant_cli.ops.fidelity import kv_entries
 
@@ -116,7 +133,7 @@ def _why_not(dump: Dump, spec) -> str | None:
         return "an own basis needs exactly one key and one value entry of the same geometry"
     shape = dump.manifest.entries[0].shape
     dim = shape.kv_heads * shape.head_dim
-    rows = shape.batch * max(0, shape.tokens - spec.keep_first)
+    rows = shape.batch * max(0, shape.tokens - keep_first)
     if rows < dim + 1:
         return (f"too few tokens for an own basis: a {dim}-dimensional basis needs {dim + 1} "
                 f"rows, the dump has {rows}")
@@ -137,7 +154,7 @@ def decide(dump: Dump, spec, mode: str, progress: Progress, jobs: int = 1):
     bound = 2 * dim * dim * shape.layers * len(dump.manifest.entries)
     dec = OwnBasisDecision(mode, PER_VECTOR, "", budget, bound)
     kv_budget = budget - raw_bytes(dump)
-    why = _why_not(dump, spec)
+    why = _why_not(dump, spec.keep_first)
     if why is not None:
         if mode == "always":
             raise UsageError(f"{{own_basis}} always: {why}", path=str(dump.path),

@@ -30,14 +30,15 @@ from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import open_verified, reconstructor
 from fibquant_cli.ops.spec import BITS_PRESETS, DEFAULT_KEEP_FIRST, CompressSpec
 
-# The transform codec's points in a sweep with --basis: ratios, all inclusive.
+# The transform codec's points in a sweep with --basis or --own-basis: ratios, all inclusive.
 TRANSFORM_RATIOS = (4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0)
+OWN_BASIS = "own basis"  # the method of the points coded against the dump's own basis
 PEER_ORDER = ("fp8_e4m3", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "kivi_int4", "kivi_int2")
 
 
 @dataclass
 class Point:
-    method: str  # "fibquant", "transform", "scalar" or a peer name
+    method: str  # "fibquant", "transform", "own basis", "scalar" or a peer name
     label: str
     ratio: float
     bits_per_value: float
@@ -175,8 +176,11 @@ def mark_pareto(points: list[Point]) -> None:
 
 def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
           specs: list[CompressSpec] | None = None, peers: bool = True, scalar: bool = True,
-          basis=None, progress: Progress | None = None) -> SweepReport:
-    """Every operating point on one dump; ``basis`` adds the transform codec's ladder."""
+          basis=None, own_basis: bool = False, progress: Progress | None = None) -> SweepReport:
+    """Every operating point on one dump; ``basis`` adds the transform codec's ladder,
+    ``own_basis`` the ladder again with a basis fitted on the dump (once) and embedded in
+    every file, its bytes counted: what ``compress`` does for a long dump, at each ratio
+    (points of method "own basis"; skipped, with the reason, where it cannot be fitted)."""
     progress = progress or Progress()
     dump = open_dump(source, manifest)
     pair = require_kv_pair(dump, "the sweep")
@@ -186,19 +190,36 @@ def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
         specs = [*specs, *transform_specs(basis)]
     avail = available_peers() if peers else None
     peer_list = [n for n in PEER_ORDER if avail and n in avail.runnable]
-    total = len(specs) + (4 if scalar else 0) + len(peer_list)
+    own = len(TRANSFORM_RATIOS) if own_basis else 0
+    total = len(specs) + own + (4 if scalar else 0) + len(peer_list)
     progress.start(total, "sweep")
     rep = SweepReport(str(dump.path), dump.manifest.attention is None,
                       min(max_queries, dump.manifest.entries[pair[0]].shape.tokens))
     with tempfile.TemporaryDirectory(prefix="fibquant-sweep-") as tmp:
-        for spec in specs:
+        labelled = [(spec, "") for spec in specs]
+        if own_basis:
+            from fibquant_cli.ops.own_basis import write_own_basis
+
+            path = Path(tmp) / "own.basis.safetensors"
+            try:
+                write_own_basis(dump, DEFAULT_KEEP_FIRST, Progress(), path)
+                labelled += [(replace(s, embed_basis=True), OWN_BASIS)
+                             for s in transform_specs(path)]
+            except (InvalidInputError, UsageError) as err:  # e.g. too few tokens
+                rep.skipped[OWN_BASIS] = err.reason
+                for _ in range(own):
+                    progress.advance(OWN_BASIS)
+        for spec, method in labelled:
+            label = spec.label().replace("transform", method, 1) if method else spec.label()
             try:
                 point, _ = run_fibquant(dump, spec, Path(tmp), max_queries)
+                if method:
+                    point.method, point.label = method, label
                 rep.points.append(point)
             except (InvalidInputError, UsageError) as err:
                 # e.g. a block length that does not divide d, a ratio below a file's fixed cost
-                rep.skipped[spec.label()] = err.reason
-            progress.advance(spec.label())
+                rep.skipped[label] = err.reason
+            progress.advance(label)
     if scalar:
         for bits in (4, 3, 2, 1):
             roundtrip, bpv, once = scalar_codec(d, bits)

@@ -216,3 +216,28 @@ def test_the_trial_scores_the_values_the_files_restore(cli, dumps, long_auto, tm
             with threadpool_limits(1):  # as compress runs the trial: the same rounding
                 got = reconstruct(i, 1)
             assert bits_equal(got, restored[f"layer.1.{role}"].astype(np.float32))
+
+
+def test_sweep_adds_the_own_basis_ladder(dumps, tmp_path):
+    """sweep --own-basis: the transform ladder against a basis fitted on the dump, embedded
+    and counted; on the long dump it beats the per-vector default at a higher ratio. A dump
+    too short for a basis is skipped with the reason."""
+    from fibquant_cli.ops.spec import resolve_spec
+    from fibquant_cli.ops.sweep import OWN_BASIS, TRANSFORM_RATIOS, sweep
+
+    _, (path, _), _ = dumps
+    rep = sweep(path, specs=[resolve_spec(bits=3)], peers=False, scalar=False, own_basis=True,
+                max_queries=64)
+    own = {float(p.label.split()[2].rstrip("x")): p for p in rep.points if p.method == OWN_BASIS}
+    assert len(own) + sum(k.startswith(OWN_BASIS) for k in rep.skipped) == len(TRANSFORM_RATIOS)
+    assert all(p.ratio >= r * (1 - 1e-9) and p.spec["embed_basis"] for r, p in own.items())
+    (per_vector,) = [p for p in rep.points if p.method == "fibquant"]
+    assert own[5.0].ratio > per_vector.ratio and own[5.0].cosine_mean > per_vector.cosine_mean
+    short, _ = structured_dump(tmp_path, "short", tokens=HEADS * D // 2, seed=5)
+    rep = sweep(short, specs=[], peers=False, scalar=False, own_basis=True, max_queries=64)
+    assert not rep.points and "too few tokens" in rep.skipped[OWN_BASIS]
+
+
+def test_sweep_own_basis_is_for_dumps(cli):
+    res = cli("sweep", "--model", "m.gguf", "--text", "t.txt", "--own-basis")
+    assert_error(res, 2, "--own-basis")
