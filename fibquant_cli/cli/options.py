@@ -43,7 +43,8 @@ BasisOpt = Annotated[str | None, typer.Option(
     "--basis", help="The basis file a transform-coded file was coded against (its digest is "
     "checked; not needed when the file embeds it).")]
 RatioOpt = Annotated[float | None, typer.Option(
-    "--ratio", help="With --basis: the compression ratio to reach, all inclusive.")]
+    "--ratio", help="The transform codec's compression ratio, all inclusive: against --basis, "
+    "or without it against a basis fitted on the dump and embedded.")]
 
 # compress's rate and token options (compress and batch compress).
 KeyBitsOpt = Annotated[float | None, typer.Option(help="Preset for keys only.")]

@@ -64,7 +64,7 @@ class Task:
     force: bool = False
     split_bytes: int = DEFAULT_SPLIT_BYTES
     basis: str | None = None  # decompress, validate: the basis transform-coded files need
-    own_basis: str = "never"  # compress without a basis: ops.own_basis's mode
+    own_basis: str | None = None  # compress: ops.compress's own_basis
 
     @property
     def manifest(self) -> str | None:
@@ -78,7 +78,7 @@ class Task:
         """What decides the output's bytes (recorded in the stamp)."""
         if self.spec is None:
             return {}
-        mode = {} if self.own_basis == "never" else {"own_basis": self.own_basis}
+        mode = {} if self.own_basis in (None, "never") else {"own_basis": self.own_basis}
         return {**self.spec.to_json(), **mode}
 
     @property
@@ -147,7 +147,7 @@ class BatchReport:
 def plan_tasks(kind: str, source: str, out: str | None, *, spec: CompressSpec | None = None,
                attention: bool = True, force: bool = False,
                split_bytes: int = DEFAULT_SPLIT_BYTES, basis: str | None = None,
-               own_basis: str = "never") -> list[Task]:
+               own_basis: str | None = None) -> list[Task]:
     """One task per input file under ``source``, outputs at the same relative path in ``out``."""
     if kind not in KINDS:
         raise UsageError(f"unknown batch command {kind!r}; one of {', '.join(KINDS)}")
@@ -173,7 +173,7 @@ def plan_tasks(kind: str, source: str, out: str | None, *, spec: CompressSpec | 
             files.stamp_location(out, outputs[0]) if outputs else None,
             spec=spec if kind == "compress" else None, attention=attention, force=force,
             split_bytes=split_bytes, basis=basis if kind != "compress" else None,
-            own_basis=own_basis if kind == "compress" else "never"))
+            own_basis=own_basis if kind == "compress" else None))
     return tasks
 
 
@@ -363,7 +363,7 @@ def run_batch(kind: str, source: str, out: str | None = None, *,
               spec: CompressSpec | None = None, attention: bool = True, force: bool = False,
               workers: int = 0, scheduler: str | None = None, client=None,
               split_bytes: int = DEFAULT_SPLIT_BYTES, basis: str | None = None,
-              own_basis: str = "never", progress: Progress | None = None) -> BatchReport:
+              own_basis: str | None = None, progress: Progress | None = None) -> BatchReport:
     """Run ``kind`` on every file under ``source`` on a Dask cluster; the summary is written to
     ``out``/fibquant-batch.json (when there is an ``out``).
 

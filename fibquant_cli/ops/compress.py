@@ -73,7 +73,7 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
              compare: bool = False, force: bool = False, attention: bool = True,
              max_queries: int | None = None, jobs: int = 0,
              progress: Progress | None = None, encoder=None,
-             own_basis: str = "never") -> CompressReport:
+             own_basis: str | None = None) -> CompressReport:
     """Compress a KV dump into one self-contained ``.fq.safetensors`` file.
 
     ``source`` is a dump's path, or a ``Dump`` already open (``kvdump.dump_of_arrays``: arrays
@@ -89,8 +89,9 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
 
     ``own_basis`` (without ``spec.basis``): ``auto`` transform-codes the dump against a basis
     fitted on itself and embedded when that measures better at the per-vector file's size,
-    ``always`` does so unmeasured, ``never`` (the default here; ``fibquant compress``'s is
-    auto) keeps the per-vector codec (``ops/own_basis``).
+    ``always`` does so unmeasured, ``never`` keeps the per-vector codec (``ops/own_basis``).
+    None (the default here; ``fibquant compress``'s is auto): never, unless ``spec`` sizes the
+    transform codec without a basis file (``own_transform``: always, at that size).
     """
     from fibquant_cli.ops.own_basis import check_mode
     start = time.perf_counter()
@@ -118,10 +119,11 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
         if attention:
             check_queries_finite(dump, None if max_queries else scored_layers(dump))
         basis = decision = planned = None
-        if spec.basis is None and own_basis != "never":
+        mode = "always" if spec.own_transform else own_basis or "never"  # a size was asked
+        if spec.basis is None and mode != "never":
             from fibquant_cli.ops.own_basis import decide
 
-            decision, planned, basis = decide(dump, spec, own_basis, progress, jobs)
+            decision, planned, basis = decide(dump, spec, mode, progress, jobs)
         if spec.basis is not None:
             from fibquant_cli.formats.basis import load_basis
 

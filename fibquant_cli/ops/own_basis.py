@@ -75,10 +75,15 @@ class OwnBasisDecision:
         return dataclasses.asdict(self)
 
 
-def check_mode(mode: str, spec) -> None:
-    if mode not in MODES:
+def check_mode(mode: str | None, spec) -> None:
+    """``mode`` is one of ``MODES`` (or None: the caller's default) and fits ``spec``."""
+    if mode is not None and mode not in MODES:
         raise UsageError(f"{{own_basis}} must be one of {', '.join(MODES)}, got {mode!r}",
                          options=("own_basis",))
+    if mode == "never" and spec.own_transform:
+        raise UsageError("{ratio} without {basis} codes against the dump's own basis, which "
+                         "{own_basis} never forbids: give a {basis} or drop one of them",
+                         options=("ratio", "basis", "own_basis"))
     if mode == "always" and spec.basis is not None:
         raise UsageError("{own_basis} always fits a basis on the dump; {basis} gives one: drop "
                          "one of them", options=("own_basis", "basis"))
@@ -145,10 +150,13 @@ def decide(dump: Dump, spec, mode: str, progress: Progress, jobs: int = 1):
     the own basis is chosen. ``mode`` auto measures (see the module docstring), always takes
     the own basis unmeasured."""
     from fibquant_cli.ops.compress_plan import per_vector_bytes, prepare_transform
-    from fibquant_cli.ops.transform import raw_bytes
+    from fibquant_cli.ops.transform import raw_bytes, target_bytes
 
     start = time.perf_counter()
-    budget = per_vector_bytes(dump, spec, progress)
+    # the size to meet: the one asked for (compress --ratio without --basis), else the
+    # per-vector file's
+    budget = (int(target_bytes(dump, spec, raw_bytes(dump))) if spec.own_transform
+              else per_vector_bytes(dump, spec, progress))
     shape = dump.manifest.entries[0].shape
     dim = shape.kv_heads * shape.head_dim
     bound = 2 * dim * dim * shape.layers * len(dump.manifest.entries)
@@ -157,8 +165,9 @@ def decide(dump: Dump, spec, mode: str, progress: Progress, jobs: int = 1):
     why = _why_not(dump, spec.keep_first)
     if why is not None:
         if mode == "always":
-            raise UsageError(f"{{own_basis}} always: {why}", path=str(dump.path),
-                             options=("own_basis",))
+            asked = ("{ratio} without {basis}", ("ratio", "basis")) if spec.own_transform \
+                else ("{own_basis} always", ("own_basis",))
+            raise UsageError(f"{asked[0]}: {why}", path=str(dump.path), options=asked[1])
         dec.reason = f"not tried: {why}"
     elif mode == "auto" and bound > SKIP_SHARE * kv_budget:
         dec.reason = (f"not tried: the own basis with every column would take "
@@ -181,7 +190,8 @@ def decide(dump: Dump, spec, mode: str, progress: Progress, jobs: int = 1):
                           planned.doc.expected_layout({}) if name.startswith("fq/b/"))
     dec.basis_share = dec.basis_bytes / kv_budget
     if mode == "always":
-        dec.choice, dec.reason = OWN, "always: taken without measuring"
+        dec.choice, dec.reason = OWN, ("the size asked for, without a basis file"
+                                       if spec.own_transform else "always: taken without measuring")
     else:
         _trial(dump, spec, planned, dec, progress)
     dec.seconds = time.perf_counter() - start

@@ -85,8 +85,14 @@ class CompressSpec:
     ratio: float | None = None
 
     @property
+    def own_transform(self) -> bool:
+        """A size for the transform codec without a basis file: ``compress --ratio R`` codes
+        against a basis fitted on the dump (``ops/own_basis``), embedded."""
+        return self.basis is None and (self.ratio is not None or self.transform_bits is not None)
+
+    @property
     def codec(self) -> str:
-        return "fibquant" if self.basis is None else "transform"
+        return "transform" if self.basis is not None or self.own_transform else "fibquant"
 
     @property
     def decode_basis(self) -> str | None:
@@ -105,10 +111,11 @@ class CompressSpec:
         return obj
 
     def label(self) -> str:
-        if self.basis is not None:
+        if self.codec == "transform":
             size = (f"{self.ratio:g}x" if self.ratio is not None
                     else f"{self.transform_bits:g} bits/value")
-            return f"transform {size} keep {self.keep_first}+{self.keep_last}"
+            name = "own basis" if self.own_transform else "transform"
+            return f"{name} {size} keep {self.keep_first}+{self.keep_last}"
         k, v = self.key, self.value
         text = f"k={k[0]},N={k[1]}" if k == v else f"K k={k[0]},N={k[1]} / V k={v[0]},N={v[1]}"
         if self.keep_first or self.keep_last:
@@ -144,16 +151,22 @@ def resolve_spec(*, bits=None, block_dim=None, size=None, key_bits=None, value_b
 
     With ``basis`` (the transform codec), ``bits`` is all-inclusive bits per KV value (any
     positive number) and ``ratio`` the alternative; the per-vector codec's flags are refused.
+    ``ratio`` without ``basis``: the transform codec against the dump's own basis
+    (``CompressSpec.own_transform``).
     """
-    if basis is not None:
+    if basis is not None or ratio is not None:
+        if basis is None and embed_basis:
+            raise UsageError("{embed_basis} goes with {basis}; a {ratio} without {basis} "
+                             "embeds the dump's own basis anyway",
+                             options=("embed_basis", "basis", "ratio"))
         return _transform_spec(basis, embed_basis, bits, ratio, keep_first, keep_last,
                                block_dim=block_dim, size=size, key_bits=key_bits,
                                value_bits=value_bits, key_block_dim=key_block_dim,
                                key_size=key_size, value_block_dim=value_block_dim,
                                value_size=value_size)
-    if ratio is not None or embed_basis:
-        raise UsageError("{ratio} and {embed_basis} go with {basis} (the transform codec)",
-                         options=("ratio", "embed_basis", "basis"))
+    if embed_basis:
+        raise UsageError("{embed_basis} goes with {basis} (the transform codec)",
+                         options=("embed_basis", "basis"))
     if (block_dim is None) != (size is None):
         raise UsageError("give {block_dim} and {size} together", options=("block_dim", "size"))
     if bits is not None and block_dim is not None:
@@ -182,9 +195,9 @@ def _transform_spec(basis, embed_basis: bool, bits, ratio, keep_first: int, keep
                     **vector_flags) -> CompressSpec:
     given = [name for name, value in vector_flags.items() if value is not None]
     if given:
-        raise UsageError(f"{{{given[0]}}} sets the per-vector codec; with {{basis}} give "
-                         "{bits} (all-inclusive bits per value) or {ratio}",
-                         options=(given[0], "basis", "bits", "ratio"))
+        raise UsageError(f"{{{given[0]}}} sets the per-vector codec; the transform codec "
+                         "({basis}, or {ratio} alone) takes {bits} (all-inclusive bits per "
+                         "value) or {ratio}", options=(given[0], "basis", "bits", "ratio"))
     if bits is not None and ratio is not None:
         raise UsageError("give either {bits} or {ratio}, not both", options=("bits", "ratio"))
     if bits is not None and not 0 < bits <= 64:
@@ -198,5 +211,6 @@ def _transform_spec(basis, embed_basis: bool, bits, ratio, keep_first: int, keep
     if bits is None and ratio is None:
         bits = DEFAULT_TRANSFORM_BITS
     return CompressSpec(keep_first=keep_first, keep_last=keep_last, center_keys=False,
-                        basis=str(basis), embed_basis=embed_basis, transform_bits=bits,
+                        basis=None if basis is None else str(basis), embed_basis=embed_basis,
+                        transform_bits=bits,
                         ratio=ratio)

@@ -145,6 +145,34 @@ def test_own_basis_option_conflicts(cli, dumps, tmp_path):
     assert not (tmp_path / "x.fq.safetensors").exists()
 
 
+def test_a_ratio_without_basis_codes_against_the_own_basis(cli, dumps, tmp_path):
+    """compress --ratio R without --basis: the transform codec at R against the dump's own
+    basis, embedded; the file restores without a basis; the conflicting flags are refused."""
+    d, (path, tensors), _ = dumps
+    out = tmp_path / "r6.fq.safetensors"
+    rep = _compress(cli, path, out, "--ratio", "6")
+    dec = rep["own_basis"]
+    assert dec["choice"] == "own basis" and "size asked for" in dec["reason"]
+    kv_source = sum(a.nbytes for n, a in tensors.items() if n.endswith((".key", ".value")))
+    passthrough = sum(a.nbytes for a in tensors.values()) - kv_source
+    assert 6.0 <= kv_source / (out.stat().st_size - passthrough) < 6.2  # all inclusive
+    assert rep["file_bytes"] <= dec["budget_bytes"]
+    back = tmp_path / "r6.restored.safetensors"
+    ok(cli("decompress", out, "-o", back))
+    check_restored(load(back), tensors)
+    x = tmp_path / "x.fq.safetensors"
+    assert_error(cli("compress", path, "-o", x, "--ratio", "6", "--own-basis", "never"), 2,
+                 "--ratio", "--own-basis never")
+    assert_error(cli("compress", path, "-o", x, "--ratio", "6", "--embed-basis"), 2,
+                 "--embed-basis")
+    assert_error(cli("compress", path, "-o", x, "--ratio", "6", "--block-dim", "2", "--size",
+                     "64"), 2, "--block-dim")
+    tiny, _ = structured_dump(tmp_path, "tiny", tokens=20)
+    assert_error(cli("compress", tiny, "-o", x, "--ratio", "6"), 2,
+                 "--ratio without --basis", "too few tokens")
+    assert not x.exists()
+
+
 def _rewrite_basis(src, dst, fn):
     """A copy whose ``fq/b/l0/key`` is ``fn(columns)`` (F16, any shape), digests recomputed."""
     from fibquant_cli.formats import stfile

@@ -243,7 +243,7 @@ def test_a_flipped_code_byte_is_refused(cli, world, tmp_path):
 
 
 @pytest.mark.parametrize("flags, code, fragment", [
-    (["--ratio", "4"], 2, "--basis"),  # --ratio without --basis
+    (["--ratio", "4", "--embed-basis"], 2, "--embed-basis"),  # nothing to embed: own basis
     (["--basis", "B", "--block-dim", "2", "--size", "16"], 2, "--block-dim"),
     (["--basis", "B", "--ratio", "0.5"], 2, "--ratio"),
     (["--basis", "B", "--ratio", "4", "--bits", "2"], 2, "--ratio"),
