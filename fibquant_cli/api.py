@@ -124,7 +124,7 @@ def compress_file(path, output=None, *, manifest=None, bits: float | None = None
                   ratio: float | None = None, spec: CompressSpec | None = None,
                   compare: bool = False,
                   attention: bool = True, max_queries: int | None = None, jobs: int = 0,
-                  own_basis: str = "auto",
+                  own_basis: str | None = "auto",
                   force: bool = False, progress: Progress | None = None) -> CompressReport:
     """Compress the dump file ``path`` (with its manifest) into ``output`` (default: beside it,
     ``X.fq.safetensors``): ``fibquant compress``. Options as in ``compress``; ``compare``

@@ -179,11 +179,14 @@ def compress(
         if ratio is not None or embed_basis or own_basis == "always":
             raise UsageError("{target_cosine} picks the ratio itself: drop --ratio, "
                              "--embed-basis and --own-basis always", options=("target_cosine",))
-        own_basis = "never"  # the target was measured with the codec it picked
         with RichProgress() as progress:
             spec, choice = choose_for_target(path, target_cosine, manifest=manifest, seed=seed,
                                              max_queries=max_queries or 2048, basis=basis,
+                                             own_basis=basis is None and own_basis == "auto",
                                              progress=progress)
+        # the target was measured with the codec it picked: an own basis at its ratio
+        # (``spec.own_transform``), else that codec alone
+        own_basis = None if spec.own_transform else "never"
         options = {}
     else:
         choice, spec = None, None

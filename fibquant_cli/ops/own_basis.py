@@ -145,6 +145,24 @@ def _why_not(dump: Dump, keep_first: int) -> str | None:
     return None
 
 
+def _bound(dump: Dump) -> int:
+    """The bytes of an own basis with every column (fp16): D x D per layer and role."""
+    shape = dump.manifest.entries[0].shape
+    dim = shape.kv_heads * shape.head_dim
+    return 2 * dim * dim * shape.layers * len(dump.manifest.entries)
+
+
+def worth_trying(dump: Dump, spec) -> bool:
+    """Whether ``auto`` would try an own basis against the per-vector file of ``spec``: one
+    can be fitted, and with every column it takes at most ``SKIP_SHARE`` of that file's KV
+    bytes (``--target-cosine`` asks before searching the own basis' ratios)."""
+    from fibquant_cli.ops.compress_plan import per_vector_bytes
+    from fibquant_cli.ops.transform import raw_bytes
+
+    kv_budget = per_vector_bytes(dump, spec, Progress()) - raw_bytes(dump)
+    return _why_not(dump, spec.keep_first) is None and _bound(dump) <= SKIP_SHARE * kv_budget
+
+
 def decide(dump: Dump, spec, mode: str, progress: Progress, jobs: int = 1):
     """``(OwnBasisDecision, TransformPlan or None, basis or None)``: the plan and basis when
     the own basis is chosen. ``mode`` auto measures (see the module docstring), always takes
@@ -157,9 +175,7 @@ def decide(dump: Dump, spec, mode: str, progress: Progress, jobs: int = 1):
     # per-vector file's
     budget = (int(target_bytes(dump, spec, raw_bytes(dump))) if spec.own_transform
               else per_vector_bytes(dump, spec, progress))
-    shape = dump.manifest.entries[0].shape
-    dim = shape.kv_heads * shape.head_dim
-    bound = 2 * dim * dim * shape.layers * len(dump.manifest.entries)
+    bound = _bound(dump)
     dec = OwnBasisDecision(mode, PER_VECTOR, "", budget, bound)
     kv_budget = budget - raw_bytes(dump)
     why = _why_not(dump, spec.keep_first)

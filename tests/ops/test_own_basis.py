@@ -269,3 +269,34 @@ def test_sweep_adds_the_own_basis_ladder(dumps, tmp_path):
 def test_sweep_own_basis_is_for_dumps(cli):
     res = cli("sweep", "--model", "m.gguf", "--text", "t.txt", "--own-basis")
     assert_error(res, 2, "--own-basis")
+
+
+def test_target_cosine_searches_the_own_basis_too(dumps, monkeypatch):
+    """--target-cosine on a long dump: after the per-vector search, the highest ratio against
+    the dump's own basis that meets the target (a real search); the smaller file wins. The
+    per-vector answer is given (its ladder would train codebooks for this geometry)."""
+    from fibquant_cli.ops import target as T
+    from fibquant_cli.ops.spec import resolve_spec
+
+    _, (path, _), _ = dumps
+
+    def per_vector_at(ratio):
+        def answer(dump, target, seed, max_queries, progress):
+            tried = [{"label": "k=2,N=64 keep 1+0", "ratio": ratio, "cosine_mean": 0.96}]
+            spec = resolve_spec(bits=3)
+            return spec, T.TargetChoice(target, spec.to_json(), 0.96, tried, ratio)
+        return answer
+
+    monkeypatch.setattr(T, "_per_vector", per_vector_at(3.0))
+    spec, choice = T.choose_for_target(path, 0.95, max_queries=128, own_basis=True)
+    assert spec.own_transform and spec.ratio == choice.chosen["ratio"]  # the own basis won
+    own = [t for t in choice.tried if t["label"].startswith("own basis")]
+    assert choice.tried[0]["ratio"] == 3.0 and len(own) == len(choice.tried) - 1
+    assert choice.chosen_ratio > 3.0 and choice.measured_cosine >= 0.95
+    assert all(t["cosine_mean"] < 0.95 for t in own if t["ratio"] > choice.chosen_ratio)
+    assert max(t["ratio"] for t in own if t["cosine_mean"] >= 0.95) == choice.chosen_ratio
+    monkeypatch.setattr(T, "_per_vector", per_vector_at(40.0))  # a per-vector file smaller
+    spec, choice = T.choose_for_target(path, 0.95, max_queries=128, own_basis=True)
+    assert not spec.own_transform and choice.chosen_ratio == 40.0
+    spec, choice = T.choose_for_target(path, 0.95, max_queries=128)  # not asked: not searched
+    assert not spec.own_transform and len(choice.tried) == 1
