@@ -148,7 +148,8 @@ def compress(
     attention: AttentionOpt = True,
     max_queries: Annotated[int | None, typer.Option(
         "--max-queries", min=1, help="Score attention on the last N query positions (N >= "
-        "tokens: all of them). Default: 256 positions sampled over the whole context.")] = None,
+        "tokens: all of them). Default: 256 positions sampled over the whole context; with "
+        "--target-cosine, the last 2048, as its search.")] = None,
     jobs: Annotated[int, typer.Option(
         "--jobs", "-j", min=0, help="Encoder threads; 0 = automatic (by dump size).")] = 0,
     target_cosine: Annotated[float | None, typer.Option(
@@ -174,14 +175,17 @@ def compress(
             raise UsageError("{target_cosine} picks the rates itself: drop --bits, --block-dim, "
                              "--size, the --key-*/--value-* flags, --keep-* and "
                              "--no-center-keys", options=("target_cosine",))
+        from fibquant_cli.ops.fidelity import DEFAULT_MAX_QUERIES
         from fibquant_cli.ops.target import choose_for_target
 
         if ratio is not None or embed_basis or own_basis == "always":
             raise UsageError("{target_cosine} picks the ratio itself: drop --ratio, "
                              "--embed-basis and --own-basis always", options=("target_cosine",))
+        # the search scores the last 2,048 positions; the report then scores the same ones
+        max_queries = max_queries or DEFAULT_MAX_QUERIES
         with RichProgress() as progress:
             spec, choice = choose_for_target(path, target_cosine, manifest=manifest, seed=seed,
-                                             max_queries=max_queries or 2048, basis=basis,
+                                             max_queries=max_queries, basis=basis,
                                              own_basis=basis is None and own_basis == "auto",
                                              progress=progress)
         # the target was measured with the codec it picked: an own basis at its ratio

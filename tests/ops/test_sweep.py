@@ -350,3 +350,15 @@ def test_target_cosine_searches_with_the_given_seed(tiny, tmp_path, monkeypatch)
     invoke("compress", tiny.path, "--target-cosine", 0.5, "--seed", 3, "-o",
            tmp_path / "t.fq.safetensors")
     assert seeds and set(seeds) == {3}, seeds
+
+
+def test_target_cosine_report_scores_what_the_search_scored(tmp_path):
+    """Without --max-queries the search scores the last 2,048 positions; the written file's
+    report scores the same ones (here all 300), so its cosine is the search's, not that of
+    compress's default sample (256 positions)."""
+    dump = make_dump(tmp_path, "d", layers=1, kv_heads=2, query_heads=4, tokens=300, seed=6)
+    res = ok(invoke("compress", dump.path, "--target-cosine", "0.9", "-o",
+                    tmp_path / "t.fq.safetensors", "--json"))
+    rep = json.loads(res.stdout)
+    assert rep["attention"]["overall"]["cosine_mean"] == pytest.approx(
+        rep["target"]["measured_cosine"], abs=1e-12)
