@@ -64,9 +64,17 @@ class SweepReport:
 
 
 def transform_specs(basis, ratios=TRANSFORM_RATIOS) -> list[CompressSpec]:
-    """The transform codec at a ladder of ratios (``compress --basis B --ratio R``)."""
-    return [CompressSpec(keep_first=DEFAULT_KEEP_FIRST, center_keys=False, basis=str(basis),
-                         ratio=r) for r in ratios]
+    """The transform codec at a ladder of ratios (``compress --basis B --ratio R``; with
+    ``basis`` None, ``compress --ratio R``: against the dump's own basis)."""
+    return [CompressSpec(keep_first=DEFAULT_KEEP_FIRST, center_keys=False,
+                         basis=None if basis is None else str(basis), ratio=r) for r in ratios]
+
+
+def against_own_basis(spec: CompressSpec, path) -> CompressSpec:
+    """An own-basis ``spec`` (``own_transform``) as the sweep and the target search run it:
+    against that basis, fitted once and written at ``path``, embedded in every file (the same
+    file ``compress`` writes, without fitting the basis again for every point)."""
+    return replace(spec, basis=str(path), embed_basis=True)
 
 
 def fibquant_specs(seed: int = 0) -> list[CompressSpec]:
@@ -100,8 +108,11 @@ def kv_values_and_bytes(dump: Dump, pair: tuple[int, int]) -> tuple[int, int]:
     return values, source_bytes
 
 
-def run_fibquant(dump: Dump, spec: CompressSpec, workdir: Path, max_queries: int):
-    """Compress to a real file, then score what it restores. Returns (Point, compress report)."""
+def run_fibquant(dump: Dump, spec: CompressSpec, workdir: Path, max_queries: int,
+                 shown: CompressSpec | None = None):
+    """Compress to a real file, then score what it restores. Returns (Point, compress report).
+    ``shown``: the spec the point stands for (its method and label), when ``spec`` runs it
+    another way (``against_own_basis``)."""
     out = workdir / "point.fq.safetensors"
     start = time.perf_counter()
     rep = compress(dump.path, manifest=dump.manifest_path, output=out, spec=spec,
@@ -113,8 +124,10 @@ def run_fibquant(dump: Dump, spec: CompressSpec, workdir: Path, max_queries: int
     rows = [rep.entries[i] for i in pair]
     kv_bytes = sum(r.compressed_bytes for r in rows)
     values, source_bytes = kv_values_and_bytes(dump, pair)
-    point = Point(spec.codec, spec.label(), source_bytes / kv_bytes, 8 * kv_bytes / values,
-                  fid.overall["rel_mse"], fid.overall["cosine_mean"], fid.overall["cosine_p1"],
+    shown = shown or spec
+    point = Point(OWN_BASIS if shown.own_transform else shown.codec, shown.label(),
+                  source_bytes / kv_bytes, 8 * kv_bytes / values, fid.overall["rel_mse"],
+                  fid.overall["cosine_mean"], fid.overall["cosine_p1"],
                   fid.overall["top8_agreement"], seconds, spec=spec.to_json())
     return point, fid
 
@@ -196,30 +209,26 @@ def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
     rep = SweepReport(str(dump.path), dump.manifest.attention is None,
                       min(max_queries, dump.manifest.entries[pair[0]].shape.tokens))
     with tempfile.TemporaryDirectory(prefix="fibquant-sweep-") as tmp:
-        labelled = [(spec, "") for spec in specs]
+        runs = [(spec, spec) for spec in specs]  # (how it runs, what it stands for)
         if own_basis:
             from fibquant_cli.ops.own_basis import write_own_basis
 
             path = Path(tmp) / "own.basis.safetensors"
             try:
                 write_own_basis(dump, DEFAULT_KEEP_FIRST, Progress(), path)
-                labelled += [(replace(s, embed_basis=True), OWN_BASIS)
-                             for s in transform_specs(path)]
+                runs += [(against_own_basis(s, path), s) for s in transform_specs(None)]
             except (InvalidInputError, UsageError) as err:  # e.g. too few tokens
                 rep.skipped[OWN_BASIS] = err.reason
                 for _ in range(own):
                     progress.advance(OWN_BASIS)
-        for spec, method in labelled:
-            label = spec.label().replace("transform", method, 1) if method else spec.label()
+        for spec, shown in runs:
             try:
-                point, _ = run_fibquant(dump, spec, Path(tmp), max_queries)
-                if method:
-                    point.method, point.label = method, label
+                point, _ = run_fibquant(dump, spec, Path(tmp), max_queries, shown)
                 rep.points.append(point)
             except (InvalidInputError, UsageError) as err:
                 # e.g. a block length that does not divide d, a ratio below a file's fixed cost
-                rep.skipped[label] = err.reason
-            progress.advance(label)
+                rep.skipped[shown.label()] = err.reason
+            progress.advance(shown.label())
     if scalar:
         for bits in (4, 3, 2, 1):
             roundtrip, bpv, once = scalar_codec(d, bits)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fibquant_cli.core.params import Profile
@@ -12,7 +12,7 @@ from fibquant_cli.formats.kvdump import open_dump
 from fibquant_cli.ops.fidelity import DEFAULT_MAX_QUERIES, require_kv_pair
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.spec import DEFAULT_KEEP_FIRST, CompressSpec
-from fibquant_cli.ops.sweep import OWN_BASIS, fibquant_specs, run_fibquant
+from fibquant_cli.ops.sweep import against_own_basis, fibquant_specs, run_fibquant
 
 
 def estimated_bits_per_value(spec: CompressSpec, head_dim: int, tokens: int) -> float:
@@ -76,15 +76,13 @@ def choose_for_target(source, target: float, *, manifest=None, seed: int = 0,
     with tempfile.TemporaryDirectory(prefix="fibquant-target-") as tmp:
         path = Path(tmp) / "own.basis.safetensors"
         write_own_basis(dump, DEFAULT_KEEP_FIRST, Progress(), path)
-        try:
-            spec, own = _transform_ratio(dump, target, path, max_queries, progress, own=True)
+        try:  # the answer is an own-basis spec: compress fits the same basis again
+            spec, own = _transform_ratio(dump, target, None, max_queries, progress, path)
         except UsageError as err:
             if missed is not None:
                 raise UsageError(f"{missed.reason}; against its own basis: {err.reason}",
                                  path=str(dump.path)) from None
             return chosen
-    spec = resolve_spec(ratio=spec.ratio)  # compress fits the same basis again, deterministic
-    own.chosen = spec.to_json()
     if chosen is not None:
         own.tried = chosen[1].tried + own.tried
         if chosen[1].chosen_ratio >= own.chosen_ratio:
@@ -122,10 +120,10 @@ def _per_vector(dump, target: float, seed: int, max_queries: int,
 
 
 def _transform_ratio(dump, target: float, basis, max_queries: int, progress: Progress,
-                     own: bool = False) -> tuple[CompressSpec, TargetChoice]:
+                     own_path=None) -> tuple[CompressSpec, TargetChoice]:
     """Bisection on log ratio between ``TRANSFORM_RATIO_RANGE``: the cosine falls as the ratio
-    grows (fewer bits everywhere), so the last ratio that met the target is kept. ``own``:
-    ``basis`` is the dump's own, embedded in every file (labelled "own basis")."""
+    grows (fewer bits everywhere), so the last ratio that met the target is kept. ``basis``
+    None: against the dump's own basis, fitted once and written at ``own_path``."""
     import math
 
     from fibquant_cli.ops.sweep import transform_specs
@@ -138,16 +136,15 @@ def _transform_ratio(dump, target: float, basis, max_queries: int, progress: Pro
         for step in range(TRANSFORM_SEARCH_STEPS + 1):
             ratio = 2 ** (lo if step == 0 else (lo + hi) / 2)
             spec = transform_specs(basis, (round(ratio, 3),))[0]
-            spec = replace(spec, embed_basis=True) if own else spec
-            label = spec.label().replace("transform", OWN_BASIS, 1) if own else spec.label()
+            runs = spec if basis is not None else against_own_basis(spec, own_path)
             try:
-                point, _ = run_fibquant(dump, spec, Path(tmp), max_queries)
+                point, _ = run_fibquant(dump, runs, Path(tmp), max_queries, spec)
                 ok = point.cosine_mean >= target
-                choice.tried.append({"label": label, "ratio": point.ratio,
+                choice.tried.append({"label": spec.label(), "ratio": point.ratio,
                                      "cosine_mean": point.cosine_mean})
             except UsageError:  # the ratio is below the file's fixed cost
                 ok = False
-            progress.advance(label)
+            progress.advance(spec.label())
             if step == 0 and not ok:
                 break  # even the lowest ratio misses
             if ok:
