@@ -39,7 +39,7 @@ import numpy as np
 from fibquant_cli.core import bitpack
 from fibquant_cli.core import rope as rope_math
 from fibquant_cli.core import transform as T
-from fibquant_cli.core.layer import SOURCE_DTYPES, copy_kept, finite_max, narrow, round_to_dtype, widen
+from fibquant_cli.core.layer import SOURCE_DTYPES, cast_to, copy_kept, finite_max, round_to_dtype, widen
 from fibquant_cli.core.metrics import ErrorAccumulator
 from fibquant_cli.errors import IntegrityError
 
@@ -175,9 +175,8 @@ def codec_rows(x: np.ndarray, lb: LayerBasis, first: int, *, undo_rope: bool = T
 
 def place(lb: LayerBasis, x: np.ndarray, dest: np.ndarray) -> None:
     """Rows ``x (n, h, d)`` float32 in the codec's order into ``dest (h, n, d)``, a view of an
-    output in the heads' order, cast to its dtype (fp16 by ``narrow`` first, then moved)."""
-    if dest.dtype == np.float16:
-        x = narrow(x)
+    output in the heads' order, cast to its dtype (``cast_to`` first, then moved)."""
+    x = cast_to(x, dest.dtype)
     if lb.rope is None:
         dest[...] = x.transpose(1, 0, 2)
         return

@@ -212,7 +212,7 @@ def decode_range(stream: np.ndarray, width: int, start: int, stop: int,
     time (``codes_per_lookup``): the stream is read as (m * width)-bit indices into
     ``Tables.grouped``, m times fewer unpacked and looked up (widths 1-4: 4-10x faster)."""
     tab = tab or tables()
-    m = codes_per_lookup(width) if width <= VQ_MAX_WIDTH else 1
+    m = codes_per_lookup(width)
     g0, g1 = start // m, -(-stop // m)
     if m == 1 or start % m or (g0 * m * width) % 8:
         return decode_pairs(bitpack.unpack_range(stream, start, stop, width), width, tab)
