@@ -127,6 +127,24 @@ def test_narrow_equals_the_cast_bit_for_bit():
                                   block.astype(np.float16).view(np.uint16))
 
 
+def test_narrow_is_exact_where_the_cpu_flushes_subnormals():
+    # its rebias makes fp16's subnormals float32 subnormals: a CPU set to flush those to zero
+    # (torch can, and so can a library built with -ffast-math) must not zero them
+    torch = pytest.importorskip("torch")
+    import fibquant_cli.core.layer as layer
+
+    x = np.arange(0, 0x38800000, 4099, dtype=np.uint32).view(np.float32)  # |x| < 2^-14 + ...
+    x = np.concatenate([x, -x, np.float32([1.0, 65504.0])])
+    assert layer._keeps_subnormals()
+    torch.set_flush_denormal(True)
+    try:
+        assert not layer._keeps_subnormals()
+        got = narrow(x)
+    finally:
+        torch.set_flush_denormal(False)
+    np.testing.assert_array_equal(got.view(np.uint16), x.astype(np.float16).view(np.uint16))
+
+
 def test_restore_into_clamps_only_past_the_dtype_range():
     q = quantizer_for(Profile(64, 2, 64))
     x = np.zeros((4, 64), dtype=np.float32)
