@@ -76,7 +76,7 @@ _F32_EXPONENT = np.uint32(0x7F800000)
 _F16_MIN_EXPONENT = np.uint32(113 << 23)  # 2^-14, fp16's smallest normal
 _F16_MAGIC = np.uint32((13 << 23) + (1 << 22))  # 1.5 * 2^13 times a value's power of two
 _F16_REBIAS = np.float32(2.0 ** -112)  # 2^(15 - 127): float32's exponent bias to fp16's
-NARROW_CHUNK = 1 << 16  # values per pass: the scratch stays in a core's L2 cache
+NARROW_CHUNK = 1 << 18  # values per pass: see narrow
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0  # a float32's uint16 holding its sign
 
 
@@ -102,6 +102,13 @@ def narrow(x: np.ndarray) -> np.ndarray:
     values rounding to zero keep it). fp16's subnormals need nothing of their own: below
     2^-14 the scaled value is a float32 subnormal, whose bits count 2^-149 as fp16's count
     2^-24 (shifted by 13). Where the CPU flushes subnormals to zero, numpy's cast is used.
+
+    Passes go over ``NARROW_CHUNK`` values at a time: 2^18 rather than a 2^16 that fits a
+    core's L2 cache, because each numpy call releases and takes back the GIL, and two
+    decoding threads making many short calls wait on each other (on 2 cores, a 64K-value
+    add ran 1.3x faster on two threads than on one, a 1M-value add 2.1x). Measured on the
+    bench file (8 layers of 6,144 tokens, paired runs): two threads 7% faster, one thread
+    the same.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not _keeps_subnormals():
