@@ -356,11 +356,10 @@ def open_compressed(path, basis=None) -> Reader:
     """Open the compressed file ``path`` for random access (named so as not to shadow the
     built-in ``open``). The header, document, codebooks and rotations are verified now;
     every other byte when it is read. ``basis``: as for ``decompress_file``."""
-    from threadpoolctl import threadpool_limits
-
+    from fibquant_cli.ops.process import one_blas_thread
     from fibquant_cli.ops.reader import open_verified
 
-    with threadpool_limits(1):  # the basis checks' products: see ops/process, "BLAS"
+    with one_blas_thread():  # the basis checks' products: see ops/process, "BLAS"
         return Reader(open_verified(path, verify_arrays=False, verify_on_read=True, basis=basis))
 
 
@@ -403,9 +402,9 @@ class Reader:
         is kept) -- of a compressed tensor; only the bytes around it are read and decoded.
         """
         import numpy as np
-        from threadpoolctl import threadpool_limits
 
         from fibquant_cli.ops.decompress import restore_source_tensor
+        from fibquant_cli.ops.process import one_blas_thread
 
         if name not in self.names:
             raise UsageError(f"no tensor {name!r} (the file has {len(self.names)}: "
@@ -420,7 +419,7 @@ class Reader:
         elif layers is not None and len(info.shape) != 5:
             raise UsageError("{layers} selects layers of a 5-D tensor; this one is one layer",
                              path=str(self.path), tensor=name, options=("layers",))
-        with threadpool_limits(1):  # as decompress: the same rounding, bit for bit
+        with one_blas_thread():  # as decompress: the same rounding, bit for bit
             if layers is None and tokens is None:
                 data, _ = restore_source_tensor(self._opened, name, self._where_kv)
                 if isinstance(data, np.ndarray):
@@ -437,10 +436,9 @@ class Reader:
     def layer(self, role: str, layer: int, *, tokens=None) -> np.ndarray:
         """Layer ``layer`` of the ``role`` ("key" or "value") entry as ``[batch, kv_heads,
         tokens, head_dim]`` in the source dtype (whatever the stored layout)."""
-        from threadpoolctl import threadpool_limits
-
         from fibquant_cli.core.layer import SOURCE_DTYPES, cast_clamped
         from fibquant_cli.formats.dtypes import numpy_dtype_for
+        from fibquant_cli.ops.process import one_blas_thread
         from fibquant_cli.ops.reader import restore_layer
         from fibquant_cli.ops.slice import decode_slice
 
@@ -452,7 +450,7 @@ class Reader:
         shape = self.manifest.entries[i].shape
         if not 0 <= layer < shape.layers:
             raise UsageError(f"layer {layer} is outside 0:{shape.layers}", path=str(self.path))
-        with threadpool_limits(1):
+        with one_blas_thread():
             if tokens is None:
                 return restore_layer(self._opened, i, layer)
             sel = _range(tokens, shape.tokens, "tokens")
@@ -465,16 +463,15 @@ class Reader:
         way is verified too, as ``decompress`` does."""
         import os
 
-        from threadpoolctl import threadpool_limits
-
         from fibquant_cli.ops.decompress import DECODE_THREADS
+        from fibquant_cli.ops.process import one_blas_thread
         from fibquant_cli.ops.reader import verify_unread
         from fibquant_cli.ops.threads import in_order
 
         if jobs < 0:
             raise UsageError(f"jobs must be >= 0, got {jobs}", path=str(self.path))
         jobs = jobs or min(DECODE_THREADS, os.cpu_count() or 1)
-        with threadpool_limits(1):  # set once here: the threads' own limits then agree
+        with one_blas_thread():  # set once here: the threads' own limits then agree
             out = dict(zip(self.names, in_order(self.read, self.names, jobs, "fibquant-read")))
         verify_unread(self._opened)
         return out

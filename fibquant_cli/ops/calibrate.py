@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from fibquant_cli.codecs.transform import heads_apart, heads_side_by_side
 from fibquant_cli.core.attention import FidelityStats, attention_fidelity
@@ -31,6 +30,7 @@ from fibquant_cli.formats.digest import file_digest, tensor_digest_of_chunks
 from fibquant_cli.formats.kvdump import Dump, open_dump, read_layer
 from fibquant_cli.formats.manifest import manifest_path_for
 from fibquant_cli.ops.fidelity import kv_entries, read_query_layer, sample_windows
+from fibquant_cli.ops.process import one_blas_thread
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.storage.basis import write_basis
 from fibquant_cli.storage.publish import check_output, output_path
@@ -396,7 +396,7 @@ def calibrate(paths: list[str], *, output: str, keep_first: int = DEFAULT_KEEP_F
     inputs = {p: "input file" for p in paths}
     inputs.update({manifest_path_for(p): "manifest file" for p in paths})
     check_output(out, force=force, inputs=inputs)  # before the long run, not after it
-    with threadpool_limits(1):  # small matmuls (see ops/fidelity); one thread is also repeatable
+    with one_blas_thread():  # small matmuls (see ops/fidelity); one thread is also repeatable
         sources = open_sources(paths, rope_undo, progress)
         shape = sources[0].dump.manifest.entries[sources[0].key].shape
         rope = key_rope(sources[0], rope_undo)

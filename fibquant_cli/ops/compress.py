@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from fibquant_cli import codecs
 from fibquant_cli.codecs.fibquant import EncodedLayer, LayerPlan
@@ -58,6 +57,7 @@ from fibquant_cli.ops.compress_plan import (
     prepass,
 )
 from fibquant_cli.ops.compress_report import CompressReport, compress_report
+from fibquant_cli.ops.process import one_blas_thread
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import open_verified, reconstructor
 from fibquant_cli.ops.spec import CompressSpec
@@ -114,7 +114,7 @@ def compress(source, *, manifest=None, output=None, spec: CompressSpec | None = 
         if spec.basis is not None:
             inputs[Path(spec.basis)] = "basis file"
     with publishing([out], force=force, inputs=inputs) as (tmp,), \
-            threadpool_limits(1):
+            one_blas_thread():
         jobs = jobs or auto_jobs(dump)
         if attention:
             check_queries_finite(dump, None if max_queries else scored_layers(dump))

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from fibquant_cli.errors import IntegrityError, UsageError
 from fibquant_cli.formats import dtypes, stfile, untrusted
@@ -22,6 +21,7 @@ from fibquant_cli.formats.container import raw_name
 from fibquant_cli.formats.digest import tensor_digest
 from fibquant_cli.formats.kvlayout import entry_layer_views, vectors_axes
 from fibquant_cli.formats.manifest import manifest_path_for, save_manifest
+from fibquant_cli.ops.process import one_blas_thread
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import Opened, open_verified, restore_layer, verify_unread
 from fibquant_cli.storage.publish import output_path, publishing
@@ -129,7 +129,7 @@ def decompress(path, *, output=None, force: bool = False, progress: Progress | N
     path, out, out_manifest = restored_outputs(path, output)
     inputs = {path: "input file", **basis_input(basis)}
     with publishing([out, out_manifest], force=force, inputs=inputs) as (tmp, tmp_manifest), \
-            threadpool_limits(1):  # small matmuls: BLAS threads only add hand-off cost
+            one_blas_thread():  # small matmuls: BLAS threads only add hand-off cost
         # Arrays are verified as the decode threads read them: each is read once, not twice.
         opened = open_verified(path, progress, verify_on_read=True, basis=basis)
         progress.start(len(opened.doc.source.tensor_order), "restoring")

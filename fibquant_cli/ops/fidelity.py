@@ -16,13 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from fibquant_cli.core.attention import FidelityStats, attention_fidelity
 from fibquant_cli.errors import InvalidInputError
 from fibquant_cli.formats import stfile
 from fibquant_cli.formats.kvdump import Dump, read_layer
 from fibquant_cli.formats.kvlayout import vectors_axes
+from fibquant_cli.ops.process import one_blas_thread
 
 DEFAULT_MAX_QUERIES = 2048
 # compress's default sample: query positions (in windows of SAMPLE_WINDOW) and layers (evenly
@@ -139,7 +139,7 @@ def measure(dump: Dump, reconstruct: Reconstruct, *,
     BLAS runs single-threaded here: the score blocks are small matmuls, for which OpenBLAS's
     thread hand-offs cost more than they save (measured 2x slower on 2 busy cores).
     """
-    with threadpool_limits(1):
+    with one_blas_thread():
         return _measure(dump, reconstruct, max_queries, sample, layers)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from fibquant_cli.core.layer import SOURCE_DTYPES, cast_clamped
 from fibquant_cli.errors import IntegrityError, UsageError
@@ -28,6 +27,7 @@ from fibquant_cli.ops.decompress import (
     inverse_permutation,
     restored_outputs,
 )
+from fibquant_cli.ops.process import one_blas_thread
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import Opened, StoredPart, open_verified
 from fibquant_cli.storage.publish import publishing
@@ -79,7 +79,7 @@ def decompress_slice(path, *, layers: str | None, tokens: str | None, output=Non
     path, out, out_manifest = restored_outputs(path, output)
     inputs = {path: "input file", **basis_input(basis)}
     with publishing([out, out_manifest], force=force, inputs=inputs) as (tmp, tmp_manifest), \
-            threadpool_limits(1):
+            one_blas_thread():
         loaded = open_verified(path, progress, verify_arrays=False, basis=basis)
         manifest, plan, lsel, tsel = _plan(loaded, layers, tokens)
         specs = [(n, dt, dims) for n, dt, dims, _ in plan]

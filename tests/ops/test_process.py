@@ -3,6 +3,7 @@ BLAS starts no threads of its own, so none spins after a product."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -92,3 +93,33 @@ def test_a_users_own_blas_threads_and_a_late_call_are_left_alone():
     assert not changed and threads in (2, -1)
     changed, threads, _ = blas_probe("numpy first")
     assert not changed
+
+
+
+LIMIT_PROBE = """
+import json
+import threadpoolctl
+import numpy as np
+from fibquant_cli.ops import process
+def blas_threads():
+    return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+            if i["user_api"] == "blas"]
+before = blas_threads()
+inside, controllers = [], set()
+for _ in range(3):
+    with process.one_blas_thread():
+        inside += blas_threads()
+        controllers.add(id(process._controller))
+print(json.dumps([before, inside, blas_threads(), len(controllers)]))
+"""
+
+
+def test_one_blas_thread_limits_and_restores_listing_libraries_once():
+    environ = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", LIMIT_PROBE], capture_output=True, text=True,
+                         check=True, env={**environ, "OPENBLAS_NUM_THREADS": "2"}).stdout
+    before, inside, after, made = json.loads(out)
+    if not before:
+        pytest.skip("numpy is linked to no BLAS threadpoolctl knows here")
+    assert before == after == [2] and inside == [1, 1, 1]
+    assert made == 1  # one controller: listing the libraries is what costs
