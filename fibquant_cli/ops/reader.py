@@ -163,7 +163,8 @@ class TransformState:
                                  options=("basis",))
             from fibquant_cli.formats.basis import load_basis
 
-            model = load_basis(basis) if isinstance(basis, (str, os.PathLike)) else basis
+            model = (load_basis(basis, keep=True) if isinstance(basis, (str, os.PathLike))
+                     else basis)
             if model.digest != rec.basis_digest:
                 raise InvalidInputError(f"the basis {model.path} has digest {model.digest}; this "
                                         f"file was coded against {rec.basis_digest}",

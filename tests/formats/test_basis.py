@@ -85,6 +85,41 @@ def test_file_changed_after_loading(tmp_path):
         basis.matrix(1, "value")
 
 
+def test_kept_basis_serves_what_was_verified(tmp_path):
+    path = tmp_path / "m.basis.safetensors"
+    write(path)
+    kept = load_basis(path, keep=True)
+    raw = bytearray(path.read_bytes())
+    raw[-30] ^= 0x01
+    path.write_bytes(bytes(raw))  # changed after loading: a kept basis never reads it again
+    for (layer, role), want in matrices().items():
+        for got, expected in zip(kept.matrix(layer, role), want):
+            np.testing.assert_array_equal(got, expected.astype(np.float32))
+    kept.matrix(0, "key")[1][:] = 0  # callers get copies
+    assert kept.matrix(0, "key")[1].any()
+
+
+def test_values_are_checked_once_per_content(tmp_path, monkeypatch):
+    import fibquant_cli.formats.basis as fmt
+
+    src = tmp_path / "m.basis.safetensors"
+    write(src)
+    bad = rewrite(src, tmp_path / "bad.basis.safetensors", redigest=True,
+                  edit_tensors=lambda t: t["layer.0.key.basis"].__imul__(1.01))
+    checked = []
+    real = fmt.value_problem
+    monkeypatch.setattr(fmt, "value_problem", lambda n, a: checked.append(n) or real(n, a))
+    monkeypatch.setattr(fmt, "_SOUND", set())
+    load_basis(src)
+    first = len(checked)
+    load_basis(src, keep=True)
+    assert first == 13 and len(checked) == first  # the same digests: not checked again
+    for _ in range(2):  # a refused tensor is never remembered as sound
+        with pytest.raises(InvalidInputError, match="not orthonormal"):
+            load_basis(bad)
+    assert checked[first:].count("layer.0.key.basis") == 2
+
+
 def rewrite(src, dst, *, edit_meta=None, edit_tensors=None, redigest=False):
     """Copy a basis file with its metadata and/or tensors changed (optionally re-digested)."""
     header, _ = read_st_header(src)
