@@ -51,6 +51,7 @@ SEARCH_GRID_SIDE = 256
 SEARCH_FINE = 3.0  # standard deviations the lookup grid covers at least
 TAU = 4.0  # |coefficient| above which a coded coefficient is an exception (stored exactly)
 TABLES_PATH = Path(__file__).resolve().parent.parent / "codebooks" / "gauss_v1.npz"
+GRIDS_PATH = TABLES_PATH.with_name("gauss_v1_grids.npz")  # scripts/search_grids.py
 
 
 # --------------------------------------------------------------------------- the quantizers
@@ -151,11 +152,11 @@ def _searcher(width: int):
     """The lookup-grid searcher (``core/fastsearch``, exact) of the shipped ``vq[width]``, its
     grid over the codebook and at least ``SEARCH_FINE`` standard deviations; the rarer
     coefficients beyond it are searched exactly among the few codewords that can win there.
-    Built at once on a 256-cell side: for these codebooks 6x faster to build than the default
-    1,024 and as fast to search (0.17 s and 10 M pairs/s at 1,024 codewords); for 2-8
-    codewords 3x faster than a matrix-product search.
+    On a 256-cell side: for these codebooks 6x faster to build than the default 1,024 and as
+    fast to search (10 M pairs/s at 1,024 codewords); for 2-8 codewords 3x faster than a
+    matrix-product search. Its costly part comes from ``GRIDS_PATH`` (``shipped_grid``).
 
-    Built once per process and width: the encoder threads ask for the same widths at the same
+    Made once per process and width: the encoder threads ask for the same widths at the same
     moment, and a plain cache let both build them (13 builds for 9 widths, 0.3 s of a core).
     """
     found = _SEARCHERS.get(width)
@@ -167,10 +168,48 @@ def _searcher(width: int):
         if width not in _SEARCHERS:
             from fibquant_cli.core.fastsearch import GridSearcher
 
-            cb = tables().vq[width].astype(np.float64)
-            reach = max(SEARCH_FINE, 1.05 * float(np.sqrt((cb * cb).sum(axis=1).max())))
-            _SEARCHERS[width] = GridSearcher(cb, side=SEARCH_GRID_SIDE, reach=reach)
+            cb, reach = grid_codebook(width)
+            _SEARCHERS[width] = GridSearcher(cb, side=SEARCH_GRID_SIDE, reach=reach,
+                                             refined=shipped_grid(width))
         return _SEARCHERS[width]
+
+
+def grid_codebook(width: int) -> tuple[np.ndarray, float]:
+    """The codebook ``_searcher`` searches (float64) and the half-width its grid covers."""
+    cb = tables().vq[width].astype(np.float64)
+    return cb, max(SEARCH_FINE, 1.05 * float(np.sqrt((cb * cb).sum(axis=1).max())))
+
+
+def grid_key(width: int) -> np.ndarray:
+    """What a shipped grid was refined for: the codebook's bytes, the side and the reach,
+    hashed (uint8): a grid is used only for the very arguments that made it."""
+    import hashlib
+
+    cb, reach = grid_codebook(width)
+    h = hashlib.sha256(cb.tobytes())
+    h.update(np.array([SEARCH_GRID_SIDE, reach], dtype=np.float64).tobytes())
+    return np.frombuffer(h.digest(), dtype=np.uint8)
+
+
+@functools.cache
+def _shipped_grids() -> dict[str, np.ndarray]:
+    if not GRIDS_PATH.exists():
+        return {}
+    with np.load(GRIDS_PATH) as data:
+        return {name: data[name] for name in data.files}
+
+
+def shipped_grid(width: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``GridSearcher.refined()`` of ``_searcher(width)``, shipped: refining the grids of
+    widths 1-10 took 0.55 s of every process that encoded (a third of compressing a 19 MB
+    dump from the command line); loading all of them takes 7 ms. None when the file is
+    missing or was made for other tables, side or reach (the grid is then built, the same
+    codes either way); the tests check the file against a build."""
+    grids = _shipped_grids()
+    key = grids.get(f"key{width}")
+    if key is None or not np.array_equal(key, grid_key(width)):
+        return None
+    return grids[f"table{width}"], grids[f"lists{width}"]
 
 
 def encode_pairs(c: np.ndarray, width: int, tab: Tables | None = None) -> np.ndarray:

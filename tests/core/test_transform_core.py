@@ -177,3 +177,34 @@ def test_random_access_rows_equal_the_full_decode():
     for r0, r1 in ((0, 1), (17, 18), (399, 401), (3, 999), (0, 1000)):
         part = T.decode_rows(codes, pos, val, layout, c.shape[1], r0, r1)
         np.testing.assert_array_equal(part, full[r0:r1])
+
+
+def test_shipped_search_grids_are_what_a_build_makes():
+    from fibquant_cli.core.fastsearch import GridSearcher
+
+    for width in range(1, T.VQ_MAX_WIDTH + 1):
+        shipped = T.shipped_grid(width)
+        assert shipped is not None, f"width {width}: rerun scripts/search_grids.py"
+        cb, reach = T.grid_codebook(width)
+        table, lists = GridSearcher(cb, side=T.SEARCH_GRID_SIDE, reach=reach,
+                                    lazy=True).refined()
+        np.testing.assert_array_equal(shipped[0], table)
+        np.testing.assert_array_equal(shipped[1], lists)
+
+
+def test_a_grid_made_for_other_arguments_is_not_used(monkeypatch):
+    from fibquant_cli.core.fastsearch import GridSearcher
+
+    shipped = T.shipped_grid(3)
+    monkeypatch.setattr(T, "SEARCH_GRID_SIDE", 128)
+    monkeypatch.setattr(T, "_SEARCHERS", {})
+    assert T.shipped_grid(3) is None  # its key names side 256
+    y = np.random.default_rng(5).standard_normal((20_000, 2)).astype(np.float32) * 2
+    searcher = T._searcher(3)
+    assert searcher.side == 128
+    np.testing.assert_array_equal(searcher.nearest(y),
+                                  brute_nearest_f64(y.astype(np.float64), T.tables().vq[3]
+                                                    .astype(np.float64)))
+    cb, reach = T.grid_codebook(3)
+    with pytest.raises(ValueError, match="do not fit"):  # a 256-side grid on a 128 side
+        GridSearcher(cb, side=128, reach=reach, refined=shipped)
