@@ -124,13 +124,35 @@ def test_model_without_rope_dumps_pre_rope_keys(cli, models, tmp_path):
 
 def test_sweep_model_lists_points_and_peers(cli, models, tmp_path):
     res = cli("sweep", "--model", models["llama"], "--text", models["text"], "--prefix-tokens",
-              "64", "--continuation-tokens", "32", "--json")
+              "64", "--continuation-tokens", "32", "--own-basis", "--json")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     methods = {p["method"] for p in rep["points"]}
     assert {"reference", "fibquant", "q4_0", "q8_0"} <= methods
     assert any(p["pareto"] for p in rep["points"])
     assert all(p["kl"] >= 0.0 for p in rep["points"])
+    # 64 tokens cannot fit a basis of D = 128 columns: the ladder is skipped, saying why
+    assert "own basis" not in methods
+    assert "too few tokens for an own basis" in rep["skipped"]["own basis"]
+
+
+def test_sweep_model_own_basis_ladder_embeds_one_fitted_basis(models):
+    from fibquant_cli.hf.evaluate import evaluate_model
+    from fibquant_cli.ops.sweep import TRANSFORM_RATIOS
+
+    rep = evaluate_model(models["llama"], text=models["text"], specs=[], prefix=160,
+                         continuation=32, own_ladder=True)
+    own = [p for p in rep.points if p.method == "own basis"]
+    ladder = [f"own basis {r:g}x keep 1+0" for r in TRANSFORM_RATIOS]
+    # each ratio is a point or skipped with its reason (at 160 tokens the embedded basis
+    # alone is more than 20x allows)
+    assert sorted([p.label for p in own] + list(rep.skipped)) == sorted(ladder)
+    assert len(own) >= 6 and all("the target allows" in why for why in rep.skipped.values())
+    for p in own:
+        r = float(p.label.split()[2][:-1])
+        assert r * 0.95 <= p.ratio <= r * 1.1  # all-inclusive: the embedded columns counted
+        assert p.spec["embed_basis"] and p.spec["basis"].endswith("own.basis.safetensors")
+    assert own[0].kl < own[-1].kl and all(p.kl >= 0.0 for p in own)
 
 
 def test_missing_model_is_invalid_input(cli, models, tmp_path):

@@ -445,7 +445,8 @@ def sweep(
         "--basis", help="Add the transform codec against this basis at ratios 4x..20x.")] = None,
     own_basis: Annotated[bool, typer.Option(
         "--own-basis", help="Add the transform codec at ratios 4x..20x against a basis fitted "
-        "on the dump, embedded in every file (what compress does for long dumps).")] = False,
+        "on the dump (with --model: on the prefix's cache), embedded in every file (what "
+        "compress does for long dumps).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run many operating points and print the memory-fidelity frontier.
@@ -459,10 +460,6 @@ def sweep(
     if model is not None:
         if path is not None:
             raise UsageError("sweep --model takes no dump argument (it builds the cache itself)")
-        if own_basis:
-            raise UsageError("{own_basis} sweeps a dump; with {model}, score its files with "
-                             "'fibquant eval --model --own-basis always'",
-                             options=("own_basis", "model"))
         from fibquant_cli.hf.evaluate import MODEL_PEERS, evaluate_model, model_specs
 
         if plot is not None:
@@ -473,7 +470,8 @@ def sweep(
             rep = evaluate_model(model, text=text, ids_from=ids, specs=model_specs(basis=basis),
                                  peers=MODEL_PEERS if peers else (), prefix=prefix_tokens,
                                  continuation=continuation_tokens, dtype=dtype, attention=True,
-                                 max_queries=max_queries, progress=progress)
+                                 max_queries=max_queries, progress=progress,
+                                 own_ladder=own_basis)
         if plot is not None:
             from fibquant_cli.cli.model_tables import plot_model_frontier
 

@@ -29,7 +29,8 @@ from fibquant_cli.hf.model import LoadedModel, load_model, read_token_ids
 from fibquant_cli.hf.scoring import compare, continuation_logp, full_logp
 from fibquant_cli.ops.compress import compress
 from fibquant_cli.ops.decompress import decompress
-from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec
+from fibquant_cli.ops.spec import BITS_PRESETS, DEFAULT_KEEP_FIRST, CompressSpec
+from fibquant_cli.ops.sweep import OWN_BASIS, against_own_basis, transform_specs
 
 DEFAULT_PREFIX_TOKENS = 1024
 DEFAULT_CONTINUATION_TOKENS = 512
@@ -120,9 +121,11 @@ class Session:
         return compare(self.logp_ref, self._logp(*read_kv(path)), self.targets)
 
     def run_spec(self, spec: CompressSpec, *, attention: bool = False,
-                 max_queries: int | None = None, own_basis: str = "never") -> ModelPoint:
+                 max_queries: int | None = None, own_basis: str = "never",
+                 shown: CompressSpec | None = None) -> ModelPoint:
         """Compress and restore the prefix's dump with ``spec`` (and ``own_basis``, as
-        compress's); score the continuation."""
+        compress's); score the continuation. ``shown``: the spec the point stands for, when
+        ``spec`` runs it another way (``sweep.against_own_basis``)."""
         fq = self.workdir / "point.fq.safetensors"
         restored = self.workdir / "point.restored.safetensors"
         start = time.perf_counter()
@@ -133,8 +136,12 @@ class Session:
         result = self.score_restored(restored)
         fid = None if rep.attention is None else rep.attention.overall
         own = rep.own_basis is not None and rep.own_basis["choice"] == "own basis"
-        return ModelPoint("transform" if own else spec.codec,
-                          spec.label() + (" -> own basis" if own else ""),
+        if shown is not None:
+            method, label = (OWN_BASIS if shown.own_transform else shown.codec), shown.label()
+        else:
+            method, label = ("transform" if own else spec.codec), \
+                spec.label() + (" -> own basis" if own else "")
+        return ModelPoint(method, label,
                           rep.total.ratio, rep.total.bits_per_value,
                           result.nll, result.delta_nll, result.kl, result.top1, seconds,
                           attention=fid, spec=spec.to_json())
@@ -175,8 +182,6 @@ def model_specs(seed: int = 0, basis=None) -> list[CompressSpec]:
     specs += [CompressSpec(key=p[kb], value=p[vb], keep_first=1) for kb, vb in ((4, 3), (3, 2))]
     specs = [replace(s, seed=seed) for s in specs]
     if basis is not None:
-        from fibquant_cli.ops.sweep import transform_specs
-
         specs += transform_specs(basis)
     return specs
 
@@ -186,16 +191,21 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
                    prefix: int = DEFAULT_PREFIX_TOKENS,
                    continuation: int = DEFAULT_CONTINUATION_TOKENS, dtype: str = "f16",
                    attention: bool = False, max_queries: int | None = None,
-                   progress=None, own_basis: str = "never") -> ModelEvalReport:
+                   progress=None, own_basis: str = "never",
+                   own_ladder: bool = False) -> ModelEvalReport:
     """Score each of ``specs`` (and each peer) on ``model`` with ``text``'s continuation;
-    ``own_basis`` as compress's (the per-vector specs may become an own basis)."""
+    ``own_basis`` as compress's (the per-vector specs may become an own basis).
+    ``own_ladder``: also the transform codec's ladder of ratios against a basis fitted on the
+    prefix's cache (once) and embedded in every file, as ``sweep --own-basis`` runs it."""
     from fibquant_cli.ops.progress import Progress
 
     progress = progress or Progress()
     lm = load_model(model)
     ids = read_token_ids(lm, text=text, ids_from=ids_from, needed=prefix + continuation + 1)
     with tempfile.TemporaryDirectory(prefix="fibquant-eval-") as tmp:
-        progress.start(1 + len(specs) + len(peers), "prefix, reference and self-checks")
+        own_specs = transform_specs(None) if own_ladder else []
+        progress.start(1 + len(specs) + len(own_specs) + len(peers),
+                       "prefix, reference and self-checks")
         session = Session(lm, ids, prefix, continuation, Path(tmp), dtype)
         progress.advance("self-checks")
         rep = ModelEvalReport(str(model), str(text or ids_from), prefix, continuation, dtype,
@@ -211,6 +221,7 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
             except InvalidInputError as err:  # e.g. a block length that does not divide d
                 rep.skipped[spec.label()] = err.reason
             progress.advance(spec.label())
+        _run_own_ladder(session, own_specs, rep, Path(tmp), attention, max_queries, progress)
         for name in peers:
             try:
                 rep.points.append(session.run_peer(name))
@@ -219,6 +230,35 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
             progress.advance(name)
     mark_pareto(rep.points)
     return rep
+
+
+def _run_own_ladder(session: Session, specs: list[CompressSpec], rep: ModelEvalReport,
+                    workdir: Path, attention: bool, max_queries: int | None, progress) -> None:
+    """The own-basis ladder: the basis fitted on the prefix's cache once (as compress fits
+    it), each ratio coded against it and embedding it; all skipped, with the reason, when
+    the cache is too short for a basis."""
+    from fibquant_cli.formats.kvdump import open_dump
+    from fibquant_cli.ops.own_basis import write_own_basis
+    from fibquant_cli.ops.progress import Progress
+
+    if not specs:
+        return
+    path = workdir / "own.basis.safetensors"
+    try:
+        write_own_basis(open_dump(session.dump), DEFAULT_KEEP_FIRST, Progress(), path)
+    except (InvalidInputError, UsageError) as err:  # e.g. fewer tokens than channels
+        rep.skipped[OWN_BASIS] = err.reason
+        for spec in specs:
+            progress.advance(spec.label())
+        return
+    for spec in specs:
+        try:
+            rep.points.append(session.run_spec(against_own_basis(spec, path),
+                                               attention=attention, max_queries=max_queries,
+                                               shown=spec))
+        except (InvalidInputError, UsageError) as err:  # a ratio below the fixed cost
+            rep.skipped[spec.label()] = err.reason
+        progress.advance(spec.label())
 
 
 def mark_pareto(points: list[ModelPoint]) -> None:
