@@ -266,11 +266,6 @@ def test_sweep_adds_the_own_basis_ladder(dumps, tmp_path):
     assert not rep.points and "too few tokens" in rep.skipped[OWN_BASIS]
 
 
-def test_sweep_own_basis_is_for_dumps(cli):
-    res = cli("sweep", "--model", "m.gguf", "--text", "t.txt", "--own-basis")
-    assert_error(res, 2, "--own-basis")
-
-
 def test_target_cosine_searches_the_own_basis_too(dumps, monkeypatch):
     """--target-cosine on a long dump: after the per-vector search, the highest ratio against
     the dump's own basis that meets the target (a real search); the smaller file wins. The
