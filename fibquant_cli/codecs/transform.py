@@ -269,9 +269,10 @@ def encode_layer(lb: LayerBasis, arr: np.ndarray, stats: LayerStats, widths, kf:
     acc = ErrorAccumulator()
     top = finite_max(arr.dtype)
     t_mid = t - kf - kl
+    s = synthesis_matrix(lb, layout, stats.scale)
     for bi, s0, s1 in row_blocks(t_mid, b):
         x_hat = synthesize(lb, codes, pos, val, layout, stats.mean, stats.scale, h, d, kf + s0,
-                           bi * t_mid + s0, bi * t_mid + s1)
+                           bi * t_mid + s0, bi * t_mid + s1, s)
         np.clip(x_hat, -top, top, out=x_hat)
         x = codec_rows(arr[bi:bi + 1, :, kf + s0:kf + s1], lb, kf + s0, undo_rope=False)
         x_hat = round_to_dtype(x_hat, arr.dtype)
@@ -290,12 +291,12 @@ def encode_layer(lb: LayerBasis, arr: np.ndarray, stats: LayerStats, widths, kf:
 
 
 def synthesize(lb: LayerBasis, codes, pos, val, layout: T.RowLayout, mean, scale, h: int,
-               d: int, first: int, r0: int, r1: int) -> np.ndarray:
+               d: int, first: int, r0: int, r1: int, s: np.ndarray | None = None) -> np.ndarray:
     """Middle rows [r0, r1), all of one batch row starting at token ``first``, as restored
     before rounding: (r1 - r0, h, d) float32 in the codec's channel order (``place`` puts
-    them in an output)."""
+    them in an output). ``s``: ``synthesis_matrix``, when the caller made it for the layer."""
     c = T.decode_live(codes, pos, val, layout, h * d, r0, r1, lb.tables)
-    rows = c @ synthesis_matrix(lb, layout, scale)
+    rows = c @ (synthesis_matrix(lb, layout, scale) if s is None else s)
     rows += lb.to_codec(mean)
     x = rows.reshape(r1 - r0, h, d)
     if lb.rope is not None:
@@ -374,9 +375,10 @@ def restore_middle(lb: LayerBasis, layout: T.RowLayout, codes, pos, val, mean, s
     """The middle tokens of ``out`` [b, h, t, d] (source dtype), block by block."""
     b, h, _, d = out.shape
     top = finite_max(out.dtype)
+    s = synthesis_matrix(lb, layout, scale)
     for bi, s0, s1 in row_blocks(t_mid, b):
         x = synthesize(lb, codes, pos, val, layout, mean, scale, h, d, kf + s0,
-                       bi * t_mid + s0, bi * t_mid + s1)
+                       bi * t_mid + s0, bi * t_mid + s1, s)
         np.clip(x, -top, top, out=x)
         place(lb, x, out[bi, :, kf + s0:kf + s1])
 

@@ -208,3 +208,12 @@ def test_a_grid_made_for_other_arguments_is_not_used(monkeypatch):
     cb, reach = T.grid_codebook(3)
     with pytest.raises(ValueError, match="do not fit"):  # a 256-side grid on a 128 side
         GridSearcher(cb, side=128, reach=reach, refined=shipped)
+
+
+def test_grouped_tables_are_made_once_per_codebook():
+    shipped = T.tables()
+    again = T.Tables({w: t.copy() for w, t in shipped.vq.items()}, shipped.scalar, {})
+    assert again.grouped(3) is shipped.grouped(3)  # a file's copy of the shipped tables
+    other = T.Tables({3: shipped.vq[3] * 2}, {}, {})
+    np.testing.assert_array_equal(other.grouped(3), shipped.grouped(3) * 2)
+    assert not shipped.grouped(3).flags.writeable
