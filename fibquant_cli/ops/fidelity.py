@@ -12,6 +12,7 @@ scores the last N positions (N >= tokens: every position, the full measurement).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from fibquant_cli.formats import stfile
 from fibquant_cli.formats.kvdump import Dump, read_layer
 from fibquant_cli.formats.kvlayout import vectors_axes
 from fibquant_cli.ops.process import one_blas_thread
+from fibquant_cli.ops.threads import in_order
 
 DEFAULT_MAX_QUERIES = 2048
 # compress's default sample: query positions (in windows of SAMPLE_WINDOW) and layers (evenly
@@ -30,6 +32,7 @@ DEFAULT_MAX_QUERIES = 2048
 # so the scoring adds at most 20% to compress --bits 3 (README, "Scoring cost").
 DEFAULT_QUERY_SAMPLE = 96
 DEFAULT_LAYER_SAMPLE = 3
+SCORING_THREADS = 2  # layers scored at once (``measure``)
 # Dumps with at most this many layers are scored in every layer (cheap, and every row counts).
 SAMPLE_LAYERS_ABOVE = 8
 SAMPLE_WINDOW = 32
@@ -167,15 +170,21 @@ def _measure(dump: Dump, reconstruct: Reconstruct, max_queries: int,
     parts = []
     key_err = [0.0, 0.0]
     value_err = [0.0, 0.0]
-    for layer in scored:
+
+    def score(layer: int):
         k = read_layer(dump, dump.manifest.entries[ik], layer).astype(np.float32)
         v = read_layer(dump, dump.manifest.entries[iv], layer).astype(np.float32)
         k_hat, v_hat = reconstruct(ik, layer), reconstruct(iv, layer)
         per_window = [_window_stats(dump, layer, w, (k, v, k_hat, v_hat), attn, causal)
                       for w in windows]
         stats = per_window[0] if len(per_window) == 1 else FidelityStats.merge(per_window)
+        return layer, stats, _err(k, k_hat), _err(v, v_hat)
+
+    # Layers are scored in threads (their results merged in order, so the figures do not
+    # depend on it); ``reconstruct`` must be safe to call from several threads at once.
+    jobs = min(os.cpu_count() or 1, SCORING_THREADS)
+    for layer, stats, ek, ev in in_order(score, scored, jobs, "fibquant-score"):
         parts.append(stats)
-        ek, ev = _err(k, k_hat), _err(v, v_hat)
         key_err = [key_err[0] + ek[0], key_err[1] + ek[1]]
         value_err = [value_err[0] + ev[0], value_err[1] + ev[1]]
         rep.layers.append({"layer": layer, "key_rel_mse": ek[0] / ek[1] if ek[1] else 0.0,

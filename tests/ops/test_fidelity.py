@@ -138,6 +138,31 @@ def test_eval_equals_measure_with_independent_reconstruction(sample_eval):
     assert 0 < ov["key_rel_mse"] < 0.2 and 0 < ov["value_rel_mse"] < 0.2
 
 
+def test_layers_scored_in_threads_give_the_same_figures(sample_eval, monkeypatch):
+    """measure scores layers in threads: the report must not depend on which finishes first
+    (the slow layer 0 finishes last)."""
+    import time
+
+    import fibquant_cli.ops.fidelity as fidelity
+
+    restored = safetensors.numpy.load_file(str(sample_eval["restored"]))
+    manifest = json.loads(SAMPLE_MANIFEST.read_text())
+    roles = [e["shape"]["role"] for e in manifest["entries"]]
+    per_role = {r: canonical_layers(restored, manifest, r) for r in roles}
+
+    def reconstruct(i: int, layer: int) -> np.ndarray:
+        if layer == 0:
+            time.sleep(0.05)
+        return per_role[roles[i]][layer].astype(np.float32)
+
+    reports = []
+    for threads in (1, 2):
+        monkeypatch.setattr(fidelity, "SCORING_THREADS", threads)
+        reports.append(measure(open_dump(SAMPLE_DUMP), reconstruct, max_queries=64).to_json())
+    assert reports[0] == reports[1]
+    assert [row["layer"] for row in reports[1]["layers"]] == [0, 1, 2, 3]
+
+
 def test_sample_attention_section_has_per_layer_rows(sample_eval):
     att = sample_eval["report"]["attention"]
     assert att["proxy"] is False and att["causal"] is True and att["note"] == ""
