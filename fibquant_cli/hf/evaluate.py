@@ -29,8 +29,8 @@ from fibquant_cli.hf.model import LoadedModel, load_model, read_token_ids
 from fibquant_cli.hf.scoring import compare, continuation_logp, full_logp
 from fibquant_cli.ops.compress import compress
 from fibquant_cli.ops.decompress import decompress
-from fibquant_cli.ops.spec import BITS_PRESETS, DEFAULT_KEEP_FIRST, CompressSpec
-from fibquant_cli.ops.sweep import OWN_BASIS, against_own_basis, transform_specs
+from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec
+from fibquant_cli.ops.sweep import OWN_BASIS, own_basis_runs, transform_specs
 
 DEFAULT_PREFIX_TOKENS = 1024
 DEFAULT_CONTINUATION_TOKENS = 512
@@ -238,24 +238,20 @@ def _run_own_ladder(session: Session, specs: list[CompressSpec], rep: ModelEvalR
     it), each ratio coded against it and embedding it; all skipped, with the reason, when
     the cache is too short for a basis."""
     from fibquant_cli.formats.kvdump import open_dump
-    from fibquant_cli.ops.own_basis import write_own_basis
-    from fibquant_cli.ops.progress import Progress
 
     if not specs:
         return
-    path = workdir / "own.basis.safetensors"
     try:
-        write_own_basis(open_dump(session.dump), DEFAULT_KEEP_FIRST, Progress(), path)
+        runs = own_basis_runs(open_dump(session.dump), workdir)
     except (InvalidInputError, UsageError) as err:  # e.g. fewer tokens than channels
         rep.skipped[OWN_BASIS] = err.reason
         for spec in specs:
             progress.advance(spec.label())
         return
-    for spec in specs:
+    for runs_as, spec in runs:
         try:
-            rep.points.append(session.run_spec(against_own_basis(spec, path),
-                                               attention=attention, max_queries=max_queries,
-                                               shown=spec))
+            rep.points.append(session.run_spec(runs_as, attention=attention,
+                                               max_queries=max_queries, shown=spec))
         except (InvalidInputError, UsageError) as err:  # a ratio below the fixed cost
             rep.skipped[spec.label()] = err.reason
         progress.advance(spec.label())

@@ -77,6 +77,18 @@ def against_own_basis(spec: CompressSpec, path) -> CompressSpec:
     return replace(spec, basis=str(path), embed_basis=True)
 
 
+def own_basis_runs(dump: Dump, workdir: Path) -> list[tuple[CompressSpec, CompressSpec]]:
+    """The own-basis ladder as (how each point runs, the spec it stands for): the basis fitted
+    on ``dump`` once and written in ``workdir``, every ratio of ``transform_specs(None)``
+    against it (``against_own_basis``). Raises ``UsageError`` or ``InvalidInputError`` where
+    no basis can be fitted (too few tokens, say): callers skip the ladder with the reason."""
+    from fibquant_cli.ops.own_basis import write_own_basis
+
+    path = workdir / "own.basis.safetensors"
+    write_own_basis(dump, DEFAULT_KEEP_FIRST, Progress(), path)
+    return [(against_own_basis(s, path), s) for s in transform_specs(None)]
+
+
 def fibquant_specs(seed: int = 0) -> list[CompressSpec]:
     """FibQuant's default sweep: presets, role-aware rates, protected tokens, lever ablations."""
     return [replace(s, seed=seed) for s in _specs()]
@@ -211,12 +223,8 @@ def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
     with tempfile.TemporaryDirectory(prefix="fibquant-sweep-") as tmp:
         runs = [(spec, spec) for spec in specs]  # (how it runs, what it stands for)
         if own_basis:
-            from fibquant_cli.ops.own_basis import write_own_basis
-
-            path = Path(tmp) / "own.basis.safetensors"
             try:
-                write_own_basis(dump, DEFAULT_KEEP_FIRST, Progress(), path)
-                runs += [(against_own_basis(s, path), s) for s in transform_specs(None)]
+                runs += own_basis_runs(dump, Path(tmp))
             except (InvalidInputError, UsageError) as err:  # e.g. too few tokens
                 rep.skipped[OWN_BASIS] = err.reason
                 for _ in range(own):
