@@ -28,7 +28,7 @@ def main() -> None:
         arrays[f"lists{width}"] = lists.astype(np.int16)
         assert np.array_equal(arrays[f"table{width}"], table)
         assert np.array_equal(arrays[f"lists{width}"], lists)
-        arrays[f"key{width}"] = T.grid_key(width)
+        arrays[f"key{width}"] = T.grid_key(cb, reach)
     np.savez_compressed(T.GRIDS_PATH, **arrays)
     print(f"wrote {T.GRIDS_PATH} ({T.GRIDS_PATH.stat().st_size:,} bytes)")
 

@@ -181,7 +181,7 @@ def _searcher(width: int):
 
             cb, reach = grid_codebook(width)
             _SEARCHERS[width] = GridSearcher(cb, side=SEARCH_GRID_SIDE, reach=reach,
-                                             refined=shipped_grid(width))
+                                             refined=shipped_grid(width, cb, reach))
         return _SEARCHERS[width]
 
 
@@ -191,12 +191,11 @@ def grid_codebook(width: int) -> tuple[np.ndarray, float]:
     return cb, max(SEARCH_FINE, 1.05 * float(np.sqrt((cb * cb).sum(axis=1).max())))
 
 
-def grid_key(width: int) -> np.ndarray:
-    """What a shipped grid was refined for: the codebook's bytes, the side and the reach,
-    hashed (uint8): a grid is used only for the very arguments that made it."""
+def grid_key(cb: np.ndarray, reach: float) -> np.ndarray:
+    """What a shipped grid was refined for: the codebook's bytes (``grid_codebook``), the side
+    and the reach, hashed (uint8): a grid is used only for the very arguments that made it."""
     import hashlib
 
-    cb, reach = grid_codebook(width)
     h = hashlib.sha256(cb.tobytes())
     h.update(np.array([SEARCH_GRID_SIDE, reach], dtype=np.float64).tobytes())
     return np.frombuffer(h.digest(), dtype=np.uint8)
@@ -210,15 +209,17 @@ def _shipped_grids() -> dict[str, np.ndarray]:
         return {name: data[name] for name in data.files}
 
 
-def shipped_grid(width: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """``GridSearcher.refined()`` of ``_searcher(width)``, shipped: refining the grids of
+def shipped_grid(width: int, cb: np.ndarray, reach: float
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """``GridSearcher.refined()`` of ``_searcher(width)`` (its ``grid_codebook``: ``cb`` and
+    ``reach``), shipped: refining the grids of
     widths 1-10 took 0.55 s of every process that encoded (a third of compressing a 19 MB
     dump from the command line); loading all of them takes 7 ms. None when the file is
     missing or was made for other tables, side or reach (the grid is then built, the same
     codes either way); the tests check the file against a build."""
     grids = _shipped_grids()
     key = grids.get(f"key{width}")
-    if key is None or not np.array_equal(key, grid_key(width)):
+    if key is None or not np.array_equal(key, grid_key(cb, reach)):
         return None
     return grids[f"table{width}"], grids[f"lists{width}"]
 
@@ -248,8 +249,9 @@ def nearest_codeword(y: np.ndarray, width: int, tab: Tables) -> np.ndarray:
 
 def codes_per_lookup(width: int) -> int:
     """How many consecutive codes of ``width`` bits ``decode_range`` decodes with one table
-    lookup: as many as fit 8 bits (a byte per lookup), 12 for width 3 (a 4,096-row table),
-    two for widths 5 and 6; one for wider codes, whose tables would not stay in cache."""
+    lookup: as many as fit 8 bits (a byte per lookup), four for width 3 (12 bits: a
+    4,096-row table), two for widths 5 and 6; one for wider codes, whose tables would not
+    stay in cache."""
     if width <= 4:
         return 4 if width == 3 else 8 // width
     return 2 if width <= 6 else 1

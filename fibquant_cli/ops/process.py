@@ -11,13 +11,14 @@ the process ends. A no-op off glibc, and where the user (or a scheduler) set
 ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_MMAP_THRESHOLD_`` themselves.
 
 **BLAS starts no threads.** fibquant runs its own threads over layers, and every heavy product
-already runs under one BLAS thread (``one_blas_thread``: small matrices: BLAS threads only add hand-off
-cost, and one thread rounds the same every time). But OpenBLAS starts its worker threads when
-numpy loads, and after any product they did run (a basis check opening a file, say) they spin
-for about 0.1 s before sleeping: a core taken from the decode that follows. Decoding the
-benchmark dump into memory used 0.30 s of CPU with them and 0.20 s without. ``blas_without_threads``
-sets ``OPENBLAS_NUM_THREADS=1`` before numpy loads (numpy's wheels bundle OpenBLAS), unless the
-user chose a number; torch's threads (``eval --model``) are not OpenBLAS's and keep theirs.
+already runs on one BLAS thread (``one_blas_thread``: for small matrices BLAS threads only add
+hand-off cost, and one thread rounds the same every time). But OpenBLAS starts its worker
+threads when numpy loads, and after any product they did run (a basis check opening a file,
+say) they spin for about 0.1 s before sleeping: a core taken from the decode that follows.
+Decoding the benchmark dump into memory used 0.30 s of CPU with them and 0.20 s without.
+``blas_without_threads`` sets ``OPENBLAS_NUM_THREADS=1`` before numpy loads (numpy's wheels
+bundle OpenBLAS), unless the user chose a number; torch's threads (``eval --model``) are not
+OpenBLAS's and keep theirs.
 
 **One BLAS thread, cheaply.** ``one_blas_thread`` is ``threadpool_limits(1)`` from one
 ``ThreadpoolController`` made per process: making one lists every loaded shared library (0.7 ms

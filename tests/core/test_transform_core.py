@@ -183,9 +183,9 @@ def test_shipped_search_grids_are_what_a_build_makes():
     from fibquant_cli.core.fastsearch import GridSearcher
 
     for width in range(1, T.VQ_MAX_WIDTH + 1):
-        shipped = T.shipped_grid(width)
-        assert shipped is not None, f"width {width}: rerun scripts/search_grids.py"
         cb, reach = T.grid_codebook(width)
+        shipped = T.shipped_grid(width, cb, reach)
+        assert shipped is not None, f"width {width}: rerun scripts/search_grids.py"
         table, lists = GridSearcher(cb, side=T.SEARCH_GRID_SIDE, reach=reach,
                                     lazy=True).refined()
         np.testing.assert_array_equal(shipped[0], table)
@@ -195,10 +195,10 @@ def test_shipped_search_grids_are_what_a_build_makes():
 def test_a_grid_made_for_other_arguments_is_not_used(monkeypatch):
     from fibquant_cli.core.fastsearch import GridSearcher
 
-    shipped = T.shipped_grid(3)
+    shipped = T.shipped_grid(3, *T.grid_codebook(3))
     monkeypatch.setattr(T, "SEARCH_GRID_SIDE", 128)
     monkeypatch.setattr(T, "_SEARCHERS", {})
-    assert T.shipped_grid(3) is None  # its key names side 256
+    assert T.shipped_grid(3, *T.grid_codebook(3)) is None  # its key names side 256
     y = np.random.default_rng(5).standard_normal((20_000, 2)).astype(np.float32) * 2
     searcher = T._searcher(3)
     assert searcher.side == 128
