@@ -503,6 +503,39 @@ def _entry_counts(rec: dict, field: str, shape) -> tuple[int, int]:
     return layers, per_layer
 
 
+_WIDTH_SET = frozenset(WIDTHS)
+
+
+def _runs_if_sound(runs: Any) -> list[tuple[int, int]] | None:
+    """One layer's run-length widths as (width, pairs) tuples, or None if any run is not a
+    [width in WIDTHS, pairs >= 1] pair of integers (``_runs`` then says which). The checks
+    without the field names: naming every run up front was most of opening a file."""
+    if type(runs) is not list:
+        return None
+    out = []
+    for run in runs:
+        if type(run) is not list or len(run) != 2:
+            return None
+        w, n = run
+        if type(w) is not int or type(n) is not int or w not in _WIDTH_SET or n < 1:
+            return None
+        out.append((w, n))
+    return out
+
+
+def _runs(runs: Any, where: str) -> list[tuple[int, int]]:
+    parsed = []
+    for r, run in enumerate(_list(runs, where)):
+        pair = _list(run, f"{where}[{r}]")
+        if len(pair) != 2:
+            raise _Bad(f"{where}[{r}]", f"expected [width, pairs], found {_show(run)}")
+        w = _int(pair[0], f"{where}[{r}][0]")
+        if w not in WIDTHS:
+            raise _Bad(f"{where}[{r}][0]", f"width {w} is not one of {list(WIDTHS)}")
+        parsed.append((w, _int(pair[1], f"{where}[{r}][1]", low=1)))
+    return parsed
+
+
 def _parse_transform_entry(obj: Any, field: str, shape) -> EntryRecord:
     rec = _object(obj, field, ENTRY_KEYS + TRANSFORM_ENTRY_KEYS)
     if rec["profile"] is not None:
@@ -523,15 +556,9 @@ def _parse_transform_entry(obj: Any, field: str, shape) -> EntryRecord:
     widths = []
     for layer, runs in enumerate(raw_widths):
         where = f"{field}.widths[{layer}]"
-        parsed = []
-        for r, run in enumerate(_list(runs, where)):
-            pair = _list(run, f"{where}[{r}]")
-            if len(pair) != 2:
-                raise _Bad(f"{where}[{r}]", f"expected [width, pairs], found {_show(run)}")
-            w = _int(pair[0], f"{where}[{r}][0]")
-            if w not in WIDTHS:
-                raise _Bad(f"{where}[{r}][0]", f"width {w} is not one of {list(WIDTHS)}")
-            parsed.append((w, _int(pair[1], f"{where}[{r}][1]", low=1)))
+        parsed = _runs_if_sound(runs)
+        if parsed is None:
+            parsed = _runs(runs, where)  # raises, naming the run at fault
         if sum(n for _, n in parsed) != pairs:
             raise _Bad(where, f"the runs cover {sum(n for _, n in parsed)} pairs, the layer "
                               f"has {pairs}")

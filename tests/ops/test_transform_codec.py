@@ -458,6 +458,26 @@ def test_forged_tables_and_widths_are_refused(cli, world, tmp_path):
     assert not (tmp_path / "a.safetensors").exists()
 
 
+@pytest.mark.parametrize("bad_run, field, reason", [
+    ([11, 1], "widths[0][1][0]", "width 11 is not one of"),
+    ([True, 1], "widths[0][1][0]", "expected an integer"),
+    ([3, 0], "widths[0][1][1]", "expected an integer >= 1"),
+    ([3], "widths[0][1]", "expected [width, pairs]"),
+    ("3x1", "widths[0][1]", "expected an array"),
+])
+def test_a_forged_run_is_named_in_the_refusal(cli, world, tmp_path, bad_run, field, reason):
+    # the document's runs are checked without naming each one first (a fast path): a bad run
+    # must still be refused, naming that very run
+    out, _ = compress(cli, world, "forge.fq.safetensors", "--bits", "6", "--embed-basis",
+                      "--no-attention")
+
+    def edit(doc):
+        doc["entries"][0]["widths"][0].insert(1, bad_run)
+
+    forged = _forged(out, tmp_path / "run.fq.safetensors", doc_edit=edit)
+    assert_error(cli("validate", forged), 4, field, reason)
+
+
 @pytest.mark.parametrize("style", ["half", "interleaved"])
 def test_codec_rows_are_the_basis_rows_in_pair_order(style):
     """The codec turns keys on pair-ordered channels (one complex multiply) and moves them
