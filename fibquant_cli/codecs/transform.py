@@ -114,7 +114,15 @@ def middle_rows(shape, entry) -> int:
 
 
 def row_layout(shape, entry, layer: int) -> T.RowLayout:
-    return T.RowLayout(expand_widths(entry.widths[layer]), middle_rows(shape, entry))
+    return _row_layout(entry.widths[layer], middle_rows(shape, entry))
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_layout(runs: tuple, rows: int) -> T.RowLayout:
+    """One ``RowLayout`` per (runs, rows) in a process, its groups and orders worked out once:
+    opening a file asks for every layer's twice (its parts, then its checks), and every read
+    of a layer once more."""
+    return T.RowLayout(expand_widths(runs), rows)
 
 
 def layer_parts(shape, profile, entry, chosen_dtype, layer: int) -> list[tuple[str, str, tuple]]:
