@@ -31,6 +31,10 @@ reference (full matrices, per-head loops) that the fast path is tested against.
 Merging layers. ``FidelityStats`` keeps every row's cosine (``cosines``), so the 1st percentile
 of merged stats is exact. TV and top-8 means merge count-weighted (rows), the maxima and minima
 exactly.
+
+Cosine only. A caller that decides on the cosine alone (a search, a trial) passes
+``cosine_only``: TV and top-8 are then not computed and are None. Ranking each row's top 8
+keys (``np.partition``) was 40% of scoring a 2,048-token layer.
 """
 
 from __future__ import annotations
@@ -65,25 +69,37 @@ class FidelityStats:
     cosine_mean: float
     cosine_p1: float
     cosine_min: float
-    tv_mean: float
-    tv_max: float
-    top8_agreement: float
+    tv_mean: float | None  # None: not computed (``cosine_only``), as tv_max and top8_agreement
+    tv_max: float | None
+    top8_agreement: float | None
     cosines: np.ndarray = field(repr=False)
     proxy: bool = False
 
     @classmethod
-    def from_rows(cls, cosines: np.ndarray, tv_sum: float, tv_max: float, top8_sum: float,
-                  *, proxy: bool = False) -> FidelityStats:
-        """Stats from per-row cosines and the float64 sums of TV and top-8 agreement."""
+    def from_rows(cls, cosines: np.ndarray, tv_sum: float | None, tv_max: float | None,
+                  top8_sum: float | None, *, proxy: bool = False) -> FidelityStats:
+        """Stats from per-row cosines and the float64 sums of TV and top-8 agreement (None:
+        not computed)."""
         cosines = np.asarray(cosines, dtype=np.float64).ravel()
         rows = int(cosines.size)
         if rows == 0:
             raise UsageError("attention fidelity needs at least one row, found 0")
+        if tv_sum is None or tv_max is None or top8_sum is None:
+            tv_mean = tv_max = top8 = None
+        else:
+            tv_mean, tv_max, top8 = float(tv_sum) / rows, float(tv_max), float(top8_sum) / rows
         return cls(rows=rows, cosine_mean=float(cosines.mean()),
                    cosine_p1=float(np.percentile(cosines, COSINE_PERCENTILE)),
-                   cosine_min=float(cosines.min()), tv_mean=float(tv_sum) / rows,
-                   tv_max=float(tv_max), top8_agreement=float(top8_sum) / rows,
-                   cosines=cosines, proxy=proxy)
+                   cosine_min=float(cosines.min()), tv_mean=tv_mean, tv_max=tv_max,
+                   top8_agreement=top8, cosines=cosines, proxy=proxy)
+
+    @property
+    def tails(self) -> tuple[float, float, float] | None:
+        """(TV sum, TV max, top-8 sum) over the rows, or None when not computed: what
+        ``from_rows`` takes back."""
+        if self.tv_mean is None:
+            return None
+        return self.tv_mean * self.rows, self.tv_max, self.top8_agreement * self.rows
 
     @classmethod
     def merge(cls, parts: list[FidelityStats]) -> FidelityStats:
@@ -91,13 +107,14 @@ class FidelityStats:
         parts = list(parts)
         if not parts:
             raise UsageError("cannot merge an empty list of attention-fidelity stats")
-        return cls.from_rows(
-            np.concatenate([s.cosines for s in parts]),
-            tv_sum=math.fsum(s.tv_mean * s.rows for s in parts),
-            tv_max=max(s.tv_max for s in parts),
-            top8_sum=math.fsum(s.top8_agreement * s.rows for s in parts),
-            proxy=any(s.proxy for s in parts),
-        )
+        cosines = np.concatenate([s.cosines for s in parts])
+        proxy = any(s.proxy for s in parts)
+        tails = [s.tails for s in parts]
+        if any(t is None for t in tails):  # one part without them: the merge has none
+            return cls.from_rows(cosines, None, None, None, proxy=proxy)
+        return cls.from_rows(cosines, tv_sum=math.fsum(t[0] for t in tails),
+                             tv_max=max(t[1] for t in tails),
+                             top8_sum=math.fsum(t[2] for t in tails), proxy=proxy)
 
     def summary(self) -> dict:
         """The scalar fields (no per-row array), for reports and JSON."""
@@ -124,7 +141,8 @@ class _Shape:
 # --- the public functions -----------------------------------------------------------------------
 def attention_fidelity(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat: np.ndarray,
                        v_hat: np.ndarray, *, causal: bool, query_chunk: int | None = None,
-                       budget_bytes: int = DEFAULT_BUDGET_BYTES) -> FidelityStats:
+                       budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                       cosine_only: bool = False) -> FidelityStats:
     """Compare attention with K, V against attention with K_hat, V_hat for one layer.
 
     Parameters
@@ -135,6 +153,7 @@ def attention_fidelity(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat: np.nd
     causal : mask keys after each query; the queries are the last tokens_q positions.
     query_chunk : optional upper bound on the query positions scored per block.
     budget_bytes : bound on a block's score matrices and temporaries (see module docstring).
+    cosine_only : skip TV and top-8 (None in the result; see module docstring).
 
     Returns
     -------
@@ -162,26 +181,29 @@ def attention_fidelity(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat: np.nd
                 for i0 in range(0, shape.tokens_q, chunk):
                     i1 = min(i0 + chunk, shape.tokens_q)
                     qb = _float32(q[b, h0:h1, i0:i1], "q") * scale
-                    cos, tv, top8 = _score_block(qb, kv, i0, offset)
+                    cos, tv, top8 = _score_block(qb, kv, i0, offset, cosine_only)
                     cosines[b, h0:h1, i0:i1] = cos
-                    tv_sum += float(tv.sum())
-                    tv_max = max(tv_max, float(tv.max()))
-                    top8_sum += float(top8.sum())
+                    if not cosine_only:
+                        tv_sum += float(tv.sum())
+                        tv_max = max(tv_max, float(tv.max()))
+                        top8_sum += float(top8.sum())
+    if cosine_only:
+        return FidelityStats.from_rows(cosines, None, None, None)
     return FidelityStats.from_rows(cosines, tv_sum, tv_max, top8_sum)
 
 
 def key_self_attention_proxy(k: np.ndarray, v: np.ndarray, k_hat: np.ndarray, v_hat: np.ndarray,
                              *, causal: bool, query_chunk: int | None = None,
-                             budget_bytes: int = DEFAULT_BUDGET_BYTES) -> FidelityStats:
+                             budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                             cosine_only: bool = False) -> FidelityStats:
     """A proxy for dumps without queries: the ORIGINAL keys serve as queries (one per KV head).
 
     Both sides use q = k; only the attended keys and values change (K_hat, V_hat). The result has
     ``proxy=True`` and must be labelled as a key-self-attention proxy, not the paper's metric.
     """
     stats = attention_fidelity(k, k, v, k_hat, v_hat, causal=causal, query_chunk=query_chunk,
-                               budget_bytes=budget_bytes)
-    return FidelityStats.from_rows(stats.cosines, stats.tv_mean * stats.rows, stats.tv_max,
-                                   stats.top8_agreement * stats.rows, proxy=True)
+                               budget_bytes=budget_bytes, cosine_only=cosine_only)
+    return FidelityStats.from_rows(stats.cosines, *(stats.tails or (None,) * 3), proxy=True)
 
 
 def plan_blocks(group_heads: int, tokens_q: int, tokens_k: int, *, budget_bytes: int,
@@ -248,8 +270,9 @@ def attention_fidelity_direct(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat
 
 # --- one block ----------------------------------------------------------------------------------
 def _score_block(qb: np.ndarray, kv: tuple[np.ndarray, ...], first: int,
-                 offset: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(cosine, TV, top-8 agreement), each (heads, positions) float64, for one block.
+                 offset: int | None, cosine_only: bool = False):
+    """(cosine, TV, top-8 agreement), each (heads, positions) float64, for one block; TV and
+    top-8 None when ``cosine_only``.
 
     ``qb (heads, positions, d) float32`` is already scaled by 1/sqrt(d); ``first`` is the index
     of its first query position; ``offset`` is tokens_k - tokens_q when causal, else None.
@@ -268,11 +291,14 @@ def _score_block(qb: np.ndarray, kv: tuple[np.ndarray, ...], first: int,
         hidden = np.arange(end)[None, :] >= visible[:, None]
     rows = qb.reshape(heads * positions, -1)
 
-    ranked = np.tile(visible > TOP_K, heads)  # rows whose top-8 is not all of their keys
+    # rows whose top-8 is not all of their keys; none when only cosines are wanted
+    ranked = np.tile(visible > TOP_K, heads) if not cosine_only else np.zeros(heads * positions, bool)
     p, top = _softmax(rows @ k.T, hidden, heads, ranked)
     o = p @ v
     p_hat, top_hat = _softmax(rows @ k_hat.T, hidden, heads, ranked)
     o_hat = p_hat @ v_hat
+    if cosine_only:
+        return _cosine(o, o_hat).reshape(heads, positions), None, None
     np.subtract(p, p_hat, out=p)
     np.abs(p, out=p)
     tv = 0.5 * p.sum(axis=-1, dtype=np.float64)
@@ -306,14 +332,15 @@ def _softmax(scores: np.ndarray, hidden: np.ndarray | None, heads: int,
 
 
 def _top_mask(s: np.ndarray, ranked: np.ndarray) -> np.ndarray | None:
-    """``(rows, keys) bool``, True at each row's ``TOP_K`` largest scores; None if every key is.
+    """``(rows, keys) bool``, True at each row's ``TOP_K`` largest scores; None if no row of
+    ``ranked`` needs ranking (every key is in each row's top 8, or only cosines are wanted).
 
     The 8th largest score comes from ``np.partition`` (a float32 copy; ``argpartition`` would
     need int64 indices and is several times slower). A row of ``ranked`` (more than ``TOP_K``
     visible keys) with a tie at that score keeps the tied keys of lowest index.
     """
     n_keys = s.shape[-1]
-    if n_keys <= TOP_K:
+    if n_keys <= TOP_K or not ranked.any():
         return None
     # The copy lets the (rows, keys) partitioned array go at once instead of living behind a view.
     kth = np.partition(s, n_keys - TOP_K, axis=-1)[:, n_keys - TOP_K, None].copy()

@@ -132,22 +132,25 @@ def sample_layers(layers: int, count: int | None) -> list[int]:
 
 def measure(dump: Dump, reconstruct: Reconstruct, *,
             max_queries: int = DEFAULT_MAX_QUERIES,
-            sample: int | None = None, layers: int | None = None) -> FidelityReport | None:
+            sample: int | None = None, layers: int | None = None,
+            cosine_only: bool = False) -> FidelityReport | None:
     """Per-layer and overall attention fidelity of ``reconstruct`` against ``dump``.
 
     ``sample`` (when given) scores about that many query positions in windows spread over the
     context (``sample_windows``); otherwise the last ``max_queries`` positions are scored.
     ``layers`` (when given) scores that many layers spread over the depth (``sample_layers``);
-    only those are read and decoded.
+    only those are read and decoded. ``cosine_only``: TV and top-8 are not computed (None),
+    for callers that decide on the cosine alone (``core/attention``).
     BLAS runs single-threaded here: the score blocks are small matmuls, for which OpenBLAS's
     thread hand-offs cost more than they save (measured 2x slower on 2 busy cores).
     """
     with one_blas_thread():
-        return _measure(dump, reconstruct, max_queries, sample, layers)
+        return _measure(dump, reconstruct, max_queries, sample, layers, cosine_only)
 
 
 def _measure(dump: Dump, reconstruct: Reconstruct, max_queries: int,
-             sample: int | None = None, layers: int | None = None) -> FidelityReport | None:
+             sample: int | None = None, layers: int | None = None,
+             cosine_only: bool = False) -> FidelityReport | None:
     pair = kv_entries(dump)
     if pair is None:
         return None
@@ -175,8 +178,8 @@ def _measure(dump: Dump, reconstruct: Reconstruct, max_queries: int,
         k = read_layer(dump, dump.manifest.entries[ik], layer).astype(np.float32)
         v = read_layer(dump, dump.manifest.entries[iv], layer).astype(np.float32)
         k_hat, v_hat = reconstruct(ik, layer), reconstruct(iv, layer)
-        per_window = [_window_stats(dump, layer, w, (k, v, k_hat, v_hat), attn, causal)
-                      for w in windows]
+        per_window = [_window_stats(dump, layer, w, (k, v, k_hat, v_hat), attn, causal,
+                                    cosine_only) for w in windows]
         stats = per_window[0] if len(per_window) == 1 else FidelityStats.merge(per_window)
         return layer, stats, _err(k, k_hat), _err(v, v_hat)
 
@@ -198,20 +201,21 @@ def _measure(dump: Dump, reconstruct: Reconstruct, max_queries: int,
     return rep
 
 
-def _window_stats(dump: Dump, layer: int, window: slice, kv, attn, causal: bool):
+def _window_stats(dump: Dump, layer: int, window: slice, kv, attn, causal: bool,
+                  cosine_only: bool = False):
     """Rows of the query positions ``window``; a causal window sees the keys up to its end."""
     stop = window.stop if causal else kv[0].shape[2]
     k, v, k_hat, v_hat = (x[:, :, :stop] for x in kv)
     if attn is not None:
         q = read_query_layer(dump, layer, window)
-        return attention_fidelity(q, k, v, k_hat, v_hat, causal=causal)
-    return _as_proxy(attention_fidelity(kv[0][:, :, window], k, v, k_hat, v_hat, causal=causal))
+        return attention_fidelity(q, k, v, k_hat, v_hat, causal=causal, cosine_only=cosine_only)
+    return _as_proxy(attention_fidelity(kv[0][:, :, window], k, v, k_hat, v_hat, causal=causal,
+                                        cosine_only=cosine_only))
 
 
 def _as_proxy(stats: FidelityStats) -> FidelityStats:
     """The same rows, labelled as the key-self-attention proxy (keys stood in for queries)."""
-    return FidelityStats.from_rows(stats.cosines, stats.tv_mean * stats.rows, stats.tv_max,
-                                   stats.top8_agreement * stats.rows, proxy=True)
+    return FidelityStats.from_rows(stats.cosines, *(stats.tails or (None,) * 3), proxy=True)
 
 
 def _err(x: np.ndarray, x_hat: np.ndarray) -> tuple[float, float]:

@@ -221,9 +221,11 @@ def _trial(dump: Dump, spec, planned, dec: OwnBasisDecision, progress: Progress)
     progress.start(2, "own basis: trial")
     per_vector = _per_vector_reconstructor(dump, spec)
     own = _transform_reconstructor(dump, planned)
-    fid_pv = measure(dump, per_vector, sample=TRIAL_QUERIES, layers=TRIAL_LAYERS)
+    # the decision is on the cosine: TV and top-8 are not computed
+    fid_pv = measure(dump, per_vector, sample=TRIAL_QUERIES, layers=TRIAL_LAYERS,
+                     cosine_only=True)
     progress.advance("per-vector")
-    fid_own = measure(dump, own, sample=TRIAL_QUERIES, layers=TRIAL_LAYERS)
+    fid_own = measure(dump, own, sample=TRIAL_QUERIES, layers=TRIAL_LAYERS, cosine_only=True)
     progress.advance("own basis")
     dec.metric = HEADLINE_LABELS["cosine_mean"] + (" (key self-attention proxy)"
                                                    if fid_pv.proxy else "")

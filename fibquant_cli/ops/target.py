@@ -103,7 +103,7 @@ def _per_vector(dump, target: float, seed: int, max_queries: int,
     with tempfile.TemporaryDirectory(prefix="fibquant-target-") as tmp:
         for spec in specs:
             try:
-                point, _ = run_fibquant(dump, spec, Path(tmp), max_queries)
+                point, _ = run_fibquant(dump, spec, Path(tmp), max_queries, cosine_only=True)
             except InvalidInputError:
                 continue
             choice.tried.append({"label": spec.label(), "ratio": point.ratio,
@@ -138,7 +138,8 @@ def _transform_ratio(dump, target: float, basis, max_queries: int, progress: Pro
             spec = transform_specs(basis, (round(ratio, 3),))[0]
             runs = spec if basis is not None else against_own_basis(spec, own_path)
             try:
-                point, _ = run_fibquant(dump, runs, Path(tmp), max_queries, spec)
+                point, _ = run_fibquant(dump, runs, Path(tmp), max_queries, spec,
+                                        cosine_only=True)
                 ok = point.cosine_mean >= target
                 choice.tried.append({"label": spec.label(), "ratio": point.ratio,
                                      "cosine_mean": point.cosine_mean})

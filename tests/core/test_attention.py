@@ -183,6 +183,24 @@ def test_merge_equals_measuring_together():
         at.FidelityStats.merge([])
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_cosine_only_gives_the_same_cosines_and_no_tails(causal):
+    layer = _layer(7, tokens_q=24, tokens_k=40)
+    full = at.attention_fidelity(*layer, causal=causal, budget_bytes=5 * 40 * at.BYTES_PER_SCORE)
+    only = at.attention_fidelity(*layer, causal=causal, budget_bytes=5 * 40 * at.BYTES_PER_SCORE,
+                                 cosine_only=True)
+    np.testing.assert_array_equal(only.cosines, full.cosines)  # the same arithmetic, bit for bit
+    assert (only.cosine_mean, only.cosine_p1) == (full.cosine_mean, full.cosine_p1)
+    assert (only.tv_mean, only.tv_max, only.top8_agreement, only.tails) == (None,) * 4
+    assert full.tails is not None and full.top8_agreement < 1  # the layer has something to rank
+    proxy = at.key_self_attention_proxy(*layer[1:], causal=causal, cosine_only=True)
+    assert proxy.proxy and proxy.tv_mean is None
+    # a merge with one part lacking them has none (not the other part's alone)
+    merged = at.FidelityStats.merge([full, only])
+    assert merged.tv_mean is None and merged.rows == 2 * full.rows
+    assert at.FidelityStats.merge([full, full]).tv_mean == pytest.approx(full.tv_mean)
+
+
 # --- memory --------------------------------------------------------------------------------------
 def test_plan_blocks_for_32k_tokens():
     tokens, budget = 32768, 64 * 2**20

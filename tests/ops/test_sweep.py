@@ -337,19 +337,21 @@ def test_target_cosine_searches_with_the_given_seed(tiny, tmp_path, monkeypatch)
     """
     import fibquant_cli.ops.target as target_module
 
-    seeds = []
+    seeds, options = [], []
 
     class Stop(Exception):
         pass
 
-    def spy(dump, spec, workdir, max_queries):
+    def spy(dump, spec, workdir, max_queries, *shown, **kwargs):
         seeds.append(spec.seed)
+        options.append(kwargs)
         raise Stop  # enough: the first point scored shows the seed of the search
 
     monkeypatch.setattr(target_module, "run_fibquant", spy)
     invoke("compress", tiny.path, "--target-cosine", 0.5, "--seed", 3, "-o",
            tmp_path / "t.fq.safetensors")
     assert seeds and set(seeds) == {3}, seeds
+    assert options[0].get("cosine_only") is True  # a search decides on the cosine alone
 
 
 def test_target_cosine_report_scores_what_the_search_scored(tmp_path):
