@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -29,9 +30,10 @@ from fibquant_cli.formats.basis import ROLES, BasisRope, BasisSource
 from fibquant_cli.formats.digest import file_digest, tensor_digest_of_chunks
 from fibquant_cli.formats.kvdump import Dump, open_dump, read_layer
 from fibquant_cli.formats.manifest import manifest_path_for
-from fibquant_cli.ops.fidelity import kv_entries, read_query_layer, sample_windows
+from fibquant_cli.ops.fidelity import SCORING_THREADS, kv_entries, read_query_layer, sample_windows
 from fibquant_cli.ops.process import one_blas_thread
 from fibquant_cli.ops.progress import Progress
+from fibquant_cli.ops.threads import in_order
 from fibquant_cli.storage.basis import write_basis
 from fibquant_cli.storage.publish import check_output, output_path
 
@@ -244,7 +246,7 @@ def _layer_drops(source: _Source, layer: int, fits, keep_first: int,
             stop = window.stop if causal else tokens
             stats.append(attention_fidelity(q, k[:, :, :stop], v[:, :, :stop],
                                             k_hat[:, :, :stop], v_hat[:, :, :stop],
-                                            causal=causal))
+                                            causal=causal, cosine_only=True))
         drops.append(max(0.0, 1.0 - FidelityStats.merge(stats).cosine_mean))
     return drops
 
@@ -253,15 +255,23 @@ def measure_sensitivity(sources: list[_Source], fits, layers: int, keep_first: i
                         rope: BasisRope | None, progress: Progress,
                         queries: int = SENSITIVITY_QUERIES) -> np.ndarray | None:
     """``(layers, 2)`` mean over the dumps with queries of drop / eps, or None without any;
-    ``queries`` positions scored per layer."""
+    ``queries`` positions scored per layer.
+
+    Layers are probed in ``SCORING_THREADS`` threads: each layer's noise comes from its own
+    seed and its sums are added in layer order, so the result does not depend on it (tested).
+    """
     with_queries = [s for s in sources if s.dump.manifest.attention is not None]
     if not with_queries:
         return None
     total = np.zeros((layers, len(ROLES)))
     progress.start(len(with_queries) * layers, "sensitivity")
+    jobs = min(os.cpu_count() or 1, SCORING_THREADS)
     for source in with_queries:
-        for layer in range(layers):
-            total[layer] += _layer_drops(source, layer, fits, keep_first, rope, queries)
+        def drops(layer: int, source=source) -> list[float]:
+            return _layer_drops(source, layer, fits, keep_first, rope, queries)
+
+        for layer, found in enumerate(in_order(drops, range(layers), jobs, "fibquant-probe")):
+            total[layer] += found
             progress.advance("sensitivity")
     return total / len(with_queries) / SENSITIVITY_EPS
 

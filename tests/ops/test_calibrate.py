@@ -180,3 +180,24 @@ def test_too_few_tokens_and_existing_output(tmp_path):
     assert_error(invoke("calibrate", src, "-o", out, "--keep-first", "0"), 2, "--force")
     ok(invoke("calibrate", src, "-o", out, "--keep-first", "0", "--force"))
     assert_error(invoke("calibrate", src, "-o", src), 2, "input file")
+
+
+def test_sensitivity_does_not_depend_on_the_probing_threads(tmp_path, monkeypatch):
+    # layers are probed in threads; each layer's noise has its own seed and the sums go in
+    # layer order, so one thread and two give the same file to the bit
+    from fibquant_cli.ops import calibrate as calibrate_op
+
+    rng = np.random.default_rng(4)
+    shape = (1, 2, 120, 16)
+    keys = [rng.standard_normal(shape) * (1 + layer) for layer in range(4)]
+    values = [rng.standard_normal(shape) for _ in range(4)]
+    queries = [rng.standard_normal((1, 4, 120, 16)) * 2 for _ in range(4)]
+    src = write_kv(tmp_path, "q", keys, values, queries=queries, query_heads=4)
+    outs = []
+    for threads in (1, 2):
+        monkeypatch.setattr(calibrate_op, "SCORING_THREADS", threads)
+        outs.append(tmp_path / f"t{threads}.basis.safetensors")
+        ok(invoke("calibrate", src, "-o", outs[-1]))
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    sens = [load_basis(outs[1]).sensitivity(layer, "key") for layer in range(4)]
+    assert len(set(sens)) == 4  # the layers differ: a mix-up of their order would show
