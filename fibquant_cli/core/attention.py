@@ -34,7 +34,9 @@ exactly.
 
 Cosine only. A caller that decides on the cosine alone (a search, a trial) passes
 ``cosine_only``: TV and top-8 are then not computed and are None. Ranking each row's top 8
-keys (``np.partition``) was 40% of scoring a 2,048-token layer.
+keys (``np.partition``) was 40% of scoring a 2,048-token layer. Such a caller scoring several
+reconstructions of the same layer also passes a ``Reference``: the outputs o with the original
+K, V are computed by the first scoring and read by the others, half of the work each.
 """
 
 from __future__ import annotations
@@ -124,6 +126,22 @@ class FidelityStats:
                 "top8_agreement": self.top8_agreement, "proxy": self.proxy}
 
 
+class Reference:
+    """The attention outputs o with the original K, V of one layer's queries, kept between
+    cosine-only scorings of several reconstructions of that layer: the first
+    ``attention_fidelity`` given it fills ``outputs`` (batch, query_heads, tokens_q, d_v)
+    float32, block by block; later ones read them instead of computing them again (the same
+    blocks, so the same values: cosines bit-identical to scoring without it)."""
+
+    def __init__(self) -> None:
+        self.outputs: np.ndarray | None = None
+
+    @staticmethod
+    def n_bytes(q_shape: tuple[int, ...], d_v: int) -> int:
+        """Bytes of the outputs for queries of ``q_shape`` (batch, heads, tokens_q, d)."""
+        return 4 * math.prod(q_shape[:3]) * d_v
+
+
 @dataclass(frozen=True)
 class _Shape:
     batch: int
@@ -142,7 +160,8 @@ class _Shape:
 def attention_fidelity(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat: np.ndarray,
                        v_hat: np.ndarray, *, causal: bool, query_chunk: int | None = None,
                        budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                       cosine_only: bool = False) -> FidelityStats:
+                       cosine_only: bool = False,
+                       reference: Reference | None = None) -> FidelityStats:
     """Compare attention with K, V against attention with K_hat, V_hat for one layer.
 
     Parameters
@@ -154,6 +173,8 @@ def attention_fidelity(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat: np.nd
     query_chunk : optional upper bound on the query positions scored per block.
     budget_bytes : bound on a block's score matrices and temporaries (see module docstring).
     cosine_only : skip TV and top-8 (None in the result; see module docstring).
+    reference : the outputs with K, V of earlier scorings of these very q, k, v, or an empty
+        ``Reference`` to fill; only with ``cosine_only`` (TV and top-8 need the weights).
 
     Returns
     -------
@@ -165,6 +186,17 @@ def attention_fidelity(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat: np.nd
     >>> stats.cosine_mean, stats.cosine_p1, stats.top8_agreement
     """
     shape = _check_inputs(q, k, v, k_hat, v_hat, causal=causal)
+    outputs = None
+    if reference is not None:
+        if not cosine_only:
+            raise UsageError("a Reference serves cosine-only scoring (TV and top-8 need the "
+                             "attention weights)")
+        want = (shape.batch, shape.query_heads, shape.tokens_q, v.shape[3])
+        if reference.outputs is None:  # filled here, handed over only once complete
+            outputs = np.empty(want, dtype=np.float32)
+        elif reference.outputs.shape != want:
+            raise UsageError(f"a Reference of outputs {list(reference.outputs.shape)} cannot "
+                             f"serve attention of shape {list(want)}")
     heads_per_block, chunk = plan_blocks(shape.group_heads, shape.tokens_q, shape.tokens_k,
                                          budget_bytes=budget_bytes, query_chunk=query_chunk)
     offset = shape.tokens_k - shape.tokens_q if causal else None
@@ -181,12 +213,20 @@ def attention_fidelity(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat: np.nd
                 for i0 in range(0, shape.tokens_q, chunk):
                     i1 = min(i0 + chunk, shape.tokens_q)
                     qb = _float32(q[b, h0:h1, i0:i1], "q") * scale
-                    cos, tv, top8 = _score_block(qb, kv, i0, offset, cosine_only)
+                    if reference is None:
+                        ref = None
+                    elif outputs is not None:  # filling it: the block writes its outputs here
+                        ref = (outputs[b, h0:h1, i0:i1], False)
+                    else:
+                        ref = (reference.outputs[b, h0:h1, i0:i1], True)
+                    cos, tv, top8 = _score_block(qb, kv, i0, offset, cosine_only, ref)
                     cosines[b, h0:h1, i0:i1] = cos
                     if not cosine_only:
                         tv_sum += float(tv.sum())
                         tv_max = max(tv_max, float(tv.max()))
                         top8_sum += float(top8.sum())
+    if outputs is not None:
+        reference.outputs = outputs
     if cosine_only:
         return FidelityStats.from_rows(cosines, None, None, None)
     return FidelityStats.from_rows(cosines, tv_sum, tv_max, top8_sum)
@@ -270,12 +310,14 @@ def attention_fidelity_direct(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat
 
 # --- one block ----------------------------------------------------------------------------------
 def _score_block(qb: np.ndarray, kv: tuple[np.ndarray, ...], first: int,
-                 offset: int | None, cosine_only: bool = False):
+                 offset: int | None, cosine_only: bool = False, ref=None):
     """(cosine, TV, top-8 agreement), each (heads, positions) float64, for one block; TV and
     top-8 None when ``cosine_only``.
 
     ``qb (heads, positions, d) float32`` is already scaled by 1/sqrt(d); ``first`` is the index
     of its first query position; ``offset`` is tokens_k - tokens_q when causal, else None.
+    ``ref``: (the block's outputs with K, V (heads, positions, d_v), whether they are already
+    there), with ``cosine_only``: read instead of computed, or written once computed.
     """
     heads, positions, _ = qb.shape
     n_keys = kv[0].shape[0]
@@ -293,8 +335,13 @@ def _score_block(qb: np.ndarray, kv: tuple[np.ndarray, ...], first: int,
 
     # rows whose top-8 is not all of their keys; none when only cosines are wanted
     ranked = np.tile(visible > TOP_K, heads) if not cosine_only else np.zeros(heads * positions, bool)
-    p, top = _softmax(rows @ k.T, hidden, heads, ranked)
-    o = p @ v
+    if ref is not None and ref[1]:
+        p, top, o = None, None, ref[0].reshape(heads * positions, -1)
+    else:
+        p, top = _softmax(rows @ k.T, hidden, heads, ranked)
+        o = p @ v
+        if ref is not None:
+            ref[0][...] = o.reshape(heads, positions, -1)
     p_hat, top_hat = _softmax(rows @ k_hat.T, hidden, heads, ranked)
     o_hat = p_hat @ v_hat
     if cosine_only:

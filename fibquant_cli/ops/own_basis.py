@@ -221,11 +221,14 @@ def _trial(dump: Dump, spec, planned, dec: OwnBasisDecision, progress: Progress)
     progress.start(2, "own basis: trial")
     per_vector = _per_vector_reconstructor(dump, spec)
     own = _transform_reconstructor(dump, planned)
-    # the decision is on the cosine: TV and top-8 are not computed
+    # the decision is on the cosine: TV and top-8 are not computed, and the original
+    # attention is computed once for both
+    references: dict = {}
     fid_pv = measure(dump, per_vector, sample=TRIAL_QUERIES, layers=TRIAL_LAYERS,
-                     cosine_only=True)
+                     cosine_only=True, references=references)
     progress.advance("per-vector")
-    fid_own = measure(dump, own, sample=TRIAL_QUERIES, layers=TRIAL_LAYERS, cosine_only=True)
+    fid_own = measure(dump, own, sample=TRIAL_QUERIES, layers=TRIAL_LAYERS, cosine_only=True,
+                      references=references)
     progress.advance("own basis")
     dec.metric = HEADLINE_LABELS["cosine_mean"] + (" (key self-attention proxy)"
                                                    if fid_pv.proxy else "")

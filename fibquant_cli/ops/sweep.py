@@ -121,18 +121,20 @@ def kv_values_and_bytes(dump: Dump, pair: tuple[int, int]) -> tuple[int, int]:
 
 
 def run_fibquant(dump: Dump, spec: CompressSpec, workdir: Path, max_queries: int,
-                 shown: CompressSpec | None = None, cosine_only: bool = False):
+                 shown: CompressSpec | None = None, cosine_only: bool = False,
+                 references: dict | None = None):
     """Compress to a real file, then score what it restores. Returns (Point, compress report).
     ``shown``: the spec the point stands for (its method and label), when ``spec`` runs it
     another way (``against_own_basis``). ``cosine_only``: for a search, which decides on the
-    cosine alone (the point's top-8 is then None; ``fidelity.measure``)."""
+    cosine alone (the point's top-8 is then None), and ``references`` the search keeps across
+    its points (``fidelity.measure``)."""
     out = workdir / "point.fq.safetensors"
     start = time.perf_counter()
     rep = compress(dump.path, manifest=dump.manifest_path, output=out, spec=spec,
                             force=True, attention=False, jobs=1)
     seconds = time.perf_counter() - start
     fid = measure(dump, reconstructor(open_verified(out, basis=spec.decode_basis)),
-                  max_queries=max_queries, cosine_only=cosine_only)
+                  max_queries=max_queries, cosine_only=cosine_only, references=references)
     pair = kv_entries(dump)
     rows = [rep.entries[i] for i in pair]
     kv_bytes = sum(r.compressed_bytes for r in rows)

@@ -201,6 +201,45 @@ def test_cosine_only_gives_the_same_cosines_and_no_tails(causal):
     assert at.FidelityStats.merge([full, full]).tv_mean == pytest.approx(full.tv_mean)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_reference_gives_the_same_cosines_and_is_what_gets_read(causal):
+    q, k, v, k_hat, v_hat = _layer(8, tokens_q=24, tokens_k=40)
+    budget = 5 * 40 * at.BYTES_PER_SCORE  # several blocks per group
+    ref = at.Reference()
+    first = at.attention_fidelity(q, k, v, k_hat, v_hat, causal=causal, budget_bytes=budget,
+                                  cosine_only=True, reference=ref)
+    assert ref.outputs is not None and ref.outputs.shape == (2, 4, 24, 16)
+    plain = at.attention_fidelity(q, k, v, k_hat, v_hat, causal=causal, budget_bytes=budget,
+                                  cosine_only=True)
+    np.testing.assert_array_equal(first.cosines, plain.cosines)
+    # another reconstruction of the same layer, scored against the kept outputs
+    other = (k + 0.5, v * 0.7)
+    again = at.attention_fidelity(q, k, v, *other, causal=causal, budget_bytes=budget,
+                                  cosine_only=True, reference=ref)
+    np.testing.assert_array_equal(
+        again.cosines, at.attention_fidelity(q, k, v, *other, causal=causal, budget_bytes=budget,
+                                             cosine_only=True).cosines)
+    # the kept outputs are what is read: outputs of other K, V give other cosines
+    wrong = at.Reference()
+    at.attention_fidelity(q, k_hat, v_hat, k_hat, v_hat, causal=causal, budget_bytes=budget,
+                          cosine_only=True, reference=wrong)
+    misled = at.attention_fidelity(q, k, v, *other, causal=causal, budget_bytes=budget,
+                                   cosine_only=True, reference=wrong)
+    assert not np.array_equal(misled.cosines, again.cosines)
+
+
+def test_a_reference_is_refused_where_it_cannot_serve():
+    q, k, v, k_hat, v_hat = _layer(9)
+    ref = at.Reference()
+    with pytest.raises(UsageError, match="cosine-only"):
+        at.attention_fidelity(q, k, v, k_hat, v_hat, causal=True, reference=ref)
+    assert ref.outputs is None
+    at.attention_fidelity(q, k, v, k_hat, v_hat, causal=True, cosine_only=True, reference=ref)
+    with pytest.raises(UsageError, match="cannot serve"):
+        at.attention_fidelity(q[:, :, :5], k, v, k_hat, v_hat, causal=True, cosine_only=True,
+                              reference=ref)
+
+
 # --- memory --------------------------------------------------------------------------------------
 def test_plan_blocks_for_32k_tokens():
     tokens, budget = 32768, 64 * 2**20

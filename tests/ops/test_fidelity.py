@@ -163,6 +163,36 @@ def test_layers_scored_in_threads_give_the_same_figures(sample_eval, monkeypatch
     assert [row["layer"] for row in reports[1]["layers"]] == [0, 1, 2, 3]
 
 
+def test_a_search_keeps_the_original_attention_and_scores_the_same(sample_eval,
+                                                                     monkeypatch):
+    """measure(references=): a search's points share the original attention (computed by
+    the first), with the figures of scoring each point afresh; over the byte budget nothing
+    is kept."""
+    import fibquant_cli.ops.fidelity as fidelity
+
+    restored = safetensors.numpy.load_file(str(sample_eval["restored"]))
+    manifest = json.loads(SAMPLE_MANIFEST.read_text())
+    roles = [e["shape"]["role"] for e in manifest["entries"]]
+    per_role = {r: canonical_layers(restored, manifest, r) for r in roles}
+    dump = open_dump(SAMPLE_DUMP)
+
+    def point(shift: float):  # reconstructions standing for a search's points
+        return lambda i, layer: per_role[roles[i]][layer].astype(np.float32) + shift
+
+    references: dict = {}
+    for shift in (0.0, 0.05):
+        kept = measure(dump, point(shift), sample=64, cosine_only=True, references=references)
+        fresh = measure(dump, point(shift), sample=64, cosine_only=True)
+        assert kept.to_json() == fresh.to_json()
+        assert kept.overall["top8_agreement"] is None and kept.overall["tv_mean"] is None
+    assert len(references) == 4 * 2  # every layer and window: 64 positions in 2 windows of 32
+    assert all(ref.outputs is not None for ref in references.values())
+    monkeypatch.setattr(fidelity, "REFERENCE_BYTES", 0)
+    over: dict = {}
+    measure(dump, point(0.0), sample=64, cosine_only=True, references=over)
+    assert over == {}
+
+
 def test_sample_attention_section_has_per_layer_rows(sample_eval):
     att = sample_eval["report"]["attention"]
     assert att["proxy"] is False and att["causal"] is True and att["note"] == ""
