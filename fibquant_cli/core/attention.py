@@ -32,11 +32,13 @@ Merging layers. ``FidelityStats`` keeps every row's cosine (``cosines``), so the
 of merged stats is exact. TV and top-8 means merge count-weighted (rows), the maxima and minima
 exactly.
 
-Cosine only. A caller that decides on the cosine alone (a search, a trial) passes
-``cosine_only``: TV and top-8 are then not computed and are None. Ranking each row's top 8
-keys (``np.partition``) was 40% of scoring a 2,048-token layer. Such a caller scoring several
-reconstructions of the same layer also passes a ``Reference``: the outputs o with the original
-K, V are computed by the first scoring and read by the others, half of the work each.
+Fewer statistics. A caller that decides on the cosine alone (a search, a trial) passes
+``cosine_only``: TV and top-8 are then not computed and are None (ranking each row's top 8
+keys, ``np.partition``, was 40% of scoring a 2,048-token layer); one that shows no TV (sweep)
+passes ``total_variation=False``. Either may then score several reconstructions of the same
+layer against one ``Reference``: what the original K, V give (the outputs o, and each row's
+top-8 keys unless ``cosine_only``) is computed by the first scoring and read by the others,
+about half of the work each. TV alone needs the original weights p, rows x keys: never kept.
 """
 
 from __future__ import annotations
@@ -71,9 +73,9 @@ class FidelityStats:
     cosine_mean: float
     cosine_p1: float
     cosine_min: float
-    tv_mean: float | None  # None: not computed (``cosine_only``), as tv_max and top8_agreement
+    tv_mean: float | None  # None: not computed (see "Fewer statistics"), as tv_max
     tv_max: float | None
-    top8_agreement: float | None
+    top8_agreement: float | None  # None: not computed (``cosine_only``)
     cosines: np.ndarray = field(repr=False)
     proxy: bool = False
 
@@ -86,22 +88,21 @@ class FidelityStats:
         rows = int(cosines.size)
         if rows == 0:
             raise UsageError("attention fidelity needs at least one row, found 0")
-        if tv_sum is None or tv_max is None or top8_sum is None:
-            tv_mean = tv_max = top8 = None
-        else:
-            tv_mean, tv_max, top8 = float(tv_sum) / rows, float(tv_max), float(top8_sum) / rows
+        tv_mean = None if tv_sum is None else float(tv_sum) / rows
+        tv_max = None if tv_sum is None else float(tv_max)
+        top8 = None if top8_sum is None else float(top8_sum) / rows
         return cls(rows=rows, cosine_mean=float(cosines.mean()),
                    cosine_p1=float(np.percentile(cosines, COSINE_PERCENTILE)),
                    cosine_min=float(cosines.min()), tv_mean=tv_mean, tv_max=tv_max,
                    top8_agreement=top8, cosines=cosines, proxy=proxy)
 
     @property
-    def tails(self) -> tuple[float, float, float] | None:
-        """(TV sum, TV max, top-8 sum) over the rows, or None when not computed: what
+    def tails(self) -> tuple[float | None, float | None, float | None]:
+        """(TV sum, TV max, top-8 sum) over the rows, None where not computed: what
         ``from_rows`` takes back."""
-        if self.tv_mean is None:
-            return None
-        return self.tv_mean * self.rows, self.tv_max, self.top8_agreement * self.rows
+        tv = None if self.tv_mean is None else self.tv_mean * self.rows
+        top8 = None if self.top8_agreement is None else self.top8_agreement * self.rows
+        return tv, self.tv_max, top8
 
     @classmethod
     def merge(cls, parts: list[FidelityStats]) -> FidelityStats:
@@ -112,11 +113,14 @@ class FidelityStats:
         cosines = np.concatenate([s.cosines for s in parts])
         proxy = any(s.proxy for s in parts)
         tails = [s.tails for s in parts]
-        if any(t is None for t in tails):  # one part without them: the merge has none
-            return cls.from_rows(cosines, None, None, None, proxy=proxy)
-        return cls.from_rows(cosines, tv_sum=math.fsum(t[0] for t in tails),
-                             tv_max=max(t[1] for t in tails),
-                             top8_sum=math.fsum(t[2] for t in tails), proxy=proxy)
+        # a statistic one part lacks, the merge lacks
+        has_tv = all(t[0] is not None for t in tails)
+        has_top8 = all(t[2] is not None for t in tails)
+        return cls.from_rows(cosines,
+                             tv_sum=math.fsum(t[0] for t in tails) if has_tv else None,
+                             tv_max=max(t[1] for t in tails) if has_tv else None,
+                             top8_sum=math.fsum(t[2] for t in tails) if has_top8 else None,
+                             proxy=proxy)
 
     def summary(self) -> dict:
         """The scalar fields (no per-row array), for reports and JSON."""
@@ -127,19 +131,21 @@ class FidelityStats:
 
 
 class Reference:
-    """The attention outputs o with the original K, V of one layer's queries, kept between
-    cosine-only scorings of several reconstructions of that layer: the first
-    ``attention_fidelity`` given it fills ``outputs`` (batch, query_heads, tokens_q, d_v)
-    float32, block by block; later ones read them instead of computing them again (the same
-    blocks, so the same values: cosines bit-identical to scoring without it)."""
+    """What the original K, V give one layer's queries, kept between scorings of several
+    reconstructions of that layer without TV: the first ``attention_fidelity`` given it fills
+    ``outputs`` (batch, query_heads, tokens_q, d_v) float32 and, unless it scores the cosine
+    alone, ``top`` (batch, query_heads, tokens_q, TOP_K) int32, each row's top-8 keys (rows
+    seeing at most 8 keys: unused); later ones read them instead of computing them again. The
+    same blocks give the same values: cosines and top-8 bit-identical to scoring without it."""
 
     def __init__(self) -> None:
         self.outputs: np.ndarray | None = None
+        self.top: np.ndarray | None = None
 
     @staticmethod
     def n_bytes(q_shape: tuple[int, ...], d_v: int) -> int:
-        """Bytes of the outputs for queries of ``q_shape`` (batch, heads, tokens_q, d)."""
-        return 4 * math.prod(q_shape[:3]) * d_v
+        """Bytes of a filled Reference for queries of ``q_shape`` (batch, heads, tokens_q)."""
+        return 4 * math.prod(q_shape[:3]) * (d_v + TOP_K)
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,7 @@ class _Shape:
 def attention_fidelity(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat: np.ndarray,
                        v_hat: np.ndarray, *, causal: bool, query_chunk: int | None = None,
                        budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                       cosine_only: bool = False,
+                       cosine_only: bool = False, total_variation: bool = True,
                        reference: Reference | None = None) -> FidelityStats:
     """Compare attention with K, V against attention with K_hat, V_hat for one layer.
 
@@ -173,8 +179,9 @@ def attention_fidelity(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat: np.nd
     query_chunk : optional upper bound on the query positions scored per block.
     budget_bytes : bound on a block's score matrices and temporaries (see module docstring).
     cosine_only : skip TV and top-8 (None in the result; see module docstring).
-    reference : the outputs with K, V of earlier scorings of these very q, k, v, or an empty
-        ``Reference`` to fill; only with ``cosine_only`` (TV and top-8 need the weights).
+    total_variation : False skips TV alone (None in the result).
+    reference : what K, V gave earlier scorings of these very q, k, v, or an empty
+        ``Reference`` to fill; only without TV (it needs the original weights).
 
     Returns
     -------
@@ -186,17 +193,21 @@ def attention_fidelity(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat: np.nd
     >>> stats.cosine_mean, stats.cosine_p1, stats.top8_agreement
     """
     shape = _check_inputs(q, k, v, k_hat, v_hat, causal=causal)
-    outputs = None
+    tv_wanted = total_variation and not cosine_only
+    outputs = top = None  # a Reference being filled
     if reference is not None:
-        if not cosine_only:
-            raise UsageError("a Reference serves cosine-only scoring (TV and top-8 need the "
-                             "attention weights)")
-        want = (shape.batch, shape.query_heads, shape.tokens_q, v.shape[3])
+        if tv_wanted:
+            raise UsageError("a Reference serves scoring without TV (TV needs the original "
+                             "attention weights, which are not kept)")
+        want = (shape.batch, shape.query_heads, shape.tokens_q)
         if reference.outputs is None:  # filled here, handed over only once complete
-            outputs = np.empty(want, dtype=np.float32)
-        elif reference.outputs.shape != want:
+            outputs = np.empty((*want, v.shape[3]), dtype=np.float32)
+            top = None if cosine_only else np.zeros((*want, TOP_K), dtype=np.int32)
+        elif reference.outputs.shape != (*want, v.shape[3]):
             raise UsageError(f"a Reference of outputs {list(reference.outputs.shape)} cannot "
-                             f"serve attention of shape {list(want)}")
+                             f"serve attention of shape {list((*want, v.shape[3]))}")
+        elif reference.top is None and not cosine_only:
+            raise UsageError("a Reference filled by cosine-only scoring has no top-8 keys")
     heads_per_block, chunk = plan_blocks(shape.group_heads, shape.tokens_q, shape.tokens_k,
                                          budget_bytes=budget_bytes, query_chunk=query_chunk)
     offset = shape.tokens_k - shape.tokens_q if causal else None
@@ -213,37 +224,44 @@ def attention_fidelity(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat: np.nd
                 for i0 in range(0, shape.tokens_q, chunk):
                     i1 = min(i0 + chunk, shape.tokens_q)
                     qb = _float32(q[b, h0:h1, i0:i1], "q") * scale
+                    at = (b, slice(h0, h1), slice(i0, i1))
                     if reference is None:
                         ref = None
-                    elif outputs is not None:  # filling it: the block writes its outputs here
-                        ref = (outputs[b, h0:h1, i0:i1], False)
+                    elif outputs is not None:  # filling it: the block writes here
+                        ref = _BlockReference(outputs[at], None if top is None else top[at],
+                                              False)
                     else:
-                        ref = (reference.outputs[b, h0:h1, i0:i1], True)
-                    cos, tv, top8 = _score_block(qb, kv, i0, offset, cosine_only, ref)
+                        ref = _BlockReference(reference.outputs[at], None if cosine_only
+                                              else reference.top[at], True)
+                    cos, tv, top8 = _score_block(qb, kv, i0, offset, cosine_only, tv_wanted,
+                                                 ref)
                     cosines[b, h0:h1, i0:i1] = cos
-                    if not cosine_only:
+                    if tv_wanted:
                         tv_sum += float(tv.sum())
                         tv_max = max(tv_max, float(tv.max()))
+                    if not cosine_only:
                         top8_sum += float(top8.sum())
     if outputs is not None:
-        reference.outputs = outputs
-    if cosine_only:
-        return FidelityStats.from_rows(cosines, None, None, None)
-    return FidelityStats.from_rows(cosines, tv_sum, tv_max, top8_sum)
+        reference.outputs, reference.top = outputs, top
+    return FidelityStats.from_rows(cosines, tv_sum if tv_wanted else None,
+                                   tv_max if tv_wanted else None,
+                                   None if cosine_only else top8_sum)
 
 
 def key_self_attention_proxy(k: np.ndarray, v: np.ndarray, k_hat: np.ndarray, v_hat: np.ndarray,
                              *, causal: bool, query_chunk: int | None = None,
                              budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                             cosine_only: bool = False) -> FidelityStats:
+                             cosine_only: bool = False,
+                             total_variation: bool = True) -> FidelityStats:
     """A proxy for dumps without queries: the ORIGINAL keys serve as queries (one per KV head).
 
     Both sides use q = k; only the attended keys and values change (K_hat, V_hat). The result has
     ``proxy=True`` and must be labelled as a key-self-attention proxy, not the paper's metric.
     """
     stats = attention_fidelity(k, k, v, k_hat, v_hat, causal=causal, query_chunk=query_chunk,
-                               budget_bytes=budget_bytes, cosine_only=cosine_only)
-    return FidelityStats.from_rows(stats.cosines, *(stats.tails or (None,) * 3), proxy=True)
+                               budget_bytes=budget_bytes, cosine_only=cosine_only,
+                               total_variation=total_variation)
+    return FidelityStats.from_rows(stats.cosines, *stats.tails, proxy=True)
 
 
 def plan_blocks(group_heads: int, tokens_q: int, tokens_k: int, *, budget_bytes: int,
@@ -309,15 +327,26 @@ def attention_fidelity_direct(q: np.ndarray, k: np.ndarray, v: np.ndarray, k_hat
 
 
 # --- one block ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _BlockReference:
+    """One block's part of a ``Reference``: its outputs (heads, positions, d_v) and top-8 keys
+    (heads, positions, TOP_K) or None, and whether they are there (else they are written)."""
+
+    outputs: np.ndarray
+    top: np.ndarray | None
+    filled: bool
+
+
 def _score_block(qb: np.ndarray, kv: tuple[np.ndarray, ...], first: int,
-                 offset: int | None, cosine_only: bool = False, ref=None):
-    """(cosine, TV, top-8 agreement), each (heads, positions) float64, for one block; TV and
-    top-8 None when ``cosine_only``.
+                 offset: int | None, cosine_only: bool = False, tv_wanted: bool = True,
+                 ref: _BlockReference | None = None):
+    """(cosine, TV, top-8 agreement), each (heads, positions) float64, for one block; TV None
+    unless ``tv_wanted``, top-8 None when ``cosine_only``.
 
     ``qb (heads, positions, d) float32`` is already scaled by 1/sqrt(d); ``first`` is the index
     of its first query position; ``offset`` is tokens_k - tokens_q when causal, else None.
-    ``ref``: (the block's outputs with K, V (heads, positions, d_v), whether they are already
-    there), with ``cosine_only``: read instead of computed, or written once computed.
+    ``ref`` (without TV): what the original K, V give, read instead of computed, or written
+    once computed.
     """
     heads, positions, _ = qb.shape
     n_keys = kv[0].shape[0]
@@ -332,32 +361,45 @@ def _score_block(qb: np.ndarray, kv: tuple[np.ndarray, ...], first: int,
     if int(visible.min()) < end:
         hidden = np.arange(end)[None, :] >= visible[:, None]
     rows = qb.reshape(heads * positions, -1)
+    n = heads * positions
 
     # rows whose top-8 is not all of their keys; none when only cosines are wanted
-    ranked = np.tile(visible > TOP_K, heads) if not cosine_only else np.zeros(heads * positions, bool)
-    if ref is not None and ref[1]:
-        p, top, o = None, None, ref[0].reshape(heads * positions, -1)
+    ranked = np.tile(visible > TOP_K, heads) if not cosine_only else np.zeros(n, bool)
+    if ref is not None and ref.filled:
+        p, o = None, ref.outputs.reshape(n, -1)
+        top = None if ref.top is None else ref.top.reshape(n, TOP_K)  # key indices
     else:
         p, top = _softmax(rows @ k.T, hidden, heads, ranked)
         o = p @ v
         if ref is not None:
-            ref[0][...] = o.reshape(heads, positions, -1)
+            ref.outputs[...] = o.reshape(heads, positions, -1)
+            if ref.top is not None and top is not None:
+                # a ranked row's mask holds exactly TOP_K keys (ties broken in _top_mask);
+                # ref.top is a strided view: filled whole, not through a reshape
+                keys = np.zeros((n, TOP_K), dtype=np.int32)
+                keys[ranked] = np.nonzero(top[ranked])[1].reshape(-1, TOP_K)
+                ref.top[...] = keys.reshape(heads, positions, TOP_K)
     p_hat, top_hat = _softmax(rows @ k_hat.T, hidden, heads, ranked)
     o_hat = p_hat @ v_hat
+    cos = _cosine(o, o_hat).reshape(heads, positions)
     if cosine_only:
-        return _cosine(o, o_hat).reshape(heads, positions), None, None
-    np.subtract(p, p_hat, out=p)
-    np.abs(p, out=p)
-    tv = 0.5 * p.sum(axis=-1, dtype=np.float64)
+        return cos, None, None
+    tv = None
+    if tv_wanted:
+        np.subtract(p, p_hat, out=p)
+        np.abs(p, out=p)
+        tv = (0.5 * p.sum(axis=-1, dtype=np.float64)).reshape(heads, positions)
     del p, p_hat
 
-    top8 = np.ones(heads * positions)
-    if top is not None:
-        np.logical_and(top, top_hat, out=top)
-        top8[ranked] = np.count_nonzero(top, axis=-1)[ranked] / TOP_K
-    cos = _cosine(o, o_hat)
-    return (cos.reshape(heads, positions), tv.reshape(heads, positions),
-            top8.reshape(heads, positions))
+    top8 = np.ones(n)
+    if top_hat is not None:
+        if top.dtype == bool:  # the mask of the original weights
+            np.logical_and(top, top_hat, out=top)
+            top8[ranked] = np.count_nonzero(top, axis=-1)[ranked] / TOP_K
+        else:  # the original's top-8 keys, kept: how many of them the reconstruction ranks
+            kept = np.take_along_axis(top_hat[ranked], top[ranked].astype(np.intp), axis=1)
+            top8[ranked] = np.count_nonzero(kept, axis=-1) / TOP_K
+    return cos, tv, top8.reshape(heads, positions)
 
 
 def _softmax(scores: np.ndarray, hidden: np.ndarray | None, heads: int,

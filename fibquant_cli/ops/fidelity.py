@@ -34,7 +34,7 @@ DEFAULT_QUERY_SAMPLE = 96
 DEFAULT_LAYER_SAMPLE = 3
 SCORING_THREADS = 2  # layers scored at once (``measure``)
 # At most this many bytes of reference outputs are kept for a search (``measure``'s
-# ``references``): 141 MB for SmolLM2-135M at 2,048 query positions in every layer.
+# ``references``): 159 MB for SmolLM2-135M at 2,048 query positions in every layer.
 REFERENCE_BYTES = 512 << 20
 # Dumps with at most this many layers are scored in every layer (cheap, and every row counts).
 SAMPLE_LAYERS_ABOVE = 8
@@ -136,30 +136,32 @@ def sample_layers(layers: int, count: int | None) -> list[int]:
 def measure(dump: Dump, reconstruct: Reconstruct, *,
             max_queries: int = DEFAULT_MAX_QUERIES,
             sample: int | None = None, layers: int | None = None,
-            cosine_only: bool = False, references: dict | None = None) -> FidelityReport | None:
+            cosine_only: bool = False, total_variation: bool = True,
+            references: dict | None = None) -> FidelityReport | None:
     """Per-layer and overall attention fidelity of ``reconstruct`` against ``dump``.
 
     ``sample`` (when given) scores about that many query positions in windows spread over the
     context (``sample_windows``); otherwise the last ``max_queries`` positions are scored.
     ``layers`` (when given) scores that many layers spread over the depth (``sample_layers``);
     only those are read and decoded. ``cosine_only``: TV and top-8 are not computed (None),
-    for callers that decide on the cosine alone (``core/attention``). ``references``: with
-    ``cosine_only``, a dict the caller keeps across its scorings of several reconstructions
-    of this dump (a search): the attention with the original K, V is computed by the first
-    and kept there (``core/attention.Reference``), within ``REFERENCE_BYTES``; the figures are
-    the same to the bit.
+    for callers that decide on the cosine alone; ``total_variation`` False: TV is not
+    (``core/attention``, "Fewer statistics"). ``references``: without TV, a dict the caller
+    keeps across its scorings of several reconstructions of this dump (a search, a sweep):
+    what the original K, V give is computed by the first and kept there
+    (``core/attention.Reference``), within ``REFERENCE_BYTES``; the figures are the same to
+    the bit.
     BLAS runs single-threaded here: the score blocks are small matmuls, for which OpenBLAS's
     thread hand-offs cost more than they save (measured 2x slower on 2 busy cores).
     """
     with one_blas_thread():
         return _measure(dump, reconstruct, max_queries, sample, layers, cosine_only,
-                        references)
+                        total_variation, references)
 
 
 def _measure(dump: Dump, reconstruct: Reconstruct, max_queries: int,
              sample: int | None = None, layers: int | None = None,
-             cosine_only: bool = False, references: dict | None = None
-             ) -> FidelityReport | None:
+             cosine_only: bool = False, total_variation: bool = True,
+             references: dict | None = None) -> FidelityReport | None:
     pair = kv_entries(dump)
     if pair is None:
         return None
@@ -185,8 +187,8 @@ def _measure(dump: Dump, reconstruct: Reconstruct, max_queries: int,
     heads = shape.query_heads if attn is not None else shape.kv_heads
     d_v = dump.manifest.entries[iv].shape.head_dim
     kept_bytes = len(scored) * Reference.n_bytes((shape.batch, heads, n_q), d_v)
-    if not cosine_only or kept_bytes > REFERENCE_BYTES:
-        references = None
+    if (total_variation and not cosine_only) or kept_bytes > REFERENCE_BYTES:
+        references = None  # TV needs the original weights; or too much to keep
 
     def reference(layer: int, window: slice) -> Reference | None:
         if references is None:
@@ -198,7 +200,8 @@ def _measure(dump: Dump, reconstruct: Reconstruct, max_queries: int,
         v = read_layer(dump, dump.manifest.entries[iv], layer).astype(np.float32)
         k_hat, v_hat = reconstruct(ik, layer), reconstruct(iv, layer)
         per_window = [_window_stats(dump, layer, w, (k, v, k_hat, v_hat), attn, causal,
-                                    cosine_only, reference(layer, w)) for w in windows]
+                                    (cosine_only, total_variation), reference(layer, w))
+                      for w in windows]
         stats = per_window[0] if len(per_window) == 1 else FidelityStats.merge(per_window)
         return layer, stats, _err(k, k_hat), _err(v, v_hat)
 
@@ -221,13 +224,14 @@ def _measure(dump: Dump, reconstruct: Reconstruct, max_queries: int,
 
 
 def _window_stats(dump: Dump, layer: int, window: slice, kv, attn, causal: bool,
-                  cosine_only: bool = False, reference: Reference | None = None):
+                  wanted: tuple[bool, bool] = (False, True),
+                  reference: Reference | None = None):
     """Rows of the query positions ``window``; a causal window sees the keys up to its end."""
     stop = window.stop if causal else kv[0].shape[2]
     k, v, k_hat, v_hat = (x[:, :, :stop] for x in kv)
     q = read_query_layer(dump, layer, window) if attn is not None else kv[0][:, :, window]
-    stats = attention_fidelity(q, k, v, k_hat, v_hat, causal=causal, cosine_only=cosine_only,
-                               reference=reference)
+    stats = attention_fidelity(q, k, v, k_hat, v_hat, causal=causal, cosine_only=wanted[0],
+                               total_variation=wanted[1], reference=reference)
     return stats if attn is not None else _as_proxy(stats)
 
 

@@ -121,20 +121,19 @@ def kv_values_and_bytes(dump: Dump, pair: tuple[int, int]) -> tuple[int, int]:
 
 
 def run_fibquant(dump: Dump, spec: CompressSpec, workdir: Path, max_queries: int,
-                 shown: CompressSpec | None = None, cosine_only: bool = False,
-                 references: dict | None = None):
+                 shown: CompressSpec | None = None, scoring: dict | None = None):
     """Compress to a real file, then score what it restores. Returns (Point, compress report).
     ``shown``: the spec the point stands for (its method and label), when ``spec`` runs it
-    another way (``against_own_basis``). ``cosine_only``: for a search, which decides on the
-    cosine alone (the point's top-8 is then None), and ``references`` the search keeps across
-    its points (``fidelity.measure``)."""
+    another way (``against_own_basis``). ``scoring``: ``fidelity.measure``'s keywords beyond
+    the queries (a search scores the cosine alone, the point's top-8 then None; a sweep no TV;
+    both keep ``references`` across their points)."""
     out = workdir / "point.fq.safetensors"
     start = time.perf_counter()
     rep = compress(dump.path, manifest=dump.manifest_path, output=out, spec=spec,
                             force=True, attention=False, jobs=1)
     seconds = time.perf_counter() - start
     fid = measure(dump, reconstructor(open_verified(out, basis=spec.decode_basis)),
-                  max_queries=max_queries, cosine_only=cosine_only, references=references)
+                  max_queries=max_queries, **(scoring or {}))
     pair = kv_entries(dump)
     rows = [rep.entries[i] for i in pair]
     kv_bytes = sum(r.compressed_bytes for r in rows)
@@ -148,11 +147,11 @@ def run_fibquant(dump: Dump, spec: CompressSpec, workdir: Path, max_queries: int
 
 
 def run_codec(dump: Dump, name: str, roundtrip, bits_per_value, max_queries: int,
-              overhead_bits: float = 0.0) -> Point:
+              overhead_bits: float = 0.0, scoring: dict | None = None) -> Point:
     """Score a codec given as roundtrip(x [b,h,t,d] float32, role) -> x_hat.
 
     ``bits_per_value(shape, role)`` counts what each tensor stores; ``overhead_bits`` what the
-    whole dump stores once (a shared rotation, a table).
+    whole dump stores once (a shared rotation, a table); ``scoring`` as for ``run_fibquant``.
     """
     pair = kv_entries(dump)
     cache: dict = {}
@@ -169,7 +168,8 @@ def run_codec(dump: Dump, name: str, roundtrip, bits_per_value, max_queries: int
             cache[(i, layer)] = x_hat
             total_bits += bits_per_value(x.shape, entry.shape.role) * x.size
     seconds = time.perf_counter() - start
-    fid = measure(dump, lambda i, layer: cache[(i, layer)], max_queries=max_queries)
+    fid = measure(dump, lambda i, layer: cache[(i, layer)], max_queries=max_queries,
+                  **(scoring or {}))
     values, source_bytes = kv_values_and_bytes(dump, pair)
     return Point(name, name, source_bytes / (total_bits / 8), total_bits / values,
                  fid.overall["rel_mse"],
@@ -223,6 +223,8 @@ def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
     progress.start(total, "sweep")
     rep = SweepReport(str(dump.path), dump.manifest.attention is None,
                       min(max_queries, dump.manifest.entries[pair[0]].shape.tokens))
+    # a point shows no TV: every point is scored against the original attention kept once
+    scoring = {"total_variation": False, "references": {}}
     with tempfile.TemporaryDirectory(prefix="fibquant-sweep-") as tmp:
         runs = [(spec, spec) for spec in specs]  # (how it runs, what it stands for)
         if own_basis:
@@ -234,7 +236,7 @@ def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
                     progress.advance(OWN_BASIS)
         for spec, shown in runs:
             try:
-                point, _ = run_fibquant(dump, spec, Path(tmp), max_queries, shown)
+                point, _ = run_fibquant(dump, spec, Path(tmp), max_queries, shown, scoring)
                 rep.points.append(point)
             except (InvalidInputError, UsageError) as err:
                 # e.g. a block length that does not divide d, a ratio below a file's fixed cost
@@ -244,7 +246,7 @@ def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
         for bits in (4, 3, 2, 1):
             roundtrip, bpv, once = scalar_codec(d, bits)
             rep.points.append(run_codec(dump, f"scalar {bits}-bit", roundtrip, bpv, max_queries,
-                                        once))
+                                        once, scoring))
             rep.points[-1].method = "scalar"
             progress.advance(f"scalar {bits}")
     if avail is not None:
@@ -253,7 +255,7 @@ def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
             codec = avail.runnable[name]
             try:
                 rep.points.append(run_codec(dump, name, codec.roundtrip, codec.bits_per_value,
-                                            max_queries))
+                                            max_queries, scoring=scoring))
             except InvalidInputError as err:
                 rep.skipped[name] = err.reason
             progress.advance(name)

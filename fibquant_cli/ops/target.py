@@ -100,12 +100,12 @@ def _per_vector(dump, target: float, seed: int, max_queries: int,
                    key=lambda s: estimated_bits_per_value(s, shape.head_dim, shape.tokens))
     choice = TargetChoice(target, None, None)
     progress.start(len(specs), f"searching for cosine >= {target}")
-    references: dict = {}  # the original attention, computed by the first point
+    # the cosine alone, against the original attention computed by the first point
+    scoring = {"cosine_only": True, "references": {}}
     with tempfile.TemporaryDirectory(prefix="fibquant-target-") as tmp:
         for spec in specs:
             try:
-                point, _ = run_fibquant(dump, spec, Path(tmp), max_queries, cosine_only=True,
-                                        references=references)
+                point, _ = run_fibquant(dump, spec, Path(tmp), max_queries, scoring=scoring)
             except InvalidInputError:
                 continue
             choice.tried.append({"label": spec.label(), "ratio": point.ratio,
@@ -134,15 +134,14 @@ def _transform_ratio(dump, target: float, basis, max_queries: int, progress: Pro
     lo, hi = (math.log2(r) for r in TRANSFORM_RATIO_RANGE)
     best = None
     progress.start(TRANSFORM_SEARCH_STEPS + 1, f"searching for cosine >= {target}")
-    references: dict = {}
+    scoring = {"cosine_only": True, "references": {}}
     with tempfile.TemporaryDirectory(prefix="fibquant-target-") as tmp:
         for step in range(TRANSFORM_SEARCH_STEPS + 1):
             ratio = 2 ** (lo if step == 0 else (lo + hi) / 2)
             spec = transform_specs(basis, (round(ratio, 3),))[0]
             runs = spec if basis is not None else against_own_basis(spec, own_path)
             try:
-                point, _ = run_fibquant(dump, runs, Path(tmp), max_queries, spec,
-                                        cosine_only=True, references=references)
+                point, _ = run_fibquant(dump, runs, Path(tmp), max_queries, spec, scoring)
                 ok = point.cosine_mean >= target
                 choice.tried.append({"label": spec.label(), "ratio": point.ratio,
                                      "cosine_mean": point.cosine_mean})

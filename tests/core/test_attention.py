@@ -191,8 +191,9 @@ def test_cosine_only_gives_the_same_cosines_and_no_tails(causal):
                                  cosine_only=True)
     np.testing.assert_array_equal(only.cosines, full.cosines)  # the same arithmetic, bit for bit
     assert (only.cosine_mean, only.cosine_p1) == (full.cosine_mean, full.cosine_p1)
-    assert (only.tv_mean, only.tv_max, only.top8_agreement, only.tails) == (None,) * 4
-    assert full.tails is not None and full.top8_agreement < 1  # the layer has something to rank
+    assert (only.tv_mean, only.tv_max, only.top8_agreement) == (None,) * 3
+    assert only.tails == (None,) * 3
+    assert None not in full.tails and full.top8_agreement < 1  # the layer has something to rank
     proxy = at.key_self_attention_proxy(*layer[1:], causal=causal, cosine_only=True)
     assert proxy.proxy and proxy.tv_mean is None
     # a merge with one part lacking them has none (not the other part's alone)
@@ -231,13 +232,36 @@ def test_a_reference_gives_the_same_cosines_and_is_what_gets_read(causal):
 def test_a_reference_is_refused_where_it_cannot_serve():
     q, k, v, k_hat, v_hat = _layer(9)
     ref = at.Reference()
-    with pytest.raises(UsageError, match="cosine-only"):
+    with pytest.raises(UsageError, match="without TV"):
         at.attention_fidelity(q, k, v, k_hat, v_hat, causal=True, reference=ref)
     assert ref.outputs is None
     at.attention_fidelity(q, k, v, k_hat, v_hat, causal=True, cosine_only=True, reference=ref)
     with pytest.raises(UsageError, match="cannot serve"):
         at.attention_fidelity(q[:, :, :5], k, v, k_hat, v_hat, causal=True, cosine_only=True,
                               reference=ref)
+    with pytest.raises(UsageError, match="no top-8 keys"):  # filled for the cosine alone
+        at.attention_fidelity(q, k, v, k_hat, v_hat, causal=True, total_variation=False,
+                              reference=ref)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_reference_without_tv_keeps_top8_to_the_bit_ties_included(causal):
+    # sweep's case: cosine and top-8, no TV. The kept top-8 keys must give the agreement the
+    # original's mask gives, ties broken to the lowest index as there (flat K_hat: every row
+    # ties at its 8th weight; loud keys: weights underflow, ranked by score)
+    q, k, v, k_hat, v_hat = _layer(10, tokens_q=20, tokens_k=30)
+    flat, loud = np.zeros_like(k), k * 400.0
+    for keys, first_hat in ((k, k_hat), (loud, flat), (flat, loud)):
+        ref = at.Reference()
+        for other in (first_hat, flat, k + 0.3, loud):
+            full = at.attention_fidelity(q, keys, v, other, v_hat, causal=causal,
+                                         budget_bytes=3000)
+            kept = at.attention_fidelity(q, keys, v, other, v_hat, causal=causal,
+                                         budget_bytes=3000, total_variation=False,
+                                         reference=ref)
+            assert ref.top is not None and kept.tv_mean is None and kept.tv_max is None
+            np.testing.assert_array_equal(kept.cosines, full.cosines)
+            assert kept.top8_agreement == full.top8_agreement
 
 
 # --- memory --------------------------------------------------------------------------------------

@@ -160,6 +160,10 @@ def test_sweep_fibquant_points_match_compress(swept, tmp_path):
         assert point.ratio == pytest.approx(total["ratio"], rel=1e-12), spec.label()
         assert point.bits_per_value == pytest.approx(total["bits_per_value"], rel=1e-12)
         assert point.cosine_mean == rep["attention"]["overall"]["cosine_mean"], spec.label()
+        # the sweep scored against the original attention kept from its first point; compress
+        # scored afresh: the same figures to the bit
+        assert point.cosine_p1 == rep["attention"]["overall"]["cosine_p1"], spec.label()
+        assert point.top8 == rep["attention"]["overall"]["top8_agreement"], spec.label()
         assert point.rel_mse == pytest.approx(rep["attention"]["overall"]["rel_mse"], rel=1e-12)
 
 
@@ -351,7 +355,7 @@ def test_target_cosine_searches_with_the_given_seed(tiny, tmp_path, monkeypatch)
     invoke("compress", tiny.path, "--target-cosine", 0.5, "--seed", 3, "-o",
            tmp_path / "t.fq.safetensors")
     assert seeds and set(seeds) == {3}, seeds
-    assert options[0].get("cosine_only") is True  # a search decides on the cosine alone
+    assert options[0]["scoring"]["cosine_only"] is True  # it decides on the cosine alone
 
 
 def test_target_cosine_report_scores_what_the_search_scored(tmp_path):
