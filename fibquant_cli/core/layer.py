@@ -60,13 +60,22 @@ def _f16_table() -> np.ndarray:
 
 def widen(x: np.ndarray) -> np.ndarray:
     """``x`` (float16, bfloat16 or float32, any strides) as a new C-contiguous float32 array,
-    bit for bit what ``x.astype(np.float32)`` gives: fp16 through a table of all 65,536
-    values (numpy converts fp16 one value at a time; the lookup measured 1.5x faster on a
-    1,024-token layer, the same on a 6,144-token one, where memory traffic bounds both), bf16
-    by a 16-bit shift (it is float32's upper half)."""
+    bit for bit what ``x.astype(np.float32)`` gives (tested for every fp16 bit pattern).
+
+    fp16 by bits: an fp16's bits shifted left by 13 are a float32 whose exponent field is
+    fp16's, so scaling by 2^112 (exact) moves fp16's exponent bias to float32's; fp16's
+    subnormals land as float32 subnormals and come out normal. The sign (bit 15, at bit 28
+    after the shift) is moved to bit 31, and infinities and NaNs (exponent 31) get float32's
+    exponent 255, payload kept. 1.2 ns a value against 2.4 for a lookup in a table of all
+    65,536 values and 2.9 for numpy's cast, which converts one value at a time; the table
+    serves where the CPU treats subnormals as zero. bf16 by a 16-bit shift (it is float32's
+    upper half).
+    """
     x = np.asarray(x)
     if x.dtype == np.float16:
-        return np.take(_f16_table(), x.view(np.uint16))
+        if not _keeps_subnormals():
+            return np.take(_f16_table(), x.view(np.uint16))
+        return _widen_f16(x)
     if x.dtype.name == "bfloat16":
         return (x.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
     return np.array(x, dtype=np.float32, order="C")
@@ -81,11 +90,30 @@ _HIGH_HALF = 1 if sys.byteorder == "little" else 0  # a float32's uint16 holding
 
 
 def _keeps_subnormals() -> bool:
-    """Whether float32 arithmetic keeps subnormal results here (a library loaded into the
-    process may have set the CPU to flush them to zero, which ``narrow``'s rebias relies on
-    not happening)."""
-    tiny = np.array([2.0 ** -126], dtype=np.float32)
-    return bool(np.multiply(tiny, np.float32(0.5))[0] != 0)
+    """Whether float32 arithmetic keeps subnormal results and operands here (a library
+    loaded into the process may have set the CPU to flush them to zero, or to read them as
+    zero, which ``narrow``'s and ``widen``'s rescaling rely on not happening)."""
+    tiny = np.array([2.0 ** -126, 2.0 ** -149], dtype=np.float32)
+    out = np.multiply(tiny, np.float32(0.5)), np.multiply(tiny, np.float32(2.0 ** 24))
+    return bool(out[0][0] != 0 and out[1][1] != 0)
+
+
+_F16_SIGN_SHIFTED = np.uint32(1 << 28)  # fp16's sign bit after the shift by 13
+_F32_BIG = np.uint32((31 + 112) << 23)  # fp16's exponent 31 (inf, NaN) after the rescaling
+
+
+def _widen_f16(x: np.ndarray) -> np.ndarray:
+    bits = np.empty(x.shape, dtype=np.uint32)  # C order whatever x's strides
+    np.left_shift(x.view(np.uint16), np.uint32(13), out=bits, casting="unsafe")
+    sign = np.bitwise_and(bits, _F16_SIGN_SHIFTED)
+    bits ^= sign
+    out = bits.view(np.float32)
+    out *= np.float32(2.0 ** 112)
+    if bits.size and bits.max() >= _F32_BIG:  # infinities or NaNs
+        np.bitwise_or(bits, _F32_EXPONENT, out=bits, where=bits >= _F32_BIG)
+    sign <<= np.uint32(3)
+    bits |= sign
+    return out
 
 
 def narrow(x: np.ndarray) -> np.ndarray:

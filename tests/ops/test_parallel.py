@@ -127,7 +127,7 @@ def test_narrow_equals_the_cast_bit_for_bit():
                                   block.astype(np.float16).view(np.uint16))
 
 
-def test_narrow_is_exact_where_the_cpu_flushes_subnormals():
+def test_narrow_and_widen_are_exact_where_the_cpu_flushes_subnormals():
     # its rebias makes fp16's subnormals float32 subnormals: a CPU set to flush those to zero
     # (torch can, and so can a library built with -ffast-math) must not zero them
     torch = pytest.importorskip("torch")
@@ -135,14 +135,17 @@ def test_narrow_is_exact_where_the_cpu_flushes_subnormals():
 
     x = np.arange(0, 0x38800000, 4099, dtype=np.uint32).view(np.float32)  # |x| < 2^-14 + ...
     x = np.concatenate([x, -x, np.float32([1.0, 65504.0])])
+    every_f16 = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
     assert layer._keeps_subnormals()
     torch.set_flush_denormal(True)
     try:
         assert not layer._keeps_subnormals()
         got = narrow(x)
+        wide = widen(every_f16)  # its rescaling of fp16's subnormals would read them as 0
     finally:
         torch.set_flush_denormal(False)
     np.testing.assert_array_equal(got.view(np.uint16), x.astype(np.float16).view(np.uint16))
+    np.testing.assert_array_equal(wide.view(np.uint32), every_f16.astype(np.float32).view(np.uint32))
 
 
 def test_restore_into_clamps_only_past_the_dtype_range():
