@@ -223,3 +223,32 @@ def test_a_wrong_rope_is_refused_not_recorded(models, monkeypatch):
     lm.rope = RopeSpec(theta=10000.0, style="interleaved")
     with pytest.raises(InvalidInputError, match="refusing to record wrong RoPE parameters"):
         capture.run_prefix(lm, ids)
+
+
+def test_gguf_files_are_read_once_per_load(tmp_path):
+    # load_model shares one reader per GGUF file and one tensor-name map per architecture
+    # and depth (transformers asks for them 3 and ~400 times); outside the block, gguf's own
+    gguf = pytest.importorskip("gguf")
+    from fibquant_cli.hf.model import gguf_read_once
+
+    paths = []
+    for name in ("a", "b"):
+        writer = gguf.GGUFWriter(str(tmp_path / f"{name}.gguf"), "llama")
+        writer.add_block_count(2)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        paths.append(tmp_path / f"{name}.gguf")
+    original = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_read_once():
+        first = gguf.GGUFReader(paths[0])
+        assert gguf.GGUFReader(str(paths[0])) is first  # the same file, however named
+        assert gguf.GGUFReader(paths[1]) is not first
+        assert first.tensors[0].name == "token_embd.weight"
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+        assert gguf.get_tensor_name_map(arch, 2) is not gguf.get_tensor_name_map(arch, 3)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == original
+    assert gguf.GGUFReader(paths[0]) is not gguf.GGUFReader(paths[0])
