@@ -37,7 +37,8 @@ THIRD_PARTY = {
     "storage": {"numpy"},
     "ops": {"numpy", "threadpoolctl", "dask", "distributed", "fsspec"},  # the last 3: ops/batch
     "api": {"numpy", "ml_dtypes", "threadpoolctl"},  # torch tensors are converted, never imported
-    "hf": {"numpy", "ml_dtypes", "safetensors", "torch", "transformers", "tokenizers"},
+    "hf": {"numpy", "ml_dtypes", "safetensors", "torch", "transformers", "tokenizers",
+           "gguf"},  # the hf extra: transformers reads GGUF files through it
     "cli": {"typer", "rich", "matplotlib"},
 }
 
