@@ -252,3 +252,15 @@ def test_gguf_files_are_read_once_per_load(tmp_path):
         assert gguf.get_tensor_name_map(arch, 2) is not gguf.get_tensor_name_map(arch, 3)
     assert (gguf.GGUFReader, gguf.get_tensor_name_map) == original
     assert gguf.GGUFReader(paths[0]) is not gguf.GGUFReader(paths[0])
+
+
+def test_no_progress_bar_reaches_stderr_when_a_model_loads():
+    # transformers' GGUF loader draws a tqdm bar that disable_progress_bar does not reach;
+    # import_torch sets tqdm's default off before transformers imports it (a fresh process:
+    # tqdm reads TQDM_* once, at its import)
+    code = ("import os; os.environ.pop('TQDM_DISABLE', None)\n"
+            "from fibquant_cli.hf.model import import_torch; import_torch()\n"
+            "from tqdm.auto import tqdm; print(tqdm(range(3)).disable)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "True" and out.stderr == ""

@@ -30,6 +30,9 @@ def import_torch():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' GGUF loader draws a tqdm bar of its own, which disable_progress_bar (below)
+    # does not reach; tqdm takes defaults from TQDM_* when first imported (transformers does)
+    os.environ.setdefault("TQDM_DISABLE", "1")
     try:
         import torch
         import transformers
