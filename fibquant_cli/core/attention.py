@@ -44,7 +44,7 @@ about half of the work each. TV alone needs the original weights p, rows x keys:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -121,6 +121,11 @@ class FidelityStats:
                              tv_max=max(t[1] for t in tails) if has_tv else None,
                              top8_sum=math.fsum(t[2] for t in tails) if has_top8 else None,
                              proxy=proxy)
+
+    def as_proxy(self) -> FidelityStats:
+        """The same rows, labelled as the key-self-attention proxy (keys stood in for the
+        queries)."""
+        return replace(self, proxy=True)
 
     def summary(self) -> dict:
         """The scalar fields (no per-row array), for reports and JSON."""
@@ -261,7 +266,7 @@ def key_self_attention_proxy(k: np.ndarray, v: np.ndarray, k_hat: np.ndarray, v_
     stats = attention_fidelity(k, k, v, k_hat, v_hat, causal=causal, query_chunk=query_chunk,
                                budget_bytes=budget_bytes, cosine_only=cosine_only,
                                total_variation=total_variation)
-    return FidelityStats.from_rows(stats.cosines, *stats.tails, proxy=True)
+    return stats.as_proxy()
 
 
 def plan_blocks(group_heads: int, tokens_q: int, tokens_k: int, *, budget_bytes: int,

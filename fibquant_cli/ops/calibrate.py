@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +29,7 @@ from fibquant_cli.formats.basis import ROLES, BasisRope, BasisSource
 from fibquant_cli.formats.digest import file_digest, tensor_digest_of_chunks
 from fibquant_cli.formats.kvdump import Dump, open_dump, read_layer
 from fibquant_cli.formats.manifest import manifest_path_for
-from fibquant_cli.ops.fidelity import SCORING_THREADS, kv_entries, read_query_layer, sample_windows
+from fibquant_cli.ops.fidelity import kv_entries, read_query_layer, sample_windows, scoring_threads
 from fibquant_cli.ops.process import one_blas_thread
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.threads import in_order
@@ -257,7 +256,7 @@ def measure_sensitivity(sources: list[_Source], fits, layers: int, keep_first: i
     """``(layers, 2)`` mean over the dumps with queries of drop / eps, or None without any;
     ``queries`` positions scored per layer.
 
-    Layers are probed in ``SCORING_THREADS`` threads: each layer's noise comes from its own
+    Layers are probed in ``fidelity.scoring_threads()`` threads: each layer's noise comes from its own
     seed and its sums are added in layer order, so the result does not depend on it (tested).
     """
     with_queries = [s for s in sources if s.dump.manifest.attention is not None]
@@ -265,7 +264,7 @@ def measure_sensitivity(sources: list[_Source], fits, layers: int, keep_first: i
         return None
     total = np.zeros((layers, len(ROLES)))
     progress.start(len(with_queries) * layers, "sensitivity")
-    jobs = min(os.cpu_count() or 1, SCORING_THREADS)
+    jobs = scoring_threads()
     for source in with_queries:
         def drops(layer: int, source=source) -> list[float]:
             return _layer_drops(source, layer, fits, keep_first, rope, queries)

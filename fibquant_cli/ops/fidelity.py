@@ -32,7 +32,7 @@ DEFAULT_MAX_QUERIES = 2048
 # so the scoring adds at most 20% to compress --bits 3 (README, "Scoring cost").
 DEFAULT_QUERY_SAMPLE = 96
 DEFAULT_LAYER_SAMPLE = 3
-SCORING_THREADS = 2  # layers scored at once (``measure``)
+SCORING_THREADS = 2  # layers scored at once (``measure``, calibrate's probes)
 # At most this many bytes of reference outputs are kept for a search (``measure``'s
 # ``references``): 159 MB for SmolLM2-135M at 2,048 query positions in every layer.
 REFERENCE_BYTES = 512 << 20
@@ -200,15 +200,15 @@ def _measure(dump: Dump, reconstruct: Reconstruct, max_queries: int,
         v = read_layer(dump, dump.manifest.entries[iv], layer).astype(np.float32)
         k_hat, v_hat = reconstruct(ik, layer), reconstruct(iv, layer)
         per_window = [_window_stats(dump, layer, w, (k, v, k_hat, v_hat), attn, causal,
-                                    (cosine_only, total_variation), reference(layer, w))
+                                    cosine_only=cosine_only, total_variation=total_variation,
+                                    reference=reference(layer, w))
                       for w in windows]
         stats = per_window[0] if len(per_window) == 1 else FidelityStats.merge(per_window)
         return layer, stats, _err(k, k_hat), _err(v, v_hat)
 
     # Layers are scored in threads (their results merged in order, so the figures do not
     # depend on it); ``reconstruct`` must be safe to call from several threads at once.
-    jobs = min(os.cpu_count() or 1, SCORING_THREADS)
-    for layer, stats, ek, ev in in_order(score, scored, jobs, "fibquant-score"):
+    for layer, stats, ek, ev in in_order(score, scored, scoring_threads(), "fibquant-score"):
         parts.append(stats)
         key_err = [key_err[0] + ek[0], key_err[1] + ek[1]]
         value_err = [value_err[0] + ev[0], value_err[1] + ev[1]]
@@ -224,20 +224,19 @@ def _measure(dump: Dump, reconstruct: Reconstruct, max_queries: int,
 
 
 def _window_stats(dump: Dump, layer: int, window: slice, kv, attn, causal: bool,
-                  wanted: tuple[bool, bool] = (False, True),
-                  reference: Reference | None = None):
-    """Rows of the query positions ``window``; a causal window sees the keys up to its end."""
+                  **scoring):
+    """Rows of the query positions ``window``; a causal window sees the keys up to its end.
+    ``scoring``: ``attention_fidelity``'s statistics and reference keywords."""
     stop = window.stop if causal else kv[0].shape[2]
     k, v, k_hat, v_hat = (x[:, :, :stop] for x in kv)
     q = read_query_layer(dump, layer, window) if attn is not None else kv[0][:, :, window]
-    stats = attention_fidelity(q, k, v, k_hat, v_hat, causal=causal, cosine_only=wanted[0],
-                               total_variation=wanted[1], reference=reference)
-    return stats if attn is not None else _as_proxy(stats)
+    stats = attention_fidelity(q, k, v, k_hat, v_hat, causal=causal, **scoring)
+    return stats if attn is not None else stats.as_proxy()
 
 
-def _as_proxy(stats: FidelityStats) -> FidelityStats:
-    """The same rows, labelled as the key-self-attention proxy (keys stood in for queries)."""
-    return FidelityStats.from_rows(stats.cosines, *(stats.tails or (None,) * 3), proxy=True)
+def scoring_threads() -> int:
+    """Threads that score layers at once: ``SCORING_THREADS``, at most one per core."""
+    return min(os.cpu_count() or 1, SCORING_THREADS)
 
 
 def _err(x: np.ndarray, x_hat: np.ndarray) -> tuple[float, float]:

@@ -56,10 +56,13 @@ def choose_for_target(source, target: float, *, manifest=None, seed: int = 0,
     progress = progress or Progress()
     dump = open_dump(source, manifest)
     require_kv_pair(dump, "a target cosine")
+    # every point is scored on the cosine alone, against the original attention computed by
+    # the first point of either search (``fidelity.measure``)
+    scoring = {"cosine_only": True, "references": {}}
     if basis is not None:
-        return _transform_ratio(dump, target, basis, max_queries, progress)
+        return _transform_ratio(dump, target, basis, max_queries, progress, scoring)
     try:
-        chosen, missed = _per_vector(dump, target, seed, max_queries, progress), None
+        chosen, missed = _per_vector(dump, target, seed, max_queries, progress, scoring), None
     except UsageError as err:
         if not own_basis:
             raise
@@ -77,7 +80,8 @@ def choose_for_target(source, target: float, *, manifest=None, seed: int = 0,
         path = Path(tmp) / "own.basis.safetensors"
         write_own_basis(dump, DEFAULT_KEEP_FIRST, Progress(), path)
         try:  # the answer is an own-basis spec: compress fits the same basis again
-            spec, own = _transform_ratio(dump, target, None, max_queries, progress, path)
+            spec, own = _transform_ratio(dump, target, None, max_queries, progress, scoring,
+                                         path)
         except UsageError as err:
             if missed is not None:
                 raise UsageError(f"{missed.reason}; against its own basis: {err.reason}",
@@ -91,17 +95,16 @@ def choose_for_target(source, target: float, *, manifest=None, seed: int = 0,
     return spec, own
 
 
-def _per_vector(dump, target: float, seed: int, max_queries: int,
-                progress: Progress) -> tuple[CompressSpec, TargetChoice]:
-    """The first per-vector point, cheapest first, whose cosine meets ``target``."""
+def _per_vector(dump, target: float, seed: int, max_queries: int, progress: Progress,
+                scoring: dict) -> tuple[CompressSpec, TargetChoice]:
+    """The first per-vector point, cheapest first, whose cosine meets ``target``
+    (``scoring``: ``run_fibquant``'s, shared by the whole search)."""
     pair = require_kv_pair(dump, "a target cosine")
     shape = dump.manifest.entries[pair[0]].shape
     specs = sorted(fibquant_specs(seed),
                    key=lambda s: estimated_bits_per_value(s, shape.head_dim, shape.tokens))
     choice = TargetChoice(target, None, None)
     progress.start(len(specs), f"searching for cosine >= {target}")
-    # the cosine alone, against the original attention computed by the first point
-    scoring = {"cosine_only": True, "references": {}}
     with tempfile.TemporaryDirectory(prefix="fibquant-target-") as tmp:
         for spec in specs:
             try:
@@ -122,7 +125,7 @@ def _per_vector(dump, target: float, seed: int, max_queries: int,
 
 
 def _transform_ratio(dump, target: float, basis, max_queries: int, progress: Progress,
-                     own_path=None) -> tuple[CompressSpec, TargetChoice]:
+                     scoring: dict, own_path=None) -> tuple[CompressSpec, TargetChoice]:
     """Bisection on log ratio between ``TRANSFORM_RATIO_RANGE``: the cosine falls as the ratio
     grows (fewer bits everywhere), so the last ratio that met the target is kept. ``basis``
     None: against the dump's own basis, fitted once and written at ``own_path``."""
@@ -134,7 +137,6 @@ def _transform_ratio(dump, target: float, basis, max_queries: int, progress: Pro
     lo, hi = (math.log2(r) for r in TRANSFORM_RATIO_RANGE)
     best = None
     progress.start(TRANSFORM_SEARCH_STEPS + 1, f"searching for cosine >= {target}")
-    scoring = {"cosine_only": True, "references": {}}
     with tempfile.TemporaryDirectory(prefix="fibquant-target-") as tmp:
         for step in range(TRANSFORM_SEARCH_STEPS + 1):
             ratio = 2 ** (lo if step == 0 else (lo + hi) / 2)

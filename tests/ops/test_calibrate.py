@@ -185,7 +185,7 @@ def test_too_few_tokens_and_existing_output(tmp_path):
 def test_sensitivity_does_not_depend_on_the_probing_threads(tmp_path, monkeypatch):
     # layers are probed in threads; each layer's noise has its own seed and the sums go in
     # layer order, so one thread and two give the same file to the bit
-    from fibquant_cli.ops import calibrate as calibrate_op
+    from fibquant_cli.ops import fidelity  # the probes take their thread count from it
 
     rng = np.random.default_rng(4)
     shape = (1, 2, 120, 16)
@@ -195,7 +195,7 @@ def test_sensitivity_does_not_depend_on_the_probing_threads(tmp_path, monkeypatc
     src = write_kv(tmp_path, "q", keys, values, queries=queries, query_heads=4)
     outs = []
     for threads in (1, 2):
-        monkeypatch.setattr(calibrate_op, "SCORING_THREADS", threads)
+        monkeypatch.setattr(fidelity, "SCORING_THREADS", threads)
         outs.append(tmp_path / f"t{threads}.basis.safetensors")
         ok(invoke("calibrate", src, "-o", outs[-1]))
     assert outs[0].read_bytes() == outs[1].read_bytes()

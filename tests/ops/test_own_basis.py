@@ -276,7 +276,7 @@ def test_target_cosine_searches_the_own_basis_too(dumps, monkeypatch):
     _, (path, _), _ = dumps
 
     def per_vector_at(ratio):
-        def answer(dump, target, seed, max_queries, progress):
+        def answer(dump, target, seed, max_queries, progress, scoring):
             tried = [{"label": "k=2,N=64 keep 1+0", "ratio": ratio, "cosine_mean": 0.96}]
             spec = resolve_spec(bits=3)
             return spec, T.TargetChoice(target, spec.to_json(), 0.96, tried, ratio)
