@@ -264,3 +264,39 @@ def test_no_progress_bar_reaches_stderr_when_a_model_loads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "True" and out.stderr == ""
+
+
+def test_calibrate_measures_sensitivity_with_the_model(cli, models, tmp_path):
+    """calibrate --model: the basis of the dumps, each (layer, role)'s sensitivity the KL of
+    the model's continuation with that matrix perturbed; the same run twice writes the same
+    bytes; a model of another RoPE than the dumps' is refused with nothing written."""
+    from fibquant_cli.formats.basis import load_basis
+
+    dump = tmp_path / "kv.safetensors"
+    assert cli("dump", "--model", models["llama"], "--text", models["text"], "--tokens", 200,
+               "-o", dump).exit_code == 0
+    plain, a, b = (tmp_path / f"{n}.basis.safetensors" for n in ("plain", "a", "b"))
+    assert cli("calibrate", dump, "-o", plain).exit_code == 0
+    args = ("--model", models["llama"], "--text", models["text"], "--prefix-tokens", PREFIX,
+            "--continuation-tokens", CONT)
+    res = cli("calibrate", dump, "-o", a, *args, "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["sensitivity_by"].startswith("model KL (llama, text.txt)")
+    assert cli("calibrate", dump, "-o", b, *args).exit_code == 0
+    assert a.read_bytes() == b.read_bytes()
+    by_model, by_attention = load_basis(a), load_basis(plain)
+    sens = np.array([[by_model.sensitivity(layer, r) for r in ("key", "value")]
+                     for layer in range(2)])
+    assert np.isfinite(sens).all() and (sens >= 0).all() and sens.max() > 0
+    # the same fit, another measure
+    for layer in range(2):
+        assert np.array_equal(by_model.matrix(layer, "key")[1], by_attention.matrix(layer, "key")[1])
+    assert not np.allclose(sens, [[by_attention.sensitivity(layer, r) for r in ("key", "value")]
+                                  for layer in range(2)])
+    c = tmp_path / "c.basis.safetensors"
+    res = cli("calibrate", dump, "-o", c, "--model", models["gpt2"], "--text", models["text"],
+              "--prefix-tokens", PREFIX, "--continuation-tokens", CONT)
+    assert res.exit_code == 3 and "RoPE (none) differs" in res.stderr and not c.exists()
+    res = cli("calibrate", dump, "-o", c, "--text", models["text"])
+    assert res.exit_code == 2 and "--text and --ids go with --model" in res.stderr

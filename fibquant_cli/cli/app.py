@@ -271,18 +271,33 @@ def calibrate(
     rope_undo: Annotated[bool, typer.Option(
         "--rope-undo/--no-rope-undo", help="Undo RoPE on post-RoPE keys before fitting "
         "(needs the manifest's rope object).")] = True,
+    model: ModelOpt = None,
+    text: TextOpt = None,
+    ids: IdsOpt = None,
+    prefix_tokens: PrefixOpt = 1024,
+    continuation_tokens: ContinuationOpt = 256,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Learn a model-level PCA basis per layer (keys and values) for transform coding.
 
-    Also measures, when the dumps have queries, each layer's attention sensitivity.
+    Also measures each layer's sensitivity: with --model, by the model's own next-token KL
+    over a text (docs/transform.md: lower KL at every ratio); otherwise, when the dumps have
+    queries, by the attention outputs.
     """
-    from fibquant_cli.ops.calibrate import calibrate as run
-
+    _model_inputs(model, text, ids, "calibrate")
+    options = dict(output=output, keep_first=keep_first, rope_undo=rope_undo, force=force)
     with RichProgress() as progress:
-        rep = run(dumps, output=output, keep_first=keep_first, rope_undo=rope_undo,
-                  force=force, progress=progress)
+        if model is None:
+            from fibquant_cli.ops.calibrate import calibrate as run
+
+            rep = run(dumps, progress=progress, **options)
+        else:
+            from fibquant_cli.hf.sensitivity import calibrate_with_model
+
+            rep = calibrate_with_model(dumps, model=model, text=text, ids_from=ids,
+                                       prefix=prefix_tokens, continuation=continuation_tokens,
+                                       progress=progress, **options)
     from fibquant_cli.cli import tables
 
     console.show(rep, as_json, tables.calibrate_table)

@@ -185,9 +185,9 @@ def calibrate_table(rep) -> Table:
         ("keys", "RoPE undone" if rep.rope_undone else "fitted as stored"),
         *[(f"{role} variance in top 25% of components", f"{share:.3f} (mean over layers)")
           for role, share in rep.top_variance.items()],
-        ("sensitivity (cos drop per rel. MSE)",
-         "— (no queries in the dumps)" if sens is None else
-         f"{sens['min']:.3g} .. {sens['max']:.3g}"),
+        ("sensitivity (per rel. MSE)",
+         "— (no queries in the dumps, no --model)" if sens is None else
+         f"{sens['min']:.3g} .. {sens['max']:.3g}, {rep.sensitivity_by}"),
         ("digest", rep.digest),
         ("seconds", f"{rep.seconds:.1f}"),
     ]

@@ -13,7 +13,8 @@ basis       ``(D, D) float32``, orthonormal columns: the principal directions of
 variance    ``(D,) float32``, the rows' variance along each column (population variance,
             decreasing, >= 0).
 sensitivity ``(layers, 2) float32``, optional: per layer, column 0 keys and 1 values, the drop
-            of the mean attention-output cosine per unit of relative MSE (docs/transform.md).
+            of the mean attention-output cosine per unit of relative MSE, or with
+            ``calibrate --model`` the model's next-token KL per unit (docs/transform.md).
 query_weight ``(layers, D) float32``, optional: per layer, the calibration queries' energy
             along each key column, relative to the mean column (docs/transform.md).
 

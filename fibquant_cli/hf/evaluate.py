@@ -91,17 +91,17 @@ class Session:
         self.dump, _ = write_dump(lm, self.capture, self.prefix_ids,
                                   self.workdir / "prefix.safetensors", dtype)
         self.checks: list[dict] = []
-        self.logp_ref = self._logp([as_dtype(k, dtype) for k in self.capture.keys],
+        self.logp_ref = self.logp([as_dtype(k, dtype) for k in self.capture.keys],
                                    [as_dtype(v, dtype) for v in self.capture.values])
         self.reference_nll = compare(self.logp_ref, self.logp_ref, self.targets).nll
         self._cache_check(ids[:, :prefix + continuation], prefix)
         self._round_trip_check()
 
-    def _logp(self, keys, values) -> np.ndarray:
+    def logp(self, keys, values) -> np.ndarray:
         return continuation_logp(self.lm, build_cache(keys, values), self.cont_ids)
 
     def _cache_check(self, ids: np.ndarray, prefix: int) -> None:
-        cached = compare(self.logp_ref, self._logp(self.capture.keys, self.capture.values),
+        cached = compare(self.logp_ref, self.logp(self.capture.keys, self.capture.values),
                          self.targets).nll
         direct = compare(self.logp_ref, full_logp(self.lm, ids, prefix), self.targets).nll
         gap = abs(cached - direct)
@@ -111,14 +111,14 @@ class Session:
                                     f"no-cache forward ({direct:.6f})| nats"})
 
     def _round_trip_check(self) -> None:
-        result = compare(self.logp_ref, self._logp(*read_kv(self.dump)), self.targets)
+        result = compare(self.logp_ref, self.logp(*read_kv(self.dump)), self.targets)
         self.checks.append({"name": "round trip", "value": result.delta_nll, "limit": 0.0,
                             "passed": result.delta_nll == 0.0 and result.kl == 0.0,
                             "what": f"ΔNLL of the uncompressed {self.dtype} dump written and "
                                     f"read back (KL {result.kl:.1e})"})
 
     def score_restored(self, path: Path):
-        return compare(self.logp_ref, self._logp(*read_kv(path)), self.targets)
+        return compare(self.logp_ref, self.logp(*read_kv(path)), self.targets)
 
     def run_spec(self, spec: CompressSpec, *, attention: bool = False,
                  max_queries: int | None = None, own_basis: str = "never",
@@ -160,7 +160,7 @@ class Session:
                 out[role].append(as_dtype(x_hat, self.dtype).astype(np.float32))
                 bits += codec.bits_per_value(x.shape, role) * x.size
         seconds = time.perf_counter() - start
-        result = compare(self.logp_ref, self._logp(out["key"], out["value"]), self.targets)
+        result = compare(self.logp_ref, self.logp(out["key"], out["value"]), self.targets)
         values_n = sum(x.size for x in keys + values)
         source_bits = 8 * NUMPY_DTYPES[self.dtype].itemsize * values_n
         return ModelPoint(name, name, source_bits / bits, bits / values_n, result.nll,

@@ -74,6 +74,7 @@ class CalibrationReport:
     sources: list = field(default_factory=list)  # {"file", "digest", "queries"}
     top_variance: dict = field(default_factory=dict)  # role -> mean over layers
     sensitivity: dict | None = None  # {"min", "max", "by_role": {role: [per layer]}}
+    sensitivity_by: str | None = None  # "attention cosine" or "model KL (MODEL, TEXT)"
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -82,6 +83,7 @@ class CalibrationReport:
                 "tokens": self.tokens, "rope_undone": self.rope_undone,
                 "keep_first": self.keep_first, "sources": self.sources,
                 "top_variance_fraction": self.top_variance, "sensitivity": self.sensitivity,
+                "sensitivity_by": self.sensitivity_by,
                 "seconds": self.seconds}
 
 
@@ -203,7 +205,7 @@ class Moments:
 # ------------------------------------------------------------------------- sensitivity
 
 
-def _probe(x: np.ndarray, fit, layer: int, role: str, keep_first: int,
+def probe(x: np.ndarray, fit, layer: int, role: str, keep_first: int,
            rope: BasisRope | None, pos: np.ndarray) -> np.ndarray:
     """``x`` float32 with Gaussian noise of covariance ``eps * B diag(variance) B^T`` added to
     the rows after ``keep_first`` (in the fitted space: keys with RoPE undone, then redone)."""
@@ -238,7 +240,7 @@ def _layer_drops(source: _Source, layer: int, fits, keep_first: int,
     drops = []
     for role in ROLES:
         x = k if role == "key" else v
-        x_hat = _probe(x, fits[(layer, role)], layer, role, keep_first, rope, pos)
+        x_hat = probe(x, fits[(layer, role)], layer, role, keep_first, rope, pos)
         k_hat, v_hat = (x_hat, v) if role == "key" else (k, x_hat)
         stats = []
         for window, q in zip(windows, queries):
@@ -347,10 +349,12 @@ def source_of(dump: Dump, digest: str) -> _Source:
 
 
 def fit_sources(sources: list[_Source], keep_first: int, rope: BasisRope | None,
-                progress: Progress, sensitivity_queries: int = SENSITIVITY_QUERIES) -> Fit:
+                progress: Progress, sensitivity_queries: int = SENSITIVITY_QUERIES,
+                sensitivity_of=None) -> Fit:
     """The basis of ``sources`` (in the order given; ``open_sources`` sorts them by digest):
-    moments, ``eigh``, then sensitivity (``sensitivity_queries`` positions per layer) and
-    query weights from the dumps with queries.
+    moments, ``eigh``, then sensitivity (``sensitivity_queries`` positions per layer, or
+    ``sensitivity_of(fits, layers, keep_first, rope, progress)``: the model's own, from
+    ``hf/sensitivity``) and query weights from the dumps with queries.
 
     Raises:
         InvalidInputError: fewer than D + 1 rows per matrix after ``keep_first``.
@@ -374,8 +378,11 @@ def fit_sources(sources: list[_Source], keep_first: int, rope: BasisRope | None,
             progress.advance("fit")
     fits = {key: tuple(a.astype(np.float32).astype(np.float64) for a in m.fit())
             for key, m in moments.items()}
-    sensitivity = measure_sensitivity(sources, fits, layers, keep_first, rope, progress,
-                                      sensitivity_queries)
+    if sensitivity_of is not None:
+        sensitivity = sensitivity_of(fits, layers, keep_first, rope, progress)
+    else:
+        sensitivity = measure_sensitivity(sources, fits, layers, keep_first, rope, progress,
+                                          sensitivity_queries)
     query_weight = measure_query_weight(sources, fits, layers, keep_first, rope)
     return Fit(fits, sensitivity, query_weight, rows, dim)
 
@@ -385,8 +392,11 @@ def fit_sources(sources: list[_Source], keep_first: int, rope: BasisRope | None,
 
 def calibrate(paths: list[str], *, output: str, keep_first: int = DEFAULT_KEEP_FIRST,
               rope_undo: bool = True, force: bool = False,
-              progress: Progress | None = None) -> CalibrationReport:
+              progress: Progress | None = None, model_sensitivity=None) -> CalibrationReport:
     """Fit a basis file from the dumps ``paths`` and write it to ``output``.
+
+    ``model_sensitivity``: ``(label, sensitivity_of)`` to measure the sensitivity with a
+    model rather than the attention (``hf/sensitivity.model_sensitivity``).
 
     Raises:
         UsageError: no dumps, a negative ``keep_first``, an output that exists without
@@ -409,7 +419,8 @@ def calibrate(paths: list[str], *, output: str, keep_first: int = DEFAULT_KEEP_F
         sources = open_sources(paths, rope_undo, progress)
         shape = sources[0].dump.manifest.entries[sources[0].key].shape
         rope = key_rope(sources[0], rope_undo)
-        fit = fit_sources(sources, keep_first, rope, progress)
+        fit = fit_sources(sources, keep_first, rope, progress,
+                          sensitivity_of=model_sensitivity[1] if model_sensitivity else None)
     layers, dim, fits, sensitivity = shape.layers, fit.dim, fit.matrices, fit.sensitivity
     basis = write_basis(out, layers=layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
                         rope=rope, keep_first=keep_first, tokens=fit.rows,
@@ -426,6 +437,7 @@ def calibrate(paths: list[str], *, output: str, keep_first: int = DEFAULT_KEEP_F
         top_variance={role: float(np.mean([_top_share(fits[(layer, role)][2], top)
                                            for layer in range(layers)])) for role in ROLES})
     if sensitivity is not None:
+        report.sensitivity_by = model_sensitivity[0] if model_sensitivity else "attention cosine"
         report.sensitivity = {"min": float(sensitivity.min()), "max": float(sensitivity.max()),
                               "by_role": {role: [float(x) for x in sensitivity[:, i]]
                                           for i, role in enumerate(ROLES)}}
