@@ -42,7 +42,9 @@ def calibrate_with_model(paths: list[str], *, model, text=None, ids_from=None,
     label = f"model KL ({Path(model).name}, {Path(text or ids_from).name})"
     with tempfile.TemporaryDirectory(prefix="fibquant-calibrate-") as tmp:
         def sensitivity_of(fits, layers, keep_first, rope, progress):
+            progress.start(1, "model: load, prefix, self-checks")
             session = _session(model, text, ids_from, prefix, continuation, Path(tmp))
+            progress.advance("model: load, prefix, self-checks")
             return model_sensitivity(session, fits, layers, keep_first, rope, progress)
 
         return calibrate(paths, model_sensitivity=(label, sensitivity_of), **options)
