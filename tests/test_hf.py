@@ -300,3 +300,7 @@ def test_calibrate_measures_sensitivity_with_the_model(cli, models, tmp_path):
     assert res.exit_code == 3 and "RoPE (none) differs" in res.stderr and not c.exists()
     res = cli("calibrate", dump, "-o", c, "--text", models["text"])
     assert res.exit_code == 2 and "--text and --ids go with --model" in res.stderr
+    res = cli("calibrate", dump, "-o", c, "--model", tmp_path / "nope.gguf", "--text",
+              models["text"])
+    assert res.exit_code == 3 and "no such model file or folder" in res.stderr
+    assert not c.exists()

@@ -68,14 +68,7 @@ def load_model(path, *, threads: int | None = None) -> LoadedModel:
         InvalidInputError: no such file or folder, a folder without ``config.json``, a model
             transformers cannot load, or RoPE it cannot describe exactly (see ``rope_of``).
     """
-    path = Path(path)
-    if not path.exists():
-        raise InvalidInputError("no such model file or folder", path=str(path))
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise InvalidInputError("a model folder needs a config.json", path=str(path))
-    if path.is_file() and path.suffix != ".gguf":
-        raise InvalidInputError("a model file must be a .gguf (or give a model folder)",
-                                path=str(path))
+    path = check_model_path(path)
     torch, transformers = import_torch()
     if threads:
         torch.set_num_threads(threads)
@@ -94,6 +87,20 @@ def load_model(path, *, threads: int | None = None) -> LoadedModel:
     layers, query_heads, kv_heads, head_dim = config_geometry(model.config)
     return LoadedModel(path, model, tokenizer, layers, query_heads, kv_heads, head_dim,
                        rope_of(model.config, head_dim, str(path)))
+
+
+def check_model_path(path) -> Path:
+    """``path`` as a Path if it can be a model (a folder with ``config.json`` or a ``.gguf``
+    file), without loading anything: commands check it before their long work."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInputError("no such model file or folder", path=str(path))
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise InvalidInputError("a model folder needs a config.json", path=str(path))
+    if path.is_file() and path.suffix != ".gguf":
+        raise InvalidInputError("a model file must be a .gguf (or give a model folder)",
+                                path=str(path))
+    return path
 
 
 @contextmanager

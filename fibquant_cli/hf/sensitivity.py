@@ -24,7 +24,7 @@ import numpy as np
 from fibquant_cli.errors import InvalidInputError
 from fibquant_cli.hf.evaluate import DEFAULT_PREFIX_TOKENS, Session
 from fibquant_cli.hf.kvfile import as_dtype, read_kv
-from fibquant_cli.hf.model import load_model, read_token_ids
+from fibquant_cli.hf.model import check_model_path, load_model, read_token_ids
 from fibquant_cli.hf.scoring import compare
 from fibquant_cli.ops.calibrate import ROLES, SENSITIVITY_EPS, calibrate, probe
 
@@ -38,7 +38,9 @@ def calibrate_with_model(paths: list[str], *, model, text=None, ids_from=None,
                          continuation: int = DEFAULT_CONTINUATION_TOKENS, **options):
     """``ops.calibrate.calibrate`` with the sensitivity measured by ``model`` on ``text``
     (or the token ids of the dump ``ids_from``). The model is loaded once the basis is
-    fitted, so bad dumps or an existing output are refused before that wait."""
+    fitted (a path that cannot be a model is refused first), so bad dumps or an existing
+    output are refused before that wait."""
+    check_model_path(model)
     label = f"model KL ({Path(model).name}, {Path(text or ids_from).name})"
     with tempfile.TemporaryDirectory(prefix="fibquant-calibrate-") as tmp:
         def sensitivity_of(fits, layers, keep_first, rope, progress):
