@@ -294,7 +294,13 @@ def test_calibrate_measures_sensitivity_with_the_model(cli, models, tmp_path):
         assert np.array_equal(by_model.matrix(layer, "key")[1], by_attention.matrix(layer, "key")[1])
     assert not np.allclose(sens, [[by_attention.sensitivity(layer, r) for r in ("key", "value")]
                                   for layer in range(2)])
+    one = tmp_path / "one.basis.safetensors"  # draw 0 alone: another mean than two draws'
+    assert cli("calibrate", dump, "-o", one, *args, "--draws", "1").exit_code == 0
+    single = np.array([[load_basis(one).sensitivity(layer, r) for r in ("key", "value")]
+                       for layer in range(2)])
+    assert np.isfinite(single).all() and not np.allclose(single, sens)
     c = tmp_path / "c.basis.safetensors"
+    assert cli("calibrate", dump, "-o", c, *args, "--draws", "0").exit_code == 2
     res = cli("calibrate", dump, "-o", c, "--model", models["gpt2"], "--text", models["text"],
               "--prefix-tokens", PREFIX, "--continuation-tokens", CONT)
     assert res.exit_code == 3 and "RoPE (none) differs" in res.stderr and not c.exists()

@@ -276,6 +276,9 @@ def calibrate(
     ids: IdsOpt = None,
     prefix_tokens: PrefixOpt = 1024,
     continuation_tokens: ContinuationOpt = 256,
+    draws: Annotated[int, typer.Option(
+        min=1, help="With --model: noise draws averaged per layer and role (one "
+        "continuation scored each).")] = 2,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -297,7 +300,7 @@ def calibrate(
 
             rep = calibrate_with_model(dumps, model=model, text=text, ids_from=ids,
                                        prefix=prefix_tokens, continuation=continuation_tokens,
-                                       progress=progress, **options)
+                                       draws=draws, progress=progress, **options)
     from fibquant_cli.cli import tables
 
     console.show(rep, as_json, tables.calibrate_table)

@@ -3,9 +3,9 @@
 Without a model, ``calibrate`` probes the attention-output cosine: each layer alone, with exact
 inputs, on the prefix's own queries. What a user feels is the model's next-token distribution
 over what follows the prefix, and the two disagree: on SmolLM2-135M (basis and sensitivity
-from the GPL-3 text, a Python-docs cache coded) the model's sensitivities lower the KL from
-0.0066 to 0.0028 at 6x, 0.0219 to 0.0186 at 10x and 0.0635 to 0.0481 at 16x, while the
-attention cosine they are not tuned for falls (docs/transform.md).
+from the GPL-3 text, a Python-docs cache coded) the model's sensitivities (two draws) lower
+the KL from 0.0066 to 0.0029 at 6x, 0.0219 to 0.0174 at 10x and 0.0635 to 0.0539 at 16x,
+while the attention cosine they are not tuned for falls (docs/transform.md).
 
 Per (layer, role): the prefix's cache with that one matrix perturbed by ``calibrate.probe``'s
 noise (relative power ``SENSITIVITY_EPS``, shaped like the data through the fitted basis), the
@@ -31,11 +31,16 @@ from fibquant_cli.ops.calibrate import ROLES, SENSITIVITY_EPS, calibrate, probe
 # Continuation tokens scored per probe: 60 probes of SmolLM2 at 1,024 + 256 tokens take
 # about 2 minutes on 2 cores.
 DEFAULT_CONTINUATION_TOKENS = 256
+# Noise draws averaged per (layer, role). One draw's KL is noisy: two seeds of SmolLM2's
+# table agree to a log correlation of 0.95, single values within 0.54-1.86x (10th-90th
+# percentile), and the 16x gain held with one seed, not the other (docs/transform.md).
+DEFAULT_DRAWS = 2
 
 
 def calibrate_with_model(paths: list[str], *, model, text=None, ids_from=None,
                          prefix: int = DEFAULT_PREFIX_TOKENS,
-                         continuation: int = DEFAULT_CONTINUATION_TOKENS, **options):
+                         continuation: int = DEFAULT_CONTINUATION_TOKENS,
+                         draws: int = DEFAULT_DRAWS, **options):
     """``ops.calibrate.calibrate`` with the sensitivity measured by ``model`` on ``text``
     (or the token ids of the dump ``ids_from``). The model is loaded once the basis is
     fitted (a path that cannot be a model is refused first), so bad dumps or an existing
@@ -47,7 +52,7 @@ def calibrate_with_model(paths: list[str], *, model, text=None, ids_from=None,
             progress.start(1, "model: load, prefix, self-checks")
             session = _session(model, text, ids_from, prefix, continuation, Path(tmp))
             progress.advance("model: load, prefix, self-checks")
-            return model_sensitivity(session, fits, layers, keep_first, rope, progress)
+            return model_sensitivity(session, fits, layers, keep_first, rope, progress, draws)
 
         return calibrate(paths, model_sensitivity=(label, sensitivity_of), **options)
 
@@ -64,8 +69,9 @@ def _session(model, text, ids_from, prefix: int, continuation: int, workdir: Pat
 
 
 def model_sensitivity(session: Session, fits, layers: int, keep_first: int, rope,
-                      progress) -> np.ndarray:
-    """``(layers, 2)``: KL per unit of relative MSE of each (layer, role), keys then values.
+                      progress, draws: int = DEFAULT_DRAWS) -> np.ndarray:
+    """``(layers, 2)``: KL per unit of relative MSE of each (layer, role), keys then values,
+    the mean over ``draws`` noises.
 
     Raises:
         InvalidInputError: the model's cache has another geometry or RoPE than the dumps.
@@ -87,17 +93,18 @@ def model_sensitivity(session: Session, fits, layers: int, keep_first: int, rope
                                 path=str(session.lm.path))
     positions = (0 if model_rope is None else model_rope.first_position) + np.arange(t)
     out = np.zeros((layers, len(ROLES)))
-    progress.start(layers * len(ROLES), "model sensitivity")
+    progress.start(layers * len(ROLES) * draws, "model sensitivity")
     for layer in range(layers):
         for j, role in enumerate(ROLES):
-            cache = {"key": list(keys), "value": list(values)}
-            x_hat = probe(cache[role][layer], fits[(layer, role)], layer, role, keep_first,
-                          rope if role == "key" else None, positions)
-            cache[role][layer] = as_dtype(x_hat, session.dtype).astype(np.float32)
-            result = compare(session.logp_ref, session.logp(cache["key"], cache["value"]),
-                             session.targets)
-            out[layer, j] = result.kl / SENSITIVITY_EPS
-            progress.advance(f"layer {layer} {role}")
+            for draw in range(draws):
+                cache = {"key": list(keys), "value": list(values)}
+                x_hat = probe(cache[role][layer], fits[(layer, role)], layer, role, keep_first,
+                              rope if role == "key" else None, positions, draw)
+                cache[role][layer] = as_dtype(x_hat, session.dtype).astype(np.float32)
+                result = compare(session.logp_ref, session.logp(cache["key"], cache["value"]),
+                                 session.targets)
+                out[layer, j] += result.kl / SENSITIVITY_EPS / draws
+                progress.advance(f"layer {layer} {role}")
     return out
 
 

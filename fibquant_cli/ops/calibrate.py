@@ -206,16 +206,18 @@ class Moments:
 
 
 def probe(x: np.ndarray, fit, layer: int, role: str, keep_first: int,
-           rope: BasisRope | None, pos: np.ndarray) -> np.ndarray:
+           rope: BasisRope | None, pos: np.ndarray, draw: int = 0) -> np.ndarray:
     """``x`` float32 with Gaussian noise of covariance ``eps * B diag(variance) B^T`` added to
-    the rows after ``keep_first`` (in the fitted space: keys with RoPE undone, then redone)."""
+    the rows after ``keep_first`` (in the fitted space: keys with RoPE undone, then redone);
+    ``draw`` > 0: another noise, seeded by it too (draw 0 is the noise of every release)."""
     _, basis, variance = fit
     b, h = x.shape[:2]
     tail = x[:, :, keep_first:].astype(np.float64)
     if role == "key" and rope is not None:
         tail = unrotate(tail, pos[keep_first:], rope.theta, rope.style)
     rows = heads_side_by_side(tail)
-    rng = np.random.default_rng((SENSITIVITY_SEED, layer, ROLES.index(role)))
+    seed = (SENSITIVITY_SEED, layer, ROLES.index(role)) + ((draw,) if draw else ())
+    rng = np.random.default_rng(seed)
     z = rng.standard_normal(rows.shape)
     rows = rows + (z * np.sqrt(SENSITIVITY_EPS * variance)) @ basis.T
     tail = heads_apart(rows, b, h)
