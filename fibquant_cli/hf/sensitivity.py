@@ -77,14 +77,13 @@ def model_sensitivity(session: Session, fits, layers: int, keep_first: int, rope
         InvalidInputError: the model's cache has another geometry or RoPE than the dumps.
     """
     keys, values = read_kv(session.dump)
-    b, h, t, d = keys[0].shape
-    key_entry = next(e for e in _manifest(session).entries if e.shape.role == "key")
+    _, h, t, d = keys[0].shape
     dim = fits[(0, "key")][1].shape[0]
     if (len(keys), h * d) != (layers, dim):
         raise InvalidInputError(f"the model's cache has {len(keys)} layers of D = {h * d}, the "
                                 f"dumps {layers} of D = {dim}: not the same model",
                                 path=str(session.lm.path))
-    model_rope = key_entry.rope
+    model_rope = session.lm.rope  # what the prefix's dump records for its keys
     if rope is not None and (model_rope is None or (model_rope.theta, model_rope.style)
                              != (rope.theta, rope.style)):
         found = "none" if model_rope is None else f"theta {model_rope.theta:g} {model_rope.style}"
@@ -106,9 +105,3 @@ def model_sensitivity(session: Session, fits, layers: int, keep_first: int, rope
                 out[layer, j] += result.kl / SENSITIVITY_EPS / draws
                 progress.advance(f"layer {layer} {role}")
     return out
-
-
-def _manifest(session: Session):
-    from fibquant_cli.formats.kvdump import open_dump
-
-    return open_dump(session.dump).manifest

@@ -206,7 +206,7 @@ class Moments:
 
 
 def probe(x: np.ndarray, fit, layer: int, role: str, keep_first: int,
-           rope: BasisRope | None, pos: np.ndarray, draw: int = 0) -> np.ndarray:
+          rope: BasisRope | None, pos: np.ndarray, draw: int = 0) -> np.ndarray:
     """``x`` float32 with Gaussian noise of covariance ``eps * B diag(variance) B^T`` added to
     the rows after ``keep_first`` (in the fitted space: keys with RoPE undone, then redone);
     ``draw`` > 0: another noise, seeded by it too (draw 0 is the noise of every release)."""
@@ -260,8 +260,9 @@ def measure_sensitivity(sources: list[_Source], fits, layers: int, keep_first: i
     """``(layers, 2)`` mean over the dumps with queries of drop / eps, or None without any;
     ``queries`` positions scored per layer.
 
-    Layers are probed in ``fidelity.scoring_threads()`` threads: each layer's noise comes from its own
-    seed and its sums are added in layer order, so the result does not depend on it (tested).
+    Layers are probed in ``fidelity.scoring_threads()`` threads: each layer's noise comes from
+    its own seed and its sums are added in layer order, so the result does not depend on it
+    (tested).
     """
     with_queries = [s for s in sources if s.dump.manifest.attention is not None]
     if not with_queries:
