@@ -22,6 +22,8 @@ from tiny_models import TEXT, gpt2_config, llama_config, save_tiny  # noqa: E402
 from fibquant_cli.formats.manifest import load_manifest  # noqa: E402
 from fibquant_cli.hf.scoring import kl, log_softmax, nll, top1_agreement  # noqa: E402
 
+from conftest import SAMPLE_DUMP, assert_error  # noqa: E402
+
 PREFIX, CONT = "96", "48"
 
 
@@ -179,6 +181,27 @@ def test_text_too_short_is_invalid_input(cli, models, tmp_path):
     assert "text too short: 9 tokens, needs 1537" in res.stderr
 
 
+@pytest.mark.parametrize("command", ["eval", "sweep", "dump", "calibrate"])
+def test_an_unreadable_or_empty_text_is_refused_before_the_model_loads(cli, models, tmp_path,
+                                                                       monkeypatch, command):
+    from fibquant_cli.hf import evaluate, model, sensitivity
+
+    # each module's own name (imported before hf.model's is patched, or it would keep the patch)
+    for module in (evaluate, model, sensitivity):
+        monkeypatch.setattr(module, "load_model", _must_not_run)
+    dump = tmp_path / "kv.safetensors"
+    front = {"eval": ["eval"], "sweep": ["sweep"], "dump": ["dump", "-o", dump],
+             "calibrate": ["calibrate", SAMPLE_DUMP,
+                           "-o", tmp_path / "b.basis.safetensors"]}[command]
+    empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"
+    empty.write_text(" \n", encoding="utf-8")
+    binary.write_bytes(b"\x8c\xff\x00 not text")
+    for text, reason in ((empty, "the text is empty"), (binary, "cannot read text ('utf-8'")):
+        res = cli(*front, "--model", models["llama"], "--text", text)
+        assert_error(res, 3, str(text), reason)
+    assert not dump.exists() and not (tmp_path / "b.basis.safetensors").exists()
+
+
 def test_model_flags_are_usage_errors(cli, models, tmp_path):
     assert cli("eval", "--model", models["llama"]).exit_code == 2
     res = cli("eval", "--text", models["text"])
@@ -266,7 +289,11 @@ def test_no_progress_bar_reaches_stderr_when_a_model_loads():
     assert out.stdout.strip() == "True" and out.stderr == ""
 
 
-def test_calibrate_measures_sensitivity_with_the_model(cli, models, tmp_path):
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("reached work that a refused input should have spared")
+
+
+def test_calibrate_measures_sensitivity_with_the_model(cli, models, tmp_path, monkeypatch):
     """calibrate --model: the basis of the dumps, each (layer, role)'s sensitivity the KL of
     the model's continuation with that matrix perturbed; the same run twice writes the same
     bytes; a model of another RoPE than the dumps' is refused with nothing written."""
@@ -301,6 +328,8 @@ def test_calibrate_measures_sensitivity_with_the_model(cli, models, tmp_path):
     assert np.isfinite(single).all() and not np.allclose(single, sens)
     c = tmp_path / "c.basis.safetensors"
     assert cli("calibrate", dump, "-o", c, *args, "--draws", "0").exit_code == 2
+    # another model's cache is refused once the model is loaded, before the basis is fitted
+    monkeypatch.setattr("fibquant_cli.ops.calibrate.fit_sources", _must_not_run)
     res = cli("calibrate", dump, "-o", c, "--model", models["gpt2"], "--text", models["text"],
               "--prefix-tokens", PREFIX, "--continuation-tokens", CONT)
     assert res.exit_code == 3 and "RoPE (none) differs" in res.stderr and not c.exists()

@@ -25,7 +25,13 @@ import numpy as np
 from fibquant_cli.errors import InvalidInputError, UsageError
 from fibquant_cli.hf.capture import build_cache, run_prefix
 from fibquant_cli.hf.kvfile import NUMPY_DTYPES, as_dtype, read_kv, write_dump
-from fibquant_cli.hf.model import LoadedModel, load_model, read_token_ids
+from fibquant_cli.hf.model import (
+    LoadedModel,
+    check_model_path,
+    check_token_source,
+    load_model,
+    read_token_ids,
+)
 from fibquant_cli.hf.scoring import compare, continuation_logp, full_logp
 from fibquant_cli.ops.compress import compress
 from fibquant_cli.ops.decompress import decompress
@@ -200,6 +206,8 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
     from fibquant_cli.ops.progress import Progress
 
     progress = progress or Progress()
+    check_model_path(model)
+    check_token_source(text=text, ids_from=ids_from)  # before the load, not after it
     lm = load_model(model)
     ids = read_token_ids(lm, text=text, ids_from=ids_from, needed=prefix + continuation + 1)
     with tempfile.TemporaryDirectory(prefix="fibquant-eval-") as tmp:

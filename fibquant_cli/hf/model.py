@@ -204,28 +204,40 @@ def rope_of(cfg, head_dim: int, where: str) -> RopeSpec | None:
     return RopeSpec(theta=theta, style="half", first_position=0)
 
 
-def read_token_ids(lm: LoadedModel, *, text: Path | None, ids_from: Path | None,
-                   needed: int) -> np.ndarray:
-    """``(1, needed) int64`` token ids from a text file (the model's tokenizer, no special
-    tokens added) or from a dump's ``input_ids``; InvalidInputError when there are fewer."""
+def check_token_source(*, text: Path | None, ids_from: Path | None):
+    """The text (str) or the ``input_ids`` dump's header that ``read_token_ids`` will read,
+    checked without the model: commands call it before loading one, so that an unreadable,
+    empty or id-less input is refused at once, not after the load."""
     if (text is None) == (ids_from is None):
         raise UsageError("give exactly one of --text FILE and --ids DUMP")
     if text is not None:
-        if lm.tokenizer is None:
-            raise UsageError("this model has no tokenizer: give token ids with --ids DUMP",
-                             path=str(lm.path))
         try:
             content = Path(text).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise InvalidInputError(f"cannot read text ({err})", path=str(text)) from None
-        ids = np.asarray(lm.tokenizer(content, add_special_tokens=False)["input_ids"],
+        if not content.strip():
+            raise InvalidInputError("the text is empty", path=str(text))
+        return content
+    header = stfile.read_header(ids_from)
+    if "input_ids" not in header.tensors:
+        raise InvalidInputError("no 'input_ids' tensor", path=str(ids_from))
+    return header
+
+
+def read_token_ids(lm: LoadedModel, *, text: Path | None, ids_from: Path | None,
+                   needed: int) -> np.ndarray:
+    """``(1, needed) int64`` token ids from a text file (the model's tokenizer, no special
+    tokens added) or from a dump's ``input_ids``; InvalidInputError when there are fewer."""
+    source = check_token_source(text=text, ids_from=ids_from)
+    if text is not None:
+        if lm.tokenizer is None:
+            raise UsageError("this model has no tokenizer: give token ids with --ids DUMP",
+                             path=str(lm.path))
+        ids = np.asarray(lm.tokenizer(source, add_special_tokens=False)["input_ids"],
                          dtype=np.int64)[None, :]
         where = str(text)
     else:
-        header = stfile.read_header(ids_from)
-        if "input_ids" not in header.tensors:
-            raise InvalidInputError("no 'input_ids' tensor", path=str(ids_from))
-        ids = np.asarray(stfile.read_tensor(header, "input_ids"), dtype=np.int64)
+        ids = np.asarray(stfile.read_tensor(source, "input_ids"), dtype=np.int64)
         ids = ids.reshape(1, -1) if ids.ndim == 1 else ids[:1]
         where = str(ids_from)
     if ids.shape[1] < needed:

@@ -24,7 +24,7 @@ import numpy as np
 from fibquant_cli.errors import InvalidInputError
 from fibquant_cli.hf.evaluate import DEFAULT_PREFIX_TOKENS, Session
 from fibquant_cli.hf.kvfile import as_dtype, read_kv
-from fibquant_cli.hf.model import check_model_path, load_model, read_token_ids
+from fibquant_cli.hf.model import check_model_path, check_token_source, load_model, read_token_ids
 from fibquant_cli.hf.scoring import compare
 from fibquant_cli.ops.calibrate import ROLES, SENSITIVITY_EPS, calibrate, probe
 
@@ -42,23 +42,34 @@ def calibrate_with_model(paths: list[str], *, model, text=None, ids_from=None,
                          continuation: int = DEFAULT_CONTINUATION_TOKENS,
                          draws: int = DEFAULT_DRAWS, **options):
     """``ops.calibrate.calibrate`` with the sensitivity measured by ``model`` on ``text``
-    (or the token ids of the dump ``ids_from``). The model is loaded once the basis is
-    fitted (a path that cannot be a model is refused first), so bad dumps or an existing
-    output are refused before that wait."""
+    (or the token ids of the dump ``ids_from``).
+
+    What can fail is refused as early as it can be known, never after a wait that could have
+    been spared: the model's path and the text (or ids) before anything, the dumps and the
+    output next (``calibrate``), then the model is loaded and checked against the dumps (its
+    geometry and RoPE, the text's length, the self-checks) before the basis is fitted."""
     check_model_path(model)
+    check_token_source(text=text, ids_from=ids_from)
     label = f"model KL ({Path(model).name}, {Path(text or ids_from).name})"
     with tempfile.TemporaryDirectory(prefix="fibquant-calibrate-") as tmp:
-        def sensitivity_of(fits, layers, keep_first, rope, progress):
+        def prepare(shape, rope, progress):
             progress.start(1, "model: load, prefix, self-checks")
-            session = _session(model, text, ids_from, prefix, continuation, Path(tmp))
+            session = _session(model, text, ids_from, prefix, continuation, Path(tmp),
+                               (shape.layers, shape.kv_heads * shape.head_dim), rope)
             progress.advance("model: load, prefix, self-checks")
-            return model_sensitivity(session, fits, layers, keep_first, rope, progress, draws)
 
-        return calibrate(paths, model_sensitivity=(label, sensitivity_of), **options)
+            def sensitivity_of(fits, layers, keep_first, rope, progress):
+                return model_sensitivity(session, fits, layers, keep_first, rope, progress,
+                                         draws)
+            return sensitivity_of
+
+        return calibrate(paths, model_sensitivity=(label, prepare), **options)
 
 
-def _session(model, text, ids_from, prefix: int, continuation: int, workdir: Path) -> Session:
+def _session(model, text, ids_from, prefix: int, continuation: int, workdir: Path,
+             geometry: tuple[int, int], rope) -> Session:
     lm = load_model(model)
+    check_same_model(lm, geometry, rope)
     ids = read_token_ids(lm, text=text, ids_from=ids_from, needed=prefix + continuation + 1)
     session = Session(lm, ids, prefix, continuation, workdir)
     for check in session.checks:
@@ -68,28 +79,35 @@ def _session(model, text, ids_from, prefix: int, continuation: int, workdir: Pat
     return session
 
 
+def check_same_model(lm, geometry: tuple[int, int], rope) -> None:
+    """Refuse a model whose cache cannot be the dumps': another (layers, D = kv_heads *
+    head_dim) than ``geometry``, or, when the dumps' keys have RoPE undone (``rope``), another
+    RoPE (theta, style) or none.
+
+    Raises:
+        InvalidInputError: naming the model and both sides.
+    """
+    layers, dim = geometry
+    if (lm.layers, lm.kv_heads * lm.head_dim) != (layers, dim):
+        raise InvalidInputError(f"the model's cache has {lm.layers} layers of D = "
+                                f"{lm.kv_heads * lm.head_dim}, the dumps {layers} of D = {dim}: "
+                                "not the same model", path=str(lm.path))
+    if rope is not None and (lm.rope is None or (lm.rope.theta, lm.rope.style)
+                             != (rope.theta, rope.style)):
+        found = "none" if lm.rope is None else f"theta {lm.rope.theta:g} {lm.rope.style}"
+        raise InvalidInputError(f"the model's RoPE ({found}) differs from the dumps' (theta "
+                                f"{rope.theta:g} {rope.style}): not the same model",
+                                path=str(lm.path))
+
+
 def model_sensitivity(session: Session, fits, layers: int, keep_first: int, rope,
                       progress, draws: int = DEFAULT_DRAWS) -> np.ndarray:
     """``(layers, 2)``: KL per unit of relative MSE of each (layer, role), keys then values,
-    the mean over ``draws`` noises.
-
-    Raises:
-        InvalidInputError: the model's cache has another geometry or RoPE than the dumps.
-    """
+    the mean over ``draws`` noises. The session's model must be the dumps' (``_session``
+    checks it with ``check_same_model``)."""
     keys, values = read_kv(session.dump)
-    _, h, t, d = keys[0].shape
-    dim = fits[(0, "key")][1].shape[0]
-    if (len(keys), h * d) != (layers, dim):
-        raise InvalidInputError(f"the model's cache has {len(keys)} layers of D = {h * d}, the "
-                                f"dumps {layers} of D = {dim}: not the same model",
-                                path=str(session.lm.path))
+    t = keys[0].shape[2]
     model_rope = session.lm.rope  # what the prefix's dump records for its keys
-    if rope is not None and (model_rope is None or (model_rope.theta, model_rope.style)
-                             != (rope.theta, rope.style)):
-        found = "none" if model_rope is None else f"theta {model_rope.theta:g} {model_rope.style}"
-        raise InvalidInputError(f"the model's RoPE ({found}) differs from the dumps' (theta "
-                                f"{rope.theta:g} {rope.style}): not the same model",
-                                path=str(session.lm.path))
     positions = (0 if model_rope is None else model_rope.first_position) + np.arange(t)
     out = np.zeros((layers, len(ROLES)))
     progress.start(layers * len(ROLES) * draws, "model sensitivity")

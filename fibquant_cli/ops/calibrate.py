@@ -398,8 +398,10 @@ def calibrate(paths: list[str], *, output: str, keep_first: int = DEFAULT_KEEP_F
               progress: Progress | None = None, model_sensitivity=None) -> CalibrationReport:
     """Fit a basis file from the dumps ``paths`` and write it to ``output``.
 
-    ``model_sensitivity``: ``(label, sensitivity_of)`` to measure the sensitivity with a
-    model rather than the attention (``hf/sensitivity.model_sensitivity``).
+    ``model_sensitivity``: ``(label, prepare)`` to measure the sensitivity with a model
+    rather than the attention (``hf/sensitivity``). ``prepare(shape, rope, progress)`` runs
+    once the dumps are checked and before the fit, so that a model or text that cannot serve
+    is refused before that wait; it returns the ``sensitivity_of`` that ``fit_sources`` calls.
 
     Raises:
         UsageError: no dumps, a negative ``keep_first``, an output that exists without
@@ -422,8 +424,9 @@ def calibrate(paths: list[str], *, output: str, keep_first: int = DEFAULT_KEEP_F
         sources = open_sources(paths, rope_undo, progress)
         shape = sources[0].dump.manifest.entries[sources[0].key].shape
         rope = key_rope(sources[0], rope_undo)
-        fit = fit_sources(sources, keep_first, rope, progress,
-                          sensitivity_of=model_sensitivity[1] if model_sensitivity else None)
+        sensitivity_of = model_sensitivity[1](shape, rope, progress) if model_sensitivity \
+            else None
+        fit = fit_sources(sources, keep_first, rope, progress, sensitivity_of=sensitivity_of)
     layers, dim, fits, sensitivity = shape.layers, fit.dim, fit.matrices, fit.sensitivity
     basis = write_basis(out, layers=layers, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
                         rope=rope, keep_first=keep_first, tokens=fit.rows,
