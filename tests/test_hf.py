@@ -202,6 +202,27 @@ def test_an_unreadable_or_empty_text_is_refused_before_the_model_loads(cli, mode
     assert not dump.exists() and not (tmp_path / "b.basis.safetensors").exists()
 
 
+def test_eval_refuses_a_point_it_cannot_score_before_the_prefix_runs(cli, models, tmp_path,
+                                                                      monkeypatch):
+    """eval --model asked for one point: a basis that is missing (before the model loads), of
+    another geometry, or a block length that does not divide head_dim (right after the load)
+    fail the command, where a sweep would list the point as skipped and exit 0."""
+    from fibquant_cli.hf import evaluate
+
+    monkeypatch.setattr(evaluate, "Session", _must_not_run)
+    args = ("eval", "--model", models["llama"], "--text", models["text"])
+    with monkeypatch.context() as early:
+        early.setattr(evaluate, "load_model", _must_not_run)
+        assert_error(cli(*args, "--basis", tmp_path / "none.basis.safetensors", "--ratio", 8),
+                     3, "none.basis.safetensors", "no such file")
+    sample = tmp_path / "sample.basis.safetensors"  # 4 layers; the tiny llama has 2
+    assert cli("calibrate", SAMPLE_DUMP, "-o", sample, "--no-rope-undo").exit_code == 0
+    assert_error(cli(*args, "--basis", sample, "--ratio", 8), 3,
+                 "the model's cache has layers 2", "sample.basis.safetensors has 4")
+    assert_error(cli(*args, "--block-dim", 3, "--size", 16), 2,
+                 "block_dim 3, which must divide the head_dim 64 of the model")
+
+
 def test_model_flags_are_usage_errors(cli, models, tmp_path):
     assert cli("eval", "--model", models["llama"]).exit_code == 2
     res = cli("eval", "--text", models["text"])

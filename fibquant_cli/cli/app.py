@@ -386,7 +386,7 @@ def evaluate(
             rep = evaluate_model(model, text=text, ids_from=ids, specs=[spec],
                                  prefix=prefix_tokens, continuation=continuation_tokens,
                                  dtype=dtype, attention=True, max_queries=max_queries,
-                                 progress=progress, own_basis=own_basis)
+                                 progress=progress, own_basis=own_basis, skip_failed=False)
         _print_model_report(rep, as_json)
         return
     if original is None or other is None:

@@ -34,6 +34,7 @@ from fibquant_cli.hf.model import (
 )
 from fibquant_cli.hf.scoring import compare, continuation_logp, full_logp
 from fibquant_cli.ops.compress import compress
+from fibquant_cli.ops.compress_plan import check_block_dim
 from fibquant_cli.ops.decompress import decompress
 from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec
 from fibquant_cli.ops.sweep import OWN_BASIS, own_basis_runs, transform_specs
@@ -198,17 +199,33 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
                    continuation: int = DEFAULT_CONTINUATION_TOKENS, dtype: str = "f16",
                    attention: bool = False, max_queries: int | None = None,
                    progress=None, own_basis: str = "never",
-                   own_ladder: bool = False) -> ModelEvalReport:
+                   own_ladder: bool = False, skip_failed: bool = True) -> ModelEvalReport:
     """Score each of ``specs`` (and each peer) on ``model`` with ``text``'s continuation;
     ``own_basis`` as compress's (the per-vector specs may become an own basis).
     ``own_ladder``: also the transform codec's ladder of ratios against a basis fitted on the
-    prefix's cache (once) and embedded in every file, as ``sweep --own-basis`` runs it."""
+    prefix's cache (once) and embedded in every file, as ``sweep --own-basis`` runs it.
+    ``skip_failed``: a point its file cannot be made for (a block length that does not divide
+    head_dim) is listed in ``skipped`` with the reason, as a sweep wants; False raises it, as
+    ``eval --model``, which asked for that one point, wants.
+
+    Inputs are refused before the waits they would waste: the model's path, the text and the
+    basis files before the model loads, a basis of another geometry or RoPE than the model's
+    cache right after."""
+    from fibquant_cli.formats.basis import load_basis
     from fibquant_cli.ops.progress import Progress
 
     progress = progress or Progress()
     check_model_path(model)
-    check_token_source(text=text, ids_from=ids_from)  # before the load, not after it
+    check_token_source(text=text, ids_from=ids_from)
+    bases = [load_basis(path) for path in dict.fromkeys(s.basis for s in specs if s.basis)]
     lm = load_model(model)
+    for basis in bases:
+        check_model_basis(lm, basis)
+    if not skip_failed:  # the points a sweep would skip, refused before the prefix runs
+        for spec in specs:
+            if spec.codec == "fibquant":
+                for role in ("key", "value"):
+                    check_block_dim(spec, role, lm.head_dim, str(model), "the model")
     ids = read_token_ids(lm, text=text, ids_from=ids_from, needed=prefix + continuation + 1)
     with tempfile.TemporaryDirectory(prefix="fibquant-eval-") as tmp:
         own_specs = transform_specs(None) if own_ladder else []
@@ -227,6 +244,8 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
                                                    max_queries=max_queries,
                                                    own_basis=own_basis))
             except InvalidInputError as err:  # e.g. a block length that does not divide d
+                if not skip_failed:
+                    raise
                 rep.skipped[spec.label()] = err.reason
             progress.advance(spec.label())
         _run_own_ladder(session, own_specs, rep, Path(tmp), attention, max_queries, progress)
@@ -238,6 +257,19 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
             progress.advance(name)
     mark_pareto(rep.points)
     return rep
+
+
+def check_model_basis(lm: LoadedModel, basis) -> None:
+    """Refuse a basis that cannot code ``lm``'s cache: other layers, kv_heads or head_dim, or
+    fitted with RoPE undone at another theta or style than the model's."""
+    from fibquant_cli.ops.transform import check_basis_geometry, check_basis_rope
+
+    where = str(lm.path)
+    check_basis_geometry(basis, "the model's cache", where, (lm.layers, lm.kv_heads, lm.head_dim))
+    if basis.rope is not None and lm.rope is None:
+        raise InvalidInputError(f"the basis {basis.path} was fitted with RoPE undone; the model "
+                                "has no RoPE", path=where)
+    check_basis_rope(basis, "the model's", where, lm.rope)
 
 
 def _run_own_ladder(session: Session, specs: list[CompressSpec], rep: ModelEvalReport,

@@ -95,15 +95,23 @@ def prepare_transform(dump: Dump, spec: CompressSpec, basis, progress: Progress,
 def entry_profiles(dump: Dump, spec: CompressSpec) -> list[Profile]:
     profiles = []
     for entry in dump.manifest.entries:
+        check_block_dim(spec, entry.shape.role, entry.shape.head_dim, str(dump.path),
+                        "this tensor", entry.tensors[0])
         k, n = spec.point(entry.shape.role)
-        d = entry.shape.head_dim
-        if k >= d or d % k:
-            option = spec.options(entry.shape.role)[0]
-            raise UsageError(f"{{{option}}} gives block_dim {k}, which must divide the head_dim "
-                             f"{d} of this tensor and be smaller", path=str(dump.path),
-                             tensor=entry.tensors[0], options=(option,))
         profiles.append(Profile(entry.shape.head_dim, k, n, spec.seed))
     return profiles
+
+
+def check_block_dim(spec: CompressSpec, role: str, head_dim: int, where: str, owner: str,
+                    tensor: str | None = None) -> None:
+    """Refuse a per-vector block length for ``role`` that does not divide ``head_dim`` (of
+    ``owner``: a tensor, a model) or is not smaller."""
+    k = spec.point(role)[0]
+    if k >= head_dim or head_dim % k:
+        option = spec.options(role)[0]
+        raise UsageError(f"{{{option}}} gives block_dim {k}, which must divide the head_dim "
+                         f"{head_dim} of {owner} and be smaller", path=where, tensor=tensor,
+                         options=(option,))
 
 
 def make_quantizers(profiles, progress: Progress) -> dict[Profile, FibQuantizer]:
