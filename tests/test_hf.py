@@ -349,6 +349,10 @@ def test_calibrate_measures_sensitivity_with_the_model(cli, models, tmp_path, mo
     assert np.isfinite(single).all() and not np.allclose(single, sens)
     c = tmp_path / "c.basis.safetensors"
     assert cli("calibrate", dump, "-o", c, *args, "--draws", "0").exit_code == 2
+    # a prefix of kept tokens only: no probe would perturb anything (all-zero sensitivities)
+    assert_error(cli("calibrate", dump, "-o", c, "--model", models["llama"], "--text",
+                     models["text"], "--prefix-tokens", 1), 2,
+                 "--prefix-tokens 1 leaves no token to perturb beyond the 1 that --keep-first")
     # another model's cache is refused once the model is loaded, before the basis is fitted
     monkeypatch.setattr("fibquant_cli.ops.calibrate.fit_sources", _must_not_run)
     res = cli("calibrate", dump, "-o", c, "--model", models["gpt2"], "--text", models["text"],

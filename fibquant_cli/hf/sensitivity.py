@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fibquant_cli.errors import InvalidInputError
+from fibquant_cli.errors import InvalidInputError, UsageError
 from fibquant_cli.hf.evaluate import DEFAULT_PREFIX_TOKENS, Session
 from fibquant_cli.hf.kvfile import as_dtype, read_kv
 from fibquant_cli.hf.model import check_model_path, check_token_source, load_model, read_token_ids
 from fibquant_cli.hf.scoring import compare
-from fibquant_cli.ops.calibrate import ROLES, SENSITIVITY_EPS, calibrate, probe
+from fibquant_cli.ops.calibrate import DEFAULT_KEEP_FIRST, ROLES, SENSITIVITY_EPS, calibrate, probe
 
 # Continuation tokens scored per probe: 60 probes of SmolLM2 at 1,024 + 256 tokens take
 # about 2 minutes on 2 cores.
@@ -48,6 +48,11 @@ def calibrate_with_model(paths: list[str], *, model, text=None, ids_from=None,
     been spared: the model's path and the text (or ids) before anything, the dumps and the
     output next (``calibrate``), then the model is loaded and checked against the dumps (its
     geometry and RoPE, the text's length, the self-checks) before the basis is fitted."""
+    keep_first = options.get("keep_first", DEFAULT_KEEP_FIRST)
+    if prefix <= keep_first:  # every prefix token kept exactly: no probe would measure anything
+        raise UsageError(f"{{prefix_tokens}} {prefix} leaves no token to perturb beyond the "
+                         f"{keep_first} that {{keep_first}} keeps exactly",
+                         options=("prefix_tokens", "keep_first"))
     check_model_path(model)
     check_token_source(text=text, ids_from=ids_from)
     label = f"model KL ({Path(model).name}, {Path(text or ids_from).name})"
