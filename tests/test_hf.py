@@ -223,6 +223,21 @@ def test_eval_refuses_a_point_it_cannot_score_before_the_prefix_runs(cli, models
                  "block_dim 3, which must divide the head_dim 64 of the model")
 
 
+def test_a_sequence_beyond_learned_positions_is_refused(cli, models, tmp_path):
+    """GPT-2 has position embeddings for n_positions (1,024) tokens and cannot run more (was
+    an internal error); a RoPE model runs past its max_position_embeddings."""
+    out = tmp_path / "x.safetensors"
+    assert_error(cli("dump", "--model", models["gpt2"], "--text", models["text"], "--tokens",
+                     1025, "-o", out), 3,
+                 "1025 positions asked for, but the model's learned position embeddings cover 1024")
+    # a scored continuation's last token is only a target: 524 + 500 tokens fill 1,024 positions
+    assert_error(cli("eval", "--model", models["gpt2"], "--text", models["text"],
+                     "--prefix-tokens", 525, "--continuation-tokens", 500), 3, "1025 positions")
+    assert_error(cli("dump", "--model", models["llama"], "--text", models["text"], "--tokens",
+                     1025, "-o", out), 3, "text too short")
+    assert not out.exists()
+
+
 def test_model_flags_are_usage_errors(cli, models, tmp_path):
     assert cli("eval", "--model", models["llama"]).exit_code == 2
     res = cli("eval", "--text", models["text"])

@@ -226,7 +226,8 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
             if spec.codec == "fibquant":
                 for role in ("key", "value"):
                     check_block_dim(spec, role, lm.head_dim, str(model), "the model")
-    ids = read_token_ids(lm, text=text, ids_from=ids_from, needed=prefix + continuation + 1)
+    ids = read_token_ids(lm, text=text, ids_from=ids_from, needed=prefix + continuation + 1,
+                         positions=prefix + continuation)
     with tempfile.TemporaryDirectory(prefix="fibquant-eval-") as tmp:
         own_specs = transform_specs(None) if own_ladder else []
         progress.start(1 + len(specs) + len(own_specs) + len(peers),

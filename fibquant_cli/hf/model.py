@@ -224,11 +224,27 @@ def check_token_source(*, text: Path | None, ids_from: Path | None):
     return header
 
 
+def learned_positions(lm: LoadedModel) -> int | None:
+    """How many positions a model without RoPE has embeddings for (GPT-2's ``n_positions``):
+    it cannot run a longer sequence at all. None for RoPE models, which run past their
+    ``max_position_embeddings`` (beyond what they were trained on, which is the user's call)."""
+    if lm.rope is not None:
+        return None
+    cfg = lm.model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
 def read_token_ids(lm: LoadedModel, *, text: Path | None, ids_from: Path | None,
-                   needed: int) -> np.ndarray:
+                   needed: int, positions: int | None = None) -> np.ndarray:
     """``(1, needed) int64`` token ids from a text file (the model's tokenizer, no special
-    tokens added) or from a dump's ``input_ids``; InvalidInputError when there are fewer."""
+    tokens added) or from a dump's ``input_ids``; InvalidInputError when there are fewer, or
+    when the model would read more than ``positions`` of them (default all ``needed``; a
+    scored continuation's last token is only a target) than its learned positions cover."""
     source = check_token_source(text=text, ids_from=ids_from)
+    limit, positions = learned_positions(lm), needed if positions is None else positions
+    if limit is not None and positions > limit:
+        raise InvalidInputError(f"{positions} positions asked for, but the model's learned "
+                                f"position embeddings cover {limit}", path=str(lm.path))
     if text is not None:
         if lm.tokenizer is None:
             raise UsageError("this model has no tokenizer: give token ids with --ids DUMP",

@@ -75,7 +75,8 @@ def _session(model, text, ids_from, prefix: int, continuation: int, workdir: Pat
              geometry: tuple[int, int], rope) -> Session:
     lm = load_model(model)
     check_same_model(lm, geometry, rope)
-    ids = read_token_ids(lm, text=text, ids_from=ids_from, needed=prefix + continuation + 1)
+    ids = read_token_ids(lm, text=text, ids_from=ids_from, needed=prefix + continuation + 1,
+                         positions=prefix + continuation)
     session = Session(lm, ids, prefix, continuation, workdir)
     for check in session.checks:
         if not check["passed"]:
