@@ -59,6 +59,13 @@ class FibQuantError(Exception):
                           options=self.options)
 
 
+    def moved(self, path: str) -> FibQuantError:
+        """The same error at ``path`` in place of its own: for a file the user never named
+        (a command's temporary file), which the message should not send them to."""
+        return type(self)(self.reason, path=path, tensor=self.tensor, field=self.field,
+                          options=self.options)
+
+
 class UsageError(FibQuantError):
     """The request itself is wrong: options, option combinations, output paths."""
 

@@ -223,6 +223,13 @@ def test_eval_refuses_a_point_it_cannot_score_before_the_prefix_runs(cli, models
                  "block_dim 3, which must divide the head_dim 64 of the model")
 
 
+def test_an_error_in_the_prefix_cache_names_it_not_a_temporary_file(cli, models):
+    res = cli("eval", "--model", models["llama"], "--text", models["text"], "--prefix-tokens",
+              100, "--continuation-tokens", 32, "--ratio", 8)  # too short for an own basis
+    assert_error(res, 2, "the model's 100-token prefix cache: --ratio without --basis: too few")
+    assert "safetensors" not in res.stderr
+
+
 def test_a_sequence_beyond_learned_positions_is_refused(cli, models, tmp_path):
     """GPT-2 has position embeddings for n_positions (1,024) tokens and cannot run more (was
     an internal error); a RoPE model runs past its max_position_embeddings."""

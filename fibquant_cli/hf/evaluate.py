@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fibquant_cli.errors import InvalidInputError, UsageError
+from fibquant_cli.errors import FibQuantError, InvalidInputError, UsageError
 from fibquant_cli.hf.capture import build_cache, run_prefix
 from fibquant_cli.hf.kvfile import NUMPY_DTYPES, as_dtype, read_kv, write_dump
 from fibquant_cli.hf.model import (
@@ -136,9 +136,15 @@ class Session:
         fq = self.workdir / "point.fq.safetensors"
         restored = self.workdir / "point.restored.safetensors"
         start = time.perf_counter()
-        rep = compress(self.dump, output=fq, spec=spec, force=True, attention=attention,
-                       max_queries=max_queries, own_basis=own_basis)
-        decompress(fq, output=restored, force=True, basis=spec.decode_basis)
+        try:
+            rep = compress(self.dump, output=fq, spec=spec, force=True, attention=attention,
+                           max_queries=max_queries, own_basis=own_basis)
+            decompress(fq, output=restored, force=True, basis=spec.decode_basis)
+        except FibQuantError as err:  # named by what it is, not by a deleted temporary file
+            if err.path in (str(self.dump), str(fq), str(restored)):
+                raise err.moved(f"the model's {self.prefix_ids.shape[1]}-token prefix "
+                                "cache") from None
+            raise
         seconds = time.perf_counter() - start
         result = self.score_restored(restored)
         fid = None if rep.attention is None else rep.attention.overall
