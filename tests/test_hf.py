@@ -332,6 +332,42 @@ def test_no_progress_bar_reaches_stderr_when_a_model_loads():
     assert out.stdout.strip() == "True" and out.stderr == ""
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_layer_skipper_scores_as_the_full_forward_without_running_the_lower_layers(models,
+                                                                                   tmp_path,
+                                                                                   arch):
+    from fibquant_cli.hf.capture import attention_modules
+    from fibquant_cli.hf.evaluate import Session
+    from fibquant_cli.hf.kvfile import read_kv
+    from fibquant_cli.hf.model import load_model, read_token_ids
+    from fibquant_cli.hf.sensitivity import LayerSkipper
+
+    lm = load_model(models[arch])
+    ids = read_token_ids(lm, text=models["text"], ids_from=None, needed=96 + 48 + 1)
+    session = Session(lm, ids, 96, 48, tmp_path)
+    keys, values = read_kv(session.dump)
+    skip = LayerSkipper(session, keys, values)
+    ran = []
+    hooks = [m.register_forward_hook(lambda m, a, o, i=i: ran.append(i))
+             for i, m in enumerate(attention_modules(lm.model))]
+    rng = np.random.default_rng(0)
+    try:
+        for layer in range(lm.layers):
+            perturbed = list(values)
+            perturbed[layer] = perturbed[layer] + rng.normal(
+                size=perturbed[layer].shape).astype(np.float32)
+            ran.clear()
+            fast = skip.logp(layer, keys, perturbed)
+            assert ran == list(range(layer, lm.layers))
+            full = session.logp(keys, perturbed)
+            assert np.array_equal(fast, full)
+            assert not np.array_equal(full, session.logp_ref)  # the probe moved something
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert np.array_equal(session.logp(keys, values), session.logp_ref)  # layers restored
+
+
 def _must_not_run(*args, **kwargs):
     raise AssertionError("reached work that a refused input should have spared")
 
