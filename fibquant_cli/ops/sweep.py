@@ -215,6 +215,11 @@ def sweep(source, *, manifest=None, max_queries: int = DEFAULT_MAX_QUERIES,
     d = dump.manifest.entries[pair[0]].shape.head_dim
     specs = fibquant_specs() if specs is None else specs
     if basis is not None:
+        from fibquant_cli.formats.basis import load_basis
+        from fibquant_cli.ops.transform import check_basis
+
+        # the basis asked for, refused now rather than every one of its points skipped
+        check_basis(dump, load_basis(basis))
         specs = [*specs, *transform_specs(basis)]
     avail = available_peers() if peers else None
     peer_list = [n for n in PEER_ORDER if avail and n in avail.runnable]

@@ -311,6 +311,17 @@ def test_sweep_adds_the_transform_ladder(world):
     assert all("bytes" in reason for reason in rep.skipped.values())  # too small a file
 
 
+def test_sweep_refuses_a_basis_it_cannot_use_instead_of_skipping_its_points(cli, world,
+                                                                            tmp_path):
+    from conftest import make_dump
+
+    d, evald, _, basis = world
+    assert_error(cli("sweep", evald, "--basis", tmp_path / "none.basis.safetensors",
+                     "--no-peers"), 3, "none.basis.safetensors", "no such file")
+    other = make_dump(tmp_path, "wide", head_dim=32, layers=LAYERS, kv_heads=HEADS)
+    assert_error(cli("sweep", other.path, "--basis", basis, "--no-peers"), 3, "head_dim 32")
+
+
 def test_target_cosine_picks_the_highest_ratio_that_meets_it(cli, world):
     d, evald, _, basis = world
     out = d / "target.fq.safetensors"
