@@ -240,8 +240,10 @@ def test_a_sequence_beyond_learned_positions_is_refused(cli, models, tmp_path):
     # a scored continuation's last token is only a target: 524 + 500 tokens fill 1,024 positions
     assert_error(cli("eval", "--model", models["gpt2"], "--text", models["text"],
                      "--prefix-tokens", 525, "--continuation-tokens", 500), 3, "1025 positions")
-    assert_error(cli("dump", "--model", models["llama"], "--text", models["text"], "--tokens",
-                     1025, "-o", out), 3, "text too short")
+    res = cli("dump", "--model", models["llama"], "--text", models["text"], "--tokens", 1025,
+              "-o", out)
+    assert_error(res, 3, "text too short", "needs 1025")
+    assert "prefix" not in res.stderr  # dump has no prefix or continuation
     assert not out.exists()
 
 

@@ -241,9 +241,9 @@ def read_token_ids(lm: LoadedModel, *, text: Path | None, ids_from: Path | None,
     when the model would read more than ``positions`` of them (default all ``needed``; a
     scored continuation's last token is only a target) than its learned positions cover."""
     source = check_token_source(text=text, ids_from=ids_from)
-    limit, positions = learned_positions(lm), needed if positions is None else positions
-    if limit is not None and positions > limit:
-        raise InvalidInputError(f"{positions} positions asked for, but the model's learned "
+    limit, read = learned_positions(lm), needed if positions is None else positions
+    if limit is not None and read > limit:
+        raise InvalidInputError(f"{read} positions asked for, but the model's learned "
                                 f"position embeddings cover {limit}", path=str(lm.path))
     if text is not None:
         if lm.tokenizer is None:
@@ -257,8 +257,9 @@ def read_token_ids(lm: LoadedModel, *, text: Path | None, ids_from: Path | None,
         ids = ids.reshape(1, -1) if ids.ndim == 1 else ids[:1]
         where = str(ids_from)
     if ids.shape[1] < needed:
-        raise InvalidInputError(f"text too short: {ids.shape[1]} tokens, needs {needed} "
-                                "(prefix + continuation + 1)", path=where)
+        why = "" if positions is None else " (prefix + continuation + 1)"
+        raise InvalidInputError(f"text too short: {ids.shape[1]} tokens, needs {needed}{why}",
+                                path=where)
     vocab = lm.model.config.vocab_size
     if ids.min() < 0 or ids.max() >= vocab:
         raise InvalidInputError(f"token id {int(ids.max())} outside the model's vocabulary "
