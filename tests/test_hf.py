@@ -218,7 +218,8 @@ def test_eval_refuses_a_point_it_cannot_score_before_the_prefix_runs(cli, models
     sample = tmp_path / "sample.basis.safetensors"  # 4 layers; the tiny llama has 2
     assert cli("calibrate", SAMPLE_DUMP, "-o", sample, "--no-rope-undo").exit_code == 0
     assert_error(cli(*args, "--basis", sample, "--ratio", 8), 3,
-                 "the model's cache has layers 2", "sample.basis.safetensors has 4")
+                 "the model's cache has (layers, kv_heads, head_dim) (2, 2, 64)",
+                 "sample.basis.safetensors (4, ")
     assert_error(cli(*args, "--block-dim", 3, "--size", 16), 2,
                  "block_dim 3, which must divide the head_dim 64 of the model")
 

@@ -27,6 +27,7 @@ from fibquant_cli.hf.capture import build_cache, run_prefix
 from fibquant_cli.hf.kvfile import NUMPY_DTYPES, as_dtype, read_kv, write_dump
 from fibquant_cli.hf.model import (
     LoadedModel,
+    check_cache_of,
     check_model_path,
     check_token_source,
     load_model,
@@ -226,7 +227,8 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
     bases = [load_basis(path) for path in dict.fromkeys(s.basis for s in specs if s.basis)]
     lm = load_model(model)
     for basis in bases:
-        check_model_basis(lm, basis)
+        check_cache_of(lm, f"the basis {basis.path}", (basis.layers, basis.kv_heads,
+                                                        basis.head_dim), basis.rope)
     if not skip_failed:  # the points a sweep would skip, refused before the prefix runs
         for spec in specs:
             if spec.codec == "fibquant":
@@ -264,19 +266,6 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
             progress.advance(name)
     mark_pareto(rep.points)
     return rep
-
-
-def check_model_basis(lm: LoadedModel, basis) -> None:
-    """Refuse a basis that cannot code ``lm``'s cache: other layers, kv_heads or head_dim, or
-    fitted with RoPE undone at another theta or style than the model's."""
-    from fibquant_cli.ops.transform import check_basis_geometry, check_basis_rope
-
-    where = str(lm.path)
-    check_basis_geometry(basis, "the model's cache", where, (lm.layers, lm.kv_heads, lm.head_dim))
-    if basis.rope is not None and lm.rope is None:
-        raise InvalidInputError(f"the basis {basis.path} was fitted with RoPE undone; the model "
-                                "has no RoPE", path=where)
-    check_basis_rope(basis, "the model's", where, lm.rope)
 
 
 def _run_own_ladder(session: Session, specs: list[CompressSpec], rep: ModelEvalReport,

@@ -224,6 +224,27 @@ def check_token_source(*, text: Path | None, ids_from: Path | None):
     return header
 
 
+def check_cache_of(lm: LoadedModel, owner: str, geometry: tuple[int, int, int], rope) -> None:
+    """Refuse a model whose KV cache cannot be ``owner``'s (the calibration dumps, a basis):
+    another (layers, kv_heads, head_dim) than ``geometry``, or, when ``owner``'s keys have
+    RoPE undone (``rope``), another RoPE (theta, style) or none.
+
+    Raises:
+        InvalidInputError: naming the model and both sides.
+    """
+    mine = (lm.layers, lm.kv_heads, lm.head_dim)
+    if mine != tuple(geometry):
+        raise InvalidInputError(f"the model's cache has (layers, kv_heads, head_dim) {mine}, "
+                                f"{owner} {tuple(geometry)}: not the same model",
+                                path=str(lm.path))
+    if rope is not None and (lm.rope is None or (lm.rope.theta, lm.rope.style)
+                             != (rope.theta, rope.style)):
+        found = "none" if lm.rope is None else f"theta {lm.rope.theta:g} {lm.rope.style}"
+        raise InvalidInputError(f"the model's RoPE ({found}) differs from {owner}'s (theta "
+                                f"{rope.theta:g} {rope.style}): not the same model",
+                                path=str(lm.path))
+
+
 def learned_positions(lm: LoadedModel) -> int | None:
     """How many positions a model without RoPE has embeddings for (GPT-2's ``n_positions``):
     it cannot run a longer sequence at all. None for RoPE models, which run past their

@@ -24,7 +24,13 @@ import numpy as np
 from fibquant_cli.errors import InvalidInputError, UsageError
 from fibquant_cli.hf.evaluate import DEFAULT_PREFIX_TOKENS, Session
 from fibquant_cli.hf.kvfile import as_dtype, read_kv
-from fibquant_cli.hf.model import check_model_path, check_token_source, load_model, read_token_ids
+from fibquant_cli.hf.model import (
+    check_cache_of,
+    check_model_path,
+    check_token_source,
+    load_model,
+    read_token_ids,
+)
 from fibquant_cli.hf.scoring import compare
 from fibquant_cli.ops.calibrate import DEFAULT_KEEP_FIRST, ROLES, SENSITIVITY_EPS, calibrate, probe
 
@@ -60,7 +66,7 @@ def calibrate_with_model(paths: list[str], *, model, text=None, ids_from=None,
         def prepare(shape, rope, progress):
             progress.start(1, "model: load, prefix, self-checks")
             session = _session(model, text, ids_from, prefix, continuation, Path(tmp),
-                               (shape.layers, shape.kv_heads * shape.head_dim), rope)
+                               (shape.layers, shape.kv_heads, shape.head_dim), rope)
             progress.advance("model: load, prefix, self-checks")
 
             def sensitivity_of(fits, layers, keep_first, rope, progress):
@@ -72,9 +78,9 @@ def calibrate_with_model(paths: list[str], *, model, text=None, ids_from=None,
 
 
 def _session(model, text, ids_from, prefix: int, continuation: int, workdir: Path,
-             geometry: tuple[int, int], rope) -> Session:
+             geometry: tuple[int, int, int], rope) -> Session:
     lm = load_model(model)
-    check_same_model(lm, geometry, rope)
+    check_cache_of(lm, "the dumps", geometry, rope)
     ids = read_token_ids(lm, text=text, ids_from=ids_from, needed=prefix + continuation + 1,
                          positions=prefix + continuation)
     session = Session(lm, ids, prefix, continuation, workdir)
@@ -85,32 +91,11 @@ def _session(model, text, ids_from, prefix: int, continuation: int, workdir: Pat
     return session
 
 
-def check_same_model(lm, geometry: tuple[int, int], rope) -> None:
-    """Refuse a model whose cache cannot be the dumps': another (layers, D = kv_heads *
-    head_dim) than ``geometry``, or, when the dumps' keys have RoPE undone (``rope``), another
-    RoPE (theta, style) or none.
-
-    Raises:
-        InvalidInputError: naming the model and both sides.
-    """
-    layers, dim = geometry
-    if (lm.layers, lm.kv_heads * lm.head_dim) != (layers, dim):
-        raise InvalidInputError(f"the model's cache has {lm.layers} layers of D = "
-                                f"{lm.kv_heads * lm.head_dim}, the dumps {layers} of D = {dim}: "
-                                "not the same model", path=str(lm.path))
-    if rope is not None and (lm.rope is None or (lm.rope.theta, lm.rope.style)
-                             != (rope.theta, rope.style)):
-        found = "none" if lm.rope is None else f"theta {lm.rope.theta:g} {lm.rope.style}"
-        raise InvalidInputError(f"the model's RoPE ({found}) differs from the dumps' (theta "
-                                f"{rope.theta:g} {rope.style}): not the same model",
-                                path=str(lm.path))
-
-
 def model_sensitivity(session: Session, fits, layers: int, keep_first: int, rope,
                       progress, draws: int = DEFAULT_DRAWS) -> np.ndarray:
     """``(layers, 2)``: KL per unit of relative MSE of each (layer, role), keys then values,
     the mean over ``draws`` noises. The session's model must be the dumps' (``_session``
-    checks it with ``check_same_model``)."""
+    checks it with ``model.check_cache_of``)."""
     keys, values = read_kv(session.dump)
     t = keys[0].shape[2]
     model_rope = session.lm.rope  # what the prefix's dump records for its keys

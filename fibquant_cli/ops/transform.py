@@ -69,35 +69,24 @@ def check_basis(dump: Dump, basis) -> dict[str, int]:
             f"{', '.join(e.shape.role for e in dump.manifest.entries)}", path=str(dump.path))
     for role, i in roles.items():
         shape = dump.manifest.entries[i].shape
-        check_basis_geometry(basis, f"the {role} entry", str(dump.path),
-                             (shape.layers, shape.kv_heads, shape.head_dim))
+        for what, mine, theirs in (("layers", shape.layers, basis.layers),
+                                   ("kv_heads", shape.kv_heads, basis.kv_heads),
+                                   ("head_dim", shape.head_dim, basis.head_dim)):
+            if mine != theirs:
+                raise InvalidInputError(f"the {role} entry has {what} {mine}, the basis "
+                                        f"{basis.path} has {theirs}", path=str(dump.path))
     key = dump.manifest.entries[roles["key"]]
-    if basis.rope is not None and key.shape.rope_state == "post_rope" and key.rope is None:
-        raise InvalidInputError(
-            "the basis was fitted with RoPE undone, but the key entry has no 'rope' object "
-            "to undo it with (docs/manifest.md)", path=str(dump.path))
-    check_basis_rope(basis, "the keys'", str(dump.path), key.rope)
+    if basis.rope is not None:
+        if key.shape.rope_state == "post_rope" and key.rope is None:
+            raise InvalidInputError(
+                "the basis was fitted with RoPE undone, but the key entry has no 'rope' object "
+                "to undo it with (docs/manifest.md)", path=str(dump.path))
+        if key.rope is not None and (key.rope.theta, key.rope.style) != (basis.rope.theta,
+                                                                         basis.rope.style):
+            raise InvalidInputError(
+                f"the keys' RoPE (theta {key.rope.theta:g}, {key.rope.style}) is not the "
+                f"basis's (theta {basis.rope.theta:g}, {basis.rope.style})", path=str(dump.path))
     return roles  # a basis fitted on keys as stored (rope null) codes them as stored
-
-
-def check_basis_geometry(basis, owner: str, where: str, geometry: tuple[int, int, int]) -> None:
-    """Refuse ``basis`` unless its (layers, kv_heads, head_dim) are ``geometry``, the cache of
-    ``owner`` (a dump's entry, a model's cache) at ``where``."""
-    for what, mine, theirs in zip(("layers", "kv_heads", "head_dim"), geometry,
-                                  (basis.layers, basis.kv_heads, basis.head_dim)):
-        if mine != theirs:
-            raise InvalidInputError(f"{owner} has {what} {mine}, the basis {basis.path} has "
-                                    f"{theirs}", path=where)
-
-
-def check_basis_rope(basis, owner: str, where: str, rope) -> None:
-    """Refuse a basis fitted with RoPE undone when ``rope`` (the keys' of ``owner``; None:
-    not known to be rotated) is another (theta, style)."""
-    if basis.rope is not None and rope is not None and \
-            (rope.theta, rope.style) != (basis.rope.theta, basis.rope.style):
-        raise InvalidInputError(
-            f"{owner} RoPE (theta {rope.theta:g}, {rope.style}) is not the basis's (theta "
-            f"{basis.rope.theta:g}, {basis.rope.style})", path=where)
 
 
 def embeds(spec, own: bool) -> bool:
