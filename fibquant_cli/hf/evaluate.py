@@ -27,9 +27,8 @@ from fibquant_cli.hf.capture import build_cache, run_prefix
 from fibquant_cli.hf.kvfile import NUMPY_DTYPES, as_dtype, read_kv, write_dump
 from fibquant_cli.hf.model import (
     LoadedModel,
+    check_before_load,
     check_cache_of,
-    check_model_path,
-    check_token_source,
     load_model,
     read_token_ids,
 )
@@ -222,8 +221,7 @@ def evaluate_model(model: Path, *, text: Path | None = None, ids_from: Path | No
     from fibquant_cli.ops.progress import Progress
 
     progress = progress or Progress()
-    check_model_path(model)
-    check_token_source(text=text, ids_from=ids_from)
+    check_before_load(model, text=text, ids_from=ids_from)
     bases = [load_basis(path) for path in dict.fromkeys(s.basis for s in specs if s.basis)]
     lm = load_model(model)
     for basis in bases:

@@ -106,7 +106,7 @@ def dump_model(model, *, out, text=None, ids_from=None, tokens: int = 1024, dtyp
     Returns a summary: the outputs, the geometry, the RoPE and the key-recompute error.
     """
     from fibquant_cli.hf.capture import run_prefix
-    from fibquant_cli.hf.model import check_model_path, check_token_source, load_model, read_token_ids
+    from fibquant_cli.hf.model import check_before_load, load_model, read_token_ids
 
     out = Path(out)
     if out.suffix != ".safetensors":
@@ -114,8 +114,7 @@ def dump_model(model, *, out, text=None, ids_from=None, tokens: int = 1024, dtyp
     inputs = {Path(p): "input file" for p in (text, ids_from) if p is not None}
     for path in (out, manifest_path_for(out)):
         check_output(path, force=force, inputs=inputs)
-    check_model_path(model)
-    check_token_source(text=text, ids_from=ids_from)  # before the load, not after it
+    check_before_load(model, text=text, ids_from=ids_from)
     lm = load_model(model)
     ids = read_token_ids(lm, text=text, ids_from=ids_from, needed=tokens)
     cap = run_prefix(lm, ids)

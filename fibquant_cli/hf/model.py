@@ -224,6 +224,14 @@ def check_token_source(*, text: Path | None, ids_from: Path | None):
     return header
 
 
+def check_before_load(model, *, text: Path | None, ids_from: Path | None) -> None:
+    """What a model command can refuse before the load it would otherwise wait for (15-25 s
+    for a GGUF): the model's path (``check_model_path``) and the text or ids
+    (``check_token_source``)."""
+    check_model_path(model)
+    check_token_source(text=text, ids_from=ids_from)
+
+
 def check_cache_of(lm: LoadedModel, owner: str, geometry: tuple[int, int, int], rope) -> None:
     """Refuse a model whose KV cache cannot be ``owner``'s (the calibration dumps, a basis):
     another (layers, kv_heads, head_dim) than ``geometry``, or, when ``owner``'s keys have
@@ -262,7 +270,8 @@ def read_token_ids(lm: LoadedModel, *, text: Path | None, ids_from: Path | None,
     when the model would read more than ``positions`` of them (default all ``needed``; a
     scored continuation's last token is only a target) than its learned positions cover."""
     source = check_token_source(text=text, ids_from=ids_from)
-    limit, read = learned_positions(lm), needed if positions is None else positions
+    limit = learned_positions(lm)
+    read = needed if positions is None else positions
     if limit is not None and read > limit:
         raise InvalidInputError(f"{read} positions asked for, but the model's learned "
                                 f"position embeddings cover {limit}", path=str(lm.path))

@@ -25,9 +25,8 @@ from fibquant_cli.errors import InvalidInputError, UsageError
 from fibquant_cli.hf.evaluate import DEFAULT_PREFIX_TOKENS, Session
 from fibquant_cli.hf.kvfile import as_dtype, read_kv
 from fibquant_cli.hf.model import (
+    check_before_load,
     check_cache_of,
-    check_model_path,
-    check_token_source,
     load_model,
     read_token_ids,
 )
@@ -59,8 +58,7 @@ def calibrate_with_model(paths: list[str], *, model, text=None, ids_from=None,
         raise UsageError(f"{{prefix_tokens}} {prefix} leaves no token to perturb beyond the "
                          f"{keep_first} that {{keep_first}} keeps exactly",
                          options=("prefix_tokens", "keep_first"))
-    check_model_path(model)
-    check_token_source(text=text, ids_from=ids_from)
+    check_before_load(model, text=text, ids_from=ids_from)
     label = f"model KL ({Path(model).name}, {Path(text or ids_from).name})"
     with tempfile.TemporaryDirectory(prefix="fibquant-calibrate-") as tmp:
         def prepare(shape, rope, progress):
