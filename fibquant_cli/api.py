@@ -70,7 +70,7 @@ def compress(kv, path, *, bits: float | None = None, block_dim: int | None = Non
              size: int | None = None, key_bits: float | None = None,
              value_bits: float | None = None, key_block_dim: int | None = None,
              key_size: int | None = None, value_block_dim: int | None = None,
-             value_size: int | None = None, keep_first: int | None = None, keep_last: int = 0,
+             value_size: int | None = None, keep_first: int | None = None, keep_last: int | str = "auto",
              center_keys: bool = True, seed: int = 0, basis=None, embed_basis: bool = False,
              ratio: float | None = None, spec: CompressSpec | None = None,
              manifest: Manifest | Mapping | None = None, rope: RopeSpec | Mapping | None = None,
@@ -84,7 +84,9 @@ def compress(kv, path, *, bits: float | None = None, block_dim: int | None = Non
         path: the output file; an existing one is replaced only with ``force``.
         bits, block_dim, size, key_*, value_*, keep_first, keep_last, center_keys, seed:
             the options of ``fibquant compress`` (README, "Commands"); defaults: 3 bits,
-            the first token kept exactly, keys centered. Or ``spec``, a ``CompressSpec``.
+            the first token kept exactly (and with the transform codec, on long caches at
+            high ratios, the last ones: ``keep_last="auto"``), keys centered. Or ``spec``, a
+            ``CompressSpec``.
         basis, embed_basis, ratio: the transform codec (``compress --basis``): a basis file
             from ``fibquant calibrate``; ``bits`` is then all-inclusive bits per value.
         manifest: a ``Manifest`` (or its JSON object) describing ``kv``; by default built
@@ -119,7 +121,7 @@ def compress_file(path, output=None, *, manifest=None, bits: float | None = None
                   key_bits: float | None = None, value_bits: float | None = None,
                   key_block_dim: int | None = None, key_size: int | None = None,
                   value_block_dim: int | None = None, value_size: int | None = None,
-                  keep_first: int | None = None, keep_last: int = 0, center_keys: bool = True,
+                  keep_first: int | None = None, keep_last: int | str = "auto", center_keys: bool = True,
                   seed: int = 0, basis=None, embed_basis: bool = False,
                   ratio: float | None = None, spec: CompressSpec | None = None,
                   compare: bool = False,
@@ -149,7 +151,7 @@ def _spec(spec: CompressSpec | None, **options) -> CompressSpec:
     if spec is not None:
         given = [name for name, value in options.items()
                  if value is not None and (name, value) not in (
-                     ("keep_last", 0), ("center_keys", True), ("seed", 0))]
+                     ("keep_last", "auto"), ("center_keys", True), ("seed", 0))]
         if given:
             raise UsageError("give either {spec} or the rate options ("
                              + ", ".join(f"{{{n}}}" for n in given) + "), not both",

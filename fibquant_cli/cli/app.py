@@ -140,7 +140,7 @@ def compress(
     value_block_dim: ValueKOpt = None,
     value_size: ValueNOpt = None,
     keep_first: KeepFirstOpt = 1,  # ops.spec.DEFAULT_KEEP_FIRST (not imported at start-up)
-    keep_last: KeepLastOpt = 0,
+    keep_last: KeepLastOpt = "auto",
     center_keys: CenterKeysOpt = True,
     seed: SeedOpt = 0,
     compare: Annotated[bool, typer.Option(
@@ -171,7 +171,7 @@ def compress(
                   value_block_dim, value_size)
     if target_cosine is not None:
         if (any(f is not None for f in rate_flags) or keep_first != DEFAULT_KEEP_FIRST
-                or keep_last or not center_keys):
+                or keep_last != "auto" or not center_keys):
             raise UsageError("{target_cosine} picks the rates itself: drop --bits, --block-dim, "
                              "--size, the --key-*/--value-* flags, --keep-* and "
                              "--no-center-keys", options=("target_cosine",))
@@ -354,7 +354,9 @@ def evaluate(
     value_bits: Annotated[float | None, typer.Option(help="Preset for values only.")] = None,
     keep_first: Annotated[int, typer.Option(
         help="With --model: first T tokens stored exactly.")] = 1,
-    keep_last: Annotated[int, typer.Option(help="With --model: last T tokens stored exactly.")] = 0,
+    keep_last: Annotated[str, typer.Option(
+        metavar="T|auto", help="With --model: last T tokens stored exactly (auto: as "
+        "compress).")] = "auto",
     center_keys: Annotated[bool, typer.Option(
         "--center-keys/--no-center-keys", help="With --model: key centering.")] = True,
     seed: SeedOpt = 0,

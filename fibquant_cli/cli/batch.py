@@ -96,7 +96,7 @@ def compress(
     value_block_dim: ValueKOpt = None,
     value_size: ValueNOpt = None,
     keep_first: KeepFirstOpt = 1,  # ops.spec.DEFAULT_KEEP_FIRST (not imported at start-up)
-    keep_last: KeepLastOpt = 0,
+    keep_last: KeepLastOpt = "auto",
     center_keys: CenterKeysOpt = True,
     seed: SeedOpt = 0,
     attention: AttentionOpt = True,

@@ -56,8 +56,11 @@ ValueNOpt = Annotated[int | None, typer.Option(help="N for values only.")]
 KeepFirstOpt = Annotated[int, typer.Option(
     help="Store the first T tokens of every layer uncompressed (the attention sink; "
     "0 compresses it too).")]  # default ops.spec.DEFAULT_KEEP_FIRST (not imported at start-up)
-KeepLastOpt = Annotated[int, typer.Option(
-    help="Store the last T tokens of every layer uncompressed.")]
+KeepLastOpt = Annotated[str, typer.Option(
+    metavar="T|auto",
+    help="Store the last T tokens of every layer uncompressed. auto: with the transform codec "
+    "at ratios >= 8, the last tokens/(16 x ratio) when that is >= 16 (1/16 of the file); "
+    "otherwise none.")]
 CenterKeysOpt = Annotated[bool, typer.Option(
     "--center-keys/--no-center-keys",
     help="Subtract each head's mean key before encoding (stored; exact for attention).")]

@@ -102,6 +102,9 @@ def compress_table(rep, compare: bool) -> Table:
         table.add_row(name, *[fmt(r) for r in rows])
 
     add("profile", _profile_cell)
+    if any(r.profile and "keep_last" in r.profile for r in rep.entries):  # the transform codec
+        add("tokens kept exact", lambda r: f"first {r.profile['keep_first']}, last "
+            f"{r.profile['keep_last']}" if r.profile else "")
     add("source bytes", lambda r: _size(r.source_bytes))
     add("compressed bytes (all-in)", lambda r: _size(r.compressed_bytes))
     add("ratio", lambda r: f"{r.ratio:.2f}x")

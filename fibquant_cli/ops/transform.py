@@ -26,7 +26,7 @@ from fibquant_cli.codecs import transform as codec
 from fibquant_cli.core import transform as T
 from fibquant_cli.core.metrics import ErrorAccumulator
 from fibquant_cli.errors import InvalidInputError, UsageError
-from fibquant_cli.formats import container, stfile
+from fibquant_cli.formats import container, dtypes, stfile
 from fibquant_cli.formats.container import (
     PLACEHOLDER_DIGEST,
     Document,
@@ -40,6 +40,7 @@ from fibquant_cli.formats.container import (
 from fibquant_cli.formats.kvdump import Dump, read_layer
 from fibquant_cli.ops.compress_report import CompressReport, role_stats, total_stats
 from fibquant_cli.ops.progress import Progress
+from fibquant_cli.ops.spec import recent_window
 from fibquant_cli.ops.threads import in_order
 
 SEARCH_STEPS = 40  # bisection steps over the allocator's prefix (2**40 >> any step count)
@@ -94,6 +95,14 @@ def embeds(spec, own: bool) -> bool:
     return spec.embed_basis or own
 
 
+def keep_last(dump: Dump, i: int, spec) -> int:
+    """The last tokens of manifest entry ``i`` that ``spec`` keeps exact (``recent_window``:
+    "auto" by the entry's tokens and its dtype's bits against the ratio asked for)."""
+    entry = dump.manifest.entries[i]
+    bits = dtypes.DTYPE_BITS[dump.header.tensors[entry.tensors[0]].dtype]
+    return recent_window(spec, entry.shape.tokens, bits)
+
+
 def matrices(dump: Dump, basis, roles: dict[str, int], spec, tab: T.Tables,
              own: bool = False) -> list[Matrix]:
     """The matrices to code. An embedded basis is stored in fp16 (docs/container.md, format
@@ -108,7 +117,7 @@ def matrices(dump: Dump, basis, roles: dict[str, int], spec, tab: T.Tables,
             entry.shape.rope_state == "post_rope" else None
         t = entry.shape.tokens
         kf = min(spec.keep_first, t)
-        kl = min(spec.keep_last, t - kf)
+        kl = min(keep_last(dump, i, spec), t - kf)
         for layer in range(entry.shape.layers):
             u = np.ascontiguousarray(basis.matrix(layer, role)[1], dtype=np.float32)
             if rounded:
@@ -168,7 +177,7 @@ def transform_document(base: Document, dump: Dump, mats, widths, basis, spec,
         mine = [(m, w) for m, w in zip(mats, widths) if m.entry == i]
         entries[i] = EntryRecord(
             "transform", None, shape.layers, shape.vector_count // shape.layers,
-            spec.keep_first, spec.keep_last, False,
+            spec.keep_first, keep_last(dump, i, spec), False,
             tuple(tuple(tuple(r) for r in codec.compress_widths(w)) for _, w in mine),
             tuple(int(m.over[codec.live_components(w)].sum()) for m, w in mine))
     rope = basis.rope is not None
@@ -380,13 +389,16 @@ def report(dump: Dump, out, file_size: int, n_bytes: dict, accs: dict, mats,
 
 
 def describe(mats, widths) -> dict:
-    """Allocation summary for the report: bits per value coded, per role."""
+    """Allocation summary for the report: bits per value coded, per role, and the tokens
+    kept exact at the start and the end (the sink and the recent window)."""
     out = {}
     for role_entry in sorted({m.entry for m in mats}):
         bits = [sum(w) for m, w in zip(mats, widths) if m.entry == role_entry]
         dims = [len(w) * 2 for m, w in zip(mats, widths) if m.entry == role_entry]
+        kept = next(m.keep for m in mats if m.entry == role_entry)
         out[role_entry] = {"mean_code_bits_per_value": float(np.sum(bits) / np.sum(dims)),
                            "min_layer": float(min(b / d for b, d in zip(bits, dims))),
-                           "max_layer": float(max(b / d for b, d in zip(bits, dims)))}
+                           "max_layer": float(max(b / d for b, d in zip(bits, dims))),
+                           "keep_first": int(kept[0]), "keep_last": int(kept[1])}
     return out
 

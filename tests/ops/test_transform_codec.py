@@ -242,6 +242,76 @@ def test_a_flipped_code_byte_is_refused(cli, world, tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def _document(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return json.loads(f.metadata()["fibquant"])
+
+
+@pytest.mark.parametrize("flags, window", [
+    (["--ratio", "8"], 16),  # 2,048 / (16 x 8): 1/16 of the file
+    (["--bits", "1"], 0),  # 1 bit a value on fp16 is 16x: 8 tokens, too few to pay
+    (["--ratio", "6"], 0),  # 21 tokens, but below the ratios it was measured at
+    (["--ratio", "8", "--keep-last", "5"], 5),  # asked for: as given
+    (["--ratio", "8", "--keep-last", "0"], 0),
+])
+def test_the_recent_window_is_kept_exact_where_the_default_keeps_one(cli, world, tmp_path,
+                                                                     flags, window):
+    """``--keep-last auto`` (the default): the last tokens / (16 x ratio) of a cache kept
+    exact when that is >= 16 tokens at ratios >= 8; the file records the window, counts it in
+    its ratio, and restores it bit for bit."""
+    _, _, _, basis = world
+    dump, tensors = structured_dump(tmp_path, "long", tokens=2048, seed=3)
+    out, rest = tmp_path / "w.fq.safetensors", tmp_path / "w.safetensors"
+    res = ok(cli("compress", dump, "--basis", basis, "-o", out, "--json", "--no-attention",
+                 *flags))
+    doc = _document(out)
+    assert [e["keep_last"] for e in doc["entries"]] == [window, window]
+    rep = json.loads(res.stdout)
+    assert [e["profile"]["keep_last"] for e in rep["entries"]] == [window, window]  # reported
+    ratio = rep["total"]["ratio"]
+    if flags[0] == "--ratio":
+        assert float(flags[1]) <= ratio <= float(flags[1]) * 1.03
+    ok(cli("decompress", out, "--basis", basis, "-o", rest))
+    restored = load(rest)
+    for name, x in tensors.items():
+        if name.endswith((".key", ".value")):
+            t = x.shape[2]
+            tail = restored[name][:, :, t - window:]
+            assert bits_equal(tail, x[:, :, t - window:])
+            if window == 0:  # nothing kept at the end: the last token was coded, not copied
+                assert not bits_equal(restored[name][:, :, -1:], x[:, :, -1:])
+
+
+def test_recent_window_formula():
+    from fibquant_cli.ops.spec import CompressSpec, recent_window, resolve_spec
+
+    def w(tokens, bits=16, bits_=None, **spec):  # bits: the source's; bits_: --bits
+        return recent_window(resolve_spec(basis="B", bits=bits_, **spec), tokens, bits)
+
+    assert w(4096, ratio=16) == 16 and w(4096, ratio=8) == 32 and w(7168, ratio=16) == 28
+    assert w(4095, ratio=16) == 0  # 15.99 tokens: too few to pay
+    assert w(1 << 20, ratio=7.99) == 0  # below the measured ratios
+    assert w(4096, bits=16, bits_=2.0) == 32  # 2 bits on fp16: 8x
+    assert w(4096, bits=32, bits_=4.0) == 32  # 4 bits on fp32: 8x too
+    assert w(4096, ratio=16, keep_last=3) == 3
+    assert w(4096, ratio=16, keep_last="AUTO") == 16
+    assert recent_window(resolve_spec(bits=1), 1 << 20, 16) == 0  # per-vector: none
+    assert resolve_spec(bits=1).keep_last == 0
+    assert recent_window(CompressSpec(keep_last=7), 100, 16) == 7
+
+
+@pytest.mark.parametrize("value, fragment", [("-1", ">= 0"), ("some", "number of tokens"),
+                                             ("1.5", "number of tokens")])
+def test_a_bad_keep_last_is_one_line(cli, world, tmp_path, value, fragment):
+    d, evald, _, basis = world
+    out = tmp_path / "never.fq.safetensors"
+    assert_error(cli("compress", evald, "--basis", basis, "--ratio", "8", "--keep-last", value,
+                     "-o", out), 2, fragment)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flags, code, fragment", [
     (["--ratio", "4", "--embed-basis"], 2, "--embed-basis"),  # nothing to embed: own basis
     (["--basis", "B", "--block-dim", "2", "--size", "16"], 2, "--block-dim"),
