@@ -224,6 +224,19 @@ def test_eval_refuses_a_point_it_cannot_score_before_the_prefix_runs(cli, models
                  "block_dim 3, which must divide the head_dim 64 of the model")
 
 
+def test_eval_labels_a_point_by_the_recent_window_it_kept(cli, tmp_path):
+    """``--keep-last auto`` (the default): a 2,048-token prefix at 8x keeps its last 16 tokens
+    exact, and the point says so ("keep 1+16", what was scored), not "keep 1+auto"."""
+    model = save_tiny(tmp_path / "long", llama_config(max_position_embeddings=4096))
+    text = tmp_path / "long.txt"
+    text.write_text(TEXT * (1 + 2100 // len(TEXT)), encoding="utf-8")
+    args = ("eval", "--model", model, "--text", text, "--prefix-tokens", 2048,
+            "--continuation-tokens", 16, "--ratio", 8, "--json")
+    labels = {keep: json.loads(cli(*args, "--keep-last", keep).stdout)["points"][1]["label"]
+              for keep in ("auto", "3")}
+    assert labels == {"auto": "own basis 8x keep 1+16", "3": "own basis 8x keep 1+3"}
+
+
 def test_an_error_in_the_prefix_cache_names_it_not_a_temporary_file(cli, models):
     res = cli("eval", "--model", models["llama"], "--text", models["text"], "--prefix-tokens",
               100, "--continuation-tokens", 32, "--ratio", 8)  # too short for an own basis

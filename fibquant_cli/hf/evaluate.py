@@ -36,7 +36,7 @@ from fibquant_cli.hf.scoring import compare, continuation_logp, full_logp
 from fibquant_cli.ops.compress import compress
 from fibquant_cli.ops.compress_plan import check_block_dim
 from fibquant_cli.ops.decompress import decompress
-from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec
+from fibquant_cli.ops.spec import BITS_PRESETS, KEEP_LAST_AUTO, CompressSpec
 from fibquant_cli.ops.sweep import OWN_BASIS, own_basis_runs, transform_specs
 
 DEFAULT_PREFIX_TOKENS = 1024
@@ -81,6 +81,16 @@ class ModelEvalReport:
     @property
     def checks_passed(self) -> bool:
         return all(c["passed"] for c in self.checks)
+
+
+def _done_as(spec: CompressSpec, rep) -> CompressSpec:
+    """``spec`` with the recent window compress chose for "auto" (its report's), so that a
+    point is labelled by what was scored: "keep 1+16", not "keep 1+auto"."""
+    chosen = {e.profile["keep_last"] for e in rep.entries
+              if e.profile and "keep_last" in e.profile}
+    if spec.keep_last != KEEP_LAST_AUTO or len(chosen) != 1:
+        return spec
+    return replace(spec, keep_last=chosen.pop())
 
 
 class Session:
@@ -153,7 +163,8 @@ class Session:
             method, label = (OWN_BASIS if shown.own_transform else shown.codec), shown.label()
         else:
             method, label = ("transform" if own else spec.codec), \
-                spec.label() + (" -> own basis" if own else "")
+                _done_as(spec, rep).label() + (" -> own basis" if own and
+                                               not spec.own_transform else "")
         return ModelPoint(method, label,
                           rep.total.ratio, rep.total.bits_per_value,
                           result.nll, result.delta_nll, result.kl, result.top1, seconds,
