@@ -84,7 +84,7 @@ def compress(kv, path, *, bits: float | None = None, block_dim: int | None = Non
         path: the output file; an existing one is replaced only with ``force``.
         bits, block_dim, size, key_*, value_*, keep_first, keep_last, center_keys, seed:
             the options of ``fibquant compress`` (README, "Commands"); defaults: 3 bits,
-            the first token kept exactly (and with the transform codec, on long caches at
+            the first token kept exactly (and against a ``basis`` file, on long caches at
             high ratios, the last ones: ``keep_last="auto"``), keys centered. Or ``spec``, a
             ``CompressSpec``.
         basis, embed_basis, ratio: the transform codec (``compress --basis``): a basis file

@@ -230,11 +230,16 @@ def test_eval_labels_a_point_by_the_recent_window_it_kept(cli, tmp_path):
     model = save_tiny(tmp_path / "long", llama_config(max_position_embeddings=4096))
     text = tmp_path / "long.txt"
     text.write_text(TEXT * (1 + 2100 // len(TEXT)), encoding="utf-8")
+    calib, basis = tmp_path / "calib.safetensors", tmp_path / "b.basis.safetensors"
+    assert cli("dump", "--model", model, "--text", text, "--tokens", 300, "-o", calib
+               ).exit_code == 0
+    assert cli("calibrate", calib, "-o", basis).exit_code == 0
     args = ("eval", "--model", model, "--text", text, "--prefix-tokens", 2048,
-            "--continuation-tokens", 16, "--ratio", 8, "--json")
-    labels = {keep: json.loads(cli(*args, "--keep-last", keep).stdout)["points"][1]["label"]
-              for keep in ("auto", "3")}
-    assert labels == {"auto": "own basis 8x keep 1+16", "3": "own basis 8x keep 1+3"}
+            "--continuation-tokens", 16, "--basis", basis, "--json")
+    labels = {(ratio, keep): json.loads(cli(*args, "--ratio", ratio, "--keep-last", keep).stdout)
+              ["points"][1]["label"] for ratio, keep in (("8", "auto"), ("8", "3"), ("12", "auto"))}
+    assert labels == {("8", "auto"): "transform 8x keep 1+16", ("8", "3"): "transform 8x keep 1+3",
+                      ("12", "auto"): "transform 12x keep 1+0"}  # 10.7 tokens: too few
 
 
 def test_an_error_in_the_prefix_cache_names_it_not_a_temporary_file(cli, models):

@@ -58,9 +58,9 @@ KeepFirstOpt = Annotated[int, typer.Option(
     "0 compresses it too).")]  # default ops.spec.DEFAULT_KEEP_FIRST (not imported at start-up)
 KeepLastOpt = Annotated[str, typer.Option(
     metavar="T|auto",
-    help="Store the last T tokens of every layer uncompressed. auto: with the transform codec "
-    "at ratios >= 8, the last tokens/(16 x ratio) when that is >= 16 (1/16 of the file); "
-    "otherwise none.")]
+    help="Store the last T tokens of every layer uncompressed. auto: with --basis at ratios "
+    ">= 8, the last tokens/(16 x ratio) when that is >= 16 (1/16 of the file); otherwise "
+    "none.")]
 CenterKeysOpt = Annotated[bool, typer.Option(
     "--center-keys/--no-center-keys",
     help="Subtract each head's mean key before encoding (stored; exact for attention).")]

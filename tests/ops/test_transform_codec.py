@@ -298,6 +298,8 @@ def test_recent_window_formula():
     assert w(4096, ratio=16, keep_last=3) == 3
     assert w(4096, ratio=16, keep_last="AUTO") == 16
     assert recent_window(resolve_spec(bits=1), 1 << 20, 16) == 0  # per-vector: none
+    assert recent_window(resolve_spec(ratio=16), 1 << 20, 16) == 0  # an own basis: none
+    assert recent_window(resolve_spec(ratio=16, keep_last=3), 1 << 20, 16) == 3
     assert resolve_spec(bits=1).keep_last == 0
     assert recent_window(CompressSpec(keep_last=7), 100, 16) == 7
 
