@@ -36,7 +36,7 @@ from fibquant_cli.hf.scoring import compare, continuation_logp, full_logp
 from fibquant_cli.ops.compress import compress
 from fibquant_cli.ops.compress_plan import check_block_dim
 from fibquant_cli.ops.decompress import decompress
-from fibquant_cli.ops.spec import BITS_PRESETS, KEEP_LAST_AUTO, CompressSpec
+from fibquant_cli.ops.spec import BITS_PRESETS, CompressSpec, as_run
 from fibquant_cli.ops.sweep import OWN_BASIS, own_basis_runs, transform_specs
 
 DEFAULT_PREFIX_TOKENS = 1024
@@ -81,16 +81,6 @@ class ModelEvalReport:
     @property
     def checks_passed(self) -> bool:
         return all(c["passed"] for c in self.checks)
-
-
-def _done_as(spec: CompressSpec, rep) -> CompressSpec:
-    """``spec`` with the recent window compress chose for "auto" (its report's), so that a
-    point is labelled by what was scored: "keep 1+16", not "keep 1+auto"."""
-    chosen = {e.profile["keep_last"] for e in rep.entries
-              if e.profile and "keep_last" in e.profile}
-    if spec.keep_last != KEEP_LAST_AUTO or len(chosen) != 1:
-        return spec
-    return replace(spec, keep_last=chosen.pop())
 
 
 class Session:
@@ -160,10 +150,11 @@ class Session:
         fid = None if rep.attention is None else rep.attention.overall
         own = rep.own_basis is not None and rep.own_basis["choice"] == "own basis"
         if shown is not None:
-            method, label = (OWN_BASIS if shown.own_transform else shown.codec), shown.label()
+            method, label = (OWN_BASIS if shown.own_transform else shown.codec), \
+                as_run(shown, rep).label()
         else:
             method, label = ("transform" if own else spec.codec), \
-                _done_as(spec, rep).label() + (" -> own basis" if own and
+                as_run(spec, rep).label() + (" -> own basis" if own and
                                                not spec.own_transform else "")
         return ModelPoint(method, label,
                           rep.total.ratio, rep.total.bits_per_value,

@@ -10,7 +10,7 @@ included, and softmax ignores a shift common to all keys, so only the residual n
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from fibquant_cli.core.params import MAX_HEAD_DIM, MAX_SIZE
 from fibquant_cli.errors import UsageError
@@ -95,6 +95,16 @@ def recent_window(spec: CompressSpec, tokens: int, source_bits: int) -> int:
     ratio = spec.ratio if spec.ratio is not None else source_bits / spec.transform_bits
     window = int(tokens / (WINDOW_SHARE * ratio))
     return window if ratio >= WINDOW_MIN_RATIO and window >= WINDOW_MIN_TOKENS else 0
+
+
+def as_run(spec: CompressSpec, report) -> CompressSpec:
+    """``spec`` with the recent window its compress ``report`` says "auto" came to, so that a
+    point is labelled by what was scored ("keep 1+16", not "keep 1+auto")."""
+    chosen = {e.profile["keep_last"] for e in report.entries
+              if e.profile and "keep_last" in e.profile}
+    if spec.keep_last != KEEP_LAST_AUTO or len(chosen) != 1:
+        return spec
+    return replace(spec, keep_last=chosen.pop())
 
 
 def check_seed(seed: int, option: str = "seed") -> None:

@@ -28,7 +28,13 @@ from fibquant_cli.ops.compress import compress
 from fibquant_cli.ops.fidelity import DEFAULT_MAX_QUERIES, kv_entries, measure, require_kv_pair
 from fibquant_cli.ops.progress import Progress
 from fibquant_cli.ops.reader import open_verified, reconstructor
-from fibquant_cli.ops.spec import BITS_PRESETS, DEFAULT_KEEP_FIRST, CompressSpec
+from fibquant_cli.ops.spec import (
+    BITS_PRESETS,
+    DEFAULT_KEEP_FIRST,
+    KEEP_LAST_AUTO,
+    CompressSpec,
+    as_run,
+)
 
 # The transform codec's points in a sweep with --basis or --own-basis: ratios, all inclusive.
 TRANSFORM_RATIOS = (4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0)
@@ -65,16 +71,20 @@ class SweepReport:
 
 def transform_specs(basis, ratios=TRANSFORM_RATIOS) -> list[CompressSpec]:
     """The transform codec at a ladder of ratios (``compress --basis B --ratio R``; with
-    ``basis`` None, ``compress --ratio R``: against the dump's own basis)."""
-    return [CompressSpec(keep_first=DEFAULT_KEEP_FIRST, center_keys=False,
+    ``basis`` None, ``compress --ratio R``: against the dump's own basis), with compress's
+    default recent window (``recent_window``: none for an own basis)."""
+    return [CompressSpec(keep_first=DEFAULT_KEEP_FIRST,
+                         keep_last=0 if basis is None else KEEP_LAST_AUTO, center_keys=False,
                          basis=None if basis is None else str(basis), ratio=r) for r in ratios]
 
 
 def against_own_basis(spec: CompressSpec, path) -> CompressSpec:
     """An own-basis ``spec`` (``own_transform``) as the sweep and the target search run it:
     against that basis, fitted once and written at ``path``, embedded in every file (the same
-    file ``compress`` writes, without fitting the basis again for every point)."""
-    return replace(spec, basis=str(path), embed_basis=True)
+    file ``compress`` writes, without fitting the basis again for every point), and with
+    the recent window compress gives an own basis (none for "auto": ``recent_window``)."""
+    keep_last = 0 if spec.keep_last == KEEP_LAST_AUTO else spec.keep_last
+    return replace(spec, basis=str(path), embed_basis=True, keep_last=keep_last)
 
 
 def own_basis_runs(dump: Dump, workdir: Path) -> list[tuple[CompressSpec, CompressSpec]]:
@@ -138,7 +148,7 @@ def run_fibquant(dump: Dump, spec: CompressSpec, workdir: Path, max_queries: int
     rows = [rep.entries[i] for i in pair]
     kv_bytes = sum(r.compressed_bytes for r in rows)
     values, source_bytes = kv_values_and_bytes(dump, pair)
-    shown = shown or spec
+    shown = as_run(shown or spec, rep)
     point = Point(OWN_BASIS if shown.own_transform else shown.codec, shown.label(),
                   source_bytes / kv_bytes, 8 * kv_bytes / values, fid.overall["rel_mse"],
                   fid.overall["cosine_mean"], fid.overall["cosine_p1"],

@@ -383,6 +383,21 @@ def test_sweep_adds_the_transform_ladder(world):
     assert all("bytes" in reason for reason in rep.skipped.values())  # too small a file
 
 
+def test_sweep_runs_and_labels_the_default_recent_window(world, tmp_path):
+    """The sweep's ladder is compress's default at each ratio, the recent window included
+    (2,048 tokens: the last 16 at 8x, none at 6x or 10x, where it would be 21 and 12), and
+    labels each point by the window it kept; against an own basis it keeps none, as compress."""
+    from fibquant_cli.ops.sweep import sweep
+
+    _, _, _, basis = world
+    dump, _ = structured_dump(tmp_path, "long", tokens=2048, seed=3)
+    labels = {p.label for p in sweep(dump, specs=[], peers=False, scalar=False, basis=basis,
+                                     max_queries=32).points}
+    assert {"transform 6x keep 1+0", "transform 8x keep 1+16", "transform 10x keep 1+0"} <= labels
+    own = sweep(dump, specs=[], peers=False, scalar=False, own_basis=True, max_queries=32)
+    assert {p.spec["keep_last"] for p in own.points} == {0}
+
+
 def test_sweep_refuses_a_basis_it_cannot_use_instead_of_skipping_its_points(cli, world,
                                                                             tmp_path):
     from conftest import make_dump
