@@ -165,13 +165,13 @@ def compress(
     """Compress a KV dump into one self-contained .fq.safetensors file."""
     from fibquant_cli.api import compress_file
     from fibquant_cli.cli import tables
-    from fibquant_cli.ops.spec import DEFAULT_KEEP_FIRST
+    from fibquant_cli.ops.spec import DEFAULT_KEEP_FIRST, KEEP_LAST_AUTO
 
     rate_flags = (bits, block_dim, size, key_bits, value_bits, key_block_dim, key_size,
                   value_block_dim, value_size)
     if target_cosine is not None:
         if (any(f is not None for f in rate_flags) or keep_first != DEFAULT_KEEP_FIRST
-                or keep_last != "auto" or not center_keys):
+                or keep_last != KEEP_LAST_AUTO or not center_keys):
             raise UsageError("{target_cosine} picks the rates itself: drop --bits, --block-dim, "
                              "--size, the --key-*/--value-* flags, --keep-* and "
                              "--no-center-keys", options=("target_cosine",))

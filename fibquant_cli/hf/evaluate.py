@@ -149,13 +149,12 @@ class Session:
         result = self.score_restored(restored)
         fid = None if rep.attention is None else rep.attention.overall
         own = rep.own_basis is not None and rep.own_basis["choice"] == "own basis"
+        label = as_run(shown or spec, rep).label()  # "auto" as the window it came to
         if shown is not None:
-            method, label = (OWN_BASIS if shown.own_transform else shown.codec), \
-                as_run(shown, rep).label()
+            method = OWN_BASIS if shown.own_transform else shown.codec
         else:
-            method, label = ("transform" if own else spec.codec), \
-                as_run(spec, rep).label() + (" -> own basis" if own and
-                                               not spec.own_transform else "")
+            method = "transform" if own else spec.codec
+            label += " -> own basis" if own and not spec.own_transform else ""
         return ModelPoint(method, label,
                           rep.total.ratio, rep.total.bits_per_value,
                           result.nll, result.delta_nll, result.kl, result.top1, seconds,

@@ -72,7 +72,9 @@ class SweepReport:
 def transform_specs(basis, ratios=TRANSFORM_RATIOS) -> list[CompressSpec]:
     """The transform codec at a ladder of ratios (``compress --basis B --ratio R``; with
     ``basis`` None, ``compress --ratio R``: against the dump's own basis), with compress's
-    default recent window (``recent_window``: none for an own basis)."""
+    default recent window: "auto" against ``basis``, none against an own basis (as
+    ``recent_window`` decides; an own ladder runs with a basis file, ``against_own_basis``,
+    where "auto" would keep one)."""
     return [CompressSpec(keep_first=DEFAULT_KEEP_FIRST,
                          keep_last=0 if basis is None else KEEP_LAST_AUTO, center_keys=False,
                          basis=None if basis is None else str(basis), ratio=r) for r in ratios]
@@ -81,10 +83,8 @@ def transform_specs(basis, ratios=TRANSFORM_RATIOS) -> list[CompressSpec]:
 def against_own_basis(spec: CompressSpec, path) -> CompressSpec:
     """An own-basis ``spec`` (``own_transform``) as the sweep and the target search run it:
     against that basis, fitted once and written at ``path``, embedded in every file (the same
-    file ``compress`` writes, without fitting the basis again for every point), and with
-    the recent window compress gives an own basis (none for "auto": ``recent_window``)."""
-    keep_last = 0 if spec.keep_last == KEEP_LAST_AUTO else spec.keep_last
-    return replace(spec, basis=str(path), embed_basis=True, keep_last=keep_last)
+    file ``compress`` writes, without fitting the basis again for every point)."""
+    return replace(spec, basis=str(path), embed_basis=True)
 
 
 def own_basis_runs(dump: Dump, workdir: Path) -> list[tuple[CompressSpec, CompressSpec]]:
